@@ -1,0 +1,201 @@
+"""Checkpoints: Megatron dist_checkpointing for tensors, a small JSON for everything else.
+
+A sept_megatron checkpoint is a directory::
+
+    CKPT/
+      sept_megatron_ckpt.json   architecture, padded vocab, dtype, layout it was written at,
+                                and (training checkpoints) round, data position, RNG, schedule
+      hf/                       config.json, generation config and tokenizer files (no weights)
+      model/                    dist_checkpointing (torch_dist): model (+ optimizer) shards
+
+Training writes ``ROOT/round_000012/`` and then the pointer file ``ROOT/latest``. Each round
+directory is first written as ``ROOT/.tmp-round_000012`` and renamed when complete, and the
+pointer is replaced atomically last, so a job killed at any moment leaves the previous
+checkpoint intact and the next start resumes from it. dist_checkpointing can load at any
+TP/PP, so a checkpoint is not tied to the layout that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sept_megatron.model import ModelArch
+
+META_FILE = "sept_megatron_ckpt.json"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "vocab.json", "merges.txt", "added_tokens.json")
+
+
+@dataclass
+class CheckpointMeta:
+    arch: ModelArch
+    padded_vocab: int
+    params_dtype: str
+    tensor_parallel: int
+    pipeline_parallel: int
+    train_state: dict[str, Any] | None = None  # round, sampler, rng, scheduler (training only)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "arch": self.arch.to_dict(),
+                "padded_vocab": self.padded_vocab, "params_dtype": self.params_dtype,
+                "tensor_parallel": self.tensor_parallel,
+                "pipeline_parallel": self.pipeline_parallel, "train_state": self.train_state}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CheckpointMeta":
+        if d.get("format") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {d.get('format')} is not {FORMAT_VERSION}")
+        return cls(ModelArch.from_dict(d["arch"]), d["padded_vocab"], d["params_dtype"],
+                   d["tensor_parallel"], d["pipeline_parallel"], d.get("train_state"))
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE)) or os.path.isfile(
+        os.path.join(path, LATEST_FILE))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint dir, or a root with a ``latest`` pointer -> the checkpoint dir."""
+    pointer = os.path.join(path, LATEST_FILE)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        raise FileNotFoundError(f"{path}: not a sept_megatron checkpoint (no {META_FILE}); "
+                                "pass a directory written by convert_hf_to_megatron.py or train")
+    return path
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint ``root/latest`` points to, or None when there is none yet."""
+    if not os.path.isfile(os.path.join(root, LATEST_FILE)):
+        return None
+    return resolve_checkpoint(root)
+
+
+def read_meta(ckpt_dir: str) -> CheckpointMeta:
+    with open(os.path.join(resolve_checkpoint(ckpt_dir), META_FILE)) as f:
+        return CheckpointMeta.from_json(json.load(f))
+
+
+def copy_hf_side_files(hf_dir: str, out_dir: str) -> None:
+    """Config and tokenizer files travel with every checkpoint, so an export is complete."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in HF_SIDE_FILES:
+        src = os.path.join(hf_dir, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(out_dir, name))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(value: str) -> str:
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_checkpoint(root_or_dir: str, name: str | None, sharded_state_dict: dict,
+                    meta: CheckpointMeta, hf_side_dir: str) -> str:
+    """Write a checkpoint atomically (collective: every rank calls it). Returns its path.
+
+    ``name`` given: ``root/name`` plus the ``latest`` pointer (training). ``name`` None:
+    ``root_or_dir`` itself is the checkpoint (conversion); it is written to a temp sibling and
+    renamed, so a half-written conversion never looks like a checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    final = os.path.join(root_or_dir, name) if name else root_or_dir
+    parent, base = os.path.split(os.path.abspath(final))
+    tmp = _broadcast_str(os.path.join(parent, f".tmp-{base}-{os.getpid()}"))
+    if _rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(os.path.join(tmp, "model"))
+        copy_hf_side_files(hf_side_dir, os.path.join(tmp, "hf"))
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, os.path.join(tmp, "model"))
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta.to_json(), f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if name:
+            _write_pointer(root_or_dir, name)
+    _barrier()
+    return final
+
+
+def _write_pointer(root: str, name: str) -> None:
+    tmp = os.path.join(root, f".{LATEST_FILE}.tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST_FILE))
+
+
+def prune_checkpoints(root: str, keep: int) -> None:
+    """Keep the newest ``keep`` round directories (rank 0 only; never the one ``latest`` names)."""
+    if _rank() != 0 or keep <= 0:
+        return
+    rounds = sorted(d for d in os.listdir(root) if d.startswith("round_"))
+    current = open(os.path.join(root, LATEST_FILE)).read().strip()
+    for stale in rounds[:-keep]:
+        if stale != current:
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+
+
+def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
+    """Load tensors (any TP/PP layout) into the given sharded state dict."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded_state_dict, os.path.join(ckpt_dir, "model"))
+
+
+def check_compatible(meta: CheckpointMeta, arch: ModelArch, padded_vocab: int) -> None:
+    """A checkpoint from another model is a clear error, before anything is loaded."""
+    if meta.arch != arch:
+        diffs = [f"{k}: checkpoint {v!r} vs model {getattr(arch, k)!r}"
+                 for k, v in meta.arch.to_dict().items() if getattr(arch, k) != v]
+        raise ValueError("checkpoint is from another model: " + "; ".join(diffs))
+    if meta.padded_vocab != padded_vocab:
+        raise ValueError(f"checkpoint padded vocab {meta.padded_vocab} != {padded_vocab}; set "
+                         "model.make_vocab_size_divisible_by to the value used when it was written")
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    """Chunks under separate dict keys; the tensors' own keys carry global layer indices, so
+    the checkpoint is the same whatever the TP/PP/VPP layout that wrote it."""
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module

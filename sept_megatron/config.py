@@ -1,0 +1,336 @@
+"""One typed config tree: YAML in, ``key=value`` overrides, validated once before any worker.
+
+    cfg = load_config("examples/qwen2.5-math-7b.yaml", ["train.lr=2e-7", "parallel.tp=4"])
+    validate(cfg, world_size=8)
+
+Each component receives only its own section (``cfg.rollout``, ``cfg.train``, ...). Every
+validation error names the field, the bad value and the fix, and all errors are reported at
+once, before a process group, a model or a GPU is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    hf_path: str | None = None
+    """HF checkpoint dir: architecture, tokenizer, and the initial weights (unless megatron_ckpt)."""
+    megatron_ckpt: str | None = None
+    """A checkpoint from tools/convert_hf_to_megatron.py to start from instead of hf_path's weights."""
+    params_dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+    transformer_impl: str = "auto"
+    """auto (TE when importable and on CUDA), transformer_engine, local."""
+    fp8: str | None = None
+    """FP8 recipe through TE: null, delayed, tensorwise, blockwise."""
+    fp8_format: str = "hybrid"
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (only matters when DP > 1)."""
+    backend: str = "auto"
+    """auto (nccl on GPU, gloo on CPU), nccl, gloo."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    backend: str = "hf"
+    """hf (transformers generate; CPU or one GPU) or sglang."""
+    tau_start: float = 0.6
+    """Sampling temperature tau_s at the start of training."""
+    tau_end: float = 1.0
+    anneal: str = "linear"
+    """constant (tau_start throughout), linear or cosine from tau_start to tau_end."""
+    anneal_fraction: float = 2.0 / 3.0
+    """Fraction of all rounds over which tau_s moves; tau_end afterwards (paper: 2 of 3 epochs)."""
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+    """Answers per question."""
+    batch_size: int = 64
+    """Sequences per generate() call of the hf backend."""
+    bucket_size_mb: int = 512
+    """Weight-sync bucket size."""
+    device: str = "auto"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    chat_template: str = "auto"
+    """auto (the tokenizer's own), qwen-math, qwen-instruct, deepseek-math, plain."""
+    max_prompt_length: int = 1024
+    max_response_length: int = 3072
+    shuffle_seed: int = 0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    mode: str = "online"
+    """online (SePT), offline (answers generated once by the base model), coupled (tau_s = tau_t)."""
+    epochs: float = 3.0
+    rounds: int | None = None
+    """Stop after this many rounds (default: epochs x bank size / prompts_per_round)."""
+    prompts_per_round: int = 128
+    mini_batch_size: int = 64
+    """Sequences per optimizer step."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one DP rank."""
+    lr: float = 1e-7
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    tau_train: float = 1.0
+    """Training temperature tau_t: logits are divided by it in the loss."""
+    drop_truncated: bool = False
+    """Reference behaviour keeps answers that hit max_response_length."""
+    seed: int = 1234
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=list)
+    every_n_rounds: int = 0
+    """In-training validation period (0: off)."""
+    temperature: float = 1.0
+    n: int = 4
+    max_questions: int | None = 64
+    """Per benchmark, a fixed subset for in-training validation."""
+    max_new_tokens: int | None = None
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    run_dir: str = "runs/sept"
+    wandb_mode: str = "disabled"
+    """online, offline or disabled."""
+    wandb_project: str = "sept_megatron"
+    run_name: str | None = None
+    save_samples: bool = True
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_every_n_rounds: int = 0
+    """0: only at the end."""
+    keep_last: int = 2
+    resume: bool = True
+    export_hf: bool = True
+    """Write an HF checkpoint of the final model to run_dir/hf_final."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found, one per line."""
+
+
+# --- loading -----------------------------------------------------------------------------
+def _from_dict(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; valid fields of "
+                          f"{prefix.rstrip('.') or 'config'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _from_dict(kind, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind, where: str) -> Any:
+    """Turn YAML / command-line values into the annotated type, or explain why not."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or value == "null" or value == "none":
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r}: expected a list (YAML list or a,b,c)")
+        return [_coerce(v, args[0], where) for v in value]
+    try:
+        if kind is bool:
+            return _to_bool(value)
+        if kind is int:
+            return _to_int(value)
+        if kind in (float, str):
+            return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r}: expected {kind.__name__}") from None
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    number = float(value) if isinstance(value, (str, float)) else value
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=1e-6")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (optional) + ``key=value`` overrides -> a typed :class:`Config`."""
+    tree: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    for override in overrides:
+        _apply_override(tree, override)
+    return _from_dict(Config, tree, "")
+
+
+# --- validation --------------------------------------------------------------------------
+_CHOICES = {
+    "model.params_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.transformer_impl": ("auto", "transformer_engine", "local"),
+    "model.fp8": (None, "delayed", "tensorwise", "blockwise"),
+    "model.fp8_format": ("e4m3", "hybrid"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "rollout.backend": ("hf", "sglang"),
+    "rollout.anneal": ("constant", "linear", "cosine"),
+    "data.chat_template": ("auto", "qwen-math", "qwen-instruct", "deepseek-math", "plain"),
+    "train.mode": ("online", "offline", "coupled"),
+    "logging.wandb_mode": ("online", "offline", "disabled"),
+}
+
+
+def _get(cfg: Config, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config, world_size: int, arch=None) -> None:
+    """Check the whole tree (and, given the model's ``ModelArch``, its divisibility rules)."""
+    errors: list[str] = []
+    err = errors.append
+    for dotted, choices in _CHOICES.items():
+        if _get(cfg, dotted) not in choices:
+            err(f"{dotted}={_get(cfg, dotted)!r}: choose one of {', '.join(map(str, choices))}")
+    m, p, r, d, t = cfg.model, cfg.parallel, cfg.rollout, cfg.data, cfg.train
+    if not m.hf_path:
+        err("model.hf_path is not set: point it at an HF checkpoint dir (config + tokenizer)")
+    for dotted in ("parallel.tensor_parallel", "parallel.pipeline_parallel", "train.prompts_per_round",
+                   "train.mini_batch_size", "train.micro_batch_size", "rollout.n",
+                   "rollout.batch_size", "rollout.bucket_size_mb", "data.max_prompt_length",
+                   "data.max_response_length", "model.make_vocab_size_divisible_by"):
+        if _get(cfg, dotted) < 1:
+            err(f"{dotted}={_get(cfg, dotted)}: must be >= 1")
+    for dotted in ("rollout.tau_start", "rollout.tau_end", "train.tau_train"):
+        if not _get(cfg, dotted) > 0:
+            err(f"{dotted}={_get(cfg, dotted)}: temperatures must be > 0 (greedy is not a "
+                "training distribution)")
+    if not 0 < r.anneal_fraction <= 1:
+        err(f"rollout.anneal_fraction={r.anneal_fraction}: must be in (0, 1]")
+    if not 0 < r.top_p <= 1:
+        err(f"rollout.top_p={r.top_p}: must be in (0, 1]")
+    if t.lr <= 0 or t.epochs <= 0 or t.grad_clip < 0 or t.warmup_steps < 0:
+        err("train.lr and train.epochs must be > 0, train.grad_clip and train.warmup_steps >= 0")
+    if m.fp8 and m.transformer_impl == "local":
+        err("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
+            "transformer_engine (and run on GPU), or model.fp8=null")
+    _validate_layout(cfg, world_size, arch, err)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:
+    p, t = cfg.parallel, cfg.train
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if tp < 1 or pp < 1:
+        return
+    if world_size % (tp * pp):
+        err(f"world size {world_size} is not divisible by parallel.tensor_parallel x "
+            f"parallel.pipeline_parallel = {tp * pp}; launch a multiple of {tp * pp} processes")
+        return
+    dp = world_size // (tp * pp)
+    samples = t.prompts_per_round * cfg.rollout.n
+    if t.mini_batch_size >= 1 and samples % t.mini_batch_size:
+        err(f"train.prompts_per_round x rollout.n = {samples} is not divisible by "
+            f"train.mini_batch_size={t.mini_batch_size}")
+    if t.micro_batch_size >= 1 and t.mini_batch_size % (dp * t.micro_batch_size):
+        err(f"train.mini_batch_size={t.mini_batch_size} is not divisible by data-parallel size "
+            f"{dp} x train.micro_batch_size={t.micro_batch_size}; change either")
+    vpp = p.virtual_pipeline
+    if vpp is not None and (vpp < 2 or pp < 2):
+        err(f"parallel.virtual_pipeline={vpp}: needs pipeline_parallel >= 2 and a value >= 2, or null")
+    if p.sequence_parallel and tp == 1:
+        err("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+    if arch is None:
+        return
+    if arch.num_attention_heads % tp:
+        err(f"parallel.tensor_parallel={tp} does not divide the model's "
+            f"{arch.num_attention_heads} attention heads")
+    if arch.num_query_groups % tp:
+        err(f"parallel.tensor_parallel={tp} does not divide the model's {arch.num_query_groups} "
+            "key/value heads (query groups); use a TP that divides both head counts")
+    if arch.ffn_hidden_size % tp:
+        err(f"parallel.tensor_parallel={tp} does not divide ffn size {arch.ffn_hidden_size}")
+    stages = pp * (vpp or 1)
+    if arch.num_layers % stages:
+        err(f"the model's {arch.num_layers} layers are not divisible by pipeline_parallel x "
+            f"virtual_pipeline = {stages}")

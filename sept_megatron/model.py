@@ -1,0 +1,316 @@
+"""Model provider: a Megatron-Core ``GPTModel`` built from a Hugging Face config.
+
+Supported families (the ones SePT users bring): Llama (incl. Llama-3 rope scaling and
+DeepSeek-Math, which is a Llama), Mistral, Qwen2/Qwen2.5 (qkv bias, tied or untied
+embeddings) and Qwen3 (qk-norm). The HF config is read once into :class:`ModelArch`, a small
+frozen record that the converter, the resharder and the trainer all share, so they cannot
+disagree about shapes.
+
+Transformer Engine vs local layers are chosen in exactly one place, :func:`layer_spec`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Megatron's llama3 rope scaling hard-codes these (rotary_pos_embedding.py, 0.16.x).
+_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The architecture facts of a checkpoint, in HF terms (unpadded vocab)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling_factor: float | None  # llama3-style scaling, None when absent
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_layernorm: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelArch":
+        return cls(**d)
+
+
+def _rope_parameters(hf_config) -> dict[str, Any]:
+    """transformers 5 keeps rope settings in ``rope_parameters``; older configs in two fields."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    legacy = getattr(hf_config, "rope_scaling", None)
+    if legacy and "rope_type" not in params:
+        params.update(legacy)
+    return params
+
+
+def _rope_scaling_factor(model_type: str, rope: dict[str, Any]) -> float | None:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"model: rope scaling type {rope_type!r} of this {model_type} checkpoint is not "
+            "supported; supported: none, 'llama3'")
+    for key, expected in _MEGATRON_LLAMA3_ROPE.items():
+        if float(rope.get(key, expected)) != expected:
+            raise ValueError(
+                f"model: rope_scaling.{key}={rope.get(key)} differs from Megatron-Core's fixed "
+                f"llama3 value {expected}; such a checkpoint cannot be represented exactly")
+    return float(rope["factor"])
+
+
+def arch_from_hf_config(hf_config) -> ModelArch:
+    """Read a transformers config; an unsupported family is an error listing supported ones."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model: architecture {model_type!r} is not supported; supported model_type values: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (DeepSeek-Math is 'llama')")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"model: hidden_act={hf_config.hidden_act!r}; only 'silu' (SwiGLU) is supported")
+    if model_type == "mistral" and getattr(hf_config, "sliding_window", None):
+        log.warning("Mistral sliding_window=%s is not applied: attention is full-causal; "
+                    "exact for sequences shorter than the window", hf_config.sliding_window)
+    heads = hf_config.num_attention_heads
+    rope = _rope_parameters(hf_config)
+    return ModelArch(
+        model_type=model_type,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_attention_heads=heads,
+        num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        ffn_hidden_size=hf_config.intermediate_size,
+        norm_eps=hf_config.rms_norm_eps,
+        rope_theta=float(rope["rope_theta"]),
+        rope_scaling_factor=_rope_scaling_factor(model_type, rope),
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases; Llama/Mistral/Qwen3 only when attention_bias is set.
+        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        qk_layernorm=model_type == "qwen3",
+    )
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron pads the vocab so each TP rank holds an equal, aligned slice."""
+    multiple = divisible_by * tensor_parallel
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"model.params_dtype={name!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def use_transformer_engine(impl: str) -> bool:
+    """``auto`` means TE when it is importable and CUDA is present, the local spec otherwise."""
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        return True
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(arch: ModelArch, *, transformer_engine: bool):
+    """The one place that chooses Transformer Engine (FP8-capable) or local layers."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=arch.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def fp8_kwargs(fp8_recipe: str | None, fp8_format: str) -> dict[str, Any]:
+    """TransformerConfig fields for FP8 through TE; empty when FP8 is off."""
+    if fp8_recipe is None:
+        return {}
+    if fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8={fp8_recipe!r}; choose one of {', '.join(FP8_RECIPES)} or null")
+    if fp8_format not in ("e4m3", "hybrid"):
+        raise ValueError(f"model.fp8_format={fp8_format!r}; choose 'e4m3' or 'hybrid'")
+    return {"fp8": fp8_format, "fp8_recipe": fp8_recipe, "fp8_param": False}
+
+
+def transformer_config(arch: ModelArch, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                       virtual_pipeline: int | None = None, sequence_parallel: bool = False,
+                       params_dtype: torch.dtype = torch.float32,
+                       fp8_recipe: str | None = None, fp8_format: str = "hybrid"):
+    """A Megatron ``TransformerConfig`` equivalent to the HF architecture.
+
+    Fusions that need CUDA kernels are off; they change speed, not results.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        **fp8_kwargs(fp8_recipe, fp8_format),
+    )
+
+
+def build_gpt_model(arch: ModelArch, config, *, padded_vocab: int, transformer_engine: bool,
+                    pre_process: bool = True, post_process: bool = True,
+                    vp_stage: int | None = None):
+    """One Megatron ``GPTModel`` stage (the whole model when PP=1)."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, transformer_engine=transformer_engine),
+        vocab_size=padded_vocab,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
+    )
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """Megatron's boolean mask convention: True = masked out. Passed explicitly (see compat)."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device),
+                      diagonal=1)
+
+
+def build_model_stages(arch: ModelArch, config, *, padded_vocab: int,
+                       transformer_engine: bool) -> list:
+    """This rank's model chunks: one per virtual pipeline stage (one when VPP is off)."""
+    from megatron.core import parallel_state as ps
+
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(build_gpt_model(
+            arch, config, padded_vocab=padded_vocab, transformer_engine=transformer_engine,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage),
+            vp_stage=stage))
+    return chunks
+
+
+def load_hf_config(hf_dir: str):
+    """The transformers config of a local HF checkpoint dir (never the hub)."""
+    import os
+
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise FileNotFoundError(f"{hf_dir}: no config.json; model.hf_path must be a local HF "
+                                "checkpoint directory")
+    return AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+
+
+def declared_dtype(hf_config) -> torch.dtype | None:
+    """The dtype config.json declares for its weights, if any."""
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(value, str):
+        return _DTYPES.get(value)
+    return value if isinstance(value, torch.dtype) else None
+
+
+@dataclass
+class MegatronModel:
+    """This rank's stage(s) of the model plus the facts every consumer needs."""
+
+    chunks: list
+    arch: ModelArch
+    config: Any
+    padded_vocab: int
+
+
+def build_megatron_model(arch: ModelArch, *, tensor_parallel: int, pipeline_parallel: int,
+                         virtual_pipeline: int | None = None, sequence_parallel: bool = False,
+                         params_dtype: torch.dtype = torch.float32, transformer_impl: str = "auto",
+                         fp8: str | None = None, fp8_format: str = "hybrid",
+                         padded_vocab: int) -> MegatronModel:
+    """Build this rank's stages (process groups must exist). Weights are random here."""
+    config = transformer_config(
+        arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+        virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype, fp8_recipe=fp8, fp8_format=fp8_format)
+    te = use_transformer_engine(transformer_impl)
+    if fp8 and not te:
+        raise ValueError("model.fp8 is set but Transformer Engine is not in use; install "
+                         "sept_megatron[gpu] and run on CUDA, or set model.fp8=null")
+    chunks = build_model_stages(arch, config, padded_vocab=padded_vocab, transformer_engine=te)
+    if torch.cuda.is_available():
+        chunks = [c.cuda() for c in chunks]
+    return MegatronModel(chunks, arch, config, padded_vocab)
+
+
+def gather_vocab_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits [b, s, V/tp] -> full logits on every TP rank."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits)

@@ -1,0 +1,43 @@
+"""sept_megatron: reward-free LLM self-training (SePT) on Megatron-Core + SGLang.
+
+CPU machines: install torch first, explicitly (``pip install torch==2.13.0``), because an
+unpinned torch pulls a multi-GB CUDA build. megatron-core newer than 0.16.x needs Python 3.12.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sept_megatron",
+    version="0.1.0",
+    description="Self-evolving Post-Training (SePT) on a Megatron-Core trainer with an SGLang rollout engine",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sept_megatron", "sept_megatron.*"]),
+    package_data={"sept_megatron": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.6",
+        # The CPU compatibility layer is tested with 0.16.x; newer releases need Python >= 3.12.
+        "megatron-core==0.16.1; python_version<'3.12'",
+        "megatron-core>=0.16.1,<0.20; python_version>='3.12'",
+        "transformers==5.23.0",
+        "safetensors==0.8.0",
+        "math-verify==0.9.0",
+        "sentencepiece==0.2.3",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "pandas>=2.2",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "rich>=13",
+        "wandb==0.31.0",
+        "matplotlib>=3.8",
+        "psutil>=5.9",  # dist_checkpointing's async writer imports it
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0"],
+        # GPU only: import lazily, never required on CPU. (Never the PyPI package "apex".)
+        "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5"],
+    },
+    entry_points={"console_scripts": ["sept-megatron=sept_megatron.cli:main"]},
+)
