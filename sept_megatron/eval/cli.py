@@ -1,0 +1,238 @@
+"""``sept-megatron eval``: the temperature sweep that picks the baseline temperature.
+
+Launch::
+
+    sept-megatron eval --model /ckpts/Qwen2.5-Math-7B --benchmarks /data/benchmarks \\
+        --temperatures 0,0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6 --n 32 --out runs/sweep_base
+    python -m sept_megatron.eval.cli --model runs/sept/checkpoints --benchmarks a.parquet,b.jsonl ...
+
+``--model`` is a local HF directory or a sept_megatron (Megatron) checkpoint directory, which
+is first exported to ``<out>/hf_model``. Every argument is checked, and the benchmark files
+loaded, before the model is: a typo fails in a second, not after a model load. Re-running with
+the same ``--out`` resumes, skipping the (benchmark, temperature) cells already finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..data import TEMPLATES, Question, load_questions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURES = "0,0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
+MEGATRON_MARKERS = ("sept_megatron_ckpt.json", "latest")
+DTYPES = ("float32", "bfloat16", "float16")
+# Checked here, before a Megatron checkpoint is exported; build_engine is the authority.
+BACKENDS = ("hf", "sglang")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalArgs:
+    """The validated command line."""
+
+    model: str
+    benchmark_files: list[Path]
+    temperatures: list[float]
+    n: int
+    out: Path
+    max_questions: int | None
+    max_new_tokens: int
+    template: str
+    backend: str
+    seed: int
+    batch_size: int | None
+    device: str
+    dtype: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sept-megatron eval",
+        description="Temperature sweep over math benchmarks; the best AVG is the baseline.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="local HF model directory, or a sept_megatron checkpoint directory")
+    parser.add_argument("--benchmarks", required=True, type=_path_list,
+                        help="comma-separated .parquet/.jsonl files, or a directory of them")
+    parser.add_argument("--temperatures", default=DEFAULT_TEMPERATURES, type=_temperature_list,
+                        help=f"comma-separated, >= 0; 0 = greedy (default {DEFAULT_TEMPERATURES})")
+    parser.add_argument("--n", type=int, default=32, help="samples per question (default 32)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
+    parser.add_argument("--max-questions", type=int, default=None,
+                        help="evaluate only the first N questions of each benchmark")
+    parser.add_argument("--max-new-tokens", type=int, default=3072)
+    parser.add_argument("--template", default="auto", choices=list(TEMPLATES),
+                        help="prompt format (default: the tokenizer's chat template)")
+    parser.add_argument("--backend", default="hf", choices=BACKENDS, help="rollout engine (default hf)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per generation batch (engine default if unset)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    return parser
+
+
+def _temperature_list(text: str) -> list[float]:
+    temperatures = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not a number; give comma-separated temperatures >= 0, "
+                "e.g. 0,0.6,1.0") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(
+                f"temperature {item.strip()} is invalid; temperatures must be finite and >= 0 "
+                "(0 = greedy)")
+        temperatures.append(value)
+    if len(set(temperatures)) != len(temperatures):
+        raise argparse.ArgumentTypeError(f"temperatures repeat: {text}")
+    return temperatures
+
+
+def _path_list(text: str) -> list[Path]:
+    """Files named in a comma list, or the .parquet/.jsonl files of one directory."""
+    if Path(text).is_dir():
+        files = sorted(p for p in Path(text).iterdir() if p.suffix in (".parquet", ".jsonl"))
+        if not files:
+            raise argparse.ArgumentTypeError(f"directory {text} has no .parquet or .jsonl files")
+        return files
+    files = [Path(item.strip()) for item in text.split(",") if item.strip()]
+    for path in files:
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(
+                f"no such file: {path} (give existing .parquet/.jsonl files or a directory)")
+    return files
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
+    """Parse and validate; errors exit with a message naming the flag and the fix."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.n < 1:
+        parser.error(f"argument --n: must be >= 1, got {ns.n}")
+    if ns.max_new_tokens < 1:
+        parser.error(f"argument --max-new-tokens: must be >= 1, got {ns.max_new_tokens}")
+    if ns.max_questions is not None and ns.max_questions < 1:
+        parser.error(
+            f"argument --max-questions: must be >= 1 (omit it for all), got {ns.max_questions}")
+    if ns.batch_size is not None and ns.batch_size < 1:
+        parser.error(f"argument --batch-size: must be >= 1, got {ns.batch_size}")
+    if not Path(ns.model).is_dir() and not _looks_like_hub_id(ns.model):
+        parser.error(f"argument --model: no such directory: {ns.model} "
+                     "(give a local HF model directory or a sept_megatron checkpoint)")
+    if ns.out.exists() and not ns.out.is_dir():
+        parser.error(f"argument --out: {ns.out} exists and is not a directory")
+    device = ns.device or _default_device()
+    return EvalArgs(
+        model=ns.model, benchmark_files=ns.benchmarks, temperatures=ns.temperatures, n=ns.n,
+        out=ns.out, max_questions=ns.max_questions, max_new_tokens=ns.max_new_tokens,
+        template=ns.template, backend=ns.backend, seed=ns.seed, batch_size=ns.batch_size,
+        device=device, dtype=ns.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+    )
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """``org/name`` with no local meaning: left for a backend that can download (SGLang)."""
+    parts = model.split("/")
+    local_looking = model.startswith((".", "~")) or Path(parts[0]).exists()
+    return len(parts) == 2 and all(parts) and not local_looking
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_benchmarks(files: Sequence[Path], max_questions: int | None) -> dict[str, list[Question]]:
+    """Benchmark name (``data_source`` or file stem) -> its first ``max_questions`` questions."""
+    benchmarks: dict[str, list[Question]] = {}
+    for path in files:
+        questions = load_questions(path)
+        name = questions[0].source
+        if name in benchmarks:
+            raise ValueError(f"--benchmarks: two files are both benchmark {name!r} (second: {path})")
+        benchmarks[name] = questions[:max_questions]
+    return benchmarks
+
+
+def is_megatron_checkpoint(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in MEGATRON_MARKERS)
+
+
+def resolve_model(args: EvalArgs) -> str:
+    """An HF directory to load: the model itself, or its export under ``<out>/hf_model``."""
+    source = Path(args.model)
+    if not is_megatron_checkpoint(source):
+        return args.model
+    hf_dir = args.out / "hf_model"
+    if (hf_dir / "config.json").is_file():
+        logger.info("reusing the HF export in %s", hf_dir)
+        return str(hf_dir)
+    from sept_megatron.convert import export_megatron_to_hf
+
+    logger.info("exporting Megatron checkpoint %s to %s", source, hf_dir)
+    export_megatron_to_hf(str(source), str(hf_dir))
+    return str(hf_dir)
+
+
+def _check_same_run(args: EvalArgs) -> None:
+    """Refuse to resume an ``--out`` directory that evaluated a different model."""
+    record = args.out / "eval_args.json"
+    identity = {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model}
+    latest = Path(args.model) / "latest"
+    if latest.is_file():
+        identity["latest"] = latest.read_text().strip()
+    if record.is_file():
+        previous = json.loads(record.read_text()).get("identity")
+        if previous != identity:
+            raise SystemExit(
+                f"sept-megatron eval: --out {args.out} holds a sweep of {previous}, not {identity}; "
+                "use a fresh --out directory")
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"identity": identity, "args": {k: str(v) for k, v in asdict(args).items()}}
+    record.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep; prints where the results are and the baseline temperature."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        benchmarks = load_benchmarks(args.benchmark_files, args.max_questions)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"sept-megatron eval: argument --benchmarks: {error}") from None
+    _check_same_run(args)
+
+    import torch
+
+    from sept_megatron.rollout import build_engine
+
+    from .sweep import run_sweep
+
+    engine_kwargs = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+    if args.batch_size is not None:
+        engine_kwargs["batch_size"] = args.batch_size
+    engine = build_engine(args.backend, resolve_model(args), **engine_kwargs)
+    summary = run_sweep(engine, engine.tokenizer, benchmarks, args.temperatures, args.n, args.out,
+                        max_new_tokens=args.max_new_tokens, template=args.template,
+                        seed=args.seed)
+    print(f"best temperature (baseline): {summary['best_temperature']:g}  "
+          f"AVG = {summary['best_avg']:.4f}\nresults: {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

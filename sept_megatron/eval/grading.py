@@ -1,0 +1,321 @@
+"""Rule-based grading of a model response against a ground-truth answer.
+
+The answer is the content of the *last* ``\\boxed{...}`` (or ``\\boxed x`` / ``\\fbox{...}``) in
+the response, as in the Qwen2.5-Math and SimpleRL evaluation harnesses; a response without a
+box is wrong. Equivalence is decided in two steps:
+
+1. a fast path: the two strings are equal after light LaTeX normalisation (spaces, ``$``,
+   ``\\left``/``\\right``, ``\\dfrac``...), which settles most correct answers without sympy;
+2. ``math_verify`` (``parse`` + ``verify``), which handles fractions vs decimals, ``\\frac12``,
+   percentages, intervals, tuples, sets and symbolic equality.
+
+Grading must never crash or hang on adversarial output, because one stuck answer stalls a
+whole evaluation sweep. So inputs are capped in length, every failure grades as wrong, and
+``math_verify`` runs under a wall-clock deadline. ``math_verify``'s own timeouts use
+``signal.alarm`` and so only work in the main thread (and only with whole seconds, once per
+comparison rather than once per answer); we switch them off and instead:
+
+* in the main thread, arm ``signal.setitimer`` once for the whole answer and raise a
+  ``BaseException`` (which ``math_verify``'s ``except Exception`` handlers cannot swallow);
+* in any other thread, send the answer to a spawned child process, which grades it in *its*
+  main thread with the same deadline; if the child still overruns (e.g. stuck inside C code,
+  where signals are not delivered) it is killed and replaced.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import multiprocessing
+import multiprocessing.pool
+import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+# Only the tail of a response is searched: real responses are a few thousand tokens, and a
+# final answer sits at the end. This bounds the work on a multi-megabyte garbage response.
+MAX_RESPONSE_CHARS = 65_536
+# Longest boxed answer handed to sympy; longer ones can still match on the string fast path.
+# The longest ground truth in the six benchmarks is ~210 characters.
+MAX_ANSWER_CHARS = 1_024
+# Wall-clock budget for math_verify on one answer (parse both sides + compare).
+ANSWER_TIMEOUT_S = 1.5
+# Extra time a child process gets before it is killed (process start-up is paid once).
+_WORKER_GRACE_S = 3.0
+_WORKER_STARTUP_S = 120.0
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_SCIENTIFIC_RE = re.compile(r"^([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)[eE]([-+]?\d+)$")
+_LATEX_SCIENTIFIC_RE = re.compile(r"^([-+]?\d+(?:\.\d*)?)\\(?:times|cdot)10\^\{?([-+]?\d+)\}?$")
+_INT_RE = re.compile(r"^[-+]?\d+$")
+_DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+)$")
+_GROUPED_INT_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+$")
+_NORMALISE_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", "$")
+
+
+def extract_last_boxed(text: str) -> str | None:
+    """Return the content of the last ``\\boxed{..}``/``\\fbox{..}``/``\\boxed x`` in ``text``.
+
+    Braces are matched with nesting; escaped braces (``\\{``, ``\\}``) do not count. Returns
+    ``None`` when there is no box or the last box is unbalanced (a response cut off by the
+    token limit mid-answer has no final answer). For nested boxes the innermost, which starts
+    last, is returned. Only the last :data:`MAX_RESPONSE_CHARS` characters are searched.
+    """
+    if not isinstance(text, str):
+        return None
+    text = text[-MAX_RESPONSE_CHARS:]
+    last_match = None
+    for last_match in _BOX_RE.finditer(text):
+        pass
+    if last_match is None:
+        return None
+    rest = text[last_match.end() :]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        return _braced_content(stripped)
+    if len(stripped) == len(rest) or not stripped:
+        return None  # "\boxed" followed by neither "{" nor a space-separated token
+    # "\boxed 5$" form: the answer runs to the next space or "$".
+    answer = re.split(r"[\s$]", stripped, maxsplit=1)[0]
+    return answer or None
+
+
+def _braced_content(text: str) -> str | None:
+    """Content of the brace group that ``text`` starts with, or None if it never closes."""
+    depth = 0
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2  # skip the escaped character: "\{" and "\}" are literal braces
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[1:i]
+        i += 1
+    return None
+
+
+def normalise_answer(answer: str) -> str:
+    """Light, always-safe normalisation for the exact-match fast path.
+
+    Only rewrites that cannot change a value: spacing and sizing macros, ``$``, ``\\dfrac``
+    and ``\\tfrac`` spellings, a trailing full stop and ``\\text{}`` around a bare answer.
+    """
+    answer = answer.strip()
+    text_match = re.fullmatch(r"\\(?:text|textbf|mathrm)\{(.*)\}", answer)
+    if text_match:
+        answer = text_match.group(1)
+    for token in _NORMALISE_DROP:
+        answer = answer.replace(token, "")
+    answer = answer.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac")
+    answer = re.sub(r"\s+", "", answer)
+    return answer.rstrip(".")
+
+
+def is_correct(response: str, ground_truth: str) -> bool:
+    """Whether the last boxed answer of ``response`` equals ``ground_truth``. Never raises."""
+    try:
+        answer = extract_last_boxed(response)
+        if answer is None or not isinstance(ground_truth, str):
+            return False
+        return grade_answer(answer, ground_truth)
+    except Exception:  # noqa: BLE001 - a grader bug must cost one answer, not the sweep
+        logger.debug("grading failed; counted as wrong", exc_info=True)
+        return False
+
+
+@functools.lru_cache(maxsize=200_000)
+def grade_answer(answer: str, ground_truth: str) -> bool:
+    """Whether an already-extracted answer equals the ground truth.
+
+    Cached: at 32 samples per question most answers repeat, and grading is a pure function.
+    """
+    if not answer.strip() or not ground_truth.strip():
+        return False
+    if normalise_answer(answer) == normalise_answer(ground_truth):
+        return True
+    if len(answer) > MAX_ANSWER_CHARS or len(ground_truth) > MAX_ANSWER_CHARS:
+        return False
+    numbers = _plain_number(ground_truth), _plain_number(answer, allow_grouping=True)
+    if numbers[0] is not None and numbers[1] is not None:
+        return _numbers_equal(*numbers)
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        return _verify_in_process(ground_truth, answer, ANSWER_TIMEOUT_S)
+    return _WORKER.grade(ground_truth, answer, ANSWER_TIMEOUT_S)
+
+
+def _plain_number(text: str, *, allow_grouping: bool = False) -> int | float | None:
+    """The value of a plain integer, decimal or ``1.2e-8``/``1.2\\times10^{-8}`` number, else None.
+
+    Plain numbers are most answers, and compared here without sympy. This is also *more*
+    correct than math_verify for tiny values: it rounds to 6 decimals, so it calls
+    ``1.325e-27`` equal to ``1.325e-28`` (Minerva has physical constants of that size).
+    ``allow_grouping`` accepts thousands separators (``27,648``) on the response side only; a
+    ground truth like ``1,2`` is a list, not a number.
+    """
+    text = normalise_answer(text).replace("{,}", ",")
+    if allow_grouping and _GROUPED_INT_RE.match(text):
+        text = text.replace(",", "")
+    latex_scientific = _LATEX_SCIENTIFIC_RE.match(text)
+    if latex_scientific:
+        text = f"{latex_scientific.group(1)}e{latex_scientific.group(2)}"
+    if _INT_RE.match(text):
+        return int(text)
+    if _DECIMAL_RE.match(text) or _SCIENTIFIC_RE.match(text):
+        value = float(text)
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _numbers_equal(expected: int | float, actual: int | float) -> bool:
+    """Integers exactly; otherwise a relative tolerance of 1e-6, matching math_verify's
+    six-decimal rounding for values of order one but scale-free."""
+    if isinstance(expected, int) and isinstance(actual, int):
+        return expected == actual
+    return math.isclose(expected, actual, rel_tol=1e-6, abs_tol=0.0)
+
+
+class _AnswerTimeout(BaseException):
+    """Raised by our alarm. A BaseException, so math_verify's broad handlers let it through."""
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`_AnswerTimeout` in the main thread after ``seconds`` of wall time.
+
+    A timer armed by someone else (e.g. pytest-timeout) is put back, minus the time spent.
+    """
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise _AnswerTimeout()
+
+    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:  # the alarm may fire just as it is being cancelled; restore regardless
+            signal.signal(signal.SIGALRM, previous_handler)
+            if previous_delay > 0:
+                remaining = max(previous_delay - (time.monotonic() - started), 1e-3)
+                signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
+
+
+def _verify_in_process(ground_truth: str, answer: str, timeout_s: float) -> bool:
+    """math_verify equivalence under a wall-clock deadline; a timeout or error is wrong."""
+    try:
+        with _deadline(timeout_s):
+            return _math_verify(ground_truth, answer)
+    except _AnswerTimeout:
+        logger.debug("math_verify timed out after %.1fs; counted as wrong", timeout_s)
+        return False
+    except Exception:  # noqa: BLE001
+        logger.debug("math_verify failed; counted as wrong", exc_info=True)
+        return False
+
+
+def _math_verify(ground_truth: str, answer: str) -> bool:
+    """Parse both sides with math_verify and compare; its own signal timeouts are off."""
+    from math_verify import parse, verify
+
+    _silence_math_verify_timeout_warnings()
+    # "first_match": the answer is already extracted, so parse it whole or not at all. The
+    # default "any_match" falls back to a fragment when the whole fails to parse, which makes
+    # e.g. "\frac{1}{3} E_{1}+\frac{2}{3} E_{2}" parse as 2/3 and equal "... E_{3}".
+    gold = parse(_as_latex(ground_truth), extraction_mode="first_match", parsing_timeout=None)
+    predicted = parse(_as_latex(answer), extraction_mode="first_match", parsing_timeout=None)
+    if not gold or not predicted:
+        return False
+    return bool(verify(gold, predicted, timeout_seconds=None))
+
+
+def _as_latex(answer: str) -> str:
+    """Wrap a bare answer for math_verify's boxed extractor.
+
+    ``1.24e-8`` (Minerva's ground truths) is rewritten as ``1.24\\times10^{-8}``: the LaTeX
+    parser would otherwise read ``e`` as Euler's number.
+    """
+    answer = answer.strip().strip("$").strip()
+    scientific = _SCIENTIFIC_RE.match(answer)
+    if scientific:
+        answer = rf"{scientific.group(1)}\times10^{{{scientific.group(2)}}}"
+    return rf"\boxed{{{answer}}}"
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    """math_verify warns once that its timeouts are off; ours are on, so the warning misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+@functools.cache
+def _silence_math_verify_timeout_warnings() -> None:
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
+
+
+def _grade_in_child(ground_truth: str, answer: str, timeout_s: float) -> bool:
+    """Runs in the child process's main thread, where the signal deadline works."""
+    return _verify_in_process(ground_truth, answer, timeout_s)
+
+
+def _warm_up_child() -> bool:
+    import math_verify  # noqa: F401 - pay the sympy import before the first deadline
+
+    return True
+
+
+class _GradingWorker:
+    """One spawned child process that grades for non-main threads; replaced when it hangs.
+
+    ``spawn`` rather than ``fork``: the parent may hold CUDA contexts and NCCL threads, which
+    do not survive a fork. Calls are serialised; the in-training evaluator grades from one
+    background thread, so a single child is enough.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: multiprocessing.pool.Pool | None = None
+
+    def grade(self, ground_truth: str, answer: str, timeout_s: float) -> bool:
+        with self._lock:
+            try:
+                pool = self._ensure_pool()
+                pending = pool.apply_async(_grade_in_child, (ground_truth, answer, timeout_s))
+                return bool(pending.get(timeout_s + _WORKER_GRACE_S))
+            except multiprocessing.TimeoutError:
+                logger.warning("grading child overran %.1fs; restarting it", timeout_s)
+                self._restart()
+                return False
+            except Exception:  # noqa: BLE001
+                logger.debug("grading child failed; counted as wrong", exc_info=True)
+                self._restart()
+                return False
+
+    def _ensure_pool(self) -> multiprocessing.pool.Pool:
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(processes=1)
+            self._pool.apply_async(_warm_up_child).get(_WORKER_STARTUP_S)
+        return self._pool
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+
+_WORKER = _GradingWorker()

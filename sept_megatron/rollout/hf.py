@@ -1,0 +1,267 @@
+"""The transformers rollout backend: batched ``model.generate`` with a KV cache.
+
+It is the CPU/test backend and the reference the SGLang backend is checked against, so it
+favours being obviously right over being fast: plain left-padded batches, no continuous
+batching. Data path of a weight sync: full HF-named tensors (from the trainer's export) are
+copied in place into the model's parameters, so the engine never reloads from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket
+
+logger = logging.getLogger(__name__)
+
+
+def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _check_sampling(sampling: SamplingParams) -> None:
+    """Reject parameters ``generate`` would silently misread; name the field and the fix."""
+    if sampling.temperature < 0:
+        raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k == 0 or sampling.top_k < -1:
+        raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {sampling.top_k}")
+    if sampling.n < 1 or sampling.max_new_tokens < 1:
+        raise ValueError(
+            f"SamplingParams.n and max_new_tokens must be >= 1, got n={sampling.n}, "
+            f"max_new_tokens={sampling.max_new_tokens}"
+        )
+
+
+class HFRolloutEngine:
+    """A :class:`~sept_megatron.rollout.base.RolloutEngine` over a transformers causal LM.
+
+    Build it from a local HF directory (``model_path``; never a hub name: nothing is
+    downloaded) or from a ``model`` and ``tokenizer`` already in memory.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer=None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        if (model_path is None) == (model is None):
+            raise ValueError("HFRolloutEngine needs exactly one of model_path or model")
+        if model_path is not None:
+            if not Path(model_path).is_dir():
+                raise ValueError(f"model_path must be a local HF model directory, got {model_path!r}")
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        if tokenizer is None:
+            raise ValueError("HFRolloutEngine(model=...) also needs tokenizer=...")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.progress = progress
+        self.tokenizer = tokenizer
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.loaded_tensor_count = 0  # tensors copied by the last update_weights call
+        self._released = False
+        self._set_generation_config()
+
+    # --- generation --------------------------------------------------------------------
+
+    def _set_generation_config(self) -> None:
+        """Own the model's generation config so only :class:`SamplingParams` steer sampling.
+
+        A checkpoint's ``generation_config.json`` (Qwen ships top_k=20, repetition_penalty
+        1.05, ...) would otherwise fill every field a call leaves unset. We keep only its
+        special ids: EOS is the union of the tokenizer's EOS and the checkpoint's EOS list
+        (instruct models end turns with ``<|im_end|>`` but may also emit ``<|endoftext|>``).
+        Pad falls back to EOS for tokenizers without one; it only ever fills positions after
+        EOS (or left padding), so the choice does not change any output.
+        """
+        old = getattr(self.model, "generation_config", None)
+        eos_ids = _as_id_list(self.tokenizer.eos_token_id)
+        for token_id in _as_id_list(getattr(old, "eos_token_id", None)):
+            if token_id not in eos_ids and token_id < len(self.tokenizer):
+                eos_ids.append(token_id)
+        if not eos_ids:
+            raise ValueError("the tokenizer has no eos_token; set one so generations can stop")
+        pad_id = self.tokenizer.pad_token_id
+        self.eos_token_ids: tuple[int, ...] = tuple(eos_ids)
+        self.pad_token_id: int = pad_id if pad_id is not None else eos_ids[0]
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=list(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+        )
+
+    def _call_config(self, sampling: SamplingParams) -> GenerationConfig:
+        """Per-call config. transformers reads top_k=None as its default 50, so "no cut" is 0."""
+        common = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=list(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+            num_beams=1,
+            use_cache=True,
+        )
+        if sampling.temperature == 0:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0 if sampling.top_k == -1 else sampling.top_k,
+            **common,
+        )
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
+    ) -> list[list[Generation]]:
+        """Return ``sampling.n`` generations per prompt, in prompt order.
+
+        Sequences are sorted by prompt length (longest first, so an out-of-memory shows up
+        on the first chunk) and generated ``batch_size`` at a time. Greedy decoding runs each
+        prompt once and copies the result ``n`` times. With ``sampling.seed`` set, the call
+        seeds torch's RNG inside a forked RNG state (the caller's state is left untouched),
+        so the same prompts, params and ``batch_size`` give the same samples; different
+        batch sizes give different (equally valid) samples.
+        """
+        _check_sampling(sampling)
+        if self._released:
+            raise RuntimeError("HFRolloutEngine.generate after release_memory(); call resume_memory() first")
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        copies = 1 if sampling.temperature == 0 else sampling.n
+        jobs = [(index, copy) for index in range(len(prompts)) for copy in range(copies)]
+        jobs.sort(key=lambda job: -len(prompts[job[0]]))  # stable: ties keep prompt order
+        chunks = [jobs[start : start + self.batch_size] for start in range(0, len(jobs), self.batch_size)]
+
+        config = self._call_config(sampling)
+        results: list[list[Generation | None]] = [[None] * copies for _ in prompts]
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices, enabled=sampling.seed is not None):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
+                outputs = self._generate_batch([prompts[index] for index, _ in chunk], config)
+                for (index, copy), generation in zip(chunk, outputs):
+                    results[index][copy] = generation
+        if copies == sampling.n:
+            return results  # type: ignore[return-value]
+        return [[_copy(row[0]) for _ in range(sampling.n)] for row in results]  # type: ignore[arg-type]
+
+    def _generate_batch(self, prompts: list[Sequence[int]], config: GenerationConfig) -> list[Generation]:
+        """Left-pad one chunk, generate, and cut each response after its first EOS."""
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=config,
+        )
+        return [self._to_generation(row) for row in output[:, width:].tolist()]
+
+    def _to_generation(self, new_tokens: list[int]) -> Generation:
+        """Cut after the first EOS. Padding only ever follows EOS (a batch runs until every
+        row has stopped or hit the limit), so the cut also strips it; a row without EOS
+        used its whole ``max_new_tokens`` budget."""
+        stop = next((pos for pos, token in enumerate(new_tokens) if token in self.eos_token_ids), None)
+        token_ids = new_tokens if stop is None else new_tokens[: stop + 1]
+        return Generation(
+            token_ids=token_ids,
+            text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+            finish_reason="length" if stop is None else "stop",
+        )
+
+    # --- weights -----------------------------------------------------------------------
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every loadable name: parameters, tied aliases included (``lm_head.weight`` and
+        ``model.embed_tokens.weight`` name the same tensor when tied), then buffers."""
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, buffer in self.model.named_buffers(remove_duplicate=False):
+            named.setdefault(name, buffer)
+        return named
+
+    def update_weights(self, buckets: Iterable[WeightBucket], *, strict: bool = False) -> int:
+        """Copy HF-named tensors into the model in place; return how many were loaded.
+
+        Tensors are cast to each target's dtype (the engine's ``dtype``) and moved to its
+        device. An unknown name or a shape mismatch raises ``ValueError`` naming the tensor
+        (the parameters loaded before it keep their new values: a failed sync is fatal).
+        With ``strict=True`` the call must be a full sync: every parameter must have been
+        written (either name of a tied pair counts), else ``ValueError`` lists the missing.
+        """
+        targets = self._named_tensors()
+        written: set[int] = set()
+        count = 0
+        with torch.no_grad():
+            for bucket in buckets:
+                for name, tensor in bucket:
+                    target = targets.get(name)
+                    if target is None:
+                        raise ValueError(
+                            f"update_weights: unknown tensor {name!r}: not a parameter or buffer "
+                            f"of {type(self.model).__name__}"
+                        )
+                    if tuple(target.shape) != tuple(tensor.shape):
+                        raise ValueError(
+                            f"update_weights: shape mismatch for {name!r}: got {tuple(tensor.shape)}, "
+                            f"model has {tuple(target.shape)}"
+                        )
+                    target.copy_(tensor.detach().to(device=target.device, dtype=target.dtype))
+                    written.add(id(target))
+                    count += 1
+        if strict:
+            missing = [name for name, param in self.model.named_parameters() if id(param) not in written]
+            if missing:
+                raise ValueError(
+                    f"update_weights(strict=True): {len(missing)} parameters not sent: {missing[:8]}"
+                )
+        self.loaded_tensor_count = count
+        logger.debug("update_weights: loaded %d tensors", count)
+        return count
+
+    # --- memory ------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """On CUDA, park the model in host memory and free the cache; no-op on CPU."""
+        if self.device.type == "cuda" and not self._released:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+            self._released = True
+
+    def resume_memory(self) -> None:
+        """Move the model back to the accelerator before the next generation."""
+        if self._released:
+            self.model.to(self.device)
+            self._released = False
+
+
+def _copy(generation: Generation) -> Generation:
+    """An independent copy, so callers may edit one sample without touching its siblings."""
+    return Generation(
+        token_ids=list(generation.token_ids),
+        text=generation.text,
+        finish_reason=generation.finish_reason,
+        logprobs=None if generation.logprobs is None else list(generation.logprobs),
+    )

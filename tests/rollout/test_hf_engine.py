@@ -1,0 +1,171 @@
+"""The transformers rollout engine against tiny random-init Llama/Qwen2 models."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from hf_tiny import make_tiny_model, make_tokenizer
+
+from sept_megatron.rollout import SamplingParams, build_engine
+from sept_megatron.rollout.hf import HFRolloutEngine
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+QUESTIONS = ["Compute 3 * 4 + 5.", "Compute (12 + 7) * 3 - 45.", "Hi", "Compute (2 + 11) * (6 - 4)."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    """Chat-formatted prompts of different lengths, so batches need padding."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+        )
+        for question in QUESTIONS
+    ]
+
+
+def engine_for(model, tokenizer, **kwargs) -> HFRolloutEngine:
+    return HFRolloutEngine(model=model, tokenizer=tokenizer, progress=False, **kwargs)
+
+
+def argmax_loop(model, prompt: list[int], steps: int) -> list[int]:
+    """Reference greedy decoding: full forward each step, no cache, no padding."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_matches_argmax_loop_and_is_padding_invariant(family, tokenizer, prompts):
+    model = make_tiny_model(family, tokenizer)
+    engine = engine_for(model, tokenizer, batch_size=3)  # 4 prompts: a full and a partial chunk
+    batched = engine.generate(prompts, GREEDY)
+    assert batched == engine.generate(prompts, GREEDY)
+    for prompt, (generation,) in zip(prompts, batched):
+        expected = argmax_loop(model, prompt, GREEDY.max_new_tokens)
+        assert generation.token_ids == expected[: len(generation.token_ids)]
+        assert generation.token_ids == engine.generate([prompt], GREEDY)[0][0].token_ids
+
+
+def test_sampling_with_seed_is_reproducible_and_n_per_prompt(tokenizer, prompts):
+    engine = engine_for(make_tiny_model("llama", tokenizer), tokenizer, batch_size=5)
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, top_k=-1, max_new_tokens=8, n=3, seed=7)
+    torch.manual_seed(123)
+    first = engine.generate(prompts, sampling)
+    caller_draw = torch.rand(1)
+    torch.manual_seed(123)
+    second = engine.generate(prompts, sampling)
+    assert first == second
+    assert torch.equal(caller_draw, torch.rand(1)), "a seeded call must not disturb the caller's RNG"
+    assert [len(row) for row in first] == [3] * len(prompts)
+    assert len({tuple(g.token_ids) for row in first for g in row}) > 1  # really sampled
+    other_seed = engine.generate(prompts, SamplingParams(**{**sampling.__dict__, "seed": 8}))
+    assert other_seed != first
+
+
+def test_greedy_n_copies_and_length_limit(tokenizer, prompts):
+    engine = engine_for(make_tiny_model("qwen2", tokenizer), tokenizer)
+    result = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=6, n=2))
+    for row in result:
+        assert len(row) == 2 and row[0] == row[1] and row[0] is not row[1]
+        for generation in row:
+            if generation.finish_reason == "length":
+                assert len(generation.token_ids) == 6
+            assert len(generation.token_ids) <= 6
+            assert generation.text == tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+
+
+def test_cut_after_first_eos(tokenizer, prompts):
+    """Declare a token the greedy output produces mid-way as an extra EOS (as a checkpoint's
+    generation_config may); the response must end right after its first occurrence."""
+    model = make_tiny_model("llama", tokenizer)
+    free_run = engine_for(model, tokenizer).generate(prompts, GREEDY)
+    assert all(row[0].finish_reason == "length" for row in free_run)
+    stop_token = free_run[1][0].token_ids[3]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop_token]
+    engine = engine_for(model, tokenizer)
+    assert stop_token in engine.eos_token_ids
+    for before, (after,) in zip(free_run, engine.generate(prompts, GREEDY)):
+        tokens = before[0].token_ids
+        if stop_token in tokens:
+            assert after.token_ids == tokens[: tokens.index(stop_token) + 1]
+            assert after.finish_reason == "stop"
+        else:
+            assert after.token_ids == tokens and after.finish_reason == "length"
+    assert engine.generate(prompts, GREEDY)[1][0].token_ids[-1] == stop_token
+
+
+def test_update_weights_copies_another_model(tokenizer, prompts):
+    source = make_tiny_model("qwen2", tokenizer, seed=1)
+    engine = engine_for(make_tiny_model("qwen2", tokenizer, seed=0), tokenizer)
+    assert engine.generate(prompts, GREEDY) != engine_for(source, tokenizer).generate(prompts, GREEDY)
+    state = list(source.state_dict().items())
+    loaded = engine.update_weights([state[:5], state[5:]], strict=True)
+    assert loaded == len(state) == engine.loaded_tensor_count
+    batch = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        assert torch.equal(engine.model(batch).logits, source(batch).logits)
+    assert engine.generate(prompts, GREEDY) == engine_for(source, tokenizer).generate(prompts, GREEDY)
+
+
+@pytest.mark.parametrize("tied_name", ["lm_head.weight", "model.embed_tokens.weight"])
+def test_update_weights_tied_embeddings_accept_either_name(tied_name, tokenizer):
+    source = make_tiny_model("qwen2", tokenizer, seed=1, tie_word_embeddings=True)
+    engine = engine_for(make_tiny_model("qwen2", tokenizer, tie_word_embeddings=True), tokenizer)
+    other = ({"lm_head.weight", "model.embed_tokens.weight"} - {tied_name}).pop()
+    state = [(name, tensor) for name, tensor in source.state_dict().items() if name != other]
+    engine.update_weights([state], strict=True)
+    assert torch.equal(engine.model.lm_head.weight, source.lm_head.weight)
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+
+def test_update_weights_casts_to_engine_dtype(tokenizer):
+    source = make_tiny_model("llama", tokenizer, seed=1)
+    engine = engine_for(make_tiny_model("llama", tokenizer), tokenizer, dtype=torch.bfloat16)
+    engine.update_weights([list(source.state_dict().items())])
+    weight = engine.model.model.layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, source.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16))
+
+
+def test_update_weights_errors_name_the_tensor(tokenizer):
+    engine = engine_for(make_tiny_model("llama", tokenizer), tokenizer)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.nonsense\.weight"):
+        engine.update_weights([[("model.layers.0.mlp.nonsense.weight", torch.zeros(2))]])
+    with pytest.raises(ValueError, match=r"shape mismatch for 'model\.norm\.weight'"):
+        engine.update_weights([[("model.norm.weight", torch.zeros(3))]])
+    with pytest.raises(ValueError, match=r"parameters not sent"):
+        engine.update_weights([[("model.norm.weight", torch.ones(64))]], strict=True)
+
+
+def test_build_engine_hf_from_local_dir(tokenizer, prompts, tmp_path):
+    model = make_tiny_model("llama", tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = build_engine("hf", str(tmp_path), progress=False)
+    assert isinstance(engine, HFRolloutEngine)
+    assert engine.generate(prompts, GREEDY) == engine_for(model, tokenizer).generate(prompts, GREEDY)
+    engine.release_memory()  # CPU: no-ops
+    engine.resume_memory()
+    with pytest.raises(ValueError, match="local HF model directory"):
+        build_engine("hf", str(tmp_path / "missing"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang is installed")
+def test_build_engine_sglang_without_sglang_says_what_to_do():
+    with pytest.raises(ImportError, match=r"sept_megatron\[gpu\].*rollout\.backend=hf"):
+        build_engine("sglang", "/nonexistent")
+
+
+def test_build_engine_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"'vllm'.*\['hf', 'sglang'\]"):
+        build_engine("vllm")
