@@ -174,15 +174,24 @@ def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
     return dist_checkpointing.load(sharded_state_dict, os.path.join(ckpt_dir, "model"))
 
 
-def check_compatible(meta: CheckpointMeta, arch: ModelArch, padded_vocab: int) -> None:
+def check_compatible(meta: CheckpointMeta, arch: ModelArch, tensor_parallel: int) -> None:
     """A checkpoint from another model is a clear error, before anything is loaded."""
     if meta.arch != arch:
         diffs = [f"{k}: checkpoint {v!r} vs model {getattr(arch, k)!r}"
                  for k, v in meta.arch.to_dict().items() if getattr(arch, k) != v]
-        raise ValueError("checkpoint is from another model: " + "; ".join(diffs))
-    if meta.padded_vocab != padded_vocab:
-        raise ValueError(f"checkpoint padded vocab {meta.padded_vocab} != {padded_vocab}; set "
-                         "model.make_vocab_size_divisible_by to the value used when it was written")
+        raise ValueError("checkpoint is from another model (" + "; ".join(diffs) + "); point "
+                         "model.megatron_ckpt / logging.run_dir at a checkpoint of model.hf_path")
+    if meta.padded_vocab % tensor_parallel:
+        raise ValueError(f"checkpoint padded vocab {meta.padded_vocab} is not divisible by "
+                         f"parallel.tensor_parallel={tensor_parallel}")
+
+
+def load_model_weights(model_chunks, ckpt_dir: str) -> None:
+    """Load model tensors only (a converted or a training checkpoint) into this rank's stages."""
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    loaded = load_sharded(ckpt_dir, {"model": model_sharded_state_dict(model_chunks)})
+    for i, chunk in enumerate(model_chunks):
+        _unwrap(chunk).load_state_dict(loaded["model"][f"model{i}"], strict=False)
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:

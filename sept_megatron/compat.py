@@ -169,3 +169,21 @@ def enable_cpu_megatron() -> bool:
 
 def cpu_megatron_enabled() -> bool:
     return _state["enabled"]
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run plain-PyTorch code (HF generation, evaluation) without the CUDA->CPU redirect.
+
+    The mode adds Python work to every torch call; code that never touches Megatron does not
+    need it. Only valid while our mode is the innermost one, which holds outside Megatron calls.
+    """
+    mode = _state["mode"]
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()

@@ -101,6 +101,9 @@ class TrainConfig:
     """Training temperature tau_t: logits are divided by it in the loss."""
     drop_truncated: bool = False
     """Reference behaviour keeps answers that hit max_response_length."""
+    measure_round_fit: bool = False
+    """Also log the loss on each round's own samples before and after its optimizer steps
+    (two extra forward passes per round): does SFT fit what the model just wrote?"""
     seed: int = 1234
 
 

@@ -230,3 +230,26 @@ def _install_schedule_hooks(config, chunks, optimizer) -> None:
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+
+
+def trainer_sharded_state_dict(trainer: SFTTrainer) -> dict:
+    """Model and optimizer shards for dist_checkpointing (loadable at another layout)."""
+    from sept_megatron.checkpoint import model_sharded_state_dict
+
+    model_sd = model_sharded_state_dict(trainer.model.chunks)
+    return {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd)}
+
+
+def load_trainer_state(trainer: SFTTrainer, ckpt_dir: str, scheduler_state: dict) -> None:
+    """Restore model, optimizer and LR schedule from a training checkpoint."""
+    from sept_megatron.checkpoint import load_sharded, model_sharded_state_dict
+
+    model_sd = model_sharded_state_dict(trainer.model.chunks)
+    request = {"model": model_sd,
+               "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    loaded = load_sharded(ckpt_dir, request)
+    for i, chunk in enumerate(trainer.model.chunks):
+        chunk.load_state_dict(loaded["model"][f"model{i}"], strict=False)
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(scheduler_state)
+    trainer.steps = scheduler_state.get("num_steps", trainer.steps)

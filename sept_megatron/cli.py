@@ -1,0 +1,74 @@
+"""``sept-megatron``: the command line.
+
+    sept-megatron train --config X.yaml [key=value ...]     # under torchrun / srun for N > 1
+    sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
+    sept-megatron demo [--out DIR] [--seed S] [--ablations]
+    sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
+
+Errors in the config or the data are printed as one clear message (exit code 2) before any
+process group, model or accelerator is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _train(argv: list[str]) -> int:
+    from sept_megatron.config import load_config
+    from sept_megatron.loop import run
+
+    parser = argparse.ArgumentParser(prog="sept-megatron train",
+                                     description="Run SePT rounds (launch with torchrun for N > 1).")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
+    args = parser.parse_args(argv)
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
+def _show_config(argv: list[str]) -> int:
+    from sept_megatron.config import load_config
+
+    parser = argparse.ArgumentParser(prog="sept-megatron config")
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from sept_megatron.eval.cli import main as eval_main
+
+    return eval_main(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from sept_megatron.demo.run import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "config": _show_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sept_megatron.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"sept-megatron {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
