@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Fresh-machine entry point: creates .venv (torch 2.13.0 CPU build pinned first, so an
+# unpinned torch never pulls a multi-GB CUDA build), installs sept_megatron[test], then runs:
+#   bash tools/dev.sh demo [demo flags]   # the embedded SePT demo on this CPU
+#   bash tools/dev.sh test [pytest args]  # the test suite
+#   bash tools/dev.sh setup               # only the set-up
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SEPT_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+  local stamp="$VENV/.sept-setup-$(cat setup.py pyproject.toml | sha1sum | cut -c1-12)"
+  [ -f "$stamp" ] && return 0
+  echo "== setting up $VENV (once) =="
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  fi
+  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  touch "$stamp"
+}
+
+cmd=${1:-test}
+shift || true
+setup
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+case "$cmd" in
+  setup) ;;
+  demo) exec "$VENV/bin/sept-megatron" demo "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash tools/dev.sh {demo|test|setup} [args]" >&2; exit 2 ;;
+esac
