@@ -106,14 +106,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_str(value: str) -> str:
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_checkpoint(root_or_dir: str, name: str | None, sharded_state_dict: dict,
                     meta: CheckpointMeta, hf_side_dir: str) -> str:
     """Write a checkpoint atomically (collective: every rank calls it). Returns its path.
@@ -126,7 +118,8 @@ def save_checkpoint(root_or_dir: str, name: str | None, sharded_state_dict: dict
 
     final = os.path.join(root_or_dir, name) if name else root_or_dir
     parent, base = os.path.split(os.path.abspath(final))
-    tmp = _broadcast_str(os.path.join(parent, f".tmp-{base}-{os.getpid()}"))
+    # A fixed temp name: what a killed job left half-written is simply replaced here.
+    tmp = os.path.join(parent, f".tmp-{base}")
     if _rank() == 0:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

@@ -62,22 +62,23 @@ class RoundBatch:
 # --- the loop ----------------------------------------------------------------------------
 def run(cfg: Config) -> dict[str, float]:
     """Run SePT rounds end to end; returns the last round's metrics."""
-    arch = check_config(cfg)
+    arch, questions = check_config(cfg)
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
         virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend)
     setup_console_logging(env.rank)
     logger = build_logger(cfg.logging, cfg.to_dict(), env.rank)
     try:
-        return _run(cfg, arch, env, logger)
+        return _run(cfg, arch, questions, env, logger)
     finally:
         logger.finish()
         distributed.shutdown()
 
 
-def _run(cfg: Config, arch: mdl.ModelArch, env, logger) -> dict[str, float]:
+def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
+         logger) -> dict[str, float]:
     tokenizer = _load_tokenizer(cfg.model.hf_path)
-    bank, prompt_ids = load_bank(cfg, tokenizer, logger)
+    bank, prompt_ids = load_bank(cfg, questions, tokenizer, logger)
     rounds = total_rounds(cfg, len(bank))
     steps_per_round = cfg.train.prompts_per_round * cfg.rollout.n // cfg.train.mini_batch_size
     sampler = QuestionSampler(bank, seed=cfg.data.shuffle_seed)
@@ -135,8 +136,9 @@ def _run(cfg: Config, arch: mdl.ModelArch, env, logger) -> dict[str, float]:
 
 
 # --- set-up ------------------------------------------------------------------------------
-def check_config(cfg: Config) -> mdl.ModelArch:
-    """Everything that can be checked before a process group exists."""
+def check_config(cfg: Config) -> tuple[mdl.ModelArch, list[Question]]:
+    """Everything that can be checked before a process group exists: the config tree, the
+    model's shapes against the layout, every data file, and any checkpoint to start from."""
     world = distributed.world_size_from_env()
     arch = None
     if cfg.model.hf_path:
@@ -147,10 +149,30 @@ def check_config(cfg: Config) -> mdl.ModelArch:
     validate(cfg, world, arch)
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give one or more parquet/JSONL files")
-    for path in cfg.data.train_files + cfg.eval.benchmarks:
-        if not os.path.exists(path):
-            raise ConfigError(f"data file {path!r} does not exist")
-    return arch
+    questions: list[Question] = []
+    for field_name, paths in (("data.train_files", cfg.data.train_files),
+                              ("eval.benchmarks", cfg.eval.benchmarks)):
+        for path in paths:
+            if not os.path.exists(path):
+                raise ConfigError(f"{field_name}: {path!r} does not exist")
+            try:
+                loaded = load_questions(path)
+            except ValueError as exc:
+                raise ConfigError(f"{field_name}: {exc}") from None
+            if field_name == "data.train_files":
+                questions += loaded
+    resume_root = os.path.join(cfg.logging.run_dir, "checkpoints")
+    starts = [("model.megatron_ckpt", cfg.model.megatron_ckpt)]
+    if cfg.checkpoint.resume and ckpt_io.latest_checkpoint(resume_root):
+        starts.append(("logging.run_dir (resuming)", resume_root))
+    for field_name, path in starts:
+        if not path:
+            continue
+        try:
+            ckpt_io.check_compatible(ckpt_io.read_meta(path), arch, cfg.parallel.tensor_parallel)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{field_name}={path!r}: {exc}") from None
+    return arch, questions
 
 
 def _load_tokenizer(hf_path: str):
@@ -163,11 +185,9 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def load_bank(cfg: Config, tokenizer, logger) -> tuple[list[Question], dict[int, list[int]]]:
+def load_bank(cfg: Config, questions: list[Question], tokenizer,
+              logger) -> tuple[list[Question], dict[int, list[int]]]:
     """All training questions, rendered once; over-long prompts dropped (and counted)."""
-    questions: list[Question] = []
-    for path in cfg.data.train_files:
-        questions += load_questions(path)
     # Re-index so every question has a unique position in the bank.
     questions = [Question(q.prompt_messages, q.question_text, q.ground_truth, q.source, i)
                  for i, q in enumerate(questions)]

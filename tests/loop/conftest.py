@@ -1,0 +1,19 @@
+"""A tiny Qwen2 HF checkpoint with the demo tokenizer, and arithmetic train/val JSONL files."""
+
+import pytest
+
+from hf_tiny import make_tiny_model, make_tokenizer
+from sept_megatron.demo.task import build_splits, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop_inputs")
+    tokenizer = make_tokenizer(str(root / "tok"))
+    model = make_tiny_model("qwen2", tokenizer)
+    model.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    splits = build_splits(0, n_train=64, n_val=16, n_test=16)
+    write_jsonl(splits["train"], root / "train.jsonl")
+    write_jsonl(splits["val"], root / "val.jsonl")
+    return root

@@ -1,0 +1,195 @@
+"""`sept-megatron train` end to end on a tiny random-init model: 1 process, TP=2, PP=2,
+kill-and-resume, ablation modes, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 3
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_args(inputs: Path, run_dir: Path, rounds: int = ROUNDS) -> list[str]:
+    return [
+        f"model.hf_path={inputs / 'hf'}", f"data.train_files={inputs / 'train.jsonl'}",
+        f"train.rounds={rounds}", "train.prompts_per_round=8", "train.mini_batch_size=4",
+        "train.micro_batch_size=2", "data.max_response_length=16", "train.lr=3e-3",
+        "train.warmup_steps=0", f"logging.run_dir={run_dir}", "logging.progress=false",
+        "checkpoint.save_every_n_rounds=1",
+    ]
+
+
+def cli_command(args: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "sept_megatron.cli", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", "-m", "sept_megatron.cli", "train", *args]
+
+
+def run_train(args: list[str], nproc: int = 1, expect_ok: bool = True, timeout: int = 400):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cli_command(args, nproc), capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    output = proc.stdout + proc.stderr
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"train failed (rc={proc.returncode}):\n{output[-4000:]}")
+    return proc.returncode, output
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def round_prompts(run_dir: Path, round_number: int) -> list[int]:
+    lines = (run_dir / "samples" / f"round_{round_number:06d}.jsonl").read_text().splitlines()
+    return [json.loads(line)["index"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_run_inputs, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    run_train(base_args(tiny_run_inputs, run_dir) + [
+        "train.measure_round_fit=true", f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}",
+        "eval.every_n_rounds=2", "eval.n=2", "eval.max_questions=4"])
+    return run_dir
+
+
+def test_single_process_run_logs_every_metric(single_run):
+    metrics = read_metrics(single_run)
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    expected = {"train/loss", "train/grad_norm", "train/lr", "rollout/response_length_mean",
+                "rollout/response_length_max", "rollout/truncation_rate", "rollout/tau_s",
+                "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "timing/generate",
+                "timing/train", "timing/sync", "timing/checkpoint"}
+    for m in metrics:
+        assert expected <= set(m), expected - set(m)
+        assert m["train/optimizer_steps"] == 2  # 8 prompts x n=1 / mini-batch 4
+    assert "val/avg" in metrics[1] and "val/avg" not in metrics[0]
+    taus = [m["rollout/tau_s"] for m in metrics]
+    assert taus[0] == pytest.approx(0.6) and taus[-1] == pytest.approx(1.0)
+
+
+def test_each_round_fits_its_own_samples(single_run):
+    # The loss on a round's samples falls across that round's optimizer steps.
+    for m in read_metrics(single_run):
+        assert m["train/round_fit_after"] < m["train/round_fit_before"], m
+
+
+def test_samples_jsonl_and_final_export(single_run):
+    rows = [json.loads(l) for l in (single_run / "samples" / "round_000001.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert {"prompt", "response", "tau_s", "prompt_tokens", "response_tokens",
+            "finish_reason"} <= set(rows[0])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(single_run / "hf_final", local_files_only=True)
+    assert model.config.model_type == "qwen2"
+    assert (single_run / "checkpoints" / "latest").read_text().strip() == "round_000003"
+    assert not list((single_run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("layout", [("2", "1"), ("1", "2")], ids=["tp2", "pp2"])
+def test_two_process_layouts_match_one_process(single_run, tiny_run_inputs, tmp_path, layout):
+    tp, pp = layout
+    run_train(base_args(tiny_run_inputs, tmp_path) + [
+        f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
+        "checkpoint.save_every_n_rounds=0"], nproc=2)
+    ours = [m["train/loss"] for m in read_metrics(tmp_path)]
+    reference = [m["train/loss"] for m in read_metrics(single_run)]
+    assert ours == pytest.approx(reference, abs=1e-4)
+
+
+def test_kill_and_resume_continues_with_the_same_prompts(tiny_run_inputs, tmp_path):
+    rounds = 5
+    reference = tmp_path / "reference"
+    run_train(base_args(tiny_run_inputs, reference, rounds))
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cli_command(base_args(tiny_run_inputs, killed, rounds)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists() and pointer.read_text().strip() >= "round_000002":
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(pointer.read_text().strip().split("_")[1])
+    assert resumed_from < rounds, "the job finished before it could be killed"
+    _, output = run_train(base_args(tiny_run_inputs, killed, rounds))
+    assert f"at round {resumed_from}" in output
+    for r in range(resumed_from + 1, rounds + 1):
+        assert round_prompts(killed, r) == round_prompts(reference, r)
+    final = {m["round"]: m["train/loss"] for m in read_metrics(killed)}
+    assert final[rounds] == pytest.approx(read_metrics(reference)[-1]["train/loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["offline", "coupled"])
+def test_ablation_modes_run(tiny_run_inputs, tmp_path, mode):
+    run_train(base_args(tiny_run_inputs, tmp_path, rounds=2) + [f"train.mode={mode}",
+                                                               "checkpoint.export_hf=false"])
+    taus = [m["rollout/tau_s"] for m in read_metrics(tmp_path)]
+    if mode == "coupled":
+        assert taus == [1.0, 1.0]  # tau_s = tau_t
+    else:
+        assert taus[0] == pytest.approx(0.6)
+
+
+# --- bad input ---------------------------------------------------------------------------
+def _assert_fails_cleanly(args, run_dir: Path, *needles: str):
+    rc, output = run_train(args, expect_ok=False)
+    assert rc != 0
+    for needle in needles:
+        assert needle in output, output[-3000:]
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_empty_bank_is_a_clear_error(tiny_run_inputs, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = base_args(tiny_run_inputs, tmp_path / "run") + [f"data.train_files={empty}"]
+    _assert_fails_cleanly(args, tmp_path / "run", "empty.jsonl")
+
+
+def test_malformed_row_is_named_by_line(tiny_run_inputs, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = (tiny_run_inputs / "train.jsonl").read_text().splitlines()[:5]
+    lines.insert(3, "{not json")
+    bad.write_text("\n".join(lines) + "\n")
+    args = base_args(tiny_run_inputs, tmp_path / "run") + [f"data.train_files={bad}"]
+    _assert_fails_cleanly(args, tmp_path / "run", "bad.jsonl", "line 4")
+
+
+def test_impossible_batch_sizes_fail_before_start(tiny_run_inputs, tmp_path):
+    args = base_args(tiny_run_inputs, tmp_path / "run") + ["train.mini_batch_size=3"]
+    _assert_fails_cleanly(args, tmp_path / "run", "train.mini_batch_size=3")
+    assert not (tmp_path / "run").exists()  # rejected before anything was written
+
+
+def test_checkpoint_from_another_model_is_refused(tiny_run_inputs, single_run, tmp_path):
+    from hf_tiny import make_tiny_model, make_tokenizer
+
+    tokenizer = make_tokenizer(str(tmp_path / "tok"))
+    other = make_tiny_model("llama", tokenizer)
+    other.save_pretrained(tmp_path / "other_hf")
+    tokenizer.save_pretrained(tmp_path / "other_hf")
+    args = base_args(tiny_run_inputs, tmp_path / "run") + [
+        f"model.hf_path={tmp_path / 'other_hf'}", f"model.megatron_ckpt={single_run / 'checkpoints'}"]
+    _assert_fails_cleanly(args, tmp_path / "run", "another model", "model_type")
