@@ -35,7 +35,7 @@ setup(
         "psutil>=5.9",  # dist_checkpointing's async writer imports it
     ],
     extras_require={
-        "test": ["pytest==9.2.0"],
+        "test": ["pytest==9.2.0", "datasets>=3.0"],  # datasets: the HF-datasets-dir loader test
         # GPU only: import lazily, never required on CPU. (Never the PyPI package "apex".)
         "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5"],
     },

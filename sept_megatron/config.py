@@ -307,8 +307,9 @@ def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:
     if tp < 1 or pp < 1:
         return
     if world_size % (tp * pp):
-        err(f"world size {world_size} is not divisible by parallel.tensor_parallel x "
-            f"parallel.pipeline_parallel = {tp * pp}; launch a multiple of {tp * pp} processes")
+        err(f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} x "
+            f"parallel.pipeline_parallel={pp} = {tp * pp}; launch a multiple of {tp * pp} "
+            "processes")
         return
     dp = world_size // (tp * pp)
     samples = t.prompts_per_round * cfg.rollout.n
@@ -335,5 +336,7 @@ def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:
         err(f"parallel.tensor_parallel={tp} does not divide ffn size {arch.ffn_hidden_size}")
     stages = pp * (vpp or 1)
     if arch.num_layers % stages:
-        err(f"the model's {arch.num_layers} layers are not divisible by pipeline_parallel x "
-            f"virtual_pipeline = {stages}")
+        layout = (f"parallel.pipeline_parallel={pp} x parallel.virtual_pipeline={vpp} = "
+                  f"{stages} stages" if vpp else f"parallel.pipeline_parallel={pp}")
+        err(f"{layout} does not divide the model's {arch.num_layers} layers; choose a "
+            "pipeline size (x virtual stages) that divides the layer count")

@@ -108,13 +108,18 @@ def _cpu_model_parallel_seed(seed: int) -> None:
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + 100 + tp_rank + ep_rank * 7)
 
 
-def shutdown() -> None:
-    """Destroy Megatron's groups and the default group (safe to call twice)."""
+def shutdown(*, keep_process_group: bool = False) -> None:
+    """Destroy Megatron's groups and the default group (safe to call twice).
+
+    ``keep_process_group=True`` leaves the default group up: a caller that created it (a
+    script running several conversions in one launch) still owns it. torch cannot create a
+    second default group in one torchrun launch (the store's keys of the first are reused).
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.barrier()
         dist.destroy_process_group()
 

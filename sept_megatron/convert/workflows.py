@@ -1,6 +1,8 @@
 """The conversion workflows behind ``tools/``: HF -> Megatron and the logit check.
 
-Both run under torchrun (or as one process); every rank builds only its own stage.
+Both run under torchrun (or as one process); every rank builds only its own stage. Each call
+creates Megatron's groups and destroys them on return; a default process group the caller
+created before the call is left up, so one launch can run several conversions.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, dtype
     params_dtype = _params_dtype(dtype, hf_config)
     reader = HFTensorReader(hf_dir)
     validate_hf_checkpoint(reader, arch, mdl.declared_dtype(hf_config))
+    caller_owns_group = dist.is_initialized()
     distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
     try:
         from megatron.core import parallel_state as ps
@@ -64,7 +67,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, dtype
                                 meta, hf_dir)
     finally:
         reader.close()
-        distributed.shutdown()
+        distributed.shutdown(keep_process_group=caller_owns_group)
     if distributed.is_rank0():
         log.info("wrote %s (TP=%d PP=%d, %s)", out_dir, tp, pp, params_dtype)
     return out_dir
@@ -119,6 +122,7 @@ def check_logits(hf_dir: str, ckpt_dir: str, *, tp: int | None = None, pp: int |
     meta = ckpt_io.read_meta(ckpt_dir)
     tp, pp = tp or meta.tensor_parallel, pp or meta.pipeline_parallel
     tokens = probe_tokens(hf_dir, meta.arch.vocab_size, seq_len)
+    caller_owns_group = dist.is_initialized()
     env = distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
     try:
         model = load_megatron_checkpoint(ckpt_dir, tp=tp, pp=pp)
@@ -135,7 +139,7 @@ def check_logits(hf_dir: str, ckpt_dir: str, *, tp: int | None = None, pp: int |
             diff[0] = (hf_logits - megatron_logits).abs().max()
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(keep_process_group=caller_owns_group)
     return float(diff[0]) if env.rank == 0 else None
 
 

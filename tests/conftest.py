@@ -1,13 +1,18 @@
-"""A tiny Qwen2 HF checkpoint with the demo tokenizer, and arithmetic train/val JSONL files."""
+"""Fixtures shared across test directories.
+
+``tiny_run_inputs``: a tiny Qwen2 HF checkpoint with the demo tokenizer, and arithmetic
+train/val JSONL files, built once per session (used by ``loop/`` and ``distributed/``).
+"""
 
 import pytest
-
-from hf_tiny import make_tiny_model, make_tokenizer
-from sept_megatron.demo.task import build_splits, write_jsonl
 
 
 @pytest.fixture(scope="session")
 def tiny_run_inputs(tmp_path_factory):
+    # Imported here so that collecting the fast unit tests does not import transformers.
+    from hf_tiny import make_tiny_model, make_tokenizer
+    from sept_megatron.demo.task import build_splits, write_jsonl
+
     root = tmp_path_factory.mktemp("loop_inputs")
     tokenizer = make_tokenizer(str(root / "tok"))
     model = make_tiny_model("qwen2", tokenizer)

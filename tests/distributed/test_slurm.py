@@ -1,0 +1,168 @@
+"""SePT training launched by a real Slurm: ``examples/sept.sbatch`` (srun, one torchrun per node)
+and a bare ``srun --ntasks=2`` (ranks from SLURM_PROCID/SLURM_NTASKS, no torchrun), each a tiny
+2-round TP=2 run on a one-node cluster on localhost (``slurm_cluster.py``).
+
+Needs root and Debian's ``slurm-wlm`` + ``munge``. With ``SEPT_TEST_INSTALL_SLURM=1`` (CI sets
+it) missing packages are apt-get installed; otherwise the launch tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import slurm_cluster
+from loop.test_train_cli import base_args, read_metrics
+
+INSTALL_VAR = "SEPT_TEST_INSTALL_SLURM"
+APT_PACKAGES = ("slurm-wlm", "munge")
+SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "sept.sbatch"
+JOB_TIMEOUT_S = 300
+ROUNDS = 2  # enough to show the loop carries on from round to round; each round costs seconds
+
+
+# --- can Slurm run here? -----------------------------------------------------------------
+def slurm_unavailable_reason(environ=os.environ) -> str | None:
+    """None when a local cluster can start (after installing Slurm if allowed), else why not."""
+    if os.geteuid() != 0:
+        return "needs root: the test cluster runs slurmctld/slurmd with SlurmUser=root"
+    missing = slurm_cluster.missing_binaries()
+    if not missing:
+        return None
+    if environ.get(INSTALL_VAR) != "1":
+        return (f"Slurm is not installed (missing {', '.join(missing)}); set {INSTALL_VAR}=1 "
+                f"to apt-get install {' '.join(APT_PACKAGES)}")
+    failure = apt_install(APT_PACKAGES)
+    if failure:
+        return failure
+    missing = slurm_cluster.missing_binaries()
+    return f"still missing after apt-get install: {', '.join(missing)}" if missing else None
+
+
+def apt_install(packages: tuple[str, ...]) -> str | None:
+    """``apt-get update && apt-get install -y PACKAGES``; None on success, else why it failed."""
+    if slurm_cluster.find_binary("apt-get") is None:
+        return f"{INSTALL_VAR}=1 but there is no apt-get to install {' '.join(packages)}"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", *packages]):
+        try:
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(argv)} timed out"
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            return f"{' '.join(argv)} failed (rc={proc.returncode}): " + " | ".join(tail)
+    return None
+
+
+def test_skips_without_slurm_and_installs_only_when_asked(monkeypatch):
+    # A machine without Slurm (nor apt-get): skip with the reason, run nothing.
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name, path=None: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    reason = slurm_unavailable_reason({})
+    assert "Slurm is not installed" in reason and INSTALL_VAR in reason and "sbatch" in reason
+    assert "no apt-get" in slurm_unavailable_reason({INSTALL_VAR: "1"})
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in slurm_unavailable_reason({INSTALL_VAR: "1"})
+
+    # Asked to install, with apt-get: update, then install, as argument lists.
+    calls = []
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(slurm_cluster.shutil, "which",
+                        lambda name, path=None: "/usr/bin/apt-get" if name == "apt-get" else None)
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: calls.append((argv, kw)) or
+                        subprocess.CompletedProcess(argv, 0, "", ""))
+    assert "still missing" in slurm_unavailable_reason({INSTALL_VAR: "1"})
+    assert [argv for argv, _ in calls] == [["apt-get", "update"],
+                                           ["apt-get", "install", "-y", *APT_PACKAGES]]
+    assert all(not kw.get("shell") and kw["env"]["DEBIAN_FRONTEND"] == "noninteractive"
+               for _, kw in calls)
+
+
+# --- the launches ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def slurm_installed():
+    # Session scope, and first in each launch test's arguments, so that a skip comes before
+    # the session's other fixtures (the tiny checkpoint) are built.
+    reason = slurm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm_installed, tmp_path_factory):
+    with slurm_cluster.slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+def job_env(cluster_env: dict[str, str], **extra: str) -> dict[str, str]:
+    """What a job sees (sbatch and srun export the submitter's environment): this
+    interpreter's bin dir first on PATH, and no torchrun variables to shadow Slurm's."""
+    env = {k: v for k, v in cluster_env.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def fast_run_args(inputs: Path, run_dir: Path) -> list[str]:
+    # Checkpoints and the HF export are the loop tests' business; here they only cost time.
+    return base_args(inputs, run_dir, ROUNDS) + ["checkpoint.save_every_n_rounds=0",
+                                                 "checkpoint.export_hf=false"]
+
+
+def wait_for_job(job_id: str, env: dict[str, str], timeout: float) -> dict[str, str]:
+    """Poll until the job leaves the queue; return its ``scontrol show job`` fields."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True,
+                         text=True).stdout.strip():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], env=env)
+            pytest.fail(f"job {job_id} still queued or running after {timeout} s")
+        time.sleep(0.2)
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", shown))
+
+
+@pytest.mark.slow
+def test_sbatch_example_trains_to_completion(slurm_installed, cluster, tiny_run_inputs, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("parallel:\n  tensor_parallel: 2\n")
+    run_dir = tmp_path / "run"
+    env = job_env(cluster, GPUS_PER_NODE="2", MASTER_PORT=str(slurm_cluster.free_port()))
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", f"--chdir={tmp_path}",
+         f"--output={tmp_path}/sept-%j.out", str(SBATCH_SCRIPT), str(config),
+         *fast_run_args(tiny_run_inputs, run_dir)],
+        env=env, capture_output=True, text=True, timeout=30)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    job = wait_for_job(job_id, env, JOB_TIMEOUT_S)
+    output = (tmp_path / f"sept-{job_id}.out").read_text(errors="replace")
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output[-4000:]
+    assert [m["round"] for m in read_metrics(run_dir)] == list(range(1, ROUNDS + 1))
+
+
+@pytest.mark.slow
+def test_bare_srun_ranks_come_from_slurm(slurm_installed, cluster, tiny_run_inputs, tmp_path):
+    env = job_env(cluster, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(slurm_cluster.free_port()))
+    srun = ["srun", "--ntasks=2", "--kill-on-bad-exit=1", f"--chdir={tmp_path}"]
+    run_dir = tmp_path / "run"
+    # No RANK/WORLD_SIZE in the environment (job_env), and TP=2 needs a world of two: finishing
+    # proves launch_env read SLURM_PROCID/SLURM_NTASKS and both ranks joined one process group.
+    trained = subprocess.run(
+        [*srun, sys.executable, "-m", "sept_megatron.cli", "train",
+         *fast_run_args(tiny_run_inputs, run_dir), "parallel.tensor_parallel=2"],
+        env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
+    assert [m["round"] for m in read_metrics(run_dir)] == list(range(1, ROUNDS + 1))
+
