@@ -1,0 +1,125 @@
+"""Weight-sync exactness at TP=2, PP=2 and DP=2 in one 2-process launch (test_weight_sync.py).
+
+    torchrun --nproc-per-node=2 tests/reshard/_worker.py HF_ROOT OUT_DIR SMALL_BYTES LARGE_BYTES
+
+For each HF checkpoint under HF_ROOT and each layout: Megatron loads it, its live weights are
+perturbed (consistently across ranks: noise is drawn per full tensor from the tensor's name,
+then sharded, so replicated norms stay equal on every TP rank and a tied output layer on the
+last stage stays equal to the embedding), and ``sync_weights`` pushes them into an
+``HFRolloutEngine`` on rank 0 that started from the unperturbed checkpoint. Rank 0 records the
+Megatron and engine logits (before and after the sync) and the HF tensors streamed at two
+bucket sizes, in ``OUT_DIR/<model>-<layout>.pt`` and ``OUT_DIR/results.json``.
+"""
+
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sept_megatron import distributed
+from sept_megatron import model as mdl
+from sept_megatron.convert import HFTensorReader, load_hf_into_model
+from sept_megatron.convert.adapters import (
+    Kind, adapter_for, canonical_name, rule_index, tp_shard)
+from sept_megatron.convert.hf_import import layer_offset
+from sept_megatron.convert.workflows import forward_logits
+from sept_megatron.reshard import stream_hf_buckets, sync_weights
+from sept_megatron.rollout.hf import HFRolloutEngine
+
+LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # with 2 processes: TP=2, PP=2, DP=2
+
+
+def perturb_(model, seed: int) -> None:
+    """Add noise to every live parameter, identical to what a TP=1 model would get."""
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    index = rule_index(adapter_for(model.arch))
+    with torch.no_grad():
+        for chunk in model.chunks:
+            offset = layer_offset(chunk)
+            for live_name, param in chunk.named_parameters():
+                name = canonical_name(live_name, offset)
+                if name == "output_layer.weight" and model.arch.tie_word_embeddings:
+                    name = "embedding.word_embeddings.weight"  # the last stage's tied copy
+                kind = index[name][0].kind
+                full_shape = list(param.shape)
+                if kind is not Kind.REPLICATED:
+                    full_shape[1 if kind is Kind.ROW_PARALLEL else 0] *= tp
+                generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+                noise = torch.randn(full_shape, generator=generator) * 0.05
+                param.add_(tp_shard(kind, noise, tp_rank, tp))
+
+
+def to_rank0(tensor_or_none):
+    """The one non-None value among the ranks (PP: only the last stage has logits)."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, tensor_or_none)
+    return next(x for x in everyone if x is not None)
+
+
+def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tuple[dict, dict]:
+    """Load, perturb, sync into an engine on rank 0; (what rank 0 saves, a JSON summary)."""
+    distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
+    rank = dist.get_rank()
+    arch = mdl.arch_from_hf_config(mdl.load_hf_config(str(hf_dir)))
+    padded = mdl.padded_vocab_size(arch.vocab_size, 128, tp)
+    model = mdl.build_megatron_model(arch, tensor_parallel=tp, pipeline_parallel=pp,
+                                     padded_vocab=padded, transformer_impl="local")
+    reader = HFTensorReader(str(hf_dir))
+    load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
+                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    reader.close()
+    perturb_(model, seed=7)
+    for chunk in model.chunks:
+        chunk.eval()
+
+    engine = None
+    if rank == 0:
+        engine = HFRolloutEngine(
+            model=AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True),
+            tokenizer=AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True),
+            progress=False)
+    tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    record: dict = {}
+    with torch.no_grad():
+        megatron_logits = to_rank0(forward_logits(model, tokens))
+        if rank == 0:
+            record["engine_before"] = engine.model(tokens).logits
+        record["buckets_sent"] = sync_weights(model, engine, small)
+        if rank == 0:
+            record["engine_after"] = engine.model(tokens).logits
+            record["engine_state"] = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    record["megatron"] = megatron_logits
+    # Collective: every rank walks each stream; only rank 0 receives buckets.
+    record["streams"] = streams = {
+        size: [[(name, t.clone()) for name, t in bucket]
+               for bucket in stream_hf_buckets(model, size)]
+        for size in (small, large)}
+    distributed.shutdown(keep_process_group=True)
+    summary = {"buckets_sent": record["buckets_sent"],
+               "bucket_counts": {str(size): len(b) for size, b in streams.items()}}
+    return record, summary
+
+
+def main(hf_root: str, out_dir: str, small: str, large: str) -> None:
+    distributed.initialize(tensor_parallel=1, pipeline_parallel=1)  # the launch's default group
+    distributed.shutdown(keep_process_group=True)
+    out, summaries = Path(out_dir), {}
+    for hf_dir in sorted(d for d in Path(hf_root).iterdir() if d.is_dir()):
+        for tp, pp in LAYOUTS:
+            record, summary = check_layout(hf_dir, tp, pp, int(small), int(large))
+            key = f"{hf_dir.name}-tp{tp}pp{pp}"
+            if dist.get_rank() == 0:
+                torch.save(record, out / f"{key}.pt")
+                summaries[key] = summary
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(summaries, indent=1))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
