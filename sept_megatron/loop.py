@@ -240,7 +240,7 @@ def _build_engine(cfg: Config, tokenizer):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with compat.suspended():
         return build_engine(cfg.rollout.backend, cfg.model.hf_path, device=device, dtype=dtype,
-                            batch_size=cfg.rollout.batch_size, progress=False)
+                            batch_size=cfg.rollout.batch_size, progress=cfg.logging.progress)
 
 
 def _resume(trainer: SFTTrainer, sampler: QuestionSampler, ckpt_dir: str) -> int:

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from mp import free_port
+
 
 pytestmark = pytest.mark.slow
 
 ROUNDS = 3
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def base_args(inputs: Path, run_dir: Path, rounds: int = ROUNDS) -> list[str]:
