@@ -163,10 +163,12 @@ def _targets(report: dict) -> dict:
     """The issue's two checks, computed from this run (one seed)."""
     base, sept = report["baseline"], report["sept"]
     same_t = sept["at_base_best_temperature"]
+    gain = sept["pass@1"] - base["t1"]["pass@1"]
+    fall = base["pass@1"] - same_t["pass@1"]
+    # Means of 0/1 grades: compare in rounded form, so +5.00 points counts as "at least 5".
     return {
-        "mechanism_pass1_gain_at_T1": sept["pass@1"] - base["t1"]["pass@1"],
-        "mechanism_holds": (sept["pass@1"] - base["t1"]["pass@1"] >= 0.05
-                            and base["pass@1"] - same_t["pass@1"] <= 0.02),
+        "mechanism_pass1_gain_at_T1": gain,
+        "mechanism_holds": round(gain, 9) >= 0.05 and round(fall, 9) <= 0.02,
         "paper_claim_avg_T1_vs_best_base": sept["avg"] - base["avg"],
         "paper_claim_holds": sept["avg"] > base["avg"],
     }
