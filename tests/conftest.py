@@ -2,9 +2,21 @@
 
 ``tiny_run_inputs``: a tiny Qwen2 HF checkpoint with the demo tokenizer, and arithmetic
 train/val JSONL files, built once per session (used by ``loop/`` and ``distributed/``).
+``benchmark_dir``: ``../shared/data/benchmarks`` beside the repo; tests using it skip cleanly
+when it is absent (the data is never copied into the repo).
 """
 
+from pathlib import Path
+
 import pytest
+
+
+@pytest.fixture(scope="session")
+def benchmark_dir() -> Path:
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+    if not path.is_dir():
+        pytest.skip(f"shared benchmarks not available at {path}")
+    return path
 
 
 @pytest.fixture(scope="session")

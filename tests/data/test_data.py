@@ -25,14 +25,6 @@ BENCHMARKS = ("aime", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 
 
 @pytest.fixture(scope="module")
-def benchmark_dir() -> Path:
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
-    if not path.is_dir():
-        pytest.skip(f"shared benchmarks not available at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     """A real transformers tokenizer built offline: byte-level, no merges, Qwen-style specials
     and chat template. No BOS, like Qwen's."""

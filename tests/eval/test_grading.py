@@ -21,14 +21,6 @@ SAMPLE_SIZE = 60
 ADVERSARIAL_LIMIT_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def benchmark_dir() -> Path:
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
-    if not path.is_dir():
-        pytest.skip(f"shared benchmarks not available at {path}")
-    return path
-
-
 def ground_truths(benchmark_dir: Path, name: str) -> list[str]:
     import pandas as pd
 

@@ -18,14 +18,6 @@ from sept_megatron.rollout.base import Generation, SamplingParams
 TEMPERATURES = [0.0, 0.6, 1.2]
 
 
-@pytest.fixture(scope="module")
-def benchmark_dir() -> Path:
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
-    if not path.is_dir():
-        pytest.skip(f"shared benchmarks not available at {path}")
-    return path
-
-
 class CharTokenizer:
     """One token per character: prompts decode back to their exact text. No chat template."""
 
