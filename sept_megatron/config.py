@@ -44,12 +44,30 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (only matters when DP > 1)."""
     backend: str = "auto"
     """auto (nccl on GPU, gloo on CPU), nccl, gloo."""
+    device: str = "auto"
+    """Where the trainer computes: auto (cuda when a GPU is visible, else cpu), cuda, cpu.
+    ``cpu`` runs megatron-core through the CPU compatibility layer over gloo, also on a GPU
+    machine. The environment variable SEPT_DEVICE, when set, overrides ``auto``."""
 
 
 @dataclass(kw_only=True)
 class RolloutConfig:
     backend: str = "hf"
     """hf (transformers generate; CPU or one GPU) or sglang."""
+    placement: str = "colocated"
+    """colocated (every trainer GPU also hosts a rollout engine rank; engine memory is
+    released while Megatron trains) or disaggregated (SGLang servers on their own GPUs/nodes,
+    addresses in ``server_urls``)."""
+    engine_tp: int = 1
+    """GPUs per rollout engine (the engine's own tensor parallelism, independent of Megatron's
+    TP/PP). Colocated: the world is cut into world_size / engine_tp engines."""
+    mem_fraction_static: float = 0.5
+    """SGLang: fraction of GPU memory for the engine's weights + KV cache."""
+    server_urls: list[str] = field(default_factory=list)
+    """Disaggregated placement: the SGLang servers' base URLs (http://host:port)."""
+    weights: str = "native"
+    """Weights sent to the engine each round: native (the trainer's dtype) or fp8 (128x128
+    blockwise e4m3, quantised during the sync; the engine is started from an FP8 config)."""
     tau_start: float = 0.6
     """Sampling temperature tau_s at the start of training."""
     tau_end: float = 1.0
@@ -99,6 +117,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     tau_train: float = 1.0
     """Training temperature tau_t: logits are divided by it in the loss."""
+    recompute: str = "none"
+    """Activation recomputation (Megatron's own): none, selective (core attention) or full
+    (every transformer layer)."""
     drop_truncated: bool = False
     """Reference behaviour keeps answers that hit max_response_length."""
     measure_round_fit: bool = False
@@ -254,7 +275,11 @@ _CHOICES = {
     "model.fp8": (None, "delayed", "tensorwise", "blockwise"),
     "model.fp8_format": ("e4m3", "hybrid"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.device": ("auto", "cuda", "cpu"),
     "rollout.backend": ("hf", "sglang"),
+    "rollout.placement": ("colocated", "disaggregated"),
+    "rollout.weights": ("native", "fp8"),
+    "train.recompute": ("none", "selective", "full"),
     "rollout.anneal": ("constant", "linear", "cosine"),
     "data.chat_template": ("auto", "qwen-math", "qwen-instruct", "deepseek-math", "plain"),
     "train.mode": ("online", "offline", "coupled"),
@@ -279,7 +304,8 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         err("model.hf_path is not set: point it at an HF checkpoint dir (config + tokenizer)")
     for dotted in ("parallel.tensor_parallel", "parallel.pipeline_parallel", "train.prompts_per_round",
                    "train.mini_batch_size", "train.micro_batch_size", "rollout.n",
-                   "rollout.batch_size", "rollout.bucket_size_mb", "data.max_prompt_length",
+                   "rollout.batch_size", "rollout.bucket_size_mb", "rollout.engine_tp",
+                   "data.max_prompt_length",
                    "data.max_response_length", "model.make_vocab_size_divisible_by"):
         if _get(cfg, dotted) < 1:
             err(f"{dotted}={_get(cfg, dotted)}: must be >= 1")
@@ -291,6 +317,14 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         err(f"rollout.anneal_fraction={r.anneal_fraction}: must be in (0, 1]")
     if not 0 < r.top_p <= 1:
         err(f"rollout.top_p={r.top_p}: must be in (0, 1]")
+    if not 0 < r.mem_fraction_static < 1:
+        err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
+    if r.backend == "hf" and r.engine_tp != 1:
+        err(f"rollout.engine_tp={r.engine_tp}: the hf backend runs one engine per device; set "
+            "rollout.engine_tp=1 or rollout.backend=sglang")
+    if r.placement == "disaggregated" and (r.backend != "sglang" or not r.server_urls):
+        err("rollout.placement=disaggregated needs rollout.backend=sglang and the servers' "
+            "addresses in rollout.server_urls (e.g. rollout.server_urls=[http://node7:30000])")
     if t.lr <= 0 or t.epochs <= 0 or t.grad_clip < 0 or t.warmup_steps < 0:
         err("train.lr and train.epochs must be > 0, train.grad_clip and train.warmup_steps >= 0")
     if m.fp8 and m.transformer_impl == "local":
