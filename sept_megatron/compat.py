@@ -147,15 +147,16 @@ def _check_version() -> None:
         )
 
 
-def enable_cpu_megatron() -> bool:
+def enable_cpu_megatron(force: bool = False) -> bool:
     """Make megatron-core runnable on the CPU; returns True if it did anything.
 
-    Idempotent. A no-op (returns False) when CUDA is available, so GPU runs are untouched.
+    Idempotent. A no-op (returns False) when CUDA is available, so GPU runs are untouched,
+    unless ``force`` (``parallel.device=cpu`` on a GPU machine: CPU-path tests stay on gloo).
     Call before building any Megatron model or process group.
     """
     if _state["enabled"]:
         return True
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     _check_version()
     _patch_torch_cuda()

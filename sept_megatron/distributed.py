@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,24 +43,61 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
         local = int(env.get("SLURM_LOCALID", 0))
     else:
         rank, world, local = 0, 1, 0
-    return LaunchEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"),
-                     env.get("MASTER_PORT", "29500"))
+    port = env.get("MASTER_PORT") or (_free_port() if world == 1 else "29500")
+    return LaunchEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), str(port))
+
+
+def _free_port() -> int:
+    """A world of one needs no agreed port: take one nobody listens on, so two plain runs on
+    one machine (or a test beside a job) never collide on 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def world_size_from_env() -> int:
     return launch_env().world_size
 
 
+DEVICE_ENV = "SEPT_DEVICE"
+"""Overrides ``parallel.device=auto`` (tests set it to ``cpu`` so that CPU-path tests stay on
+CPU/gloo on a GPU machine)."""
+
+
+def resolve_device(setting: str = "auto") -> str:
+    """``parallel.device`` -> ``"cuda"`` or ``"cpu"``; auto follows SEPT_DEVICE, then the GPU."""
+    if setting == "auto":
+        setting = os.environ.get(DEVICE_ENV, "auto") or "auto"
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting not in ("cuda", "cpu"):
+        raise ValueError(f"parallel.device (or ${DEVICE_ENV})={setting!r}: choose auto, cuda or cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("parallel.device=cuda but no CUDA device is visible; use "
+                         "parallel.device=cpu (or auto) on this machine")
+    return setting
+
+
+def compute_device() -> torch.device:
+    """The device this rank's model and collectives use: ``cuda:<local rank>`` on GPU, the CPU
+    under the compatibility layer. Every tensor that meets the model or a collective is made
+    on (or moved to) this device explicitly."""
+    if compat.cpu_megatron_enabled() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def initialize(*, tensor_parallel: int, pipeline_parallel: int,
                virtual_pipeline: int | None = None, seed: int = 1234,
-               backend: str = "auto", timeout_minutes: int = 30) -> LaunchEnv:
+               backend: str = "auto", device: str = "auto",
+               timeout_minutes: int = 30) -> LaunchEnv:
     """Create the default process group and Megatron's TP/PP/DP groups; seed every RNG."""
     from megatron.core import parallel_state
 
     env = launch_env()
-    on_gpu = torch.cuda.is_available()
+    on_gpu = resolve_device(device) == "cuda"
     if not on_gpu:
-        compat.enable_cpu_megatron()
+        compat.enable_cpu_megatron(force=True)
     if backend == "auto":
         backend = "nccl" if on_gpu else "gloo"
     if on_gpu:

@@ -65,7 +65,8 @@ def run(cfg: Config) -> dict[str, float]:
     arch, questions = check_config(cfg)
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
-        virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend)
+        virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend,
+        device=cfg.parallel.device)
     setup_console_logging(env.rank)
     logger = build_logger(cfg.logging, cfg.to_dict(), env.rank)
     try:

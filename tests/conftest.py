@@ -4,11 +4,18 @@
 train/val JSONL files, built once per session (used by ``loop/`` and ``distributed/``).
 ``benchmark_dir``: ``../shared/data/benchmarks`` beside the repo; tests using it skip cleanly
 when it is absent (the data is never copied into the repo).
+
+The suite runs with ``SEPT_DEVICE=cpu`` (inherited by every process it launches).
 """
 
+import os
 from pathlib import Path
 
 import pytest
+
+# CPU-path tests stay on CPU/gloo even on a GPU machine; gpu-marked tests ask for CUDA
+# explicitly (SEPT_DEVICE=cuda in the environment of the processes they launch).
+os.environ.setdefault("SEPT_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
