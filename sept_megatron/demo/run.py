@@ -60,14 +60,17 @@ class DemoRecipe:
     anneal_fraction) are the winner of ``sept-megatron demo --search`` on the validation split
     (table in the README); the rest are the evaluation protocol."""
 
-    rounds: int = 24
-    prompts_per_round: int = 64
-    mini_batch_size: int = 32  # prompts_per_round / mini_batch_size optimizer steps per round
+    # Schedule: candidate c01 of the search (runs/demo-search/search.md, README), chosen on
+    # validation; the original a-priori schedule was 24 x 64, mini-batch 32, tau_s 0.6 -> 1.0
+    # over 2/3 of the rounds (search.REFERENCE).
+    rounds: int = 48
+    prompts_per_round: int = 128
+    mini_batch_size: int = 64  # prompts_per_round / mini_batch_size optimizer steps per round
     lr: float = 1e-4
     warmup_steps: int = 4
-    tau_start: float = 0.6
+    tau_start: float = 0.3
     tau_end: float = 1.0
-    anneal_fraction: float = 2 / 3
+    anneal_fraction: float = 1.0
     max_response_length: int = 64
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
     eval_samples: int = 32  # n per question: pass@1, pass@8, pass@32 -> AVG
@@ -356,11 +359,15 @@ _SUMMARY_FIELDS = {
 def run_seeds(out_dir: str, seeds: list[int], ablations: bool, recipe: DemoRecipe = DemoRecipe(),
               base_recipe: BaseModelRecipe | None = None, cache_dir: str | None = None,
               wandb_mode: str = "offline") -> dict:
-    """:func:`run_demo` for each seed (``out_dir/seed-S``), then the mean and spread."""
+    """:func:`run_demo` for each seed (``out_dir/seed-S``), then the mean and spread. A seed
+    whose report an earlier invocation finished with the same recipes is reused, not redone
+    (seeds can so also run side by side, e.g. ``--seed 1 --out DIR/seed-1``, then be summarised)."""
     out = Path(out_dir)
     start = time.perf_counter()
-    reports = [run_demo(str(out / f"seed-{s}"), s, ablations, recipe, base_recipe, cache_dir,
-                        wandb_mode) for s in seeds]
+    base_recipe = base_recipe or BaseModelRecipe()
+    reports = [_finished_report(out / f"seed-{s}", s, ablations, recipe, base_recipe)
+               or run_demo(str(out / f"seed-{s}"), s, ablations, recipe, base_recipe, cache_dir,
+                           wandb_mode) for s in seeds]
     summary = summarise_seeds(reports)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -371,6 +378,24 @@ def run_seeds(out_dir: str, seeds: list[int], ablations: bool, recipe: DemoRecip
     _plot(out / "summary.png", mean_curves, None, None, f"test split, mean of {len(seeds)} seeds")
     print("\n" + markdown)
     return summary
+
+
+def _finished_report(run_dir: Path, seed: int, ablations: bool, recipe: DemoRecipe,
+                     base_recipe: BaseModelRecipe) -> dict | None:
+    path = run_dir / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    same = (report["seed"] == seed and report["recipe"] == _as_json(asdict(recipe))
+            and report["base_recipe"] == _as_json(asdict(base_recipe)))
+    if same and (not ablations or "offline" in report):
+        print(f"seed {seed}: reusing the finished {path}", flush=True)
+        return report
+    return None
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))  # tuples become lists, as in a stored report
 
 
 def summarise_seeds(reports: list[dict]) -> dict:

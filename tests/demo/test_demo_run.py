@@ -115,3 +115,21 @@ def test_recipe_is_checked_before_any_work():
         DemoRecipe(prompts_per_round=64, mini_batch_size=48).validate()
     with pytest.raises(ValueError, match="temperatures"):
         DemoRecipe(temperatures=(0.0, 0.6)).validate()
+
+
+def test_a_finished_seed_is_reused_only_with_the_same_recipes(tmp_path):
+    from dataclasses import asdict, replace
+
+    from sept_megatron.demo.base_model import BaseModelRecipe
+    from sept_megatron.demo.run import _finished_report
+
+    recipe, base = DemoRecipe(), BaseModelRecipe()
+    run = tmp_path / "seed-3"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"seed": 3, "recipe": asdict(recipe),
+                                                 "base_recipe": asdict(base)}))
+    assert _finished_report(run, 3, False, recipe, base)["seed"] == 3
+    assert _finished_report(run, 3, True, recipe, base) is None  # asked for ablations it lacks
+    assert _finished_report(run, 3, False, replace(recipe, lr=2e-4), base) is None
+    assert _finished_report(run, 3, False, recipe, replace(base, seed=base.seed + 1)) is None
+    assert _finished_report(tmp_path / "seed-4", 4, False, recipe, base) is None

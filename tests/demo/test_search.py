@@ -73,6 +73,7 @@ def test_choice_is_the_best_confirmed_score_among_schedules_whose_mechanism_hold
 
 TOY_SEARCH = '''
 import sys
+from pathlib import Path
 import sept_megatron.data as data
 
 _load = data.load_questions
@@ -98,6 +99,11 @@ if __name__ == "__main__":
     budget = SearchBudget(candidates=1, max_answers=32, stage1_questions=8, top=2,
                           stage2_seeds=(7, 8), seed=7)
     run_search(out, space, budget, template, base, cache_dir=cache, jobs=2, progress=False)
+    if len(sys.argv) > 3:  # resume: redo the run named there as if it had been killed mid-way
+        run = Path(sys.argv[3])
+        (run / "DONE").unlink()
+        (run / "sept" / "metrics.jsonl").write_text('{"round": 99}\\n')
+        run_search(out, space, budget, template, base, cache_dir=cache, jobs=1, progress=False)
 '''
 
 
@@ -130,3 +136,13 @@ def test_toy_search_writes_the_table_and_follows_the_validation_score(tmp_path):
     assert chosen["lr"] == best["schedule"]["lr"] and chosen["rounds"] == best["schedule"]["rounds"]
     # Each schedule went through the real train path: Megatron checkpoint + HF export.
     assert len(list((out / "runs").glob("*/seed-8/sept/checkpoints/latest"))) == 2
+    # Resume: finished runs and cells are reused; an unfinished run is redone from scratch.
+    reference_run = out / "runs" / rows[0]["run_key"] / "seed-7"
+    (reference_run / "sweep_stage1" / "stale").write_text("from the killed run")
+    run_python(str(script), str(out), str(tmp_path / "cache"), str(reference_run), timeout=1500)
+    assert (reference_run / "DONE").exists() and not (reference_run / "sweep_stage1" / "stale").exists()
+    rounds = [json.loads(line)["round"] for line in (reference_run / "sept" / "metrics.jsonl").open()]
+    assert rounds == [1]  # the reference schedule's one round, once; the killed run's log is gone
+    resumed = json.loads((out / "search.json").read_text())
+    assert [r["name"] for r in resumed["rows"]] == ["c00", "c01"]
+    assert resumed["rows"][1]["stage2"] == rows[1]["stage2"]  # untouched run: reused as it was
