@@ -4,6 +4,7 @@
     sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
     sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
+    sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
 process group, model or accelerator is touched.
@@ -18,6 +19,9 @@ import yaml
 
 
 def _train(argv: list[str]) -> int:
+    from sept_megatron import preemption
+
+    preemption.install()  # first: a SIGUSR1 during the slow imports must not end the rank
     from sept_megatron.config import load_config
     from sept_megatron.loop import run
 
@@ -26,7 +30,11 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
     args = parser.parse_args(argv)
-    run(load_config(args.config, args.overrides))
+    try:
+        run(load_config(args.config, args.overrides))
+    except preemption.Preempted as stopped:
+        print(f"sept-megatron train: {stopped}", file=sys.stderr)
+        return preemption.EXIT_PREEMPTED
     return 0
 
 
@@ -53,7 +61,13 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "config": _show_config}
+def _plan(argv: list[str]) -> int:
+    from sept_megatron.plan import main as plan_main
+
+    return plan_main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "config": _show_config, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,14 @@ class ParallelConfig:
     """Where the trainer computes: auto (cuda when a GPU is visible, else cpu), cuda, cpu.
     ``cpu`` runs megatron-core through the CPU compatibility layer over gloo, also on a GPU
     machine. The environment variable SEPT_DEVICE, when set, overrides ``auto``."""
+    gpu_mem_gb: float | None = None
+    """Memory per GPU (GiB) the layout must fit: ``train`` runs the planner (``sept-megatron
+    plan``) before loading weights and refuses a layout that cannot fit. null: the CUDA
+    device's own memory; on CPU, null skips the check (there is no GPU memory to compare)."""
+    timeout_minutes: float = 30.0
+    """Collective timeout of every process group: a rank waiting on a dead or hung peer fails
+    after this long instead of hanging. Must exceed the longest wait of one rank on another
+    (generation on the engine rank, checkpoint save, the final HF export on rank 0)."""
 
 
 @dataclass(kw_only=True)
@@ -317,6 +325,11 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         err(f"rollout.anneal_fraction={r.anneal_fraction}: must be in (0, 1]")
     if not 0 < r.top_p <= 1:
         err(f"rollout.top_p={r.top_p}: must be in (0, 1]")
+    if p.gpu_mem_gb is not None and p.gpu_mem_gb <= 0:
+        err(f"parallel.gpu_mem_gb={p.gpu_mem_gb}: must be > 0 GiB, or null (the device's own)")
+    if not p.timeout_minutes > 0:
+        err(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
+            "may wait before the job fails)")
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
     if r.backend == "hf" and r.engine_tp != 1:

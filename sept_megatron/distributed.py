@@ -90,8 +90,11 @@ def compute_device() -> torch.device:
 def initialize(*, tensor_parallel: int, pipeline_parallel: int,
                virtual_pipeline: int | None = None, seed: int = 1234,
                backend: str = "auto", device: str = "auto",
-               timeout_minutes: int = 30) -> LaunchEnv:
-    """Create the default process group and Megatron's TP/PP/DP groups; seed every RNG."""
+               timeout_minutes: float = 30) -> LaunchEnv:
+    """Create the default process group and Megatron's TP/PP/DP groups; seed every RNG.
+
+    ``timeout_minutes`` bounds every collective of every group: a rank whose peer died or hung
+    raises (gloo) or is aborted by the NCCL watchdog after that long, instead of hanging."""
     from megatron.core import parallel_state
 
     env = launch_env()
@@ -112,6 +115,7 @@ def initialize(*, tensor_parallel: int, pipeline_parallel: int,
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_pipeline,
+            distributed_timeout_minutes=timeout_minutes,  # TP/PP/DP groups fail in time too
         )
     set_seed(seed)
     log.info("rank %d/%d: TP=%d PP=%d DP=%d backend=%s", env.rank, env.world_size, tensor_parallel,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sept_megatron import checkpoint as ckpt_io
-from sept_megatron import compat, distributed
+from sept_megatron import compat, distributed, plan, preemption
 from sept_megatron import model as mdl
 from sept_megatron.config import Config, RolloutConfig, ConfigError, validate
 from sept_megatron.data import Question, QuestionSampler, filter_by_prompt_length, load_questions, render_prompts
@@ -66,7 +66,7 @@ def run(cfg: Config) -> dict[str, float]:
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
         virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend,
-        device=cfg.parallel.device)
+        device=cfg.parallel.device, timeout_minutes=cfg.parallel.timeout_minutes)
     setup_console_logging(env.rank)
     logger = build_logger(cfg.logging, cfg.to_dict(), env.rank)
     try:
@@ -100,6 +100,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     offline_answers = _offline_answers(cfg, engine, bank, prompt_ids, tokenizer) \
         if cfg.train.mode == "offline" else None
 
+    stop = preemption.install()
     metrics: dict[str, float] = {}
     bar = logger.progress(rounds, start, "SePT rounds")
     for round_index in range(start, rounds):
@@ -124,12 +125,20 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         metrics = round_metrics(step_logs, batch, timings, tau_s, round_index, rounds)
         metrics |= _maybe_validate(cfg, engine, tokenizer, round_index)
         with _timer(timings, "checkpoint"):
-            _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch)
+            saved = _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch)
         metrics["timing/checkpoint"] = timings["checkpoint"]
         logger.log(metrics, step=round_index + 1)
         logger.save_samples(round_index + 1, batch.rows)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tau=f"{tau_s:.2f}")
+        # Preemption (SIGUSR1 before the time limit, see preemption.py): all ranks agree, this
+        # round gets its checkpoint, and the requeued job resumes after it.
+        if round_index + 1 < rounds and stop.agreed():
+            if not saved:
+                _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch,
+                                  force=True)
+            bar.close()
+            raise preemption.Preempted(round_index + 1)
     bar.close()
     if cfg.checkpoint.export_hf and env.rank == 0 and ckpt_io.latest_checkpoint(ckpt_root):
         _export_final(ckpt_root, cfg.logging.run_dir)
@@ -148,6 +157,8 @@ def check_config(cfg: Config) -> tuple[mdl.ModelArch, list[Question]]:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.hf_path={cfg.model.hf_path!r}: {exc}") from None
     validate(cfg, world, arch)
+    if arch is not None:
+        plan.check_fits(cfg, arch, world)  # the planner's memory check; no weights loaded yet
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give one or more parquet/JSONL files")
     questions: list[Question] = []
@@ -379,10 +390,11 @@ def _maybe_validate(cfg: Config, engine, tokenizer, round_index: int) -> dict[st
 
 
 def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: int,
-                      rounds: int, ckpt_root: str, arch) -> None:
+                      rounds: int, ckpt_root: str, arch, force: bool = False) -> bool:
+    """Checkpoint when the schedule (or ``force``) says so; True when one was written."""
     every = cfg.checkpoint.save_every_n_rounds
-    if rounds_done != rounds and (not every or rounds_done % every):
-        return
+    if not force and rounds_done != rounds and (not every or rounds_done % every):
+        return False
     meta = ckpt_io.CheckpointMeta(
         arch, trainer.model.padded_vocab, ckpt_io.torch_dtype_name(trainer.model.config.params_dtype),
         cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
@@ -392,6 +404,7 @@ def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: in
     ckpt_io.save_checkpoint(ckpt_root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer),
                             meta, cfg.model.hf_path)
     ckpt_io.prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+    return True
 
 
 def _export_final(ckpt_root: str, run_dir: str) -> None:
