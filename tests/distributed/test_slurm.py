@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import slurm_cluster
@@ -229,3 +230,36 @@ def test_bare_srun_ranks_come_from_slurm(slurm_installed, cluster, tiny_run_inpu
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
     assert [m["round"] for m in read_metrics(run_dir)] == list(range(1, ROUNDS + 1))
 
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_without_requeue(slurm_installed, cluster, tiny_run_inputs,
+                                                  tmp_path):
+    run_dir = tmp_path / "run"
+    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()))
+    endless = fast_run_args(tiny_run_inputs, run_dir) + ["train.rounds=1000"]
+    job_id = submit(env, tmp_path, tp2_config(tmp_path), endless)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists()
+             and (run_dir / "metrics.jsonl").read_text().strip(), JOB_TIMEOUT_S, "round 1")
+    ranks = job_ranks(run_dir)
+    assert sorted(ranks) == [0, 1], ranks
+    ranks[1].kill()
+    killed_at = time.monotonic()
+    job = wait_for_job(job_id, env, 120)
+    elapsed = time.monotonic() - killed_at
+    output = (tmp_path / f"sept-{job_id}.out").read_text(errors="replace")
+    # srun --kill-on-bad-exit ended rank 0; a crash without a stop request is not requeued.
+    assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", output[-3000:]
+    assert job["Restarts"] == "0" and "requeueing" not in output, output[-3000:]
+    assert not psutil.wait_procs(list(ranks.values()), timeout=5)[1]
+    assert elapsed < 60, elapsed
+
+
+def job_ranks(run_dir: Path) -> dict[int, "psutil.Process"]:
+    """This test's rank processes, by their unique run dir on the command line (only ours)."""
+    ranks = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if f"logging.run_dir={run_dir}" in cmdline and "sept_megatron.cli" in cmdline:
+            ranks[int(proc.environ()["SLURM_PROCID"])] = proc
+    return ranks
