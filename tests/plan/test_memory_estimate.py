@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import transformers
 
 from mp import run_python
@@ -80,8 +79,7 @@ def test_estimate_matches_the_measured_cpu_peak(tmp_path, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_estimate_matches_the_measured_gpu_peak_at_1_3b(tmp_path):
+def test_estimate_matches_the_measured_gpu_peak_at_1_3b(tmp_path, gpu_env):
     # The 1.31B shape of the GPU-path notes (Qwen2, hidden 1536, 28 layers, 12 / 2 heads, FFN
     # 8960, tied, 1024-piece tokenizer), bf16, micro-batch 4 x 1024 tokens; Transformer Engine
     # when installed, else the local spec.
@@ -91,12 +89,13 @@ def test_estimate_matches_the_measured_gpu_peak_at_1_3b(tmp_path):
         hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
         intermediate_size=8960, vocab_size=1024, max_position_embeddings=4096,
         tie_word_embeddings=True)
+    device = gpu_env["SEPT_DEVICE"]
     impl = "transformer_engine" if use_transformer_engine("auto") else "local"
-    measured = measure(tmp_path, hf_config, "bfloat16", 4, 512, 512, device="cuda",
-                       transformer_impl=impl, env={"SEPT_DEVICE": "cuda"})
-    estimated = estimate_training_bytes(tmp_path / "hf", "bfloat16", 4, 512, 512, on_gpu=True,
-                                        transformer_impl=impl)
-    print(f"1.31B on {torch.cuda.get_device_name()} ({impl}): estimated "
+    measured = measure(tmp_path, hf_config, "bfloat16", 4, 512, 512, device=device,
+                       transformer_impl=impl, env=gpu_env)
+    estimated = estimate_training_bytes(tmp_path / "hf", "bfloat16", 4, 512, 512,
+                                        on_gpu=device == "cuda", transformer_impl=impl)
+    print(f"1.31B on {device} ({impl}): estimated "
           f"{estimated / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB, "
           f"ratio {estimated / measured:.3f}")
     assert abs(estimated / measured - 1) <= GPU_TOLERANCE, (estimated, measured)
