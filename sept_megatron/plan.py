@@ -505,7 +505,7 @@ def check_fits(cfg: Config, arch, world: int) -> Estimate | None:
     check is skipped (returns None)."""
     import torch
 
-    from sept_megatron.distributed import resolve_device
+    from sept_megatron.distributed import launch_env, resolve_device
     from sept_megatron.model import use_transformer_engine
 
     on_gpu = resolve_device(cfg.parallel.device) == "cuda"
@@ -513,7 +513,7 @@ def check_fits(cfg: Config, arch, world: int) -> Estimate | None:
     if gpu_mem is None:
         if not on_gpu:
             return None
-        gpu_mem = torch.cuda.get_device_properties(0).total_memory / GIB
+        gpu_mem = torch.cuda.get_device_properties(launch_env().local_rank).total_memory / GIB
     per_node = _gpus_per_node(world)
     hardware = Hardware(world // per_node, per_node, gpu_mem)
     kernels = resolve_kernels(cfg, arch, on_gpu=on_gpu,
@@ -569,7 +569,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--gpu-mem-gb", type=float, required=True,
-                        help="memory per GPU in GiB (80 for an H100 80GB)")
+                        help="memory per GPU in GiB (an H100 80GB has 79.6; train's own check "
+                             "uses the device's figure)")
     parser.add_argument("--hf-config", help="config.json (or its dir) to use instead of "
                         "model.hf_path's: plan without the weights")
     parser.add_argument("--reserve-gb", type=float, default=DEFAULT_RESERVE_GIB,
