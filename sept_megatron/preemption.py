@@ -42,10 +42,13 @@ class StopRequest:
         self.received = False
 
     def _handle(self, signum, frame) -> None:
-        if not self.received:
-            log.warning("%s received: stopping after this round with a checkpoint",
-                        signal.Signals(signum).name)
+        log.warning("%s received: stopping after this round with a checkpoint",
+                    signal.Signals(signum).name)
         self.received = True
+        # Asked once is enough. Ignoring repeats (the batch script repeats the request for
+        # ranks still starting up) also covers interpreter shutdown, where Python puts back the
+        # default action of handled signals, which for SIGUSR1 is to end the process.
+        signal.signal(signum, signal.SIG_IGN)
 
     def agreed(self) -> bool:
         """Collective over the default group: True on every rank if any rank got the signal."""

@@ -3,8 +3,10 @@
 
 - ``examples/sept.sbatch`` (srun, one task per rank) to completion;
 - the same job told to stop (USR1 to the batch shell, as ``--signal=B:USR1@300`` does before the
-  time limit): it checkpoints after the round, requeues itself and the requeued job resumes
-  with the same prompts as the uninterrupted run;
+  time limit) at a known moment: it checkpoints after the round, requeues itself and the
+  requeued job finishes with the same prompts as the uninterrupted run;
+- an endless job under a real 2-minute time limit, where Slurm's own timer sends the signal:
+  stop, checkpoint, requeue, resume;
 - a bare ``srun --ntasks=2`` (ranks from SLURM_PROCID/SLURM_NTASKS, no torchrun);
 - a rank killed mid-round under ``srun --kill-on-bad-exit``: every rank ends, non-zero.
 
@@ -206,6 +208,35 @@ def test_stop_signal_checkpoints_requeues_and_resumes(sbatch_run, cluster, tiny_
     reference_dir = sbatch_run[0]
     for r in range(1, ROUNDS + 1):
         assert round_prompts(run_dir, r) == round_prompts(reference_dir, r)
+
+
+@pytest.mark.slow
+def test_time_limit_signal_stops_requeues_and_resumes(slurm_installed, cluster, tiny_run_inputs,
+                                                      tmp_path):
+    # Slurm's own timer this time: a 2-minute limit with the stop signal asked for 120 s before
+    # it, so it is due at once and Slurm (which checks every 30 s) sends it to the batch shell
+    # within the first half minute, maybe before the ranks are up (the script repeats it). The
+    # run is endless: only the signal can end the first job.
+    run_dir = tmp_path / "run"
+    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()))
+    endless = fast_run_args(tiny_run_inputs, run_dir) + ["train.rounds=100000"]
+    job_id = submit(env, tmp_path, tp2_config(tmp_path), endless, "--time=2",
+                    "--signal=B:USR1@120")
+    out_file = tmp_path / f"sept-{job_id}.out"
+    wait_for(lambda: out_file.exists() and "resumed from" in out_file.read_text(errors="replace"),
+             JOB_TIMEOUT_S, "the requeued job resuming")
+    restarts = job_fields(job_id, env)["Restarts"]
+    subprocess.run(["scancel", job_id], env=env, check=True)  # the resumed job would run on
+    output = out_file.read_text(errors="replace")
+    stopped = re.search(r"stopped after round (\d+) on SIGUSR1", output)
+    assert stopped and "USR1: asking the ranks to stop" in output, output[-4000:]
+    assert restarts == "1" and f"at round {stopped.group(1)}" in output, output[-4000:]
+
+
+def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", shown))
 
 
 def wait_for(ready, timeout: float, what: str) -> None:
