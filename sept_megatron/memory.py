@@ -36,7 +36,6 @@ class Kernels:
         return f"{dtype} params/activations, {layers}, {attention}" + (", FP8 GEMMs" if self.fp8 else "")
 
 
-
 # --- parameters ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ParamCounts:
