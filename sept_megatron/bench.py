@@ -21,12 +21,13 @@ Benchmarks (``--only`` selects; they always run in this order):
 - ``sync``: :func:`~sept_megatron.reshard.sync_weights` into a real engine at TP=``--sync-tp``
   vs one same-device copy of the same number of bytes (``ratio_to_copy`` = copy time / sync
   time). With TP > 1 the bench launches itself under ``torchrun --nproc-per-node=TP`` (gloo on
-  CPU, NCCL on GPUs); run the bench itself as a plain process. ``profile`` lists the torch ops
-  that took the time on rank 0 (one extra, profiled sync).
+  CPU, NCCL on GPUs); run the bench itself as a plain process. ``ratio_to_tensor_copy``
+  compares with the engine loading the same tensors from same-device copies (the receiving
+  side alone); ``profile`` shows where rank 0's time goes (cProfile of one extra sync).
 - ``checkpoint``: seconds one training checkpoint blocks training, foreground save vs
   ``checkpoint.async_save`` (:class:`~sept_megatron.checkpoint.CheckpointSaver`).
 - ``round``: real SePT rounds through :func:`sept_megatron.loop.run` (a checkpoint every
-  round); the seconds of generate / train / sync / checkpoint per round and ``other_share``,
+  round, in the background with ``--async-checkpoint true``); the seconds of generate / train / sync / checkpoint per round and ``other_share``,
   the share of the round's wall time that is none of those (see :func:`round_shares`).
 
 Shapes: ``tiny`` (CPU; a random-init Qwen2, hidden 128, 4 layers, the demo tokenizer) and
@@ -43,6 +44,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -132,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch", type=int, help="prompts per generate call (engine, round)")
     p.add_argument("--gen-new-tokens", type=int, help="new tokens per answer (engine, round)")
     p.add_argument("--round-prompts", type=int, help="prompts per SePT round")
-    p.add_argument("--async-checkpoint", default="true",
-                   help="checkpoint.async_save in the round benchmark: true or false")
+    p.add_argument("--async-checkpoint", default="false",
+                   help="checkpoint.async_save in the round benchmark: true or false "
+                   "(default false, the config's default)")
     p.add_argument("--no-max-micro-batch", action="store_true",
                    help="skip the GPU search for the largest micro-batch that fits")
     p.add_argument("--work-dir", help="keep the generated model, data and runs here "
@@ -278,6 +281,7 @@ def _build_hf_model(shape: Shape, hf_dir: str, problems, device: str) -> None:
         model = transformers.Qwen2ForCausalLM(config).to(dtype)
     model.save_pretrained(hf_dir)
     del model
+    _free_memory()
 
 
 def _arch(hf_dir: str):
@@ -832,19 +836,24 @@ def bench_checkpoint(opts: BenchOptions, inputs: Inputs) -> dict:
                                   ckpt_io.torch_dtype_name(trainer.model.config.params_dtype), 1, 1,
                                   train_state={"round": 0})
     root = os.path.join(inputs.work_dir, "checkpoint_bench")
-    savers = {mode: ckpt_io.CheckpointSaver(async_save=mode == "async", keep_last=1)
+    savers = {mode: ckpt_io.CheckpointSaver(async_save=mode == "async", keep_last=0)
               for mode in ("sync", "async")}
 
     def save(mode: str, index: int) -> tuple[float, float]:
-        """(seconds the save call blocked, seconds until the background write was published)"""
-        blocked = savers[mode].save(os.path.join(root, mode), f"round_{index:06d}",
+        """(seconds the save call blocked, seconds until the background write was published);
+        the checkpoint is deleted afterwards (at 1.5b each one is ~18 GB)."""
+        blocked = savers[mode].save(root, f"round_{index:06d}",
                                     trainer_sharded_state_dict(trainer), meta, inputs.hf_dir)
         start = time.perf_counter()
         savers[mode].finish()
-        return blocked, time.perf_counter() - start
+        published = time.perf_counter() - start
+        sizes.append(sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()))
+        shutil.rmtree(root)
+        return blocked, published
 
     # The first save of a process pays one-time set-up (dist_checkpointing imports and
     # plans) whatever the mode: measured apart, then the two modes alternate.
+    sizes: list[int] = []
     first_save_s = sum(save("sync", 0))
     times: dict[str, list[tuple[float, float]]] = {"sync": [], "async": []}
     for index in range(1, opts.repeats + 1):
@@ -852,13 +861,12 @@ def bench_checkpoint(opts: BenchOptions, inputs: Inputs) -> dict:
             times[mode].append(save(mode, index))
             _progress(f"checkpoint: {mode} save {index}: blocked {times[mode][-1][0]:.3f} s"
                       + (f", then written in {times[mode][-1][1]:.3f} s" if mode == "async" else ""))
-    size = sum(f.stat().st_size for f in Path(root, "sync").rglob("*") if f.is_file())
     del trainer
     _free_memory()
     sync_s = statistics.median(t[0] for t in times["sync"])
     async_s = statistics.median(t[0] for t in times["async"])
     return {
-        "bench": "checkpoint", "shape": opts.shape, "bytes_on_disk": size,
+        "bench": "checkpoint", "shape": opts.shape, "bytes_on_disk": max(sizes),
         "repeats": opts.repeats, "first_save_s": first_save_s, "sync_blocking_s": sync_s,
         "async_blocking_s": async_s,
         "async_background_s": statistics.median(t[1] for t in times["async"]),
@@ -916,12 +924,11 @@ def bench_round(opts: BenchOptions, inputs: Inputs) -> dict:
 
     run_dir = os.path.join(inputs.work_dir, "round_run")
     if os.path.isdir(run_dir):
-        import shutil
-
         shutil.rmtree(run_dir)  # a fresh run, not a resume
     _progress(f"round: {opts.rounds} SePT rounds x {opts.round_prompts} prompts")
     run(round_config(opts, inputs, run_dir))
     records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # ~18 GB at 1.5b
     return {"bench": "round", "shape": opts.shape, "device": opts.device, "rounds": len(records),
             "prompts_per_round": opts.round_prompts, "max_new_tokens": opts.gen_new_tokens,
             "async_checkpoint": opts.async_checkpoint, **round_shares(records)}
