@@ -30,6 +30,9 @@ Benchmarks (``--only`` selects; they always run in this order):
   round, in the background with ``--async-checkpoint true``); the seconds of generate / train / sync / checkpoint per round and ``other_share``,
   the share of the round's wall time that is none of those (see :func:`round_shares`).
 
+Every time reported is the best of its timed calls (:func:`best`); ratios divide such times
+taken in the same run, interleaved call by call where both sides fit in memory together.
+
 Shapes: ``tiny`` (CPU; a random-init Qwen2, hidden 128, 4 layers, the demo tokenizer) and
 ``1.5b`` (one GPU; hidden 1536, 28 layers, 12 heads / 2 KV heads, FFN 8960, tied embeddings,
 vocab 1024: 1.31B parameters). Weights are random: speed does not depend on them. Every flag is
@@ -45,7 +48,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, help="training micro-batch (tiny 4, 1.5b 16)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of generate/sync/save")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of generate/sync/save")
     p.add_argument("--sync-tp", type=int, help="tensor parallel size of the sync benchmark "
                    "(CPU default 2, GPU default min(2, visible GPUs))")
     p.add_argument("--rounds", type=int, default=3, help="SePT rounds of the round benchmark")
@@ -330,15 +332,17 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def side_by_side(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
                  device: torch.device, interleave: bool) -> dict[str, list[float]]:
-    """Seconds of each call of each function. ``interleave`` alternates them call by call,
-    so a noisy machine slows both sides alike; otherwise each runs its calls in a block."""
+    """Seconds of each call of each function. ``interleave`` alternates them call by call
+    (in A B B A order, so neither side always goes first), so a noisy machine slows both sides
+    alike; otherwise each runs its calls in a block."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     if interleave:
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
+        for index in range(repeats):
+            order = list(fns.items())
+            for name, fn in order if index % 2 == 0 else reversed(order):
                 times[name].append(_timed(fn, device))
         return times
     for name, fn in fns.items():
@@ -346,6 +350,12 @@ def side_by_side(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: 
             fn()
         times[name] = [_timed(fn, device) for _ in range(repeats)]
     return times
+
+
+def best(times) -> float:
+    """The fastest of the timed calls (timeit's rule): on a shared machine interference only
+    ever adds time, so the minimum is the steadiest estimate of what the code costs."""
+    return min(times)
 
 
 def _ratio(ours_s: float, theirs_s: float) -> float:
@@ -445,8 +455,8 @@ def bench_train(opts: BenchOptions, inputs: Inputs) -> dict:
         "flops_per_token": per_token, "flops_formula": "6*N + 12*L*H*Dh*S (PaLM appendix B)",
         **_throughput("", times["ours"], tokens, per_token, inputs.params),
         **_throughput("transformers_", times["transformers"], tokens, per_token, inputs.params),
-        "ratio_to_transformers": (_ratio(statistics.median(times["ours"]),
-                                         statistics.median(times["transformers"]))
+        "ratio_to_transformers": (_ratio(best(times["ours"]),
+                                         best(times["transformers"]))
                                   if times["ours"] and times["transformers"] else None),
         "peak_memory_gb": peaks["ours"], "transformers_peak_memory_gb": peaks["transformers"],
     }
@@ -465,11 +475,11 @@ def bench_train(opts: BenchOptions, inputs: Inputs) -> dict:
 
 def _throughput(prefix: str, times: list[float] | None, tokens: int, per_token: float,
                 params: int) -> dict:
-    """Step seconds (median), tokens/s and TFLOP/s of one side; nulls and ``oom`` if it did
+    """Step seconds (best of the timed steps), tokens/s and TFLOP/s of one side; nulls and ``oom`` if it did
     not fit."""
     if not times:
         return {f"{prefix}step_s": None, f"{prefix}tokens_per_s": None, f"{prefix}oom": True}
-    step_s = statistics.median(times)
+    step_s = best(times)
     row = {f"{prefix}step_s": step_s, f"{prefix}tokens_per_s": tokens / step_s,
            f"{prefix}tflops": per_token * tokens / step_s / 1e12}
     if not prefix:
@@ -595,7 +605,7 @@ def _fp8_side_by_side(opts: BenchOptions, inputs: Inputs, samples, device) -> di
                                      transformer_impl="transformer_engine", fp8=recipe)
             times = side_by_side({"x": _megatron_step(trainer, samples)}, warmup=opts.warmup,
                                  repeats=opts.steps, device=device, interleave=False)["x"]
-            step_s = statistics.median(times)
+            step_s = best(times)
             rows[label] = {"step_s": step_s, "tokens_per_s": opts.micro_batch * opts.seq_len / step_s}
             del trainer
         except Exception as exc:  # a recipe this GPU / TE version lacks: report, go on
@@ -657,10 +667,23 @@ def bench_engine(opts: BenchOptions, inputs: Inputs) -> dict:
         prompts = _prompts(inputs, engine.tokenizer, opts.gen_batch)
         sampling = SamplingParams(temperature=0.6, top_p=1.0, top_k=-1, n=1, seed=1234,
                                   max_new_tokens=opts.gen_new_tokens)
-        outputs = {}
+        outputs, inside_generate = {}, []
+        model_generate = engine.model.generate
+
+        def timed_generate(*args, **kwargs):  # the transformers call inside our engine
+            start = time.perf_counter()
+            try:
+                return model_generate(*args, **kwargs)
+            finally:
+                inside_generate[-1] += time.perf_counter() - start
 
         def ours():
-            outputs["ours"] = [g[0].token_ids for g in engine.generate(prompts, sampling)]
+            inside_generate.append(0.0)
+            engine.model.generate = timed_generate
+            try:
+                outputs["ours"] = [g[0].token_ids for g in engine.generate(prompts, sampling)]
+            finally:
+                del engine.model.generate  # back to the class's method
 
         def direct():
             rows = _direct_generate(engine.model, engine.tokenizer, prompts, sampling,
@@ -671,7 +694,10 @@ def bench_engine(opts: BenchOptions, inputs: Inputs) -> dict:
                   f"{opts.repeats} repeats")
         times = side_by_side({"direct": direct, "ours": ours}, warmup=1, repeats=opts.repeats,
                              device=device, interleave=True)
-    ours_s, direct_s = statistics.median(times["ours"]), statistics.median(times["direct"])
+    ours_s, direct_s = best(times["ours"]), best(times["direct"])
+    # Our own work per call (batching, padding, EOS cut, decoding): the call's time minus
+    # the time inside model.generate. Unlike the ratio it does not move with the load.
+    overhead_s = best(t - g for t, g in zip(times["ours"], inside_generate[-len(times["ours"]):]))
     new_tokens = sum(map(len, outputs["ours"]))
     return {
         "bench": "engine", "shape": opts.shape, "device": str(device),
@@ -679,8 +705,8 @@ def bench_engine(opts: BenchOptions, inputs: Inputs) -> dict:
         "max_new_tokens": opts.gen_new_tokens, "temperature": sampling.temperature,
         "repeats": opts.repeats, "generate_s": ours_s, "direct_generate_s": direct_s,
         "new_tokens": new_tokens, "tokens_per_s": new_tokens / ours_s,
-        "ratio_to_transformers": ours_s / direct_s,
-        "same_tokens": outputs["ours"] == outputs["direct"],
+        "ratio_to_transformers": ours_s / direct_s, "overhead_s": overhead_s,
+        "overhead_share": overhead_s / ours_s, "same_tokens": outputs["ours"] == outputs["direct"],
     }
 
 
@@ -724,7 +750,6 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
     from sept_megatron import model as mdl
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
     from sept_megatron.reshard import sync_plan, sync_weights
-    from sept_megatron.rollout.hf import HFRolloutEngine
 
     tp = opts.sync_tp
     distributed.initialize(tensor_parallel=tp, pipeline_parallel=1, device=opts.device)
@@ -742,7 +767,9 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
     reader.close()
     engine = None
-    if rank == 0:
+    if rank == 0:  # the engine lives on rank 0 only (other ranks need not import transformers)
+        from sept_megatron.rollout.hf import HFRolloutEngine
+
         with compat.suspended():
             engine = HFRolloutEngine(hf_dir, device=device, dtype=params_dtype, progress=False)
     bucket_bytes = 512 << 20  # rollout.bucket_size_mb's default
@@ -761,7 +788,7 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
         sync_weights(model, engine, bucket_bytes)
     result = None
     if rank == 0:
-        sync_s = statistics.median(times)
+        sync_s = best(times)
         copy_s, tensor_copy_s = _copy_baselines(engine, arch, nbytes, device, opts.repeats)
         result = {
             "bench": "sync", "shape": opts.shape, "device": str(device),
@@ -791,7 +818,7 @@ def _copy_baselines(engine, arch, nbytes: int, device, repeats: int) -> tuple[fl
     times = side_by_side({"copy": lambda: dst.copy_(src),
                           "tensors": lambda: engine.update_weights([tensors])},
                          warmup=1, repeats=repeats, device=device, interleave=True)
-    return statistics.median(times["copy"]), statistics.median(times["tensors"])
+    return best(times["copy"]), best(times["tensors"])
 
 
 def _profile_sync(one_sync: Callable[[], object], top: int = 10) -> dict:
@@ -863,13 +890,13 @@ def bench_checkpoint(opts: BenchOptions, inputs: Inputs) -> dict:
                       + (f", then written in {times[mode][-1][1]:.3f} s" if mode == "async" else ""))
     del trainer
     _free_memory()
-    sync_s = statistics.median(t[0] for t in times["sync"])
-    async_s = statistics.median(t[0] for t in times["async"])
+    sync_s = best(t[0] for t in times["sync"])
+    async_s = best(t[0] for t in times["async"])
     return {
         "bench": "checkpoint", "shape": opts.shape, "bytes_on_disk": max(sizes),
         "repeats": opts.repeats, "first_save_s": first_save_s, "sync_blocking_s": sync_s,
         "async_blocking_s": async_s,
-        "async_background_s": statistics.median(t[1] for t in times["async"]),
+        "async_background_s": best(t[1] for t in times["async"]),
         "ratio_async_to_sync": async_s / sync_s,
     }
 

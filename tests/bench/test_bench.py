@@ -64,6 +64,8 @@ def test_engine_line(results):
     _positive(r, "generate_s", "direct_generate_s", "tokens_per_s", "ratio_to_transformers")
     assert r["ratio_to_transformers"] == pytest.approx(r["generate_s"] / r["direct_generate_s"])
     assert r["same_tokens"] is True  # same settings and seed: the same answers
+    assert 0 < r["overhead_s"] < r["generate_s"]
+    assert r["overhead_share"] == pytest.approx(r["overhead_s"] / r["generate_s"])
     assert r["prompts"] == 8 and 0 < r["new_tokens"] <= 8 * 8
 
 
