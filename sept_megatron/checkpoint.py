@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -240,11 +241,32 @@ def prune_checkpoints(root: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
 
 
-def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
-    """Load tensors (any TP/PP layout) into the given sharded state dict."""
-    from megatron.core import dist_checkpointing
+# Transformer Engine modules keep FP8 scaling state (recipe, amax history, scales) in
+# ``_extra_state``; Megatron saves it as a ShardedObject beside the weights, so an FP8 run
+# resumes with its scaling state. ``_extra_state3`` etc.: TE's grouped GEMMs.
+_EXTRA_STATE_KEY = re.compile(r"_extra_state\d*$")
 
-    return dist_checkpointing.load(sharded_state_dict, os.path.join(ckpt_dir, "model"))
+
+def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
+    """Load tensors (any TP/PP layout) into the given sharded state dict.
+
+    A checkpoint without some ``_extra_state`` objects the model asks for (written with local
+    layers, e.g. by tools/convert_hf_to_megatron.py, and loaded into TE layers: TE's attention
+    has one the local spec lacks) still loads: those modules keep their fresh FP8 state.
+    Anything else missing from the checkpoint is an error naming it.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, absent = dist_checkpointing.load(
+        sharded_state_dict, os.path.join(ckpt_dir, "model"),
+        strict=StrictHandling.RETURN_UNEXPECTED)  # "unexpected": asked for, not in the checkpoint
+    missing = sorted(key for key in absent if not _EXTRA_STATE_KEY.search(key))
+    if missing:
+        raise ValueError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
+                         f"e.g. {missing[:3]}; is it a checkpoint of another model, or one without the "
+                         "optimizer state a resume needs?")
+    return loaded
 
 
 def check_compatible(meta: CheckpointMeta, arch: ModelArch, tensor_parallel: int) -> None:
