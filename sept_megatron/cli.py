@@ -3,6 +3,7 @@
     sept-megatron train --config X.yaml [key=value ...]     # under torchrun / srun for N > 1
     sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
+    sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
     sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
 
@@ -61,13 +62,20 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from sept_megatron.bench import main as bench_main
+
+    return bench_main(argv)
+
+
 def _plan(argv: list[str]) -> int:
     from sept_megatron.plan import main as plan_main
 
     return plan_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "config": _show_config, "plan": _plan}
+COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "bench": _bench,
+            "config": _show_config, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

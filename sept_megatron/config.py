@@ -168,6 +168,12 @@ class CheckpointConfig:
     resume: bool = True
     export_hf: bool = True
     """Write an HF checkpoint of the final model to run_dir/hf_final."""
+    async_save: bool = False
+    """Write training checkpoints in the background (dist_checkpointing's async save): training
+    waits only while the tensors are staged in host memory, a forked process writes them, and
+    the rename + ``latest`` pointer happen once every rank's writer is done (a job killed
+    mid-save resumes from the previous checkpoint). At most one save is in flight; the run
+    waits for it before the next save and at the end."""
 
 
 @dataclass(kw_only=True)

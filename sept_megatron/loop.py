@@ -85,6 +85,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     sampler = QuestionSampler(bank, seed=cfg.data.shuffle_seed)
     ckpt_root = os.path.join(cfg.logging.run_dir, "checkpoints")
     resume_from = ckpt_io.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    saver = ckpt_io.CheckpointSaver(cfg.checkpoint.async_save, cfg.checkpoint.keep_last)
 
     model = build_model(cfg, arch, resume_from)
     trainer = SFTTrainer(model, cfg.train, total_steps=rounds * steps_per_round,
@@ -105,6 +106,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     metrics: dict[str, float] = {}
     bar = logger.progress(rounds, start, "SePT rounds")
     for round_index in range(start, rounds):
+        round_start = time.perf_counter()
         timings = {}
         # 1. Sample questions; the current model answers them at tau_s.
         tau_s = _tau_for_round(cfg, round_index, rounds)
@@ -127,10 +129,14 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         metrics = round_metrics(step_logs, batch, timings, tau_s, round_index, rounds)
         metrics |= _maybe_validate(cfg, engine, tokenizer, round_index)
         with _timer(timings, "checkpoint"):
-            saved = _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch)
+            saved = _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root,
+                                      arch, saver)
         metrics["timing/checkpoint"] = timings["checkpoint"]
-        logger.log(metrics, step=round_index + 1)
         logger.save_samples(round_index + 1, batch.rows)
+        # The whole round up to its log record: what generate/train/sync/checkpoint leave out
+        # (payload, metrics, samples file) is the loop's own overhead.
+        metrics["timing/round"] = time.perf_counter() - round_start
+        logger.log(metrics, step=round_index + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tau=f"{tau_s:.2f}")
         # Preemption (SIGUSR1 before the time limit, see preemption.py): all ranks agree, this
@@ -138,10 +144,12 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         if round_index + 1 < rounds and stop.agreed():
             if not saved:
                 _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch,
-                                  force=True)
+                                  saver, force=True)
+            saver.finish()  # published (renamed, pointer written) before the job may end
             bar.close()
             raise preemption.Preempted(round_index + 1)
     bar.close()
+    saver.finish()  # the last checkpoint is published before anything reads it
     if cfg.checkpoint.export_hf and env.rank == 0 and ckpt_io.latest_checkpoint(ckpt_root):
         _export_final(ckpt_root, cfg.logging.run_dir)
     return metrics
@@ -392,8 +400,10 @@ def _maybe_validate(cfg: Config, engine, tokenizer, round_index: int) -> dict[st
 
 
 def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: int,
-                      rounds: int, ckpt_root: str, arch, force: bool = False) -> bool:
-    """Checkpoint when the schedule (or ``force``) says so; True when one was written."""
+                      rounds: int, ckpt_root: str, arch, saver: ckpt_io.CheckpointSaver,
+                      force: bool = False) -> bool:
+    """Checkpoint when the schedule (or ``force``) says so; True when one was started."""
+    saver.poll()  # publish a finished background save as soon as every rank is done
     every = cfg.checkpoint.save_every_n_rounds
     if not force and rounds_done != rounds and (not every or rounds_done % every):
         return False
@@ -403,9 +413,8 @@ def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: in
         train_state={"round": rounds_done, "sampler": sampler.state_dict(),
                      "scheduler": trainer.scheduler.state_dict()})
     os.makedirs(ckpt_root, exist_ok=True)
-    ckpt_io.save_checkpoint(ckpt_root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer),
-                            meta, cfg.model.hf_path)
-    ckpt_io.prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+    saver.save(ckpt_root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer), meta,
+               cfg.model.hf_path)
     return True
 
 
