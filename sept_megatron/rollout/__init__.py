@@ -24,13 +24,18 @@ def _build_hf(model_path: str | None, **kwargs: Any) -> RolloutEngine:
 def _build_sglang(model_path: str | None, **kwargs: Any) -> RolloutEngine:
     """SGLang is a GPU-only optional extra; say how to get it, or how to do without it.
 
-    Contract: ``sept_megatron.rollout.sglang_engine`` defines ``SGLangRolloutEngine``.
+    ``placement="colocated"`` (default): ``sglang_engine.SGLangRolloutEngine`` (an in-process
+    engine per engine group); ``"disaggregated"``: ``sglang_remote.SGLangRemoteEngine`` over
+    ``server_urls``.
     """
     if importlib.util.find_spec("sglang") is None:
         raise ImportError(
             "rollout.backend=sglang needs SGLang, which is not installed: "
             "`pip install sept_megatron[gpu]` on a CUDA machine, or use rollout.backend=hf on CPU"
         )
+    if kwargs.pop("placement", "colocated") == "disaggregated":
+        module = importlib.import_module("sept_megatron.rollout.sglang_remote")
+        return module.SGLangRemoteEngine(kwargs.pop("server_urls"), model_path=model_path, **kwargs)
     module = importlib.import_module("sept_megatron.rollout.sglang_engine")
     return module.SGLangRolloutEngine(model_path, **kwargs)
 
