@@ -27,7 +27,7 @@ from sept_megatron.config import Config, RolloutConfig, ConfigError, validate
 from sept_megatron.data import Question, QuestionSampler, filter_by_prompt_length, load_questions, render_prompts
 from sept_megatron.logging import build_logger, setup_console_logging
 from sept_megatron.reshard import sync_weights
-from sept_megatron.rollout import SamplingParams, build_engine
+from sept_megatron.rollout import SamplingParams, backend_kwargs, build_engine
 from sept_megatron.train import SFTTrainer, Sample, load_trainer_state, trainer_sharded_state_dict
 
 
@@ -240,8 +240,9 @@ def _build_engine(cfg: Config, tokenizer):
     device = cfg.rollout.device if cfg.rollout.device != "auto" else ("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with compat.suspended():
-        return build_engine(cfg.rollout.backend, cfg.model.hf_path, device=device, dtype=dtype,
-                            batch_size=cfg.rollout.batch_size, progress=cfg.logging.progress)
+        return build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
+            cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
+            progress=cfg.logging.progress))
 
 
 def _resume(trainer: SFTTrainer, sampler: QuestionSampler, ckpt_dir: str) -> int:

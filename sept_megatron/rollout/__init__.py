@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from sept_megatron.rollout.base import Generation, RolloutEngine, SamplingParams, WeightBucket
 
-__all__ = ["Generation", "RolloutEngine", "SamplingParams", "WeightBucket", "build_engine"]
+__all__ = ["Generation", "RolloutEngine", "SamplingParams", "WeightBucket", "backend_kwargs", "build_engine"]
 
 
 def _build_hf(model_path: str | None, **kwargs: Any) -> RolloutEngine:
@@ -41,6 +41,21 @@ def _build_sglang(model_path: str | None, **kwargs: Any) -> RolloutEngine:
 
 
 _BACKENDS: dict[str, Callable[..., RolloutEngine]] = {"hf": _build_hf, "sglang": _build_sglang}
+
+
+def backend_kwargs(rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool) -> dict[str, Any]:
+    """Constructor arguments of the backend ``rollout.backend`` names, from the rollout section.
+
+    ``device``/``dtype`` are the hf engine's; SGLang places itself (its engine group's GPUs)
+    and runs in bf16 unless ``rollout.weights=fp8``.
+    """
+    if rollout.backend == "hf":
+        return dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress)
+    if rollout.placement == "disaggregated":
+        return dict(placement="disaggregated", server_urls=list(rollout.server_urls), tokenizer=tokenizer)
+    return dict(tokenizer=tokenizer, engine_tp=rollout.engine_tp, seed=seed,
+                mem_fraction_static=rollout.mem_fraction_static, weights=rollout.weights,
+                progress=progress)
 
 
 def build_engine(backend: str, model_path: str | None = None, **kwargs: Any) -> RolloutEngine:

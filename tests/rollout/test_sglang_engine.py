@@ -290,3 +290,17 @@ def test_stop_ids_union_generation_config(tiny, tmp_path):
     tokenizer = tiny[1]
     (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [{tokenizer.eos_token_id}, 7]}}')
     assert stop_token_ids(tokenizer, str(tmp_path)) == [tokenizer.eos_token_id, 7]
+
+
+def test_backend_kwargs_follow_the_rollout_section(tiny):
+    from sept_megatron.rollout import backend_kwargs
+
+    common = dict(tokenizer=tiny[1], seed=3, device="cpu", dtype=torch.float32, progress=False)
+    assert backend_kwargs(RolloutConfig(batch_size=8), **common) == dict(
+        device="cpu", dtype=torch.float32, batch_size=8, progress=False)
+    colocated = backend_kwargs(RolloutConfig(backend="sglang", mem_fraction_static=0.4), **common)
+    engine = build_engine("sglang", str(tiny[0]), **colocated, engine=RecordingEngine())
+    assert isinstance(engine, SGLangRolloutEngine) and colocated["mem_fraction_static"] == 0.4
+    remote = backend_kwargs(RolloutConfig(backend="sglang", placement="disaggregated",
+                                          server_urls=["http://n1:30000"]), **common)
+    assert remote["server_urls"] == ["http://n1:30000"] and remote["placement"] == "disaggregated"
