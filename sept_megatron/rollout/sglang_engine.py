@@ -54,11 +54,13 @@ ours; 0.5.22 moved to torch 2.14.1."""
 MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
 """SGLang's memory-saver tags (``sglang.srt.constants.GPU_MEMORY_TYPE_*``)."""
 
-FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                           "weight_block_size": [128, 128]}
-"""What ``rollout.weights=fp8`` starts the engine with: 128x128 blockwise e4m3 weights with
-float32 ``weight_scale_inv`` per block (the DeepSeek-V3 checkpoint layout, read by SGLang's
-``Fp8Config.from_config``)."""
+def fp8_quantization_config() -> dict:
+    """What ``rollout.weights=fp8`` starts the engine with: 128x128 blockwise e4m3 weights with
+    float32 ``weight_scale_inv`` per block, the same ``quantization_config`` the FP8 export
+    writes (read by SGLang's ``Fp8Config.from_config``)."""
+    from sept_megatron.convert.fp8 import hf_quantization_config
+
+    return hf_quantization_config()
 
 
 # --- the package ------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def prepare_fp8_model_dir(hf_path: str, out_dir: str) -> str:
     if "quantization_config" in config:
         raise ValueError(f"{hf_path}/config.json already has a quantization_config; "
                          "rollout.weights=fp8 needs the unquantised checkpoint as model.hf_path")
-    config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    config["quantization_config"] = fp8_quantization_config()
     os.makedirs(out_dir, exist_ok=True)
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2))
     if (source / "generation_config.json").is_file():
