@@ -304,3 +304,11 @@ def test_backend_kwargs_follow_the_rollout_section(tiny):
     remote = backend_kwargs(RolloutConfig(backend="sglang", placement="disaggregated",
                                           server_urls=["http://n1:30000"]), **common)
     assert remote["server_urls"] == ["http://n1:30000"] and remote["placement"] == "disaggregated"
+
+
+@pytest.mark.slow
+def test_engine_group_of_two_gathers_each_ranks_payload_to_its_tp_rank():
+    from mp import run_torchrun
+
+    result = run_torchrun(2, "tests/rollout/_sglang_group_worker.py", timeout=300)
+    assert "rank 0 OK" in result.output and "rank 1 OK" in result.output
