@@ -89,6 +89,7 @@ class RolloutConfig:
     bucket_size_mb: int = 512
     """Weight-sync bucket size."""
     device: str = "auto"
+    """The hf engine's device: auto (the trainer's compute device on this rank), cpu, cuda:N."""
 
 
 @dataclass(kw_only=True)

@@ -241,8 +241,8 @@ def build_model(cfg: Config, arch: mdl.ModelArch, resume_from: str | None) -> md
 
 
 def _build_engine(cfg: Config, tokenizer):
-    on_gpu = torch.cuda.is_available()
-    device = cfg.rollout.device if cfg.rollout.device != "auto" else ("cuda" if on_gpu else "cpu")
+    # Colocated with this rank's trainer: the same device unless rollout.device says otherwise.
+    device = cfg.rollout.device if cfg.rollout.device != "auto" else str(distributed.compute_device())
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with compat.suspended():
         return build_engine(cfg.rollout.backend, cfg.model.hf_path, device=device, dtype=dtype,

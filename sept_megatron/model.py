@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sept_megatron import compat, distributed
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -346,8 +348,10 @@ def build_megatron_model(arch: ModelArch, *, tensor_parallel: int, pipeline_para
                          "sept_megatron[gpu] and run on CUDA, or set model.fp8=null")
     chunks = build_model_stages(arch, config, padded_vocab=padded_vocab, transformer_engine=te,
                                 attention=attention)
-    if torch.cuda.is_available():
-        chunks = [c.cuda() for c in chunks]
+    device = distributed.compute_device()
+    chunks = [chunk.to(device) for chunk in chunks]
+    for chunk in chunks:
+        compat.guard_model_inputs(chunk)  # strict mode: inputs made without a device fail here
     return MegatronModel(chunks, arch, config, padded_vocab)
 
 

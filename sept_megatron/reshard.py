@@ -26,6 +26,7 @@ import torch.distributed as dist
 from sept_megatron.convert.adapters import (
     TensorRule, adapter_for, canonical_name, full_to_hf, tp_join)
 from sept_megatron.convert.hf_import import expected_hf_shapes, layer_offset
+from sept_megatron.distributed import compute_device
 from sept_megatron.model import MegatronModel, ModelArch
 
 
@@ -163,13 +164,10 @@ def stream_hf_buckets(model: MegatronModel, bucket_bytes: int) -> Iterator[list[
             dist.send(flat.contiguous(), dst=0)
         elif rank == 0:
             if leader != 0:
-                flat = torch.empty(sum(it.numel for it in bucket), dtype=dtype, device=_device())
+                flat = torch.empty(sum(it.numel for it in bucket), dtype=dtype,
+                                   device=compute_device())
                 dist.recv(flat, src=leader)
             yield _unflatten(bucket, flat)
-
-
-def _device():
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
 def _unflatten(bucket: list[SyncItem], flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per generation batch (engine default if unset)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available (or $SEPT_DEVICE), else cpu")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="default: bfloat16 on cuda, float32 on cpu")
     return parser
@@ -150,9 +150,9 @@ def _looks_like_hub_id(model: str) -> bool:
 
 
 def _default_device() -> str:
-    import torch
+    from sept_megatron.distributed import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("auto")  # honours SEPT_DEVICE (tests keep the CPU path on GPU machines)
 
 
 def load_benchmarks(files: Sequence[Path], max_questions: int | None) -> dict[str, list[Question]]:

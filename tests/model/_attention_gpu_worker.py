@@ -2,6 +2,9 @@
 
     SEPT_DEVICE=cuda torchrun --nproc-per-node=1 tests/model/_attention_gpu_worker.py HF_ROOT OUT_JSON
 
+With SEPT_DEVICE=cpu (SEPT_GPU_TEST_DEVICE=cpu pytest -m gpu) the same steps run on the CPU
+path at a small shape: that checks the test's logic, not CUDA.
+
 1. For each HF dir under HF_ROOT: the local layer spec with model.attention=sdpa in bf16, max
    |logit error| against transformers in fp32, next to transformers' own bf16 error.
 2. Issue 8's shape (random-init Qwen2, hidden 1536, 28 layers, 12 heads / 2 KV heads, head_dim
@@ -11,6 +14,7 @@
 3. Which SDPA kernel runs for that shape in bf16 (the fused CUDA kernels only: math refused).
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -32,6 +36,9 @@ ISSUE8_SHAPE = mdl.ModelArch(
     rope_scaling_factor=None, max_position_embeddings=2048, tie_word_embeddings=True,
     qkv_bias=True, qk_layernorm=False)
 MICRO_BATCH, SEQ = 16, 1024
+CPU_SHAPE = dataclasses.replace(ISSUE8_SHAPE, hidden_size=64, num_layers=2, num_attention_heads=4,
+                                head_dim=16, ffn_hidden_size=128)
+CPU_MICRO_BATCH, CPU_SEQ = 2, 64
 
 
 def bf16_logits(hf_dir: Path) -> dict[str, float]:
@@ -44,7 +51,7 @@ def bf16_logits(hf_dir: Path) -> dict[str, float]:
     load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded, tp_rank=0, tp_size=1)
     reader.close()
     model.chunks[0].eval()
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = distributed.compute_device()
     tokens = torch.randint(0, arch.vocab_size, (2, 64), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))
     with torch.no_grad():
@@ -65,9 +72,10 @@ def kernel_for_issue8_shape() -> str:
 
     from sept_megatron.attention import _fused_sdpa
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    q = torch.randn(SEQ, MICRO_BATCH, 12, 128, device=device, dtype=torch.bfloat16)
-    k, v = (torch.randn(SEQ, MICRO_BATCH, 2, 128, device=device, dtype=torch.bfloat16)
+    device = distributed.compute_device()
+    batch, seq = (MICRO_BATCH, SEQ) if device.type == "cuda" else (CPU_MICRO_BATCH, CPU_SEQ)
+    q = torch.randn(seq, batch, 12, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(seq, batch, 2, 128, device=device, dtype=torch.bfloat16)
             for _ in range(2))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _fused_sdpa(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True,
@@ -77,19 +85,22 @@ def kernel_for_issue8_shape() -> str:
 
 
 def issue8_step() -> dict:
-    padded = mdl.padded_vocab_size(ISSUE8_SHAPE.vocab_size, 128, 1)
-    model = mdl.build_megatron_model(ISSUE8_SHAPE, tensor_parallel=1, pipeline_parallel=1,
+    on_gpu = distributed.compute_device().type == "cuda"
+    shape, batch, seq = ((ISSUE8_SHAPE, MICRO_BATCH, SEQ) if on_gpu
+                         else (CPU_SHAPE, CPU_MICRO_BATCH, CPU_SEQ))
+    padded = mdl.padded_vocab_size(shape.vocab_size, 128, 1)
+    model = mdl.build_megatron_model(shape, tensor_parallel=1, pipeline_parallel=1,
                                      params_dtype=torch.bfloat16, transformer_impl="local",
                                      attention="sdpa", padded_vocab=padded)
-    cfg = TrainConfig(lr=1e-5, warmup_steps=0, micro_batch_size=MICRO_BATCH,
-                      mini_batch_size=MICRO_BATCH)
+    cfg = TrainConfig(lr=1e-5, warmup_steps=0, micro_batch_size=batch, mini_batch_size=batch)
     trainer = SFTTrainer(model, cfg, total_steps=3, use_distributed_optimizer=False, pad_id=0)
     generator = torch.Generator().manual_seed(0)
-    prompt = SEQ // 4  # prompt + response = SEQ + 1 tokens: inputs and labels of length SEQ
+    prompt = seq // 4  # prompt + response = seq + 1 tokens: inputs and labels of length seq
     samples = [Sample(torch.randint(4, 1024, (prompt,), generator=generator).tolist(),
-                      torch.randint(4, 1024, (SEQ + 1 - prompt,), generator=generator).tolist())
-               for _ in range(MICRO_BATCH)]
-    torch.cuda.reset_peak_memory_stats()
+                      torch.randint(4, 1024, (seq + 1 - prompt,), generator=generator).tolist())
+               for _ in range(batch)]
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     first = trainer.step(samples)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -97,12 +108,16 @@ def issue8_step() -> dict:
         trainer.step(samples)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / 2
-    return {"loss": first["train/loss"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "step_seconds": seconds, "tokens_per_s": MICRO_BATCH * SEQ / seconds}
+    result = {"loss": first["train/loss"], "step_seconds": seconds,
+              "tokens_per_s": batch * seq / seconds, "peak_gib": None, "total_gib": None}
+    if on_gpu:
+        result.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      total_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
+    return result
 
 
 def main(hf_root: str, out_path: str) -> None:
-    distributed.initialize(tensor_parallel=1, pipeline_parallel=1, device="cuda")
+    distributed.initialize(tensor_parallel=1, pipeline_parallel=1)  # SEPT_DEVICE decides
     try:
         results = {"logits": {d.name: bf16_logits(d) for d in sorted(Path(hf_root).iterdir())
                               if (d / "config.json").is_file()},

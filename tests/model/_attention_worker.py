@@ -41,8 +41,9 @@ def attention_config(heads: int, groups: int, tp: int):
 
 def padding_mask(batch: int, seq: int, generator) -> torch.Tensor:
     """Megatron's convention (True = masked out); every query keeps at least its own key."""
-    mask = torch.rand(batch, 1, seq, seq, generator=generator) < 0.3
-    return mask & ~torch.eye(seq, dtype=torch.bool)
+    device = generator.device
+    mask = torch.rand(batch, 1, seq, seq, generator=generator, device=device) < 0.3
+    return mask & ~torch.eye(seq, dtype=torch.bool, device=device)
 
 
 def module_case(heads: int, groups: int, pg_collection, tp: int, mask_type) -> dict:
@@ -52,11 +53,12 @@ def module_case(heads: int, groups: int, pg_collection, tp: int, mask_type) -> d
     config = attention_config(heads, groups, tp)
     seq, batch = 37, 3
     heads_here, groups_here = heads // tp, max(groups, tp) // tp
-    generator = torch.Generator().manual_seed(1000 + dist.get_rank())
-    inputs = [torch.randn(seq, batch, n, HEAD_DIM, generator=generator)
+    device = distributed.compute_device()
+    generator = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
+    inputs = [torch.randn(seq, batch, n, HEAD_DIM, generator=generator, device=device)
               for n in (heads_here, groups_here, groups_here)]
-    weight = torch.randn(seq, batch, heads_here * HEAD_DIM, generator=generator)
-    mask = mdl.causal_mask(seq) if mask_type == AttnMaskType.causal else \
+    weight = torch.randn(seq, batch, heads_here * HEAD_DIM, generator=generator, device=device)
+    mask = mdl.causal_mask(seq, device=device) if mask_type == AttnMaskType.causal else \
         padding_mask(batch, seq, generator)
     results = {}
     for name in ("sdpa", "unfused"):
@@ -116,11 +118,13 @@ def model_parity(hf_root: Path) -> dict:
     results = {}
     for hf_dir in sorted(d for d in hf_root.iterdir() if (d / "config.json").is_file()):
         vocab = mdl.load_hf_config(str(hf_dir)).vocab_size
-        tokens = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+        device = distributed.compute_device()
+        tokens = torch.randint(0, vocab, (2, 48), device=device,
+                               generator=torch.Generator(device=device).manual_seed(0))
         logits = {name: model_logits(hf_dir, name, tokens) for name in ("sdpa", "unfused")}
         with compat.suspended(), torch.no_grad():
-            hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).eval()
-            reference = hf(tokens).logits.float()
+            hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True)
+            reference = hf.to(device).eval()(tokens).logits.float()
         results[hf_dir.name] = {
             "sdpa_vs_transformers": float((logits["sdpa"] - reference).abs().max()),
             "unfused_vs_transformers": float((logits["unfused"] - reference).abs().max()),
@@ -161,9 +165,11 @@ def memory(batch: int = 1, seq: int = 1024) -> dict:
             return 512
 
     arch = mdl.arch_from_hf_config(tiny_config("qwen2", Vocab(), max_position_embeddings=seq))
-    tokens = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(seq).unsqueeze(0).expand(batch, -1)
-    mask = mdl.causal_mask(seq)
+    device = distributed.compute_device()
+    tokens = torch.randint(0, 512, (batch, seq), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+    mask = mdl.causal_mask(seq, device=device)
     results = {"batch": batch, "seq": seq, "layers": arch.num_layers,
                "heads": arch.num_attention_heads, "hidden": arch.hidden_size}
     for attention, recompute in MEMORY_RUNS:

@@ -1,18 +1,18 @@
 """model.attention=sdpa on one GPU in bf16: logits as close to transformers' fp32 as
 transformers' own bf16; a fused SDPA kernel (never the math one) for GQA; and issue 8's 1.31B
 shape trains at micro-batch 16 x 1024 without running out of memory (the unfused attention
-did). One launch of ``_attention_gpu_worker.py``; skipped without CUDA."""
+did). One launch of ``_attention_gpu_worker.py``; skipped without CUDA (tests/conftest.py;
+SEPT_GPU_TEST_DEVICE=cpu runs the logic at a small shape on the CPU path)."""
 
 import json
+import os
 
 import pytest
-import torch
 
 from hf_tiny import make_tiny_model
 from mp import run_torchrun
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
 class StubVocab:
@@ -20,6 +20,11 @@ class StubVocab:
 
     def __len__(self):
         return 300
+
+
+def module_gpu_env() -> dict[str, str]:
+    """conftest's ``gpu_env`` for a module-scoped fixture (one launch for all checks)."""
+    return {"SEPT_DEVICE": os.environ.get("SEPT_GPU_TEST_DEVICE", "cuda")}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def gpu_results(tmp_path_factory):
             .save_pretrained(root / "hf" / family)
     out = root / "result.json"
     result = run_torchrun(1, "tests/model/_attention_gpu_worker.py", root / "hf", out,
-                          timeout=900, env={"SEPT_DEVICE": "cuda"})
+                          timeout=900, env=module_gpu_env())
     print(result.output[-2000:])
     return json.loads(out.read_text())
 
@@ -49,7 +54,8 @@ def test_gqa_in_bf16_runs_a_fused_kernel(gpu_results):
 
 def test_issue8_shape_trains_at_micro_batch_16x1024(gpu_results):
     result = gpu_results["issue8"]
-    print(f"\n1.31B, micro-batch 16 x 1024: peak {result['peak_gib']:.1f} GiB, "
+    print(f"\nmicro-batch step: peak {result['peak_gib']} GiB of {result['total_gib']}, "
           f"{result['tokens_per_s']:.0f} tokens/s, kernel {gpu_results['kernel']}")
     assert result["loss"] == pytest.approx(6.93, abs=0.5)  # ~ln(1024): a random-init model
-    assert result["peak_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+    if result["total_gib"] is not None:  # on CUDA (the step itself ran: no OOM)
+        assert result["peak_gib"] < result["total_gib"]

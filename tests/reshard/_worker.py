@@ -31,7 +31,7 @@ from sept_megatron.convert.workflows import forward_logits
 from sept_megatron.reshard import stream_hf_buckets, sync_weights
 from sept_megatron.rollout.hf import HFRolloutEngine
 
-LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # with 2 processes: TP=2, PP=2, DP=2
+LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # with 2 processes: TP=2, PP=2, DP=2; with 1: (1, 1) only
 
 
 def perturb_(model, seed: int) -> None:
@@ -51,13 +51,13 @@ def perturb_(model, seed: int) -> None:
                     full_shape[1 if kind is Kind.ROW_PARALLEL else 0] *= tp
                 generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
                 noise = torch.randn(full_shape, generator=generator) * 0.05
-                param.add_(tp_shard(kind, noise, tp_rank, tp))
+                param.add_(tp_shard(kind, noise, tp_rank, tp).to(param.device))
 
 
 def to_rank0(tensor_or_none):
     """The one non-None value among the ranks (PP: only the last stage has logits)."""
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, tensor_or_none)
+    dist.all_gather_object(everyone, None if tensor_or_none is None else tensor_or_none.cpu())
     return next(x for x in everyone if x is not None)
 
 
@@ -79,24 +79,25 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
 
     engine = None
     if rank == 0:
-        engine = HFRolloutEngine(
+        engine = HFRolloutEngine(  # colocated with the trainer: on its compute device
             model=AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True),
             tokenizer=AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True),
-            progress=False)
+            device=distributed.compute_device(), progress=False)
     tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(distributed.compute_device())
     record: dict = {}
     with torch.no_grad():
         megatron_logits = to_rank0(forward_logits(model, tokens))
         if rank == 0:
-            record["engine_before"] = engine.model(tokens).logits
+            record["engine_before"] = engine.model(tokens).logits.cpu()
         record["buckets_sent"] = sync_weights(model, engine, small)
         if rank == 0:
-            record["engine_after"] = engine.model(tokens).logits
-            record["engine_state"] = {k: v.clone() for k, v in engine.model.state_dict().items()}
+            record["engine_after"] = engine.model(tokens).logits.cpu()
+            record["engine_state"] = {k: v.cpu().clone() for k, v in engine.model.state_dict().items()}
     record["megatron"] = megatron_logits
     # Collective: every rank walks each stream; only rank 0 receives buckets.
     record["streams"] = streams = {
-        size: [[(name, t.clone()) for name, t in bucket]
+        size: [[(name, t.cpu().clone()) for name, t in bucket]
                for bucket in stream_hf_buckets(model, size)]
         for size in (small, large)}
     distributed.shutdown(keep_process_group=True)
@@ -110,7 +111,7 @@ def main(hf_root: str, out_dir: str, small: str, large: str) -> None:
     distributed.shutdown(keep_process_group=True)
     out, summaries = Path(out_dir), {}
     for hf_dir in sorted(d for d in Path(hf_root).iterdir() if d.is_dir()):
-        for tp, pp in LAYOUTS:
+        for tp, pp in [l for l in LAYOUTS if l[0] * l[1] <= dist.get_world_size()]:
             record, summary = check_layout(hf_dir, tp, pp, int(small), int(large))
             key = f"{hf_dir.name}-tp{tp}pp{pp}"
             if dist.get_rank() == 0:

@@ -10,8 +10,10 @@ from hf_tiny import make_tiny_model, make_tokenizer
 from sept_megatron.rollout import SamplingParams
 from sept_megatron.rollout.hf import HFRolloutEngine
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# CUDA itself is the subject (release/resume are no-ops on the CPU), also under
+# SEPT_GPU_TEST_DEVICE=cpu.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: release/resume are no-ops on the CPU")]
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 
