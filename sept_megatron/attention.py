@@ -15,15 +15,18 @@ which materialises the scores and probabilities of every layer for backward: at 
   (padding sits after each sequence, so no real token attends to it). Its shape is always
   checked; its content only on the CPU, where the check costs no device synchronisation.
 - GQA without repeated K/V: ``enable_gqa=True`` (torch >= 2.5) lets the kernel map query-head
-  groups onto K/V heads. Which CUDA backends accept it (torch 2.11-2.13): flash (since 2.5) and
-  cuDNN (shapes with differing head counts) do; memory-efficient attention only since pytorch
-  PR 191085 (July 2026). The math backend always does, by materialising repeated K/V AND the
-  ``[b, heads, s, s]`` scores. On CUDA we therefore call SDPA with the math backend switched off
-  (:data:`FUSED_BACKENDS`): bf16/fp16 with head_dim <= 256 runs flash (or cuDNN, which torch
-  prefers on H100 with cuDNN >= 9.15.1); if no fused kernel accepts the GQA call (fp32 on a torch
-  whose memory-efficient kernel lacks GQA), K/V are repeated once (O(s), logged once) and the
-  memory-efficient kernel runs; if nothing fused runs at all, a clear error says to use
-  ``model.attention=unfused``. Never a silent O(s^2) fallback on GPU.
+  groups onto K/V heads. Which CUDA backends accept it (read from pytorch's
+  ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp`` and pytorch issue 139586 / PR
+  191085; not run on a GPU in this work): flash since 2.5; cuDNN for differing head counts;
+  memory-efficient only from PR 191085 (July 2026) on, so possibly not in torch 2.11-2.13. The
+  math backend always does, by materialising repeated K/V AND the ``[b, heads, s, s]`` scores.
+  On CUDA we therefore call SDPA with the math backend switched off (:data:`FUSED_BACKENDS`).
+  In bf16/fp16 with head_dim <= 256 (H100, issue 8's shape) flash runs, or cuDNN attention
+  where torch ranks it first (recent torch on sm90 with cuDNN > 9.15); both keep O(s) state per
+  query row (the GPU test records which one ran). If no fused kernel accepts the GQA call
+  (fp32 on a torch whose memory-efficient kernel lacks GQA), K/V are repeated once (O(s),
+  logged once) and the memory-efficient kernel runs; if nothing fused runs at all, a clear
+  error says to use ``model.attention=unfused``. Never a silent O(s^2) fallback on GPU.
 - On CPU (the test bed) torch runs its own flash kernel (``_scaled_dot_product_flash_attention
   _for_cpu``; GQA native, no scores kept) unless dropout > 0, where it uses the math path.
 
@@ -31,9 +34,10 @@ What one layer keeps for backward in this module (flash or cuDNN on CUDA; b micr
 s sequence, np / ng query / K-V heads of this TP rank, d head_dim): the RoPE'd query
 [s, b, np, d] and key [s, b, ng, d]; value, which is a view into the fused QKV projection
 output, so that whole [s, b, (np + 2 ng) d] buffer stays alive; the kernel's output
-[b, s, np, d]; its log-sum-exp [b, np, s] in fp32; and the dropout RNG seed/offset. The
-[s, b, np * d] context handed to ``linear_proj`` (which saves it) is a view of that output when
-the kernel writes it in the query's layout, else one more copy. No tensor grows with s^2.
+[b, s, np, d]; its log-sum-exp (cuDNN: softmax statistics) [b, np, s] in fp32; and the
+dropout RNG seed/offset. The [s, b, np * d] context handed to ``linear_proj`` (which saves it)
+is a view of that output when the kernel writes it in the query's layout, else one more copy.
+No tensor grows with s^2.
 
 Tensor parallelism: q/k/v arrive already split by heads (``np = heads / tp``,
 ``ng = groups / tp``, or one group per rank when tp > groups, as ``Attention`` arranges), so the
