@@ -85,6 +85,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     sampler = QuestionSampler(bank, seed=cfg.data.shuffle_seed)
     ckpt_root = os.path.join(cfg.logging.run_dir, "checkpoints")
     resume_from = ckpt_io.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    saver = ckpt_io.CheckpointSaver(cfg.checkpoint.async_save, cfg.checkpoint.keep_last)
 
     model = build_model(cfg, arch, resume_from)
     trainer = SFTTrainer(model, cfg.train, total_steps=rounds * steps_per_round,
@@ -96,13 +97,15 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         logger.info("resumed from %s at round %d", resume_from, start)
     engine = _build_engine(cfg, tokenizer) if env.rank == 0 else None
     if start > 0 or cfg.model.megatron_ckpt:
-        sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20)
+        sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20,
+                     weights=cfg.rollout.weights)
     offline_answers = _offline_answers(cfg, engine, bank, prompt_ids, tokenizer) \
         if cfg.train.mode == "offline" else None
 
     metrics: dict[str, float] = {}
     bar = logger.progress(rounds, start, "SePT rounds")
     for round_index in range(start, rounds):
+        round_start = time.perf_counter()
         timings = {}
         # 1. Sample questions; the current model answers them at tau_s.
         tau_s = _tau_for_round(cfg, round_index, rounds)
@@ -124,17 +127,23 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
             if engine is not None and cfg.rollout.placement == "colocated":
                 engine.resume_memory()  # ...and comes back before the new weights go in
             if cfg.train.mode != "offline":
-                sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20)
+                sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20,
+                             weights=cfg.rollout.weights)
         metrics = round_metrics(step_logs, batch, timings, tau_s, round_index, rounds)
         metrics |= _maybe_validate(cfg, engine, tokenizer, round_index)
         with _timer(timings, "checkpoint"):
-            _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch)
+            _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch,
+                              saver)
         metrics["timing/checkpoint"] = timings["checkpoint"]
-        logger.log(metrics, step=round_index + 1)
         logger.save_samples(round_index + 1, batch.rows)
+        # The whole round up to its log record: what generate/train/sync/checkpoint leave out
+        # (payload, metrics, samples file) is the loop's own overhead.
+        metrics["timing/round"] = time.perf_counter() - round_start
+        logger.log(metrics, step=round_index + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tau=f"{tau_s:.2f}")
     bar.close()
+    saver.finish()  # the last checkpoint is published before anything reads it
     if cfg.checkpoint.export_hf and env.rank == 0 and ckpt_io.latest_checkpoint(ckpt_root):
         _export_final(ckpt_root, cfg.logging.run_dir)
     return metrics
@@ -384,7 +393,8 @@ def _maybe_validate(cfg: Config, engine, tokenizer, round_index: int) -> dict[st
 
 
 def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: int,
-                      rounds: int, ckpt_root: str, arch) -> None:
+                      rounds: int, ckpt_root: str, arch, saver: ckpt_io.CheckpointSaver) -> None:
+    saver.poll()  # publish a finished background save as soon as every rank is done
     every = cfg.checkpoint.save_every_n_rounds
     if rounds_done != rounds and (not every or rounds_done % every):
         return
@@ -394,9 +404,8 @@ def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: in
         train_state={"round": rounds_done, "sampler": sampler.state_dict(),
                      "scheduler": trainer.scheduler.state_dict()})
     os.makedirs(ckpt_root, exist_ok=True)
-    ckpt_io.save_checkpoint(ckpt_root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer),
-                            meta, cfg.model.hf_path)
-    ckpt_io.prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+    saver.save(ckpt_root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer), meta,
+               cfg.model.hf_path)
 
 
 def _export_final(ckpt_root: str, run_dir: str) -> None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from sept_megatron.convert.adapters import (
     TensorRule, adapter_for, canonical_name, full_to_hf, tp_join)
+from sept_megatron.convert.fp8 import rollout_bucket_transform
 from sept_megatron.convert.hf_import import expected_hf_shapes, layer_offset
 from sept_megatron.distributed import compute_device
 from sept_megatron.model import MegatronModel, ModelArch
@@ -180,9 +181,12 @@ def _unflatten(bucket: list[SyncItem], flat: torch.Tensor) -> list[tuple[str, to
     return out
 
 
-def sync_weights(model: MegatronModel, engine, bucket_bytes: int) -> int:
-    """Push the trainer's current weights into the engine on rank 0; returns buckets sent."""
-    stream = stream_hf_buckets(model, bucket_bytes)
+def sync_weights(model: MegatronModel, engine, bucket_bytes: int, *,
+                 weights: str = "native") -> int:
+    """Push the trainer's current weights into the engine on rank 0; returns buckets sent.
+    ``weights`` is ``rollout.weights``: ``fp8`` quantises each bucket on rank 0 (linear
+    weights -> e4m3 + ``weight_scale_inv``, the export's quantiser)."""
+    stream = rollout_bucket_transform(weights, model.arch)(stream_hf_buckets(model, bucket_bytes))
     if engine is None:
         return sum(1 for _ in stream)
     count = 0
