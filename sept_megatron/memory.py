@@ -96,7 +96,8 @@ def layer_activation_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
       - SwiGLU MLP: FC1 output (2 f), silu output (f), the linear half plus offset (f), their
         product into FC2 (f): 5 B f.
     Recompute ``selective`` keeps only core attention's inputs (no s x s, no GQA copies);
-    ``full`` keeps each layer's input (B h) and recomputes the rest (see :func:`stage_activations`).
+    ``full`` keeps each layer's input (B h) and rebuilds the rest in backward, one layer at a
+    time (see :func:`backward_working_bytes`).
     """
     B = kernels.param_bytes
     h = arch.hidden_size / (tp if sequence_parallel else 1)
@@ -130,13 +131,20 @@ def logits_bytes(arch, kernels: Kernels, vocab_per_rank: float, tp: int, sequenc
     return (B + 8) * vocab_per_rank + head
 
 
-def backward_working_bytes(arch, kernels: Kernels, *, tp: int, seq_len: int) -> float:
-    """Per token, the gradients alive at once inside one layer's backward: the MLP's (FC1
-    output's grad and both halves', 4 f) or, in Megatron's unfused attention, the fp32 grads
-    of the probabilities and the scores (2 x 4 a s)."""
+def backward_working_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel: bool,
+                           seq_len: int, recompute: str) -> float:
+    """Per token, what one layer's backward adds: the gradients alive at once (the MLP's: FC1
+    output's grad and both halves', 4 f; in Megatron's unfused attention the fp32 grads of the
+    probabilities and the scores, 2 x 4 a s) and, with full recomputation, the layer's own
+    activations rebuilt for it. It never meets the head's logits (:func:`logits_bytes`), which
+    are freed before the first layer's backward starts."""
     mlp = 4 * kernels.param_bytes * arch.ffn_hidden_size / tp
     scores = 0 if kernels.fused_attention else 8 * arch.num_attention_heads / tp * seq_len
-    return max(mlp, scores)
+    rebuilt = 0.0
+    if recompute == "full":
+        rebuilt = layer_activation_bytes(arch, kernels, tp=tp, sequence_parallel=sequence_parallel,
+                                         seq_len=seq_len, recompute="none")
+    return max(mlp, scores) + rebuilt
 
 
 def score_buffer_bytes(arch, kernels: Kernels, *, tp: int, seq_len: int) -> float:
@@ -161,12 +169,11 @@ def in_flight(pp: int, vpp: int | None, micro_batches: int, stage: int) -> float
 def stage_activations(arch, kernels: Kernels, *, tp: int, pp: int, vpp: int | None,
                       sequence_parallel: bool, micro_batch: int, seq_len: int,
                       micro_batches: int, stage: int, recompute: str) -> float:
-    """Activation bytes kept at the peak of one training step on one GPU of ``stage``."""
+    """Activation bytes kept for backward at the end of the forward passes in flight on one
+    GPU of ``stage`` (the transient on top: :func:`backward_working_bytes`, :func:`logits_bytes`)."""
     tokens = micro_batch * seq_len
     layers = arch.num_layers // pp
-    common = dict(tp=tp, sequence_parallel=sequence_parallel, seq_len=seq_len)
     held = in_flight(pp, vpp, micro_batches, stage)
-    total = tokens * layers * held * layer_activation_bytes(arch, kernels, recompute=recompute, **common)
-    if recompute == "full":  # backward rebuilds one layer's activations at a time
-        total += tokens * layer_activation_bytes(arch, kernels, recompute="none", **common)
-    return total
+    return tokens * layers * held * layer_activation_bytes(
+        arch, kernels, tp=tp, sequence_parallel=sequence_parallel, seq_len=seq_len,
+        recompute=recompute)

@@ -189,7 +189,8 @@ def estimate(cfg: Config, arch, hardware: Hardware, kernels: Kernels,
                                     sequence_parallel=layout.sequence_parallel,
                                     micro_batch=cfg.train.micro_batch_size, seq_len=seq_len,
                                     micro_batches=micro_batches, stage=stage, recompute=recompute)
-            label = f"activations, recompute={recompute}" if used else f"  (recompute={recompute})"
+            label = (f"activations kept, recompute={recompute}" if used
+                     else f"  (kept with recompute={recompute})")
             mem.training.append(Line(label, act / GIB, counted=used))
         mem.training += _working_set(cfg, arch, kernels, layout, padded, stage)
         stages.append(mem)
@@ -212,11 +213,13 @@ def _working_set(cfg: Config, arch, kernels: Kernels, layout: Layout, padded_voc
     stage) and one layer's backward gradients; the unfused attention's score buffer."""
     tp, seq_len = layout.tensor_parallel, cfg.data.max_prompt_length + cfg.data.max_response_length
     tokens = cfg.train.micro_batch_size * seq_len
-    backward = backward_working_bytes(arch, kernels, tp=tp, seq_len=seq_len)
+    backward = backward_working_bytes(arch, kernels, tp=tp, sequence_parallel=layout.sequence_parallel,
+                                      seq_len=seq_len, recompute=layout.recompute)
     head = (logits_bytes(arch, kernels, padded_vocab / tp, tp, layout.sequence_parallel)
             if stage == layout.pipeline_parallel - 1 else 0.0)
-    label = ("working set: logits + loss copies (fp32)" if head > backward
-             else "working set: one layer's backward gradients")
+    label = ("working set: logits + loss copies (fp32)" if head > backward else
+             "working set: one layer's backward" + (" (rebuilt + grads)" if layout.recompute == "full"
+                                                    else " gradients"))
     lines = [Line(label, tokens * max(head, backward) / GIB)]
     buffer = score_buffer_bytes(arch, kernels, tp=tp, seq_len=seq_len)
     if buffer:
@@ -482,18 +485,19 @@ def resolve_kernels(cfg: Config, arch, *, on_gpu: bool, te_available: bool) -> K
     dtype = m.params_dtype if m.params_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     te = bool(m.fp8) or m.transformer_impl == "transformer_engine" or (
         m.transformer_impl == "auto" and on_gpu and te_available)
-    return Kernels(4 if dtype == "float32" else 2, te, te or local_attention_is_fused(arch),
-                   bool(m.fp8))
+    return Kernels(4 if dtype == "float32" else 2, te,
+                   te or local_attention_is_fused(arch, m.attention), bool(m.fp8))
 
 
-def local_attention_is_fused(arch) -> bool:
-    """Does the local layer spec's core attention avoid s x s scores? Megatron's own
-    ``DotProductAttention`` materialises them; anything else there (SDPA) does not."""
+def local_attention_is_fused(arch, attention: str) -> bool:
+    """Does the local layer spec's core attention for ``model.attention`` avoid s x s scores?
+    Megatron's own ``DotProductAttention`` (``unfused``) materialises them; anything else there
+    (``sdpa``) does not. Read from the spec the model is built with, not assumed."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from sept_megatron.model import layer_spec
 
-    spec = layer_spec(arch, transformer_engine=False)
+    spec = layer_spec(arch, transformer_engine=False, attention=attention)
     core = spec.submodules.self_attention.submodules.core_attention
     return getattr(core, "module", core) is not DotProductAttention
 

@@ -1,7 +1,8 @@
 """Measure the peak memory of real SFT steps, for tests/plan/test_memory_estimate.py.
 
     python tests/plan/_memory_worker.py --hf-dir DIR --micro-batch 4 --prompt 64 --response 192 \
-        --out result.json [--device cpu|cuda] [--params-dtype float32] [--steps 2]
+        --out result.json [--device cpu|cuda] [--params-dtype float32] [--steps 2] \
+        [--attention sdpa|unfused] [--recompute none|selective|full]
 
 One process (TP = PP = DP = 1): a random-init Megatron model built from ``DIR/config.json``,
 ``SFTTrainer`` (Megatron DDP, the optimizer, the schedule, our loss), ``--steps`` optimizer steps
@@ -38,7 +39,7 @@ def measure(args) -> dict:
     profiler = _start(on_gpu)
     model = mdl.build_megatron_model(
         arch, tensor_parallel=1, pipeline_parallel=1, params_dtype=mdl.resolve_dtype(args.params_dtype),
-        transformer_impl=args.transformer_impl,
+        transformer_impl=args.transformer_impl, attention=args.attention, recompute=args.recompute,
         padded_vocab=mdl.padded_vocab_size(arch.vocab_size, 128, 1))
     train_cfg = TrainConfig(micro_batch_size=args.micro_batch, mini_batch_size=args.micro_batch,
                             prompts_per_round=args.micro_batch, lr=1e-5, warmup_steps=0,
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--params-dtype", default="float32")
     parser.add_argument("--transformer-impl", default="local")
+    parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--recompute", default="none")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -23,7 +23,7 @@ from sept_megatron.model import arch_from_hf_config, load_hf_config
 
 # Shapes where weights + optimizer state and activations are both a good part of the total
 # (fixed overheads of a few MB do not dominate) and a step takes a second or two on one core.
-CPU_CASES = {
+CPU_SHAPES = {
     # Llama, GQA, untied, fp32 (what CPU runs use): weights/optimizer ~half, activations ~half.
     "llama-gqa-fp32": (transformers.LlamaConfig(
         hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -36,15 +36,22 @@ CPU_CASES = {
         intermediate_size=384, vocab_size=3000, max_position_embeddings=2048,
         tie_word_embeddings=True), "bfloat16", 1, 128, 512),
 }
+# (shape, model.attention, train.recompute): each activation formula of memory.py once: SDPA
+# with and without full recomputation, the unfused s x s scores with and without selective.
+CPU_CASES = [("llama-gqa-fp32", "sdpa", "none"), ("llama-gqa-fp32", "sdpa", "full"),
+             ("qwen2-mha-bf16-long", "unfused", "none"),
+             ("qwen2-mha-bf16-long", "unfused", "selective")]
 CPU_TOLERANCE = 0.25
 GPU_TOLERANCE = 0.15
 
 
 def estimate_training_bytes(hf_dir, params_dtype: str, micro_batch: int, prompt: int,
-                            response: int, *, on_gpu: bool, transformer_impl: str) -> float:
+                            response: int, *, on_gpu: bool, transformer_impl: str,
+                            attention: str = "sdpa", recompute: str = "none") -> float:
     cfg = load_config(None, [
         f"model.hf_path={hf_dir}", f"model.params_dtype={params_dtype}",
-        f"model.transformer_impl={transformer_impl}", f"train.micro_batch_size={micro_batch}",
+        f"model.transformer_impl={transformer_impl}", f"model.attention={attention}",
+        f"train.recompute={recompute}", f"train.micro_batch_size={micro_batch}",
         f"train.mini_batch_size={micro_batch}", f"train.prompts_per_round={micro_batch}",
         f"data.max_prompt_length={prompt}", f"data.max_response_length={response}"])
     arch = arch_from_hf_config(load_hf_config(str(hf_dir)))
@@ -56,23 +63,28 @@ def estimate_training_bytes(hf_dir, params_dtype: str, micro_batch: int, prompt:
 
 
 def measure(tmp_path, hf_config, params_dtype, micro_batch, prompt, response, device="cpu",
-            transformer_impl="local", env=None) -> int:
+            transformer_impl="local", attention="sdpa", recompute="none", env=None) -> int:
     hf_config.save_pretrained(tmp_path / "hf")
     out = tmp_path / "measured.json"
     run_python("tests/plan/_memory_worker.py", "--hf-dir", tmp_path / "hf",
                "--micro-batch", micro_batch, "--prompt", prompt, "--response", response,
                "--params-dtype", params_dtype, "--device", device,
-               "--transformer-impl", transformer_impl, "--out", out, env=env)
+               "--transformer-impl", transformer_impl, "--attention", attention,
+               "--recompute", recompute, "--out", out, env=env)
     return json.loads(out.read_text())["peak_bytes"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CPU_CASES))
-def test_estimate_matches_the_measured_cpu_peak(tmp_path, case):
-    hf_config, dtype, micro_batch, prompt, response = CPU_CASES[case]
-    measured = measure(tmp_path, hf_config, dtype, micro_batch, prompt, response)
+@pytest.mark.parametrize("shape,attention,recompute", CPU_CASES,
+                         ids=["-".join(case) for case in CPU_CASES])
+def test_estimate_matches_the_measured_cpu_peak(tmp_path, shape, attention, recompute):
+    hf_config, dtype, micro_batch, prompt, response = CPU_SHAPES[shape]
+    measured = measure(tmp_path, hf_config, dtype, micro_batch, prompt, response,
+                       attention=attention, recompute=recompute)
     estimated = estimate_training_bytes(tmp_path / "hf", dtype, micro_batch, prompt, response,
-                                        on_gpu=False, transformer_impl="local")
+                                        on_gpu=False, transformer_impl="local",
+                                        attention=attention, recompute=recompute)
+    case = f"{shape} {attention}/{recompute}"
     print(f"{case}: estimated {estimated / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, "
           f"ratio {estimated / measured:.3f}")
     assert abs(estimated / measured - 1) <= CPU_TOLERANCE, (estimated, measured)

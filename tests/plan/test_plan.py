@@ -145,6 +145,27 @@ def test_recomputation_and_the_attention_kernel(archs):
     # Unfused attention keeps fp32 softmax + its bf16 copy: 6 bytes x heads x s per token.
     assert none_unfused - selective > 6 * arch.num_attention_heads * 4096
     assert selective < none_unfused and full_fused < none_fused
+    # Full recomputation rebuilds one layer at a time in backward: its activations come back
+    # on top of that layer's gradients, once, not per layer.
+    grads = memory.backward_working_bytes(arch, fused, recompute="none", **common)
+    rebuilt = memory.backward_working_bytes(arch, fused, recompute="full", **common)
+    assert rebuilt == grads + none_fused
+
+
+@pytest.mark.parametrize("attention,fused", [("sdpa", True), ("unfused", False)])
+def test_model_attention_decides_the_score_terms(archs, attention, fused):
+    # Local layers (no TE): model.attention picks the core attention; the planner reads it
+    # from the layer spec. SDPA keeps no [b * heads, s, s] scores; DotProductAttention does.
+    cfg, arch, _ = qwen7b(archs, "model.transformer_impl=local", f"model.attention={attention}")
+    kernels = plan.resolve_kernels(cfg, arch, on_gpu=True, te_available=False)
+    assert kernels.fused_attention is fused and not kernels.transformer_engine
+    stage = plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels).stages[0]
+    has_buffer = any("score buffer" in l.label for l in stage.training)
+    assert has_buffer is (not fused)
+    # With TE the attention is TE's fused one whatever model.attention says.
+    te = plan.resolve_kernels(qwen7b(archs, f"model.attention={attention}")[0], arch,
+                              on_gpu=True, te_available=True)
+    assert te.fused_attention and te.transformer_engine
 
 
 def test_sglang_pool_too_small_is_a_problem_with_the_fix(archs):
@@ -204,5 +225,5 @@ def test_sept_megatron_train_refuses_before_loading_anything(tiny_run_inputs, tm
                            expect_ok=False)
     assert rc == 2, output[-3000:]
     assert "sept-megatron train: error: the layout does not fit in 0.001 GiB" in output
-    assert "per-GPU memory, GiB" in output and "activations, recompute=none" in output
+    assert "per-GPU memory, GiB" in output and "activations kept, recompute=none" in output
     assert not run_dir.exists()  # refused before any process group, weight or file
