@@ -23,6 +23,25 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     seed: int | None = None
 
+    def check(self) -> None:
+        """Reject values an engine would misread or refuse mid-batch; name the field and the fix."""
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {self.top_k}")
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.n and max_new_tokens must be >= 1, got n={self.n}, "
+                             f"max_new_tokens={self.max_new_tokens}")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    """Every prompt needs at least one token: engines cannot start from nothing."""
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+
 
 @dataclass(kw_only=True)
 class Generation:

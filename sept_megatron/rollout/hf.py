@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket
+from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, check_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +25,6 @@ def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
     return [ids] if isinstance(ids, int) else list(ids)
-
-
-def _check_sampling(sampling: SamplingParams) -> None:
-    """Reject parameters ``generate`` would silently misread; name the field and the fix."""
-    if sampling.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {sampling.top_p}")
-    if sampling.top_k == 0 or sampling.top_k < -1:
-        raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {sampling.top_k}")
-    if sampling.n < 1 or sampling.max_new_tokens < 1:
-        raise ValueError(
-            f"SamplingParams.n and max_new_tokens must be >= 1, got n={sampling.n}, "
-            f"max_new_tokens={sampling.max_new_tokens}"
-        )
 
 
 class HFRolloutEngine:
@@ -140,12 +125,10 @@ class HFRolloutEngine:
         so the same prompts, params and ``batch_size`` give the same samples; different
         batch sizes give different (equally valid) samples.
         """
-        _check_sampling(sampling)
+        sampling.check()
         if self._released:
             raise RuntimeError("HFRolloutEngine.generate after release_memory(); call resume_memory() first")
-        for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        check_prompts(prompts)
         copies = 1 if sampling.temperature == 0 else sampling.n
         jobs = [(index, copy) for index in range(len(prompts)) for copy in range(copies)]
         jobs.sort(key=lambda job: -len(prompts[job[0]]))  # stable: ties keep prompt order

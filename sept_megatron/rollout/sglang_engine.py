@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket
+from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, check_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -145,19 +145,6 @@ def stop_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
 
 
 # --- sampling -------------------------------------------------------------------------------
-def check_sampling(sampling: SamplingParams) -> None:
-    """Reject values SGLang would refuse mid-batch; name the field and the fix."""
-    if sampling.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {sampling.top_p}")
-    if sampling.top_k == 0 or sampling.top_k < -1:
-        raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {sampling.top_k}")
-    if sampling.n < 1 or sampling.max_new_tokens < 1:
-        raise ValueError(f"SamplingParams.n and max_new_tokens must be >= 1, got n={sampling.n}, "
-                         f"max_new_tokens={sampling.max_new_tokens}")
-
-
 def sample_seed(seed: int, prompt_index: int, copy: int, copies: int) -> int:
     """A distinct, reproducible seed per (prompt, sample), within SGLang's int64 range."""
     return (seed * 1_000_003 + prompt_index * copies + copy) % (2**63)
@@ -174,7 +161,7 @@ def request_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int],
     (the caller copies it ``n`` times). ``max_new_tokens`` is always set (SGLang's default is
     128) and top_k=-1 means no cut in both APIs.
     """
-    check_sampling(sampling)
+    sampling.check()
     greedy = sampling.temperature == 0
     copies = 1 if greedy else sampling.n
     base = {"max_new_tokens": sampling.max_new_tokens, "n": 1,
@@ -348,9 +335,7 @@ class SGLangRolloutEngine:
         if self._weights_stale:
             raise RuntimeError("the SGLang engine holds no valid weights (released, or an FP8 "
                                "engine before its first sync); call update_weights() first")
-        for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        check_prompts(prompts)
         if not prompts:
             return []
         prompt_of, params = request_sampling_params(sampling, self.stop_ids, len(prompts))

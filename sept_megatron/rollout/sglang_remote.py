@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket
+from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, check_prompts
 from sept_megatron.rollout.sglang_engine import (
     check_sglang_version, group_generations, request_sampling_params, stop_token_ids)
 
@@ -115,9 +115,7 @@ class SGLangRemoteEngine:
     # --- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
                  ) -> list[list[Generation]]:
-        for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        check_prompts(prompts)
         if not prompts:
             return []
         prompt_of, params = request_sampling_params(sampling, self.stop_ids, len(prompts))
