@@ -3,11 +3,13 @@ refresh the rollout engine with the new weights, repeat.
 
     torchrun --nproc-per-node=N -m sept_megatron.cli train --config X.yaml [key=value ...]
 
-Every rank runs :func:`run`. The rollout engine (hf backend) lives on global rank 0; its
-answers are broadcast, each data-parallel rank trains on its share, and the resharder streams
-the updated weights back into the engine. Modes (``train.mode``): ``online`` (SePT), ``offline``
-(the base model answers the whole bank once, then only training), ``coupled`` (tau_s = tau_t,
-the paper's zero-expected-gradient control).
+Every rank runs :func:`run`. Every rank also hosts a rollout engine (colocated; engine groups
+of ``rollout.engine_tp`` ranks, see :mod:`sept_megatron.rollout.placement`): the round's
+questions are spread over all engines and the answers come back to every rank in order
+(:mod:`sept_megatron.rollout.orchestration`), each data-parallel rank trains on its share, and
+the resharder streams the updated weights into every engine. Modes (``train.mode``): ``online``
+(SePT), ``offline`` (the base model answers the whole bank once, then only training),
+``coupled`` (tau_s = tau_t, the paper's zero-expected-gradient control).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from sept_megatron.data import Question, QuestionSampler, filter_by_prompt_lengt
 from sept_megatron.logging import build_logger, setup_console_logging
 from sept_megatron.reshard import sync_weights
 from sept_megatron.rollout import SamplingParams, build_engine
+from sept_megatron.rollout.orchestration import DataParallelEngines
+from sept_megatron.rollout.placement import build_placement
 from sept_megatron.train import SFTTrainer, Sample, load_trainer_state, trainer_sharded_state_dict
 
 
@@ -94,10 +98,11 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     if resume_from:
         start = _resume(trainer, sampler, resume_from)
         logger.info("resumed from %s at round %d", resume_from, start)
-    engine = _build_engine(cfg, tokenizer) if env.rank == 0 else None
+    engines = build_engines(cfg, env.rank)
+    engine = engines.local  # this rank's engine: every rank syncs weights into its own
     if start > 0 or cfg.model.megatron_ckpt:
         sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20)
-    offline_answers = _offline_answers(cfg, engine, bank, prompt_ids, tokenizer) \
+    offline_answers = _offline_answers(cfg, engines, bank, prompt_ids) \
         if cfg.train.mode == "offline" else None
 
     metrics: dict[str, float] = {}
@@ -108,8 +113,8 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         tau_s = _tau_for_round(cfg, round_index, rounds)
         questions = sampler.next_batch(cfg.train.prompts_per_round)
         with _timer(timings, "generate"):
-            batch = generate_round(cfg, engine, questions, prompt_ids, tau_s, round_index,
-                                   tokenizer, offline_answers)
+            batch = generate_round(cfg, engines, questions, prompt_ids, tau_s, round_index,
+                                   offline_answers)
         # 2. Plain SFT on those answers, one optimizer step per mini-batch.
         with _timer(timings, "train"):
             fit_before = trainer.evaluate_loss(batch.samples) if cfg.train.measure_round_fit else None
@@ -122,7 +127,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
             if cfg.train.mode != "offline":
                 sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20)
         metrics = round_metrics(step_logs, batch, timings, tau_s, round_index, rounds)
-        metrics |= _maybe_validate(cfg, engine, tokenizer, round_index)
+        metrics |= _maybe_validate(cfg, engines, tokenizer, round_index)
         with _timer(timings, "checkpoint"):
             _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch)
         metrics["timing/checkpoint"] = timings["checkpoint"]
@@ -235,13 +240,18 @@ def build_model(cfg: Config, arch: mdl.ModelArch, resume_from: str | None) -> md
     return model
 
 
-def _build_engine(cfg: Config, tokenizer):
+def build_engines(cfg: Config, rank: int) -> DataParallelEngines:
+    """Every rank's engine (collective: the engine groups' process groups are created here)."""
+    placement = build_placement(cfg.rollout.engine_tp)
     # Colocated with this rank's trainer: the same device unless rollout.device says otherwise.
     device = cfg.rollout.device if cfg.rollout.device != "auto" else str(distributed.compute_device())
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with compat.suspended():
-        return build_engine(cfg.rollout.backend, cfg.model.hf_path, device=device, dtype=dtype,
-                            batch_size=cfg.rollout.batch_size, progress=cfg.logging.progress)
+        engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, device=device, dtype=dtype,
+                              batch_size=cfg.rollout.batch_size,
+                              progress=cfg.logging.progress and rank == 0,
+                              group=placement.mine, process_group=placement.process_group)
+    return DataParallelEngines(placement, engine)
 
 
 def _resume(trainer: SFTTrainer, sampler: QuestionSampler, ckpt_dir: str) -> int:
@@ -258,28 +268,29 @@ def _tau_for_round(cfg: Config, round_index: int, rounds: int) -> float:
     return sampling_temperature(cfg.rollout, round_index / rounds)
 
 
-def generate_round(cfg: Config, engine, questions: list[Question], prompt_ids: dict[int, list[int]],
-                   tau_s: float, round_index: int, tokenizer, offline_answers=None) -> RoundBatch:
-    """Rank 0 generates (or looks up offline answers); every rank receives the same batch."""
-    payload = None
-    if engine is not None:
-        start = time.perf_counter()
-        if offline_answers is not None:
-            generations = [offline_answers[q.index] for q in questions]
-        else:
-            sampling = SamplingParams(temperature=tau_s, top_p=cfg.rollout.top_p,
-                                      top_k=cfg.rollout.top_k, n=cfg.rollout.n,
-                                      max_new_tokens=cfg.data.max_response_length,
-                                      seed=cfg.train.seed * 100_003 + round_index)
-            with compat.suspended():
-                generations = engine.generate([prompt_ids[q.index] for q in questions], sampling)
-        payload = _round_payload(cfg, questions, prompt_ids, generations, tau_s,
-                                 time.perf_counter() - start)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [payload]
-        dist.broadcast_object_list(box, src=0)
-        payload = box[0]
-    return payload
+def round_seed(seed: int, round_index: int) -> int:
+    return seed * 100_003 + round_index
+
+
+def generate_round(cfg: Config, engines: DataParallelEngines, questions: list[Question],
+                   prompt_ids: dict[int, list[int]], tau_s: float, round_index: int,
+                   offline_answers=None) -> RoundBatch:
+    """Every engine answers its share (or offline answers are looked up); every rank ends with
+    the same batch, in question order."""
+    start = time.perf_counter()
+    if offline_answers is not None:
+        generations = [offline_answers[q.index] for q in questions]
+    else:
+        sampling = _rollout_sampling(cfg, tau_s, round_seed(cfg.train.seed, round_index))
+        with compat.suspended():
+            generations = engines.generate([prompt_ids[q.index] for q in questions], sampling)
+    return _round_payload(cfg, questions, prompt_ids, generations, tau_s,
+                          time.perf_counter() - start)
+
+
+def _rollout_sampling(cfg: Config, tau_s: float, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=tau_s, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                          n=cfg.rollout.n, max_new_tokens=cfg.data.max_response_length, seed=seed)
 
 
 def _round_payload(cfg, questions, prompt_ids, generations, tau_s, seconds) -> RoundBatch:
@@ -341,36 +352,32 @@ class _timer:
 
 
 # --- offline mode, validation, checkpoints ------------------------------------------------
-def _offline_answers(cfg: Config, engine, bank, prompt_ids, tokenizer):
-    """The base model answers the whole bank once, at tau_start (rank 0 only)."""
-    if engine is None:
-        return None
-    sampling = SamplingParams(temperature=cfg.rollout.tau_start, top_p=cfg.rollout.top_p,
-                              top_k=cfg.rollout.top_k, n=cfg.rollout.n,
-                              max_new_tokens=cfg.data.max_response_length, seed=cfg.train.seed)
+def _offline_answers(cfg: Config, engines: DataParallelEngines, bank, prompt_ids):
+    """The base model answers the whole bank once, at tau_start, spread over every engine."""
+    sampling = _rollout_sampling(cfg, cfg.rollout.tau_start, cfg.train.seed)
     with compat.suspended():
-        generations = engine.generate([prompt_ids[q.index] for q in bank], sampling)
+        generations = engines.generate([prompt_ids[q.index] for q in bank], sampling)
     return {q.index: g for q, g in zip(bank, generations)}
 
 
-def _maybe_validate(cfg: Config, engine, tokenizer, round_index: int) -> dict[str, float]:
+def _maybe_validate(cfg: Config, engines: DataParallelEngines, tokenizer,
+                    round_index: int) -> dict[str, float]:
+    """Every engine answers its share of the validation questions; rank 0 grades."""
     every = cfg.eval.every_n_rounds
     if not every or not cfg.eval.benchmarks or (round_index + 1) % every:
         return {}
-    metrics = {}
-    if engine is not None:
-        from sept_megatron.eval.sweep import evaluate_once
+    from sept_megatron.eval.sweep import evaluate_once
 
-        benchmarks: dict[str, list[Question]] = {}
-        for path in cfg.eval.benchmarks:
-            for q in load_questions(path):
-                benchmarks.setdefault(q.source, []).append(q)
-        with compat.suspended():
-            metrics = evaluate_once(
-                engine, tokenizer, benchmarks, temperature=cfg.eval.temperature, n=cfg.eval.n,
-                max_questions=cfg.eval.max_questions, template=cfg.data.chat_template,
-                max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_length,
-                seed=cfg.train.seed)
+    benchmarks: dict[str, list[Question]] = {}
+    for path in cfg.eval.benchmarks:
+        for q in load_questions(path):
+            benchmarks.setdefault(q.source, []).append(q)
+    with compat.suspended():
+        metrics = evaluate_once(
+            engines, tokenizer, benchmarks, temperature=cfg.eval.temperature, n=cfg.eval.n,
+            max_questions=cfg.eval.max_questions, template=cfg.data.chat_template,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_length,
+            seed=cfg.train.seed)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)

@@ -39,7 +39,12 @@ _BACKENDS: dict[str, Callable[..., RolloutEngine]] = {"hf": _build_hf, "sglang":
 
 
 def build_engine(backend: str, model_path: str | None = None, **kwargs: Any) -> RolloutEngine:
-    """Build the rollout engine named by ``rollout.backend``; kwargs go to its constructor."""
+    """Build the rollout engine named by ``rollout.backend``; kwargs go to its constructor.
+
+    Under a placement (:mod:`sept_megatron.rollout.placement`) every rank of an engine group
+    builds one, passing ``group=`` its :class:`~sept_megatron.rollout.placement.EngineGroup`
+    and ``process_group=`` the group's torch.distributed group (None in a world of one).
+    """
     if backend not in _BACKENDS:
         raise ValueError(f"rollout.backend={backend!r} is not one of {sorted(_BACKENDS)}")
     return _BACKENDS[backend](model_path, **kwargs)
