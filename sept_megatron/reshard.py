@@ -11,15 +11,13 @@ Two parts, kept apart so the first can be tested without any process group:
 Data path of one bucket, within each model replica (the TP x PP ranks of one data-parallel
 rank; replicas hold bitwise-equal weights after every optimizer step, since Megatron
 all-gathers updated parameters synchronously, so each replica serves its own ranks and
-nothing crosses data-parallel ranks): each TP rank of the bucket's stage copies its own pieces
-into their places in its flat buffer, then one batched point-to-point exchange
-(``batch_isend_irecv`` on the model-parallel group: an all-gather over TP peers and a
-broadcast to the other stages at once) lands every other rank's pieces directly in place.
-Row-parallel pieces (split along columns) land in a scratch buffer and are copied in; the
-fused QKV and gate/up shards are sent as the contiguous HF row blocks they already are. No
-``torch.cat``, no per-tensor collective, no leader that forwards the whole bucket. Every rank
-then hands the same buckets to :meth:`RolloutEngine.update_weights` (in :func:`sync_weights`,
-the one place buckets meet an engine).
+nothing crosses data-parallel ranks): each TP rank of the bucket's stage writes its own pieces
+(:func:`tp_pieces`) into their places in the bucket's flat buffer, and the other ranks' pieces
+arrive in place by one of two transports (:mod:`sept_megatron.sync_transport`): one batched
+point-to-point exchange (GPU, or CPU across hosts), or a shared-memory buffer that every rank
+of the replica maps (CPU ranks on one host). No ``torch.cat``, no per-tensor collective, no
+leader that forwards the whole bucket. Every rank then hands the same buckets to its engine's
+``update_weights`` in :func:`sync_weights`, the one place buckets meet an engine.
 """
 
 from __future__ import annotations
@@ -28,11 +26,9 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
 from sept_megatron.convert.adapters import Kind, TensorRule, adapter_for, canonical_name
 from sept_megatron.convert.hf_import import expected_hf_shapes, layer_offset
-from sept_megatron.distributed import compute_device
 from sept_megatron.model import MegatronModel, ModelArch
 
 
@@ -184,166 +180,30 @@ def _live_params(model: MegatronModel) -> dict[str, torch.Tensor]:
     return params
 
 
-@dataclass(frozen=True)
-class _Replica:
-    """This rank's model replica: (stage, TP rank) -> global rank, who wants buckets, and the
-    group the exchange runs on."""
-
-    ranks: dict[tuple[int, int], int]
-    receivers: frozenset[int]
-    group: object
-
-
-def _replica(receive: bool) -> _Replica:
-    """Collective over the model-parallel group (one small object all-gather per sync)."""
-    from megatron.core import parallel_state as ps
-
-    me = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-          dist.get_rank() if dist.is_initialized() else 0, receive)
-    group = ps.get_model_parallel_group()
-    everyone = [me]
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        everyone = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, me, group=group)
-    return _Replica({(stage, tp): rank for stage, tp, rank, _ in everyone},
-                    frozenset(rank for *_, rank, wants in everyone if wants), group)
-
-
-# Host buffers are kept between syncs: a fresh one would be zero-filled page by page by the OS
-# on first touch, about the cost of one more copy of the model. On CUDA the caching allocator
-# reuses freed blocks at no cost, and holding the buffer would take memory from the trainer.
-_HOST_BUFFERS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-
-def _flat_buffer(numel: int, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
-    if device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    buffer = _HOST_BUFFERS.get((name, dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffer = _HOST_BUFFERS[(name, dtype)] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel]
-
-
-def _hf_views(bucket: list[SyncItem], flat: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Each item's HF tensors as views into the bucket's flat buffer, in plan order."""
-    views, start = [], 0
-    for it in bucket:
-        item_views = []
-        for shape in it.hf_shapes:
-            n = int(torch.Size(shape).numel())
-            item_views.append(flat[start: start + n].view(shape))
-            start += n
-        views.append(item_views)
-    return views
-
-
-class _BucketExchange:
-    """One bucket's point-to-point plan on one rank: copy own pieces, post sends and receives
-    (tags: item position x 4 + HF index, so gloo pairs them; NCCL pairs them by order, which
-    both sides share), then finish the column pieces."""
-
-    def __init__(self, model: MegatronModel, replica: _Replica, params: dict[str, torch.Tensor]):
-        from megatron.core import parallel_state as ps
-
-        self.model, self.replica, self.params = model, replica, params
-        self.tp = ps.get_tensor_model_parallel_world_size()
-        self.stage = ps.get_pipeline_model_parallel_rank()
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
-        self.rank = replica.ranks[(self.stage, self.tp_rank)]
-        self.device = compute_device()
-
-    def run(self, bucket: list[SyncItem], views: list[list[torch.Tensor]], receive: bool) -> None:
-        ops: list[dist.P2POp] = []
-        columns: list[tuple[torch.Tensor, torch.Tensor]] = []  # (strided target, received block)
-        stage = bucket[0].stage
-        if stage == self.stage:
-            self._own_pieces(bucket, views, ops)
-        if receive:
-            self._receives(bucket, views, stage, ops, columns)
-        if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
-        for target, block in columns:
-            target.copy_(block)
-
-    def _own_pieces(self, bucket, views, ops) -> None:
-        peers = [rank for (stage, tp), rank in self.replica.ranks.items()
-                 if rank != self.rank and rank in self.replica.receivers]
-        for position, (it, item_views) in enumerate(zip(bucket, views)):
-            shard = self.params[it.megatron_name]
-            for piece in tp_pieces(it, self.tp, self.tp_rank, self.model.padded_vocab):
-                source = piece_source(it, piece, shard, self.model.arch)
-                target = piece_target(item_views[piece.hf_index], piece, source.shape)
-                target.copy_(source)
-                # Contiguous row blocks go out from the buffer (QKV's q/k/v blocks are strided in
-                # the shard); column blocks from the shard itself.
-                outgoing = target if piece.dim == 0 else source
-                for peer in peers:
-                    if piece.replicated and (self.tp_rank != 0 or self._stage_of(peer) == self.stage):
-                        continue  # TP peers hold their own copy; tp rank 0 serves other stages
-                    ops.append(dist.P2POp(dist.isend, outgoing, peer, self.replica.group,
-                                          tag=position * 4 + piece.hf_index))
-
-    def _receives(self, bucket, views, stage, ops, columns) -> None:
-        senders = [(tp, rank) for (s, tp), rank in self.replica.ranks.items()
-                   if s == stage and rank != self.rank]
-        scratch = self._column_scratch(bucket, stage, senders)
-        used = 0
-        for position, (it, item_views) in enumerate(zip(bucket, views)):
-            for tp_rank, sender in senders:
-                for piece in tp_pieces(it, self.tp, tp_rank, self.model.padded_vocab):
-                    if piece.replicated and (tp_rank != 0 or stage == self.stage):
-                        continue
-                    hf_tensor = item_views[piece.hf_index]
-                    if piece.dim == 0:
-                        incoming = hf_tensor[piece.start: piece.start + piece.length]
-                    else:
-                        rows = hf_tensor.shape[0]
-                        incoming = scratch[used: used + rows * piece.length].view(rows, piece.length)
-                        used += rows * piece.length
-                        columns.append((piece_target(hf_tensor, piece, incoming.shape), incoming))
-                    ops.append(dist.P2POp(dist.irecv, incoming, sender, self.replica.group,
-                                          tag=position * 4 + piece.hf_index))
-
-    def _column_scratch(self, bucket, stage, senders) -> torch.Tensor:
-        numel = sum(it.hf_shapes[0][0] * piece.length for it in bucket
-                    if it.rule.kind is Kind.ROW_PARALLEL
-                    for tp_rank, _ in senders
-                    for piece in tp_pieces(it, self.tp, tp_rank, self.model.padded_vocab))
-        return _flat_buffer(numel, self.model.config.params_dtype, self.device, "columns")
-
-    def _stage_of(self, rank: int) -> int:
-        return next(stage for (stage, _), r in self.replica.ranks.items() if r == rank)
-
-
-def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *,
-                      receive: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *, receive: bool = True,
+                      transport: str = "auto") -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Collective over all ranks: a rank with ``receive`` yields every HF-named bucket of the
     model, in plan order; a rank without yields nothing but must exhaust the iterator (it
-    sends its pieces). A bucket's tensors are views into a buffer reused by the next bucket."""
+    sends its pieces). A bucket's tensors are views into a buffer that a later bucket reuses:
+    consume (copy) each one before asking for the next. ``transport``: auto, peer or shared
+    (see :func:`sept_megatron.sync_transport.choose_transport`; the same on every rank)."""
     from megatron.core import parallel_state as ps
+
+    from sept_megatron.sync_transport import choose_transport
 
     plan = sync_plan(model.arch, ps.get_pipeline_model_parallel_world_size(),
                      ps.get_virtual_pipeline_model_parallel_world_size())
-    dtype = model.config.params_dtype
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = torch.empty((), dtype=model.config.params_dtype).element_size()
     buckets = plan_buckets(plan, bucket_bytes, element_size)
-    replica = _replica(receive)
-    exchange = _BucketExchange(model, replica, _live_params(model))
-    needed_by_others = len(replica.receivers - {exchange.rank}) > 0
     largest = max(sum(it.numel for it in bucket) for bucket in buckets)
-    for bucket in buckets:
-        on_stage = bucket[0].stage == exchange.stage
-        if not receive and not (on_stage and needed_by_others):
-            continue
-        numel = sum(it.numel for it in bucket)
-        flat = _flat_buffer(largest, dtype, exchange.device, "bucket")[:numel]
-        views = _hf_views(bucket, flat)
+    mover = choose_transport(model, _live_params(model), largest, receive, transport)
+    for index, bucket in enumerate(buckets):
         with torch.no_grad():
-            exchange.run(bucket, views, receive)
+            views = mover.assemble(index, bucket)
         if receive:
             yield [(name, view) for it, item_views in zip(bucket, views)
                    for name, view in zip(it.hf_names, item_views)]
+    mover.finish()
 
 
 def sync_weights(model: MegatronModel, engine, bucket_bytes: int) -> int:

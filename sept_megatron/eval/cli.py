@@ -16,7 +16,8 @@ On several GPUs (or CPU processes), launch it under torchrun: every rank hosts a
 grades (``--grading-workers`` processes) and writes the files; the results equal a
 one-process run's::
 
-    torchrun --nproc-per-node=8 -m sept_megatron.cli eval --model ... --benchmarks ... --out ...
+    torchrun --nproc-per-node=8 -m sept_megatron.cli eval --model ... --benchmarks ... \\
+        --samples 32 --out ...   # --samples: torchrun takes --n for one of its own flags
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated .parquet/.jsonl files, or a directory of them")
     parser.add_argument("--temperatures", default=DEFAULT_TEMPERATURES, type=_temperature_list,
                         help=f"comma-separated, >= 0; 0 = greedy (default {DEFAULT_TEMPERATURES})")
-    parser.add_argument("--n", type=int, default=32, help="samples per question (default 32)")
+    # --samples: torchrun's own argument parser refuses "--n" (a prefix of --nnodes, ...).
+    parser.add_argument("--n", "--samples", dest="n", type=int, default=32,
+                        help="samples per question (default 32; --samples under torchrun)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
     parser.add_argument("--max-questions", type=int, default=None,
                         help="evaluate only the first N questions of each benchmark")

@@ -222,6 +222,7 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 def _verify_in_process(ground_truth: str, answer: str, timeout_s: float) -> bool:
     """math_verify equivalence under a wall-clock deadline; a timeout or error is wrong."""
+    _warm_up_child()  # importing math_verify (sympy) takes seconds: no answer's budget pays it
     try:
         with _deadline(timeout_s):
             return _math_verify(ground_truth, answer)
@@ -279,6 +280,7 @@ def _grade_in_child(ground_truth: str, answer: str, timeout_s: float) -> bool:
     return _verify_in_process(ground_truth, answer, timeout_s)
 
 
+@functools.cache
 def _warm_up_child() -> bool:
     import math_verify  # noqa: F401 - pay the sympy import before the first deadline
 

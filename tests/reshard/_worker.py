@@ -91,14 +91,19 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
         mine["buckets_sent"] = sync_weights(model, engine, small)
         mine["engine_after"] = engine.model(tokens).logits.cpu()
         mine["engine_state"] = {k: v.cpu().clone() for k, v in engine.model.state_dict().items()}
-    # Collective: every rank walks each stream and receives every bucket...
+    # Collective: every rank walks each stream and receives every bucket (the small buckets by
+    # point-to-point messages, the large ones through shared memory, the sync above by the
+    # automatic choice: shared memory on one CPU host)...
     mine["streams"] = {
         size: [[(name, t.cpu().clone()) for name, t in bucket]
-               for bucket in stream_hf_buckets(model, size)]
-        for size in (small, large)}
+               for bucket in stream_hf_buckets(model, size, transport=transport)]
+        for size, transport in ((small, "peer"), (large, "shared"))}
     # ... or only rank 0 does (as when only rank 0 has an engine): the others only send.
-    mine["stream_rank0_only"] = [[(name, t.cpu().clone()) for name, t in bucket]
-                                 for bucket in stream_hf_buckets(model, large, receive=rank == 0)]
+    mine["stream_rank0_only"] = {
+        transport: [[(name, t.cpu().clone()) for name, t in bucket]
+                    for bucket in stream_hf_buckets(model, large, receive=rank == 0,
+                                                    transport=transport)]
+        for transport in ("peer", "shared")}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     distributed.shutdown(keep_process_group=True)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 MODELS = {"qwen2-tied": ("qwen2", {"tie_word_embeddings": True}), "qwen3": ("qwen3", {})}
 LAYOUTS = {"tp2pp1": (2, 1), "tp1pp2": (1, 2), "tp1pp1": (1, 1)}  # 2 processes: DP=2 for the last
-SMALL_BUCKET, LARGE_BUCKET = 16 * 1024, 1024 * 1024
+SMALL_BUCKET, LARGE_BUCKET = 16 * 1024, 1024 * 1024  # streamed point-to-point / shared memory
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +102,12 @@ def test_bucket_size_changes_only_the_number_of_buckets(name, layout, synced, hf
 def test_ranks_without_an_engine_only_send(name, layout, synced):
     r = record(synced, name, layout)
     rank0, rank1 = r["ranks"]
-    assert rank1["stream_rank0_only"] == []
-    only = flat_stream(rank0["stream_rank0_only"])
     full = flat_stream(rank0["streams"][LARGE_BUCKET])
-    assert [n for n, _ in only] == [n for n, _ in full]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(only, full))
+    for transport in ("peer", "shared"):
+        assert rank1["stream_rank0_only"][transport] == []
+        only = flat_stream(rank0["stream_rank0_only"][transport])
+        assert [n for n, _ in only] == [n for n, _ in full]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(only, full)), transport
 
 
 @pytest.mark.parametrize("name", MODELS)
