@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -353,10 +354,14 @@ class _timer:
 
 # --- offline mode, validation, checkpoints ------------------------------------------------
 def _offline_answers(cfg: Config, engines: DataParallelEngines, bank, prompt_ids):
-    """The base model answers the whole bank once, at tau_start, spread over every engine."""
+    """The base model answers the whole bank once, at tau_start, spread over every engine.
+    Every rank keeps all answers, token ids packed as int32 (a Python list costs ~9x more)."""
     sampling = _rollout_sampling(cfg, cfg.rollout.tau_start, cfg.train.seed)
     with compat.suspended():
         generations = engines.generate([prompt_ids[q.index] for q in bank], sampling)
+    for row in generations:
+        for generation in row:
+            generation.token_ids = array("i", generation.token_ids)
     return {q.index: g for q, g in zip(bank, generations)}
 
 

@@ -47,7 +47,8 @@ def main(inputs: str, out: str, tp: str, pp: str) -> None:
             "samples": [[s.prompt_ids, s.response_ids] for s in batch.samples],
             "finish": [row["finish_reason"] for row in batch.rows]})
     offline = loop._offline_answers(cfg, engines, bank[:11], prompt_ids)
-    record["offline"] = {str(index): [g.token_ids for g in gens] for index, gens in offline.items()}
+    record["offline"] = {str(index): [list(g.token_ids) for g in gens]
+                         for index, gens in offline.items()}
     record["validation"] = loop._maybe_validate(cfg, engines, tokenizer, round_index=0)
     rank = dist.get_rank()
     Path(f"{out}.rank{rank}").write_text(json.dumps(record))
