@@ -35,7 +35,9 @@ setup(
         "psutil>=5.9",  # dist_checkpointing's async writer imports it
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "datasets>=3.0"],  # datasets: the HF-datasets-dir loader test
+        # datasets: the HF-datasets-dir loader test; accelerate: transformers' FP8 loader
+        # (loading an exported FP8 checkpoint on CPU, tests/convert/test_fp8_export.py).
+        "test": ["pytest==9.2.0", "datasets>=3.0", "accelerate==1.15.0"],
         # GPU only: import lazily, never required on CPU. (Never the PyPI package "apex".)
         "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5"],
     },

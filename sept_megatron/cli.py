@@ -3,6 +3,7 @@
     sept-megatron train --config X.yaml [key=value ...]     # under torchrun / srun for N > 1
     sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
+    sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
     sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
@@ -53,7 +54,14 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "config": _show_config}
+def _bench(argv: list[str]) -> int:
+    from sept_megatron.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "bench": _bench,
+            "config": _show_config}
 
 
 def main(argv: list[str] | None = None) -> int:

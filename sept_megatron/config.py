@@ -160,6 +160,12 @@ class CheckpointConfig:
     resume: bool = True
     export_hf: bool = True
     """Write an HF checkpoint of the final model to run_dir/hf_final."""
+    async_save: bool = False
+    """Write training checkpoints in the background (dist_checkpointing's async save): training
+    waits only while the tensors are staged in host memory, a forked process writes them, and
+    the rename + ``latest`` pointer happen once every rank's writer is done (a job killed
+    mid-save resumes from the previous checkpoint). At most one save is in flight; the run
+    waits for it before the next save and at the end."""
 
 
 @dataclass(kw_only=True)
@@ -331,9 +337,38 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if m.fp8 and m.transformer_impl == "local":
         err("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
             "transformer_engine (and run on GPU), or model.fp8=null")
+    _validate_fp8(cfg, arch, err)
     _validate_layout(cfg, world_size, arch, err)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_fp8(cfg: Config, arch, err) -> None:
+    """FP8 training (TE) and FP8 rollout weights: what the config alone can rule out."""
+    m, r = cfg.model, cfg.rollout
+    if m.fp8 and cfg.parallel.device == "cpu":
+        err(f"model.fp8={m.fp8} needs a Hopper GPU but parallel.device=cpu; set "
+            "parallel.device=auto (or cuda), or model.fp8=null")
+    if r.weights == "fp8" and r.backend == "hf":
+        # transformers keeps FP8 weights only on a GPU (compute capability >= 8.9) and
+        # dequantises an FP8 checkpoint to bf16 at load on CPU, so the hf engine would only
+        # ever hold dequantised copies: refuse rather than pretend.
+        err("rollout.weights=fp8 needs rollout.backend=sglang (an SGLang engine started from "
+            "an FP8 config holds e4m3 weights); the hf engine keeps the training dtype: set "
+            "rollout.weights=native or rollout.backend=sglang")
+    if arch is None:
+        return
+    if m.fp8 and cfg.parallel.tensor_parallel >= 1:
+        from sept_megatron.fp8_training import fp8_shape_problems
+
+        for problem in fp8_shape_problems(arch, cfg.parallel.tensor_parallel):
+            err(f"model.fp8={m.fp8}: {problem}; use a TP that keeps it a multiple, or model.fp8=null")
+    if r.weights == "fp8" and r.backend == "sglang" and r.engine_tp >= 1:
+        from sept_megatron.convert.fp8 import sglang_block_problems
+
+        for problem in sglang_block_problems(arch, r.engine_tp):
+            err(f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or "
+                "rollout.weights=native")
 
 
 def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:

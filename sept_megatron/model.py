@@ -297,14 +297,15 @@ def build_megatron_model(arch: ModelArch, *, tensor_parallel: int, pipeline_para
                          fp8: str | None = None, fp8_format: str = "hybrid",
                          padded_vocab: int) -> MegatronModel:
     """Build this rank's stages (process groups must exist). Weights are random here."""
+    te = use_transformer_engine(transformer_impl)
+    if fp8:  # refuse before anything is built or loaded
+        from sept_megatron.fp8_training import require_fp8_training
+
+        require_fp8_training(fp8, arch, tensor_parallel=tensor_parallel, transformer_engine=te)
     config = transformer_config(
         arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
         virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel,
         params_dtype=params_dtype, fp8_recipe=fp8, fp8_format=fp8_format)
-    te = use_transformer_engine(transformer_impl)
-    if fp8 and not te:
-        raise ValueError("model.fp8 is set but Transformer Engine is not in use; install "
-                         "sept_megatron[gpu] and run on CUDA, or set model.fp8=null")
     chunks = build_model_stages(arch, config, padded_vocab=padded_vocab, transformer_engine=te)
     device = distributed.compute_device()
     chunks = [chunk.to(device) for chunk in chunks]

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sept_megatron.convert.adapters import Kind, TensorRule, adapter_for, canonical_name
+from sept_megatron.convert.fp8 import rollout_bucket_transform
 from sept_megatron.convert.hf_import import expected_hf_shapes, layer_offset
 from sept_megatron.model import MegatronModel, ModelArch
 
@@ -206,10 +207,14 @@ def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *, receive: bool 
     mover.finish()
 
 
-def sync_weights(model: MegatronModel, engine, bucket_bytes: int) -> int:
+def sync_weights(model: MegatronModel, engine, bucket_bytes: int, *,
+                 weights: str = "native") -> int:
     """Push the trainer's current weights into this rank's engine (None: this rank only
-    sends); collective over all ranks. Returns the number of buckets the engine received."""
-    stream = stream_hf_buckets(model, bucket_bytes, receive=engine is not None)
+    sends); collective over all ranks. Returns the number of buckets the engine received.
+    ``weights`` is ``rollout.weights``: ``fp8`` quantises each bucket on every receiving rank
+    (linear weights -> e4m3 + ``weight_scale_inv``, the export's quantiser)."""
+    stream = rollout_bucket_transform(weights, model.arch)(
+        stream_hf_buckets(model, bucket_bytes, receive=engine is not None))
     if engine is None:
         return sum(1 for _ in stream)
     count = 0

@@ -22,6 +22,7 @@ import torch
 from sept_megatron import model as mdl
 from sept_megatron.config import TrainConfig
 from sept_megatron.distributed import compute_device
+from sept_megatron.fp8_training import token_multiple
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class SFTTrainer:
     # -- data layout -------------------------------------------------------------------------
     def _micro_batches(self, mini_batch: Sequence[Sample]) -> tuple[list[MicroBatch], int]:
         """This DP rank's share of a mini-batch, cut into micro-batches of one length."""
-        seq_len = padded_length(mini_batch)
+        seq_len = padded_length(mini_batch, token_multiple(self.model.config))
         mine = list(mini_batch[self.dp_rank:: self.dp_size])
         size = self.cfg.micro_batch_size
         mbs = [_to_device(make_micro_batch(mine[i: i + size], seq_len, self.pad_id), self.device)
