@@ -1,6 +1,6 @@
 """Grading throughput: one process against a :class:`GradingPool` of ``--workers`` processes.
 
-    python tools/measure_grading.py --benchmarks ../shared/data/benchmarks --workers 2
+    python tools/measure_grading.py --benchmarks ../shared/data/benchmarks --workers 2 [--limit N]
 
 Responses are built from every ground truth of the benchmark files: the boxed truth itself, a
 perturbed (wrong) truth, and both again inside ``\\left( \\right)`` and with a trailing
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmarks", type=Path, required=True, help="directory of .parquet files")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="grade only this many responses (spread evenly over all of them)")
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -57,6 +59,10 @@ def main(argv=None) -> int:
     for path in sorted(args.benchmarks.glob("*.parquet")):
         truths += [row["ground_truth"] for row in pd.read_parquet(path)["reward_model"]]
     responses, targets = responses_for(truths)
+    if args.limit and args.limit < len(responses):
+        step = len(responses) / args.limit
+        keep = [int(i * step) for i in range(args.limit)]
+        responses, targets = [responses[i] for i in keep], [targets[i] for i in keep]
     grading._warm_up_child()  # both sides start with math_verify imported
 
     half = len(responses) // 2  # the second half is timed once the workers are up

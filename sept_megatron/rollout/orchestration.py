@@ -49,10 +49,6 @@ class DataParallelEngines:
         return cls(Placement((EngineGroup(0, (0,)),), rank=0), engine)
 
     @property
-    def tokenizer(self):
-        return self.local.tokenizer
-
-    @property
     def num_engines(self) -> int:
         return self.placement.num_engines
 
