@@ -15,7 +15,13 @@ What it installs (see ``../shared/notes/megatron-on-cpu.md`` for how each was fo
 2. ``torch.cuda.current_device`` -> ``"cpu"``; ``synchronize``/``empty_cache`` no-ops;
    ``is_available`` stays False so our own code can still tell.
 3. A CPU RNG tracker in place of Megatron's CUDA RNG tracker (same ``add``/``fork`` contract,
-   CPU generator states), so per-TP-rank RNG streams still differ as Megatron intends.
+   CPU generator states), so per-TP-rank RNG streams still differ as Megatron intends. Megatron's
+   activation recomputation (``tensor_parallel.checkpoint``, ``CheckpointWithoutOutput``)
+   snapshots and restores "all RNG states" (CPU, CUDA generator, tracker) around the recomputed
+   forward; its CUDA-generator getter/setter are replaced by :func:`_no_cuda_generator_state` /
+   a no-op: on the CPU every draw (dropout included) comes from the CPU generator and the
+   tracker's CPU states, which Megatron already snapshots, so a recomputed forward sees the same
+   random numbers as the first one.
 4. Callers pass an explicit causal mask (:func:`sept_megatron.model.causal_mask`): the default
    mask is built on "cuda" in code paths the mode cannot see.
 
@@ -311,11 +317,19 @@ class CPURNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _no_cuda_generator_state(*args, **kwargs) -> torch.Tensor:
+    """Stands in for Megatron's ``_get_cuda_rng_state``: there is no CUDA generator here."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
 def _install_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Module globals looked up at call time by _get_all_rng_states / _set_all_rng_states.
+    mrandom._get_cuda_rng_state = _no_cuda_generator_state
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def _patch_torch_cuda() -> None:

@@ -28,6 +28,11 @@ class ModelConfig:
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
     transformer_impl: str = "auto"
     """auto (TE when importable and on CUDA), transformer_engine, local."""
+    attention: str = "sdpa"
+    """Core attention of the local layers (TE brings its own fused attention): sdpa
+    (torch.nn.functional.scaled_dot_product_attention: flash/cuDNN kernels on GPU, GQA without
+    repeated K/V, no [b * heads, s, s] scores kept) or unfused (Megatron's DotProductAttention,
+    which materialises fp32 scores: the reference, and what the 0.16 local spec ships)."""
     fp8: str | None = None
     """FP8 recipe through TE: null, delayed, tensorwise, blockwise."""
     fp8_format: str = "hybrid"
@@ -121,8 +126,11 @@ class TrainConfig:
     tau_train: float = 1.0
     """Training temperature tau_t: logits are divided by it in the loss."""
     recompute: str = "none"
-    """Activation recomputation (Megatron's own): none, selective (core attention) or full
-    (every transformer layer)."""
+    """Activation recomputation (Megatron's own, see model.recompute_kwargs): none; selective
+    (Megatron's selective recompute of core attention: large savings with
+    model.attention=unfused, almost none with sdpa or TE, whose fused attention keeps no
+    [s, s] scores); full (each transformer layer keeps only its input and is recomputed in
+    backward: about one more forward pass of compute for the smallest activation memory)."""
     drop_truncated: bool = False
     """Reference behaviour keeps answers that hit max_response_length."""
     measure_round_fit: bool = False
@@ -281,6 +289,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 _CHOICES = {
     "model.params_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.transformer_impl": ("auto", "transformer_engine", "local"),
+    "model.attention": ("sdpa", "unfused"),
     "model.fp8": (None, "delayed", "tensorwise", "blockwise"),
     "model.fp8_format": ("e4m3", "hybrid"),
     "parallel.backend": ("auto", "nccl", "gloo"),

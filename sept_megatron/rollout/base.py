@@ -30,6 +30,18 @@ class SamplingParams:
     engines or calls, each call passing its prompts' positions in the whole batch, draws the
     same samples as one call (see :mod:`sept_megatron.rollout.orchestration`)."""
 
+    def check(self) -> None:
+        """Reject values an engine would misread or refuse mid-batch; name the field and the fix."""
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {self.top_k}")
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.n and max_new_tokens must be >= 1, got n={self.n}, "
+                             f"max_new_tokens={self.max_new_tokens}")
+
 
 def sequence_seed(seed: int, key: int, copy: int) -> int:
     """The seed of one sequence's sampling stream: a 63-bit hash of (call seed, prompt key,
@@ -47,6 +59,13 @@ def sequence_seeds(sampling: SamplingParams, num_prompts: int) -> list[list[int]
     if len(keys) != num_prompts:
         raise ValueError(f"SamplingParams.seed_keys has {len(keys)} keys for {num_prompts} prompts")
     return [[sequence_seed(sampling.seed, key, copy) for copy in range(sampling.n)] for key in keys]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    """Every prompt needs at least one token: engines cannot start from nothing."""
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index} is empty; generation needs at least one token")
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,8 @@ from transformers.generation.logits_process import (
     LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
     TopPLogitsWarper)
 
-from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, sequence_seeds
+from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket, check_prompts,
+                                          sequence_seeds)
 
 logger = logging.getLogger(__name__)
 
@@ -35,21 +36,6 @@ def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
     return [ids] if isinstance(ids, int) else list(ids)
-
-
-def _check_sampling(sampling: SamplingParams) -> None:
-    """Reject parameters ``generate`` would silently misread; name the field and the fix."""
-    if sampling.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {sampling.top_p}")
-    if sampling.top_k == 0 or sampling.top_k < -1:
-        raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {sampling.top_k}")
-    if sampling.n < 1 or sampling.max_new_tokens < 1:
-        raise ValueError(
-            f"SamplingParams.n and max_new_tokens must be >= 1, got n={sampling.n}, "
-            f"max_new_tokens={sampling.max_new_tokens}"
-        )
 
 
 class HFRolloutEngine:
@@ -151,12 +137,10 @@ class HFRolloutEngine:
         given (the same sequence, prompt, weights and batch give the same sample, and torch's
         global RNG is left untouched), else from torch's global RNG.
         """
-        _check_sampling(sampling)
+        sampling.check()
         if self._released:
             raise RuntimeError("HFRolloutEngine.generate after release_memory(); call resume_memory() first")
-        for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
+        check_prompts(prompts)
         greedy = sampling.temperature == 0
         copies = 1 if greedy else sampling.n
         seeds = None if greedy else _row_seeds(sampling, len(prompts))
