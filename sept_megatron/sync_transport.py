@@ -15,8 +15,12 @@ on every rank that hosts an engine; the TP ranks of the bucket's stage hold its 
   one file in /dev/shm with two bucket slots: each TP rank of the stage writes its pieces into
   the slot, a barrier, and every engine reads the bucket from the shared pages. A slot is
   rewritten two buckets later, after a barrier that every reader reaches only once it has
-  consumed the bucket (the stream hands out one bucket at a time); the next sync starts with
-  :func:`replica_of`'s all-gather, which every rank reaches only after its last bucket.
+  consumed the bucket (the stream hands out one bucket at a time). The slots alternate across
+  syncs too (one counter per mapping, advanced in step on every rank), so the same argument
+  covers the first buckets of the next sync and no collective is needed between syncs.
+
+Where a replica's ranks sit (:func:`replica_of`) is agreed once per process and cached; a
+sync adds one all-gather of one integer per rank (who receives) to its bucket exchanges.
 """
 
 from __future__ import annotations
@@ -50,26 +54,47 @@ class Replica:
         return next(stage for (stage, _), r in self.ranks.items() if r == rank)
 
 
+_LAYOUTS: dict[tuple, tuple[dict[tuple[int, int], int], bool]] = {}
+
+
 def replica_of(receive: bool, shared_bytes: int) -> Replica:
-    """Collective over the model-parallel group: one small object all-gather per sync (it also
-    keeps consecutive syncs apart, so a buffer is never rewritten while still being read)."""
+    """This rank's replica (collective over the model-parallel group). Where the ranks sit
+    (stage, TP rank, host, room in /dev/shm) does not change during a run: it is agreed by one
+    object all-gather the first time and cached. Who receives is agreed at every sync by one
+    all-gather of one integer per rank (a rank may sync with or without an engine)."""
     from megatron.core import parallel_state as ps
 
+    group = ps.get_model_parallel_group()
+    size = dist.get_world_size(group)
+    key = (tuple(dist.get_process_group_ranks(group)), ps.get_tensor_model_parallel_world_size(),
+           ps.get_pipeline_model_parallel_world_size(), shared_bytes)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _layout(group, size, shared_bytes)
+    ranks, shared_memory = _LAYOUTS[key]
     device = compute_device()
-    shm_fits = (device.type == "cpu" and os.path.isdir(SHM_DIR)
+    flags = [torch.tensor([int(receive)], device=device)]
+    if size > 1:
+        flags = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(size)]
+        dist.all_gather(flags, torch.tensor([int(receive)], device=device), group=group)
+    group_ranks = dist.get_process_group_ranks(group) if size > 1 else [dist.get_rank()]
+    receivers = frozenset(rank for rank, flag in zip(group_ranks, flags) if int(flag.item()))
+    return Replica(ranks=ranks, receivers=receivers, group=group, shared_memory=shared_memory)
+
+
+def _layout(group, size: int, shared_bytes: int) -> tuple[dict[tuple[int, int], int], bool]:
+    from megatron.core import parallel_state as ps
+
+    shm_fits = (compute_device().type == "cpu" and os.path.isdir(SHM_DIR)
                 and _free_bytes(SHM_DIR) >= 2 * shared_bytes)
     me = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-          dist.get_rank(), receive, socket.gethostname(), shm_fits)
-    group = ps.get_model_parallel_group()
+          dist.get_rank(), socket.gethostname(), shm_fits)
     everyone = [me]
-    if dist.get_world_size(group) > 1:
-        everyone = [None] * dist.get_world_size(group)
+    if size > 1:
+        everyone = [None] * size
         dist.all_gather_object(everyone, me, group=group)
     hosts = {host for *_, host, _ in everyone}
-    return Replica(ranks={(stage, tp): rank for stage, tp, rank, *_ in everyone},
-                   receivers=frozenset(rank for _, _, rank, wants, *_ in everyone if wants),
-                   group=group,
-                   shared_memory=len(hosts) == 1 and all(e[-1] for e in everyone))
+    return ({(stage, tp): rank for stage, tp, rank, *_ in everyone},
+            len(hosts) == 1 and all(e[-1] for e in everyone))
 
 
 def _free_bytes(path: str) -> int:
@@ -234,7 +259,7 @@ class SharedMemoryTransport(_Transport):
 
     def assemble(self, index: int, bucket: list[SyncItem]) -> list[list[torch.Tensor]] | None:
         numel = sum(it.numel for it in bucket)
-        slot = self.slots[index % 2][:numel]
+        slot = self.slots.next()[:numel]
         views = hf_views(bucket, slot)
         if bucket[0].stage == self.stage:  # replicated norms: TP rank 0 writes them
             for _ in self.write_own(bucket, views, replicated=self.tp_rank == 0):
@@ -243,11 +268,24 @@ class SharedMemoryTransport(_Transport):
         return views if self.receive else None
 
 
+class _Slots:
+    """The two bucket slots of one mapping, handed out alternately for the whole process."""
+
+    def __init__(self, flat: torch.Tensor, largest: int) -> None:
+        self.slots = (flat[:largest], flat[largest:])
+        self.used = 0
+
+    def next(self) -> torch.Tensor:
+        slot = self.slots[self.used % 2]
+        self.used += 1
+        return slot
+
+
 # One mapping per (replica, size, dtype), kept for the process: mapping pages is not free.
-_SHARED: dict[tuple, list[torch.Tensor]] = {}
+_SHARED: dict[tuple, _Slots] = {}
 
 
-def _shared_slots(replica: Replica, largest: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def _shared_slots(replica: Replica, largest: int, dtype: torch.dtype) -> _Slots:
     key = (tuple(sorted(replica.ranks.items())), largest, dtype)
     if key not in _SHARED:
         creator = min(replica.ranks.values())
@@ -264,5 +302,5 @@ def _shared_slots(replica: Replica, largest: int, dtype: torch.dtype) -> list[to
         dist.barrier(group=replica.group)
         if dist.get_rank() == creator:
             os.unlink(box[0])
-        _SHARED[key] = [flat[:largest], flat[largest:]]
+        _SHARED[key] = _Slots(flat, largest)
     return _SHARED[key]

@@ -14,6 +14,7 @@ spread over several engines give the samples one engine gives.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -191,6 +192,12 @@ class HFRolloutEngine:
 
     # --- weights -----------------------------------------------------------------------
 
+    @functools.cached_property
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """:meth:`_named_tensors`, looked up once per placement of the model (``Module.to``
+        keeps parameters but replaces buffers, so release/resume forget it)."""
+        return self._named_tensors()
+
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         """Every loadable name: parameters, tied aliases included (``lm_head.weight`` and
         ``model.embed_tokens.weight`` name the same tensor when tied), then buffers."""
@@ -208,7 +215,7 @@ class HFRolloutEngine:
         With ``strict=True`` the call must be a full sync: every parameter must have been
         written (either name of a tied pair counts), else ``ValueError`` lists the missing.
         """
-        targets = self._named_tensors()
+        targets = self._targets
         written: set[int] = set()
         count = 0
         with torch.no_grad():
@@ -225,7 +232,9 @@ class HFRolloutEngine:
                             f"update_weights: shape mismatch for {name!r}: got {tuple(tensor.shape)}, "
                             f"model has {tuple(target.shape)}"
                         )
-                    target.copy_(tensor.detach().to(device=target.device, dtype=target.dtype))
+                    if tensor.device != target.device or tensor.dtype != target.dtype:
+                        tensor = tensor.to(device=target.device, dtype=target.dtype)
+                    target.copy_(tensor)
                     written.add(id(target))
                     count += 1
         if strict:
@@ -244,6 +253,7 @@ class HFRolloutEngine:
         """On CUDA, park the model in host memory and free the cache; no-op on CPU."""
         if self.device.type == "cuda" and not self._released:
             self.model.to("cpu")
+            self.__dict__.pop("_targets", None)
             torch.cuda.empty_cache()
             self._released = True
 
@@ -251,6 +261,7 @@ class HFRolloutEngine:
         """Move the model back to the accelerator before the next generation."""
         if self._released:
             self.model.to(self.device)
+            self.__dict__.pop("_targets", None)
             self._released = False
 
 
