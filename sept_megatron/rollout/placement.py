@@ -127,3 +127,13 @@ def build_placement(engine_tp: int) -> Placement:
         if rank in group.ranks:
             own = handle
     return Placement(tuple(groups), rank, own)
+
+
+def server_placement() -> Placement:
+    """Disaggregated rollout: the SGLang servers form one engine to the orchestration, owned by
+    global rank 0 (its client spreads the prompts over the servers); every rank is in its
+    group, so every rank receives the answers. No process group: the servers are reached over
+    HTTP and their own weight-update groups."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Placement((EngineGroup(0, tuple(range(world))),), rank)

@@ -261,11 +261,16 @@ def _gather_full(shard: torch.Tensor, rule) -> torch.Tensor:
     return tp_join(rule.kind, parts)
 
 
-def sync_weights_to_servers(model, engine: SGLangRemoteEngine | None, bucket_bytes: int) -> int:
-    """Collective over all trainer ranks; stage leaders pass their ``engine`` (others None).
+def sync_weights_to_servers(model, engine: SGLangRemoteEngine | None, bucket_bytes: int, *,
+                            weights: str = "native") -> int:
+    """Collective over all trainer ranks; rank 0 and the stage leaders pass their ``engine``
+    (others None). ``weights`` is ``rollout.weights`` (fp8: each bucket quantised on its
+    leader, as the colocated sync does).
 
     Returns the buckets this rank sent. Stage by stage, with a barrier between stages.
     """
+    from sept_megatron.convert.fp8 import rollout_bucket_transform
+
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -283,7 +288,7 @@ def sync_weights_to_servers(model, engine: SGLangRemoteEngine | None, bucket_byt
             name = f"sept-stage{stage}"
             if is_leader:
                 engine.connect(name)
-            stream = stage_hf_buckets(model, bucket_bytes)
+            stream = rollout_bucket_transform(weights, model.arch)(stage_hf_buckets(model, bucket_bytes))
             sent = engine.broadcast_buckets(stream, name, _device()) if is_leader else sum(1 for _ in stream)
         if multi:
             dist.barrier()  # one stage at a time: servers serve one update request at a time
