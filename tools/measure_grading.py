@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     count = len(responses)
     print(json.dumps({
         "gradings": count, "workers": args.workers, "agree": pooled == single,
+        "disagreements": sum(a != b for a, b in zip(pooled, single)),
         "correct": sum(single),
         "one_process_per_s": count / sum(single_times),
         "pool_per_s_with_startup": count / sum(pool_times),
