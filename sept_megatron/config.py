@@ -93,7 +93,9 @@ class RolloutConfig:
     n: int = 1
     """Answers per question."""
     batch_size: int = 64
-    """Sequences per generate() call of the hf backend."""
+    """Sequences per generate() call of the hf backend. A rollout is dealt over the engines in
+    whole batches, so one engine and many draw the same samples (exactly when it is a multiple
+    of ``n``); engines beyond ceil(prompts x n / batch_size) get nothing to do."""
     bucket_size_mb: int = 512
     """Weight-sync bucket size."""
     device: str = "auto"

@@ -101,15 +101,7 @@ def initialize(*, tensor_parallel: int, pipeline_parallel: int,
     on_gpu = resolve_device(device) == "cuda"
     if not on_gpu:
         compat.enable_cpu_megatron(force=True)
-    if backend == "auto":
-        backend = "nccl" if on_gpu else "gloo"
-    if on_gpu:
-        torch.cuda.set_device(env.local_rank)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", env.master_port)
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    backend = init_world(on_gpu, backend, timeout_minutes)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
@@ -121,6 +113,22 @@ def initialize(*, tensor_parallel: int, pipeline_parallel: int,
     log.info("rank %d/%d: TP=%d PP=%d DP=%d backend=%s", env.rank, env.world_size, tensor_parallel,
              pipeline_parallel, parallel_state.get_data_parallel_world_size(), backend)
     return env
+
+
+def init_world(on_gpu: bool, backend: str = "auto", timeout_minutes: int = 30) -> str:
+    """The default process group only (no Megatron groups: the eval CLI needs no more); on
+    GPU each rank takes ``cuda:<local rank>``. Returns the backend."""
+    env = launch_env()
+    if backend == "auto":
+        backend = "nccl" if on_gpu else "gloo"
+    if on_gpu:
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", env.master_port)
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return backend
 
 
 def set_seed(seed: int) -> None:

@@ -170,12 +170,15 @@ def request_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int],
             "top_p": 1.0 if greedy else float(sampling.top_p),
             "top_k": 1 if greedy else int(sampling.top_k),
             "skip_special_tokens": True}
+    keys = sampling.seed_keys if sampling.seed_keys is not None else range(num_prompts)
+    if len(keys) != num_prompts:
+        raise ValueError(f"SamplingParams.seed_keys has {len(keys)} keys for {num_prompts} prompts")
     prompt_of, params = [], []
     for index in range(num_prompts):
         for copy in range(copies):
             request = dict(base)
-            if sampling.seed is not None:
-                request["sampling_seed"] = sample_seed(sampling.seed, index, copy, copies)
+            if sampling.seed is not None:  # keyed by the prompt's place in the whole rollout
+                request["sampling_seed"] = sample_seed(sampling.seed, keys[index], copy, copies)
             prompt_of.append(index)
             params.append(request)
     return prompt_of, params

@@ -226,7 +226,7 @@ def stage_hf_buckets(model, bucket_bytes: int) -> Iterator[list[tuple[str, torch
     from megatron.core import parallel_state as ps
 
     from sept_megatron.convert.adapters import full_to_hf
-    from sept_megatron.reshard import _gather_full, _live_params, plan_buckets, sync_plan
+    from sept_megatron.reshard import _live_params, plan_buckets, sync_plan
 
     arch = model.arch
     plan = sync_plan(arch, ps.get_pipeline_model_parallel_world_size(),
@@ -247,11 +247,30 @@ def stage_hf_buckets(model, bucket_bytes: int) -> Iterator[list[tuple[str, torch
             yield named
 
 
-def sync_weights_to_servers(model, engine: SGLangRemoteEngine | None, bucket_bytes: int) -> int:
-    """Collective over all trainer ranks; stage leaders pass their ``engine`` (others None).
+def _gather_full(shard: torch.Tensor, rule) -> torch.Tensor:
+    """A parameter's full Megatron tensor from its TP shards (collective over the TP group)."""
+    from megatron.core import parallel_state as ps
+
+    from sept_megatron.convert.adapters import tp_join
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return shard.detach()
+    parts = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(parts, shard.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return tp_join(rule.kind, parts)
+
+
+def sync_weights_to_servers(model, engine: SGLangRemoteEngine | None, bucket_bytes: int, *,
+                            weights: str = "native") -> int:
+    """Collective over all trainer ranks; rank 0 and the stage leaders pass their ``engine``
+    (others None). ``weights`` is ``rollout.weights`` (fp8: each bucket quantised on its
+    leader, as the colocated sync does).
 
     Returns the buckets this rank sent. Stage by stage, with a barrier between stages.
     """
+    from sept_megatron.convert.fp8 import rollout_bucket_transform
+
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -269,7 +288,7 @@ def sync_weights_to_servers(model, engine: SGLangRemoteEngine | None, bucket_byt
             name = f"sept-stage{stage}"
             if is_leader:
                 engine.connect(name)
-            stream = stage_hf_buckets(model, bucket_bytes)
+            stream = rollout_bucket_transform(weights, model.arch)(stage_hf_buckets(model, bucket_bytes))
             sent = engine.broadcast_buckets(stream, name, _device()) if is_leader else sum(1 for _ in stream)
         if multi:
             dist.barrier()  # one stage at a time: servers serve one update request at a time

@@ -1,5 +1,6 @@
-"""The loop hands the colocated engine's GPU memory to Megatron for the SFT steps and takes it
-back before the weight sync; model.attention and train.recompute reach the model the loop
+"""The loop hands the colocated engine's GPU memory to Megatron for the SFT steps; the sync
+loads the new weights (an SGLang engine resumes its weights first) and the engine's memory is
+resumed after it; model.attention and train.recompute reach the model the loop
 builds. One `sept-megatron train` run (2 rounds) with the engine's calls recorded. On CPU the
 release / resume calls are no-ops of the hf engine; tests/rollout/test_engine_memory_gpu.py
 checks what they do on CUDA."""
@@ -27,9 +28,9 @@ def recorded(tiny_run_inputs, tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_engine_memory_is_released_for_training_and_resumed_before_the_sync(recorded):
+def test_engine_memory_is_released_for_training_and_resumed_after_the_sync(recorded):
     assert recorded["rc"] == 0
-    one_round = ["generate", "release_memory", "resume_memory", "update_weights"]
+    one_round = ["generate", "release_memory", "update_weights", "resume_memory"]
     assert recorded["calls"] == one_round * 2
 
 

@@ -304,6 +304,9 @@ def test_backend_kwargs_follow_the_rollout_section(tiny):
     remote = backend_kwargs(RolloutConfig(backend="sglang", placement="disaggregated",
                                           server_urls=["http://n1:30000"]), **common)
     assert remote["server_urls"] == ["http://n1:30000"] and remote["placement"] == "disaggregated"
+    assert remote["weight_backend"] == "gloo"  # the trainer's device is the CPU here
+    assert backend_kwargs(RolloutConfig(backend="sglang", placement="disaggregated"),
+                          **dict(common, device="cuda:0"))["weight_backend"] == "nccl"
 
 
 @pytest.mark.slow
