@@ -11,7 +11,7 @@ box is wrong. Equivalence is decided in two steps:
 
 Grading must never crash or hang on adversarial output, because one stuck answer stalls a
 whole evaluation sweep. So inputs are capped in length, every failure grades as wrong, and
-``math_verify`` runs under a wall-clock deadline. ``math_verify``'s own timeouts use
+``math_verify`` runs under a deadline of CPU time (so grades do not depend on machine load). ``math_verify``'s own timeouts use
 ``signal.alarm`` and so only work in the main thread (and only with whole seconds, once per
 comparison rather than once per answer); we switch them off and instead:
 
@@ -50,10 +50,11 @@ MAX_RESPONSE_CHARS = 65_536
 # Longest boxed answer handed to sympy; longer ones can still match on the string fast path.
 # The longest ground truth in the six benchmarks is ~210 characters.
 MAX_ANSWER_CHARS = 1_024
-# Wall-clock budget for math_verify on one answer (parse both sides + compare).
+# CPU-time budget for math_verify on one answer (parse both sides + compare).
 ANSWER_TIMEOUT_S = 1.5
-# Extra time a child process gets before it is killed (process start-up is paid once).
-_WORKER_GRACE_S = 3.0
+# Extra wall time a child process gets before it is killed: a backstop for a child stuck in
+# C code, where no signal arrives; generous, since the deadline itself counts CPU time.
+_WORKER_GRACE_S = 10.0
 _WORKER_STARTUP_S = 120.0
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -197,31 +198,34 @@ class _AnswerTimeout(BaseException):
 
 @contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    """Raise :class:`_AnswerTimeout` in the main thread after ``seconds`` of wall time.
+    """Raise :class:`_AnswerTimeout` in the main thread after ``seconds`` of this process's CPU time.
 
-    A timer armed by someone else (e.g. pytest-timeout) is put back, minus the time spent.
+    CPU time (``ITIMER_PROF``), not wall time: on a loaded machine a descheduled grader would
+    otherwise time out on answers it grades in time when idle, and the same answer would get
+    different grades from one process and from a pool (seen at load 5 on 2 cores: 1 in 1000).
+    Runaway sympy work burns CPU, so it is still cut off. A profiler's timer is put back.
     """
 
-    def on_alarm(signum: int, frame: object) -> None:
+    def on_timeout(signum: int, frame: object) -> None:
         raise _AnswerTimeout()
 
-    started = time.monotonic()
-    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
-    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.process_time()
+    previous_handler = signal.signal(signal.SIGPROF, on_timeout)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
         try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:  # the alarm may fire just as it is being cancelled; restore regardless
-            signal.signal(signal.SIGALRM, previous_handler)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+        finally:  # the timer may fire just as it is being cancelled; restore regardless
+            signal.signal(signal.SIGPROF, previous_handler)
             if previous_delay > 0:
-                remaining = max(previous_delay - (time.monotonic() - started), 1e-3)
-                signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
+                remaining = max(previous_delay - (time.process_time() - started), 1e-3)
+                signal.setitimer(signal.ITIMER_PROF, remaining, previous_interval)
 
 
 def _verify_in_process(ground_truth: str, answer: str, timeout_s: float) -> bool:
-    """math_verify equivalence under a wall-clock deadline; a timeout or error is wrong."""
+    """math_verify equivalence under a CPU-time deadline; a timeout or error is wrong."""
     _warm_up_child()  # importing math_verify (sympy) takes seconds: no answer's budget pays it
     try:
         with _deadline(timeout_s):
