@@ -20,10 +20,13 @@ setup(
         # The CPU compatibility layer is tested with 0.16.x; newer releases need Python >= 3.12.
         "megatron-core==0.16.1; python_version<'3.12'",
         "megatron-core>=0.16.1,<0.20; python_version>='3.12'",
-        "transformers==5.23.0",
+        # 5.23.0 on CPU (pip takes the newest allowed); the [gpu] extra's sglang 0.5.21 pins
+        # transformers 5.12.1, sentencepiece 0.2.1 and tokenizers 0.22.2, which our code and
+        # tests also pass with (README, "SGLang rollout": the chosen versions).
+        "transformers>=5.12.1,<=5.23.0",
         "safetensors==0.8.0",
         "math-verify==0.9.0",
-        "sentencepiece==0.2.3",
+        "sentencepiece>=0.2.1,<=0.2.3",
         "numpy>=1.26",
         "pyarrow>=15",
         "pandas>=2.2",
@@ -35,9 +38,11 @@ setup(
         "psutil>=5.9",  # dist_checkpointing's async writer imports it
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "datasets>=3.0"],  # datasets: the HF-datasets-dir loader test
+        # datasets: the HF-datasets-dir loader test; accelerate: transformers' FP8 loader
+        # (loading an exported FP8 checkpoint on CPU, tests/convert/test_fp8_export.py).
+        "test": ["pytest==9.2.0", "datasets>=3.0", "accelerate==1.15.0"],
         # GPU only: import lazily, never required on CPU. (Never the PyPI package "apex".)
-        "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5"],
+        "gpu": ["transformer-engine[pytorch]>=2.4", "sglang==0.5.21"],
     },
     entry_points={"console_scripts": ["sept-megatron=sept_megatron.cli:main"]},
 )

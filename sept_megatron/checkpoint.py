@@ -13,14 +13,21 @@ directory is first written as ``ROOT/.tmp-round_000012`` and renamed when comple
 pointer is replaced atomically last, so a job killed at any moment leaves the previous
 checkpoint intact and the next start resumes from it. dist_checkpointing can load at any
 TP/PP, so a checkpoint is not tied to the layout that wrote it.
+
+``checkpoint.async_save`` (:class:`CheckpointSaver`) writes the shards in a background process
+and does the rename + pointer in dist_checkpointing's finalize step, so the same guarantee
+holds while training only waits for the staging of the tensors.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -116,6 +123,16 @@ def save_checkpoint(root_or_dir: str, name: str | None, sharded_state_dict: dict
     """
     from megatron.core import dist_checkpointing
 
+    final, tmp = _prepare_temp_dir(root_or_dir, name, hf_side_dir)
+    dist_checkpointing.save(sharded_state_dict, os.path.join(tmp, "model"))
+    _barrier()
+    _publish(tmp, final, root_or_dir, name, meta)
+    _barrier()
+    return final
+
+
+def _prepare_temp_dir(root_or_dir: str, name: str | None, hf_side_dir: str) -> tuple[str, str]:
+    """(final path, its fixed temp sibling), the temp dir fresh with the HF side files in it."""
     final = os.path.join(root_or_dir, name) if name else root_or_dir
     parent, base = os.path.split(os.path.abspath(final))
     # A fixed temp name: what a killed job left half-written is simply replaced here.
@@ -126,18 +143,82 @@ def save_checkpoint(root_or_dir: str, name: str | None, sharded_state_dict: dict
         os.makedirs(os.path.join(tmp, "model"))
         copy_hf_side_files(hf_side_dir, os.path.join(tmp, "hf"))
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, os.path.join(tmp, "model"))
-    _barrier()
-    if _rank() == 0:
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta.to_json(), f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if name:
-            _write_pointer(root_or_dir, name)
-    _barrier()
-    return final
+    return final, tmp
+
+
+def _publish(tmp: str, final: str, root: str, name: str | None, meta: CheckpointMeta) -> None:
+    """Rank 0, once every shard is on disk: metadata, rename into place, then the pointer.
+    Until the rename a reader sees only the previous checkpoint."""
+    if _rank() != 0:
+        return
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(meta.to_json(), f, indent=1)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if name:
+        _write_pointer(root, name)
+
+
+class CheckpointSaver:
+    """Training checkpoints, written in the foreground or in the background.
+
+    ``async_save=False``: :func:`save_checkpoint`, then pruning; training waits for the disk.
+
+    ``async_save=True``: dist_checkpointing's async save. The call blocks only while the
+    shards are planned and staged in host memory (a GPU->CPU copy on GPU; on the CPU the
+    writer is a forked process whose copy-on-write view is the snapshot); a background
+    process writes them into ``ROOT/.tmp-<name>`` while training goes on. Renaming into
+    place, the ``latest`` pointer and pruning happen in the finalize callback, run on every
+    rank (:class:`AsyncCallsQueue`) only after every rank's writer has finished, so a job
+    killed mid-save still resumes from the previous checkpoint. At most one save is in
+    flight: :meth:`save` first finishes the outstanding one, and :meth:`finish` (end of
+    training) waits for it. Every method is collective: all ranks call it, in the same order.
+    """
+
+    def __init__(self, async_save: bool, keep_last: int):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.async_save, self.keep_last = async_save, keep_last
+        # persistent=False: a forked writer per save. The persistent (spawned) worker would
+        # receive CPU tensors by pickling, which megatron-core does not support yet.
+        self._queue = AsyncCallsQueue(persistent=False) if async_save else None
+
+    def save(self, root: str, name: str, sharded_state_dict: dict, meta: CheckpointMeta,
+             hf_side_dir: str) -> float:
+        """Save ``root/name``; returns the seconds this call blocked the caller."""
+        start = time.perf_counter()
+        if not self.async_save:
+            save_checkpoint(root, name, sharded_state_dict, meta, hf_side_dir)
+            prune_checkpoints(root, self.keep_last)
+            return time.perf_counter() - start
+        from megatron.core import dist_checkpointing
+
+        self._queue.maybe_finalize_async_calls(blocking=True)  # one save in flight at most
+        final, tmp = _prepare_temp_dir(root, name, hf_side_dir)
+        request = dist_checkpointing.save(sharded_state_dict, os.path.join(tmp, "model"),
+                                          async_sharded_save=True)
+        request.add_finalize_fn(partial(self._finalize, tmp, final, root, name, meta))
+        self._queue.schedule_async_request(request)
+        return time.perf_counter() - start
+
+    def _finalize(self, tmp: str, final: str, root: str, name: str, meta: CheckpointMeta) -> None:
+        _publish(tmp, final, root, name, meta)
+        prune_checkpoints(root, self.keep_last)
+
+    def poll(self) -> None:
+        """Publish a background save that has finished on every rank (never waits)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def finish(self) -> None:
+        """Wait for the outstanding background save and publish it."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.get_num_unfinalized_calls() if self._queue is not None else 0
 
 
 def _write_pointer(root: str, name: str) -> None:
@@ -160,11 +241,32 @@ def prune_checkpoints(root: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
 
 
-def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
-    """Load tensors (any TP/PP layout) into the given sharded state dict."""
-    from megatron.core import dist_checkpointing
+# Transformer Engine modules keep FP8 scaling state (recipe, amax history, scales) in
+# ``_extra_state``; Megatron saves it as a ShardedObject beside the weights, so an FP8 run
+# resumes with its scaling state. ``_extra_state3`` etc.: TE's grouped GEMMs.
+_EXTRA_STATE_KEY = re.compile(r"_extra_state\d*$")
 
-    return dist_checkpointing.load(sharded_state_dict, os.path.join(ckpt_dir, "model"))
+
+def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
+    """Load tensors (any TP/PP layout) into the given sharded state dict.
+
+    A checkpoint without some ``_extra_state`` objects the model asks for (written with local
+    layers, e.g. by tools/convert_hf_to_megatron.py, and loaded into TE layers: TE's attention
+    has one the local spec lacks) still loads: those modules keep their fresh FP8 state.
+    Anything else missing from the checkpoint is an error naming it.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, absent = dist_checkpointing.load(
+        sharded_state_dict, os.path.join(ckpt_dir, "model"),
+        strict=StrictHandling.RETURN_UNEXPECTED)  # "unexpected": asked for, not in the checkpoint
+    missing = sorted(key for key in absent if not _EXTRA_STATE_KEY.search(key))
+    if missing:
+        raise ValueError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
+                         f"e.g. {missing[:3]}; is it a checkpoint of another model, or one without the "
+                         "optimizer state a resume needs?")
+    return loaded
 
 
 def check_compatible(meta: CheckpointMeta, arch: ModelArch, tensor_parallel: int) -> None:

@@ -3,7 +3,9 @@
     sept-megatron train --config X.yaml [key=value ...]     # under torchrun / srun for N > 1
     sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
+    sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
     sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
+    sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
 process group, model or accelerator is touched.
@@ -18,6 +20,9 @@ import yaml
 
 
 def _train(argv: list[str]) -> int:
+    from sept_megatron import preemption
+
+    preemption.install()  # first: a SIGUSR1 during the slow imports must not end the rank
     from sept_megatron.config import load_config
     from sept_megatron.loop import run
 
@@ -26,7 +31,11 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
     args = parser.parse_args(argv)
-    run(load_config(args.config, args.overrides))
+    try:
+        run(load_config(args.config, args.overrides))
+    except preemption.Preempted as stopped:
+        print(f"sept-megatron train: {stopped}", file=sys.stderr)
+        return preemption.EXIT_PREEMPTED
     return 0
 
 
@@ -53,7 +62,20 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "config": _show_config}
+def _bench(argv: list[str]) -> int:
+    from sept_megatron.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from sept_megatron.plan import main as plan_main
+
+    return plan_main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "bench": _bench,
+            "config": _show_config, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,11 @@ class ModelConfig:
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
     transformer_impl: str = "auto"
     """auto (TE when importable and on CUDA), transformer_engine, local."""
+    attention: str = "sdpa"
+    """Core attention of the local layers (TE brings its own fused attention): sdpa
+    (torch.nn.functional.scaled_dot_product_attention: flash/cuDNN kernels on GPU, GQA without
+    repeated K/V, no [b * heads, s, s] scores kept) or unfused (Megatron's DotProductAttention,
+    which materialises fp32 scores: the reference, and what the 0.16 local spec ships)."""
     fp8: str | None = None
     """FP8 recipe through TE: null, delayed, tensorwise, blockwise."""
     fp8_format: str = "hybrid"
@@ -48,6 +53,14 @@ class ParallelConfig:
     """Where the trainer computes: auto (cuda when a GPU is visible, else cpu), cuda, cpu.
     ``cpu`` runs megatron-core through the CPU compatibility layer over gloo, also on a GPU
     machine. The environment variable SEPT_DEVICE, when set, overrides ``auto``."""
+    gpu_mem_gb: float | None = None
+    """Memory per GPU (GiB) the layout must fit: ``train`` runs the planner (``sept-megatron
+    plan``) before loading weights and refuses a layout that cannot fit. null: the CUDA
+    device's own memory; on CPU, null skips the check (there is no GPU memory to compare)."""
+    timeout_minutes: float = 30.0
+    """Collective timeout of every process group: a rank waiting on a dead or hung peer fails
+    after this long instead of hanging. Must exceed the longest wait of one rank on another
+    (generation on the engine rank, checkpoint save, the final HF export on rank 0)."""
 
 
 @dataclass(kw_only=True)
@@ -80,10 +93,13 @@ class RolloutConfig:
     n: int = 1
     """Answers per question."""
     batch_size: int = 64
-    """Sequences per generate() call of the hf backend."""
+    """Sequences per generate() call of the hf backend. A rollout is dealt over the engines in
+    whole batches, so one engine and many draw the same samples (exactly when it is a multiple
+    of ``n``); engines beyond ceil(prompts x n / batch_size) get nothing to do."""
     bucket_size_mb: int = 512
     """Weight-sync bucket size."""
     device: str = "auto"
+    """The hf engine's device: auto (the trainer's compute device on this rank), cpu, cuda:N."""
 
 
 @dataclass(kw_only=True)
@@ -118,8 +134,11 @@ class TrainConfig:
     tau_train: float = 1.0
     """Training temperature tau_t: logits are divided by it in the loss."""
     recompute: str = "none"
-    """Activation recomputation (Megatron's own): none, selective (core attention) or full
-    (every transformer layer)."""
+    """Activation recomputation (Megatron's own, see model.recompute_kwargs): none; selective
+    (Megatron's selective recompute of core attention: large savings with
+    model.attention=unfused, almost none with sdpa or TE, whose fused attention keeps no
+    [s, s] scores); full (each transformer layer keeps only its input and is recomputed in
+    backward: about one more forward pass of compute for the smallest activation memory)."""
     drop_truncated: bool = False
     """Reference behaviour keeps answers that hit max_response_length."""
     measure_round_fit: bool = False
@@ -159,6 +178,12 @@ class CheckpointConfig:
     resume: bool = True
     export_hf: bool = True
     """Write an HF checkpoint of the final model to run_dir/hf_final."""
+    async_save: bool = False
+    """Write training checkpoints in the background (dist_checkpointing's async save): training
+    waits only while the tensors are staged in host memory, a forked process writes them, and
+    the rename + ``latest`` pointer happen once every rank's writer is done (a job killed
+    mid-save resumes from the previous checkpoint). At most one save is in flight; the run
+    waits for it before the next save and at the end."""
 
 
 @dataclass(kw_only=True)
@@ -272,6 +297,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 _CHOICES = {
     "model.params_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.transformer_impl": ("auto", "transformer_engine", "local"),
+    "model.attention": ("sdpa", "unfused"),
     "model.fp8": (None, "delayed", "tensorwise", "blockwise"),
     "model.fp8_format": ("e4m3", "hybrid"),
     "parallel.backend": ("auto", "nccl", "gloo"),
@@ -317,6 +343,11 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         err(f"rollout.anneal_fraction={r.anneal_fraction}: must be in (0, 1]")
     if not 0 < r.top_p <= 1:
         err(f"rollout.top_p={r.top_p}: must be in (0, 1]")
+    if p.gpu_mem_gb is not None and p.gpu_mem_gb <= 0:
+        err(f"parallel.gpu_mem_gb={p.gpu_mem_gb}: must be > 0 GiB, or null (the device's own)")
+    if not p.timeout_minutes > 0:
+        err(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
+            "may wait before the job fails)")
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
     if r.backend == "hf" and r.engine_tp != 1:
@@ -330,9 +361,38 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if m.fp8 and m.transformer_impl == "local":
         err("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
             "transformer_engine (and run on GPU), or model.fp8=null")
+    _validate_fp8(cfg, arch, err)
     _validate_layout(cfg, world_size, arch, err)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_fp8(cfg: Config, arch, err) -> None:
+    """FP8 training (TE) and FP8 rollout weights: what the config alone can rule out."""
+    m, r = cfg.model, cfg.rollout
+    if m.fp8 and cfg.parallel.device == "cpu":
+        err(f"model.fp8={m.fp8} needs a Hopper GPU but parallel.device=cpu; set "
+            "parallel.device=auto (or cuda), or model.fp8=null")
+    if r.weights == "fp8" and r.backend == "hf":
+        # transformers keeps FP8 weights only on a GPU (compute capability >= 8.9) and
+        # dequantises an FP8 checkpoint to bf16 at load on CPU, so the hf engine would only
+        # ever hold dequantised copies: refuse rather than pretend.
+        err("rollout.weights=fp8 needs rollout.backend=sglang (an SGLang engine started from "
+            "an FP8 config holds e4m3 weights); the hf engine keeps the training dtype: set "
+            "rollout.weights=native or rollout.backend=sglang")
+    if arch is None:
+        return
+    if m.fp8 and cfg.parallel.tensor_parallel >= 1:
+        from sept_megatron.fp8_training import fp8_shape_problems
+
+        for problem in fp8_shape_problems(arch, cfg.parallel.tensor_parallel):
+            err(f"model.fp8={m.fp8}: {problem}; use a TP that keeps it a multiple, or model.fp8=null")
+    if r.weights == "fp8" and r.backend == "sglang" and r.engine_tp >= 1:
+        from sept_megatron.convert.fp8 import sglang_block_problems
+
+        for problem in sglang_block_problems(arch, r.engine_tp):
+            err(f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or "
+                "rollout.weights=native")
 
 
 def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:

@@ -90,14 +90,35 @@ def compute_device() -> torch.device:
 def initialize(*, tensor_parallel: int, pipeline_parallel: int,
                virtual_pipeline: int | None = None, seed: int = 1234,
                backend: str = "auto", device: str = "auto",
-               timeout_minutes: int = 30) -> LaunchEnv:
-    """Create the default process group and Megatron's TP/PP/DP groups; seed every RNG."""
+               timeout_minutes: float = 30) -> LaunchEnv:
+    """Create the default process group and Megatron's TP/PP/DP groups; seed every RNG.
+
+    ``timeout_minutes`` bounds every collective of every group: a rank whose peer died or hung
+    raises (gloo) or is aborted by the NCCL watchdog after that long, instead of hanging."""
     from megatron.core import parallel_state
 
     env = launch_env()
     on_gpu = resolve_device(device) == "cuda"
     if not on_gpu:
         compat.enable_cpu_megatron(force=True)
+    backend = init_world(on_gpu, backend, timeout_minutes)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline,
+            distributed_timeout_minutes=timeout_minutes,  # TP/PP/DP groups fail in time too
+        )
+    set_seed(seed)
+    log.info("rank %d/%d: TP=%d PP=%d DP=%d backend=%s", env.rank, env.world_size, tensor_parallel,
+             pipeline_parallel, parallel_state.get_data_parallel_world_size(), backend)
+    return env
+
+
+def init_world(on_gpu: bool, backend: str = "auto", timeout_minutes: int = 30) -> str:
+    """The default process group only (no Megatron groups: the eval CLI needs no more); on
+    GPU each rank takes ``cuda:<local rank>``. Returns the backend."""
+    env = launch_env()
     if backend == "auto":
         backend = "nccl" if on_gpu else "gloo"
     if on_gpu:
@@ -107,16 +128,7 @@ def initialize(*, tensor_parallel: int, pipeline_parallel: int,
         os.environ.setdefault("MASTER_PORT", env.master_port)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel,
-            pipeline_model_parallel_size=pipeline_parallel,
-            virtual_pipeline_model_parallel_size=virtual_pipeline,
-        )
-    set_seed(seed)
-    log.info("rank %d/%d: TP=%d PP=%d DP=%d backend=%s", env.rank, env.world_size, tensor_parallel,
-             pipeline_parallel, parallel_state.get_data_parallel_world_size(), backend)
-    return env
+    return backend
 
 
 def set_seed(seed: int) -> None:

@@ -3,11 +3,13 @@ refresh the rollout engine with the new weights, repeat.
 
     torchrun --nproc-per-node=N -m sept_megatron.cli train --config X.yaml [key=value ...]
 
-Every rank runs :func:`run`. The rollout engine (hf backend) lives on global rank 0; its
-answers are broadcast, each data-parallel rank trains on its share, and the resharder streams
-the updated weights back into the engine. Modes (``train.mode``): ``online`` (SePT), ``offline``
-(the base model answers the whole bank once, then only training), ``coupled`` (tau_s = tau_t,
-the paper's zero-expected-gradient control).
+Every rank runs :func:`run`. Every rank also hosts a rollout engine (colocated; engine groups
+of ``rollout.engine_tp`` ranks, see :mod:`sept_megatron.rollout.placement`): the round's
+questions are spread over all engines and the answers come back to every rank in order
+(:mod:`sept_megatron.rollout.orchestration`), each data-parallel rank trains on its share, and
+the resharder streams the updated weights into every engine. Modes (``train.mode``): ``online``
+(SePT), ``offline`` (the base model answers the whole bank once, then only training),
+``coupled`` (tau_s = tau_t, the paper's zero-expected-gradient control).
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ from __future__ import annotations
 import math
 import os
 import time
+from array import array
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from sept_megatron import checkpoint as ckpt_io
-from sept_megatron import compat, distributed
+from sept_megatron import compat, distributed, plan, preemption
 from sept_megatron import model as mdl
 from sept_megatron.config import Config, RolloutConfig, ConfigError, validate
 from sept_megatron.data import Question, QuestionSampler, filter_by_prompt_length, load_questions, render_prompts
 from sept_megatron.logging import build_logger, setup_console_logging
 from sept_megatron.reshard import sync_weights
-from sept_megatron.rollout import SamplingParams, build_engine
+from sept_megatron.rollout import SamplingParams, backend_kwargs, build_engine
+from sept_megatron.rollout.orchestration import DataParallelEngines
+from sept_megatron.rollout.placement import build_placement, server_placement
 from sept_megatron.train import SFTTrainer, Sample, load_trainer_state, trainer_sharded_state_dict
 
 
@@ -66,7 +71,7 @@ def run(cfg: Config) -> dict[str, float]:
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
         virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend,
-        device=cfg.parallel.device)
+        device=cfg.parallel.device, timeout_minutes=cfg.parallel.timeout_minutes)
     setup_console_logging(env.rank)
     logger = build_logger(cfg.logging, cfg.to_dict(), env.rank)
     try:
@@ -85,6 +90,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     sampler = QuestionSampler(bank, seed=cfg.data.shuffle_seed)
     ckpt_root = os.path.join(cfg.logging.run_dir, "checkpoints")
     resume_from = ckpt_io.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    saver = ckpt_io.CheckpointSaver(cfg.checkpoint.async_save, cfg.checkpoint.keep_last)
 
     model = build_model(cfg, arch, resume_from)
     trainer = SFTTrainer(model, cfg.train, total_steps=rounds * steps_per_round,
@@ -94,22 +100,30 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     if resume_from:
         start = _resume(trainer, sampler, resume_from)
         logger.info("resumed from %s at round %d", resume_from, start)
-    engine = _build_engine(cfg, tokenizer) if env.rank == 0 else None
-    if start > 0 or cfg.model.megatron_ckpt:
-        sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20)
-    offline_answers = _offline_answers(cfg, engine, bank, prompt_ids, tokenizer) \
+    engines = build_engines(cfg, env.rank, tokenizer)
+    engine = engines.local  # this rank's engine: every rank syncs weights into its own
+    # The engines start from model.hf_path; sync first when the trainer's weights differ
+    # (resumed, Megatron checkpoint) or the engine holds none yet (FP8: started with dummy
+    # weights from an FP8 config, see rollout.sglang_engine.prepare_fp8_model_dir).
+    if start > 0 or cfg.model.megatron_ckpt or cfg.rollout.weights == "fp8":
+        sync_rollout_weights(cfg.rollout, model, engine)
+    offline_answers = _offline_answers(cfg, engines, bank, prompt_ids) \
         if cfg.train.mode == "offline" else None
 
+    stop = preemption.install()
     metrics: dict[str, float] = {}
     bar = logger.progress(rounds, start, "SePT rounds")
     for round_index in range(start, rounds):
+        round_start = time.perf_counter()
         timings = {}
         # 1. Sample questions; the current model answers them at tau_s.
         tau_s = _tau_for_round(cfg, round_index, rounds)
         questions = sampler.next_batch(cfg.train.prompts_per_round)
         with _timer(timings, "generate"):
-            batch = generate_round(cfg, engine, questions, prompt_ids, tau_s, round_index,
-                                   tokenizer, offline_answers)
+            batch = generate_round(cfg, engines, questions, prompt_ids, tau_s, round_index,
+                                   offline_answers)
+            if engine is not None and cfg.rollout.placement == "colocated":
+                engine.release_memory()  # the engine's GPU memory goes to Megatron's steps
         # 2. Plain SFT on those answers, one optimizer step per mini-batch.
         with _timer(timings, "train"):
             fit_before = trainer.evaluate_loss(batch.samples) if cfg.train.measure_round_fit else None
@@ -120,17 +134,33 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         # 3. Online refresh: the next round is generated by the updated model.
         with _timer(timings, "sync"):
             if cfg.train.mode != "offline":
-                sync_weights(model, engine, cfg.rollout.bucket_size_mb << 20)
+                sync_rollout_weights(cfg.rollout, model, engine)  # weights back, then loaded
+            if engine is not None and cfg.rollout.placement == "colocated":
+                engine.resume_memory()  # ...then the KV cache (CUDA graphs), after the sync
         metrics = round_metrics(step_logs, batch, timings, tau_s, round_index, rounds)
-        metrics |= _maybe_validate(cfg, engine, tokenizer, round_index)
+        metrics |= _maybe_validate(cfg, engines, tokenizer, round_index)
         with _timer(timings, "checkpoint"):
-            _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch)
+            saved = _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root,
+                                      arch, saver)
         metrics["timing/checkpoint"] = timings["checkpoint"]
-        logger.log(metrics, step=round_index + 1)
         logger.save_samples(round_index + 1, batch.rows)
+        # The whole round up to its log record: what generate/train/sync/checkpoint leave out
+        # (payload, metrics, samples file) is the loop's own overhead.
+        metrics["timing/round"] = time.perf_counter() - round_start
+        logger.log(metrics, step=round_index + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tau=f"{tau_s:.2f}")
+        # Preemption (SIGUSR1 before the time limit, see preemption.py): all ranks agree, this
+        # round gets its checkpoint, and the requeued job resumes after it.
+        if round_index + 1 < rounds and stop.agreed():
+            if not saved:
+                _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root, arch,
+                                  saver, force=True)
+            saver.finish()  # published (renamed, pointer written) before the job may end
+            bar.close()
+            raise preemption.Preempted(round_index + 1)
     bar.close()
+    saver.finish()  # the last checkpoint is published before anything reads it
     if cfg.checkpoint.export_hf and env.rank == 0 and ckpt_io.latest_checkpoint(ckpt_root):
         _export_final(ckpt_root, cfg.logging.run_dir)
     return metrics
@@ -148,6 +178,8 @@ def check_config(cfg: Config) -> tuple[mdl.ModelArch, list[Question]]:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.hf_path={cfg.model.hf_path!r}: {exc}") from None
     validate(cfg, world, arch)
+    if arch is not None:
+        plan.check_fits(cfg, arch, world)  # the planner's memory check; no weights loaded yet
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give one or more parquet/JSONL files")
     questions: list[Question] = []
@@ -221,7 +253,8 @@ def build_model(cfg: Config, arch: mdl.ModelArch, resume_from: str | None) -> md
         virtual_pipeline=cfg.parallel.virtual_pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=mdl.resolve_dtype(cfg.model.params_dtype),
         transformer_impl=cfg.model.transformer_impl, fp8=cfg.model.fp8,
-        fp8_format=cfg.model.fp8_format, padded_vocab=padded)
+        fp8_format=cfg.model.fp8_format, padded_vocab=padded, attention=cfg.model.attention,
+        recompute=cfg.train.recompute)
     if resume_from:
         return model  # weights come with the optimizer state in _resume
     if cfg.model.megatron_ckpt:
@@ -235,13 +268,51 @@ def build_model(cfg: Config, arch: mdl.ModelArch, resume_from: str | None) -> md
     return model
 
 
-def _build_engine(cfg: Config, tokenizer):
-    on_gpu = torch.cuda.is_available()
-    device = cfg.rollout.device if cfg.rollout.device != "auto" else ("cuda" if on_gpu else "cpu")
+def build_engines(cfg: Config, rank: int, tokenizer=None) -> DataParallelEngines:
+    """Every rank's engine (collective: the engine groups' process groups are created here).
+
+    Colocated: one engine per engine group of ``rollout.engine_tp`` ranks; every rank of a
+    group holds the engine object (all take part in weight updates), its first rank
+    generates. Disaggregated: the SGLang servers are one engine to the orchestration, driven
+    by rank 0; rank 0 and each pipeline stage's leader hold a client (the leaders broadcast
+    their stage's weights to the servers, see :func:`sync_rollout_weights`).
+    """
+    # Colocated with this rank's trainer: the same device unless rollout.device says otherwise.
+    device = cfg.rollout.device if cfg.rollout.device != "auto" else str(distributed.compute_device())
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if cfg.rollout.placement == "disaggregated":
+        engine = None
+        if rank == 0 or _leads_its_stage():
+            engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
+                cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device,
+                dtype=dtype, progress=False))
+        return DataParallelEngines(server_placement(), engine)
+    placement = build_placement(cfg.rollout.engine_tp)
     with compat.suspended():
-        return build_engine(cfg.rollout.backend, cfg.model.hf_path, device=device, dtype=dtype,
-                            batch_size=cfg.rollout.batch_size, progress=cfg.logging.progress)
+        engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
+            cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
+            progress=cfg.logging.progress and rank == 0, placement=placement))
+    return DataParallelEngines(placement, engine)
+
+
+def _leads_its_stage() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+
+
+def sync_rollout_weights(rollout, model, engine) -> int:
+    """The trainer's weights into the rollout engines (collective over every rank); the one
+    place the sync path follows ``rollout.placement``. Colocated: every rank assembles the
+    full buckets and loads them into its own engine (an SGLang engine group loads through its
+    owner, :meth:`~sept_megatron.rollout.sglang_engine.SGLangRolloutEngine.update_weights`).
+    Disaggregated: each stage leader broadcasts its stage to the servers, one stage at a time."""
+    bucket_bytes = rollout.bucket_size_mb << 20
+    if rollout.placement == "disaggregated":
+        from sept_megatron.rollout.sglang_remote import sync_weights_to_servers
+
+        return sync_weights_to_servers(model, engine, bucket_bytes, weights=rollout.weights)
+    return sync_weights(model, engine, bucket_bytes, weights=rollout.weights)
 
 
 def _resume(trainer: SFTTrainer, sampler: QuestionSampler, ckpt_dir: str) -> int:
@@ -258,28 +329,29 @@ def _tau_for_round(cfg: Config, round_index: int, rounds: int) -> float:
     return sampling_temperature(cfg.rollout, round_index / rounds)
 
 
-def generate_round(cfg: Config, engine, questions: list[Question], prompt_ids: dict[int, list[int]],
-                   tau_s: float, round_index: int, tokenizer, offline_answers=None) -> RoundBatch:
-    """Rank 0 generates (or looks up offline answers); every rank receives the same batch."""
-    payload = None
-    if engine is not None:
-        start = time.perf_counter()
-        if offline_answers is not None:
-            generations = [offline_answers[q.index] for q in questions]
-        else:
-            sampling = SamplingParams(temperature=tau_s, top_p=cfg.rollout.top_p,
-                                      top_k=cfg.rollout.top_k, n=cfg.rollout.n,
-                                      max_new_tokens=cfg.data.max_response_length,
-                                      seed=cfg.train.seed * 100_003 + round_index)
-            with compat.suspended():
-                generations = engine.generate([prompt_ids[q.index] for q in questions], sampling)
-        payload = _round_payload(cfg, questions, prompt_ids, generations, tau_s,
-                                 time.perf_counter() - start)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [payload]
-        dist.broadcast_object_list(box, src=0)
-        payload = box[0]
-    return payload
+def round_seed(seed: int, round_index: int) -> int:
+    return seed * 100_003 + round_index
+
+
+def generate_round(cfg: Config, engines: DataParallelEngines, questions: list[Question],
+                   prompt_ids: dict[int, list[int]], tau_s: float, round_index: int,
+                   offline_answers=None) -> RoundBatch:
+    """Every engine answers its share (or offline answers are looked up); every rank ends with
+    the same batch, in question order."""
+    start = time.perf_counter()
+    if offline_answers is not None:
+        generations = [offline_answers[q.index] for q in questions]
+    else:
+        sampling = _rollout_sampling(cfg, tau_s, round_seed(cfg.train.seed, round_index))
+        with compat.suspended():
+            generations = engines.generate([prompt_ids[q.index] for q in questions], sampling)
+    return _round_payload(cfg, questions, prompt_ids, generations, tau_s,
+                          time.perf_counter() - start)
+
+
+def _rollout_sampling(cfg: Config, tau_s: float, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=tau_s, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                          n=cfg.rollout.n, max_new_tokens=cfg.data.max_response_length, seed=seed)
 
 
 def _round_payload(cfg, questions, prompt_ids, generations, tau_s, seconds) -> RoundBatch:
@@ -341,36 +413,36 @@ class _timer:
 
 
 # --- offline mode, validation, checkpoints ------------------------------------------------
-def _offline_answers(cfg: Config, engine, bank, prompt_ids, tokenizer):
-    """The base model answers the whole bank once, at tau_start (rank 0 only)."""
-    if engine is None:
-        return None
-    sampling = SamplingParams(temperature=cfg.rollout.tau_start, top_p=cfg.rollout.top_p,
-                              top_k=cfg.rollout.top_k, n=cfg.rollout.n,
-                              max_new_tokens=cfg.data.max_response_length, seed=cfg.train.seed)
+def _offline_answers(cfg: Config, engines: DataParallelEngines, bank, prompt_ids):
+    """The base model answers the whole bank once, at tau_start, spread over every engine.
+    Every rank keeps all answers, token ids packed as int32 (a Python list costs ~9x more)."""
+    sampling = _rollout_sampling(cfg, cfg.rollout.tau_start, cfg.train.seed)
     with compat.suspended():
-        generations = engine.generate([prompt_ids[q.index] for q in bank], sampling)
+        generations = engines.generate([prompt_ids[q.index] for q in bank], sampling)
+    for row in generations:
+        for generation in row:
+            generation.token_ids = array("i", generation.token_ids)
     return {q.index: g for q, g in zip(bank, generations)}
 
 
-def _maybe_validate(cfg: Config, engine, tokenizer, round_index: int) -> dict[str, float]:
+def _maybe_validate(cfg: Config, engines: DataParallelEngines, tokenizer,
+                    round_index: int) -> dict[str, float]:
+    """Every engine answers its share of the validation questions; rank 0 grades."""
     every = cfg.eval.every_n_rounds
     if not every or not cfg.eval.benchmarks or (round_index + 1) % every:
         return {}
-    metrics = {}
-    if engine is not None:
-        from sept_megatron.eval.sweep import evaluate_once
+    from sept_megatron.eval.sweep import evaluate_once
 
-        benchmarks: dict[str, list[Question]] = {}
-        for path in cfg.eval.benchmarks:
-            for q in load_questions(path):
-                benchmarks.setdefault(q.source, []).append(q)
-        with compat.suspended():
-            metrics = evaluate_once(
-                engine, tokenizer, benchmarks, temperature=cfg.eval.temperature, n=cfg.eval.n,
-                max_questions=cfg.eval.max_questions, template=cfg.data.chat_template,
-                max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_length,
-                seed=cfg.train.seed)
+    benchmarks: dict[str, list[Question]] = {}
+    for path in cfg.eval.benchmarks:
+        for q in load_questions(path):
+            benchmarks.setdefault(q.source, []).append(q)
+    with compat.suspended():
+        metrics = evaluate_once(
+            engines, tokenizer, benchmarks, temperature=cfg.eval.temperature, n=cfg.eval.n,
+            max_questions=cfg.eval.max_questions, template=cfg.data.chat_template,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_length,
+            seed=cfg.train.seed)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
@@ -379,19 +451,22 @@ def _maybe_validate(cfg: Config, engine, tokenizer, round_index: int) -> dict[st
 
 
 def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: int,
-                      rounds: int, ckpt_root: str, arch) -> None:
+                      rounds: int, ckpt_root: str, arch, saver: ckpt_io.CheckpointSaver,
+                      force: bool = False) -> bool:
+    """Checkpoint when the schedule (or ``force``) says so; True when one was started."""
+    saver.poll()  # publish a finished background save as soon as every rank is done
     every = cfg.checkpoint.save_every_n_rounds
-    if rounds_done != rounds and (not every or rounds_done % every):
-        return
+    if not force and rounds_done != rounds and (not every or rounds_done % every):
+        return False
     meta = ckpt_io.CheckpointMeta(
         arch, trainer.model.padded_vocab, ckpt_io.torch_dtype_name(trainer.model.config.params_dtype),
         cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
         train_state={"round": rounds_done, "sampler": sampler.state_dict(),
                      "scheduler": trainer.scheduler.state_dict()})
     os.makedirs(ckpt_root, exist_ok=True)
-    ckpt_io.save_checkpoint(ckpt_root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer),
-                            meta, cfg.model.hf_path)
-    ckpt_io.prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+    saver.save(ckpt_root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer), meta,
+               cfg.model.hf_path)
+    return True
 
 
 def _export_final(ckpt_root: str, run_dir: str) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sept_megatron import compat, distributed
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -146,15 +148,24 @@ def use_transformer_engine(impl: str) -> bool:
     return True
 
 
-def layer_spec(arch: ModelArch, *, transformer_engine: bool):
-    """The one place that chooses Transformer Engine (FP8-capable) or local layers."""
+def layer_spec(arch: ModelArch, *, transformer_engine: bool, attention: str = "sdpa"):
+    """The one place that chooses Transformer Engine (FP8-capable) or local layers.
+
+    Local layers take their core attention from ``attention`` (``model.attention``): ``sdpa``
+    (:class:`sept_megatron.attention.SDPAttention`, flash kernels, the default) or ``unfused``
+    (Megatron's ``DotProductAttention``). TE brings its own fused attention.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
+
+    from sept_megatron.attention import core_attention_class
 
     if transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=arch.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = core_attention_class(attention)
+    return spec
 
 
 def fp8_kwargs(fp8_recipe: str | None, fp8_format: str) -> dict[str, Any]:
@@ -171,10 +182,12 @@ def fp8_kwargs(fp8_recipe: str | None, fp8_format: str) -> dict[str, Any]:
 def transformer_config(arch: ModelArch, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                        virtual_pipeline: int | None = None, sequence_parallel: bool = False,
                        params_dtype: torch.dtype = torch.float32,
-                       fp8_recipe: str | None = None, fp8_format: str = "hybrid"):
+                       fp8_recipe: str | None = None, fp8_format: str = "hybrid",
+                       recompute: str = "none"):
     """A Megatron ``TransformerConfig`` equivalent to the HF architecture.
 
-    Fusions that need CUDA kernels are off; they change speed, not results.
+    Fusions that need CUDA kernels are off; they change speed, not results. ``recompute`` is
+    ``train.recompute`` (see :func:`recompute_kwargs`).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -210,18 +223,20 @@ def transformer_config(arch: ModelArch, *, tensor_parallel: int = 1, pipeline_pa
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         **fp8_kwargs(fp8_recipe, fp8_format),
+        **recompute_kwargs(recompute),
     )
 
 
 def build_gpt_model(arch: ModelArch, config, *, padded_vocab: int, transformer_engine: bool,
                     pre_process: bool = True, post_process: bool = True,
-                    vp_stage: int | None = None):
+                    vp_stage: int | None = None, attention: str = "sdpa"):
     """One Megatron ``GPTModel`` stage (the whole model when PP=1)."""
     from megatron.core.models.gpt import GPTModel
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, transformer_engine=transformer_engine),
+        transformer_layer_spec=layer_spec(arch, transformer_engine=transformer_engine,
+                                          attention=attention),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -242,8 +257,32 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
                       diagonal=1)
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+SELECTIVE_RECOMPUTE_MODULES = ("core_attn",)
+
+
+def recompute_kwargs(recompute: str) -> dict[str, Any]:
+    """``train.recompute`` -> Megatron's own activation-recomputation settings.
+
+    ``selective``: Megatron's selective recomputation of :data:`SELECTIVE_RECOMPUTE_MODULES`
+    (core attention, the paper's choice, arXiv 2205.05198). ``full``: every transformer layer
+    keeps only its input and is recomputed in backward (``uniform`` method, one layer per
+    checkpoint, as Megatron-LM's ``--recompute-granularity full --recompute-method uniform
+    --recompute-num-layers 1``).
+    """
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective",
+                "recompute_modules": list(SELECTIVE_RECOMPUTE_MODULES)}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    raise ValueError(f"train.recompute={recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
+
+
 def build_model_stages(arch: ModelArch, config, *, padded_vocab: int,
-                       transformer_engine: bool) -> list:
+                       transformer_engine: bool, attention: str = "sdpa") -> list:
     """This rank's model chunks: one per virtual pipeline stage (one when VPP is off)."""
     from megatron.core import parallel_state as ps
 
@@ -255,7 +294,7 @@ def build_model_stages(arch: ModelArch, config, *, padded_vocab: int,
             arch, config, padded_vocab=padded_vocab, transformer_engine=transformer_engine,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage),
-            vp_stage=stage))
+            vp_stage=stage, attention=attention))
     return chunks
 
 
@@ -293,19 +332,27 @@ def build_megatron_model(arch: ModelArch, *, tensor_parallel: int, pipeline_para
                          virtual_pipeline: int | None = None, sequence_parallel: bool = False,
                          params_dtype: torch.dtype = torch.float32, transformer_impl: str = "auto",
                          fp8: str | None = None, fp8_format: str = "hybrid",
-                         padded_vocab: int) -> MegatronModel:
-    """Build this rank's stages (process groups must exist). Weights are random here."""
+                         padded_vocab: int, attention: str = "sdpa",
+                         recompute: str = "none") -> MegatronModel:
+    """Build this rank's stages (process groups must exist). Weights are random here.
+
+    ``attention`` is ``model.attention`` (local layers only), ``recompute`` ``train.recompute``.
+    """
+    te = use_transformer_engine(transformer_impl)
+    if fp8:  # refuse before anything is built or loaded
+        from sept_megatron.fp8_training import require_fp8_training
+
+        require_fp8_training(fp8, arch, tensor_parallel=tensor_parallel, transformer_engine=te)
     config = transformer_config(
         arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
         virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel,
-        params_dtype=params_dtype, fp8_recipe=fp8, fp8_format=fp8_format)
-    te = use_transformer_engine(transformer_impl)
-    if fp8 and not te:
-        raise ValueError("model.fp8 is set but Transformer Engine is not in use; install "
-                         "sept_megatron[gpu] and run on CUDA, or set model.fp8=null")
-    chunks = build_model_stages(arch, config, padded_vocab=padded_vocab, transformer_engine=te)
-    if torch.cuda.is_available():
-        chunks = [c.cuda() for c in chunks]
+        params_dtype=params_dtype, fp8_recipe=fp8, fp8_format=fp8_format, recompute=recompute)
+    chunks = build_model_stages(arch, config, padded_vocab=padded_vocab, transformer_engine=te,
+                                attention=attention)
+    device = distributed.compute_device()
+    chunks = [chunk.to(device) for chunk in chunks]
+    for chunk in chunks:
+        compat.guard_model_inputs(chunk)  # strict mode: inputs made without a device fail here
     return MegatronModel(chunks, arch, config, padded_vocab)
 
 

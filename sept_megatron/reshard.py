@@ -1,30 +1,34 @@
-"""Megatron layout -> full HF tensors for the rollout engine, every round.
+"""Megatron layout -> full HF tensors for every rollout engine, every round.
 
 Two parts, kept apart so the first can be tested without any process group:
 
-- the *plan* (:func:`sync_plan`, :func:`plan_buckets`): which pipeline stage owns which HF
-  tensor, in a fixed order, cut into per-stage, per-dtype buckets of at most ``bucket_bytes``;
-- the *transport* (:func:`stream_hf_buckets`): on each stage, the data-parallel rank 0 replica
-  all-gathers its TP shards (other DP replicas send nothing), joins them with the same adapter
-  the HF export uses, flattens the bucket into one buffer, and the stage leader sends it
-  point-to-point to global rank 0, where the engine lives. Rank 0 yields ``[(hf_name, tensor)]``
-  buckets; at most one bucket is ever materialised, never the whole model.
+- the *plan* (:func:`sync_plan`, :func:`plan_buckets`, :func:`tp_pieces`): which pipeline stage
+  owns which HF tensor, in a fixed order, cut into per-stage, per-dtype buckets of at most
+  ``bucket_bytes``; and which rows (or columns) of each HF tensor each TP rank's shard holds;
+- the *transport* (:func:`stream_hf_buckets`): every rank that hosts an engine assembles each
+  full HF bucket in one flat buffer, one bucket at a time, and yields ``[(hf_name, view)]``.
 
-Data path (hf backend, CPU or one GPU): stage leader --gloo/NCCL send--> rank 0 -->
-``engine.update_weights``. An SGLang transport (CUDA IPC handles per bucket) plugs in at the
-same place: it consumes the same bucket stream.
+Data path of one bucket, within each model replica (the TP x PP ranks of one data-parallel
+rank; replicas hold bitwise-equal weights after every optimizer step, since Megatron
+all-gathers updated parameters synchronously, so each replica serves its own ranks and
+nothing crosses data-parallel ranks): each TP rank of the bucket's stage writes its own pieces
+(:func:`tp_pieces`) into their places in the bucket's flat buffer, and the other ranks' pieces
+arrive in place by one of two transports (:mod:`sept_megatron.sync_transport`): one batched
+point-to-point exchange (GPU, or CPU across hosts), or a shared-memory buffer that every rank
+of the replica maps (CPU ranks on one host). No ``torch.cat``, no per-tensor collective, no
+leader that forwards the whole bucket. Every rank then hands the same buckets to its engine's
+``update_weights`` in :func:`sync_weights`, the one place buckets meet an engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
-from sept_megatron.convert.adapters import (
-    TensorRule, adapter_for, canonical_name, full_to_hf, tp_join)
+from sept_megatron.convert.adapters import Kind, TensorRule, adapter_for, canonical_name
+from sept_megatron.convert.fp8 import rollout_bucket_transform
 from sept_megatron.convert.hf_import import expected_hf_shapes, layer_offset
 from sept_megatron.model import MegatronModel, ModelArch
 
@@ -95,6 +99,72 @@ def plan_buckets(plan: list[SyncItem], bucket_bytes: int, element_size: int) -> 
     return buckets
 
 
+# --- which part of each HF tensor a TP rank holds (pure) -------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Rows (``dim`` 0) or columns (``dim`` 1) ``[start, start + length)`` of HF tensor
+    ``hf_index`` of an item, as one TP rank's shard holds them. ``replicated``: every TP rank
+    holds the whole tensor (norms)."""
+
+    hf_index: int
+    dim: int
+    start: int
+    length: int
+    replicated: bool = False
+
+
+def tp_pieces(item: SyncItem, tp_size: int, tp_rank: int, padded_vocab: int) -> list[Piece]:
+    """The pieces of ``item``'s HF tensors in TP rank ``tp_rank``'s shard (empty ones left out).
+
+    Megatron splits every parallel kind evenly (:func:`~sept_megatron.convert.adapters.tp_shard`),
+    so each HF tensor's part is one block: fused QKV by whole query groups (the q, k and v rows
+    of a rank's groups are consecutive rows of q, k and v), gate/up as a gate and an up block,
+    the padded vocabulary by rows (padding rows beyond the real vocabulary dropped), row-parallel
+    weights by columns.
+    """
+    kind = item.rule.kind
+    if kind is Kind.REPLICATED:
+        return [Piece(0, 0, 0, item.hf_shapes[0][0], replicated=True)]
+    if kind is Kind.ROW_PARALLEL:
+        columns = item.hf_shapes[0][1] // tp_size
+        return [Piece(0, 1, tp_rank * columns, columns)]
+    if kind is Kind.VOCAB:
+        rows = padded_vocab // tp_size
+        start = tp_rank * rows
+        length = min(rows, item.hf_shapes[0][0] - start)
+        return [Piece(0, 0, start, length)] if length > 0 else []
+    pieces = []
+    for index, shape in enumerate(item.hf_shapes):  # QKV, GATE_UP: even row blocks
+        rows = shape[0] // tp_size
+        pieces.append(Piece(index, 0, tp_rank * rows, rows))
+    return pieces
+
+
+def piece_source(item: SyncItem, piece: Piece, shard: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """The view of ``shard`` that holds ``piece``, shaped like :func:`piece_target`'s view."""
+    kind = item.rule.kind
+    if kind in (Kind.REPLICATED, Kind.ROW_PARALLEL):
+        return shard
+    if kind is Kind.VOCAB:
+        return shard[: piece.length]
+    if kind is Kind.GATE_UP:
+        return shard.chunk(2, dim=0)[piece.hf_index]
+    groups, d = arch.num_query_groups, arch.head_dim  # QKV
+    per_group = arch.num_attention_heads // groups
+    sizes = (per_group * d, d, d)
+    start = sum(sizes[: piece.hf_index])
+    grouped = shard.view(-1, (per_group + 2) * d, *shard.shape[1:])
+    return grouped[:, start: start + sizes[piece.hf_index]]
+
+
+def piece_target(hf_tensor: torch.Tensor, piece: Piece, shape: Sequence[int]) -> torch.Tensor:
+    """Where ``piece`` goes in its full HF tensor: a contiguous row block viewed as ``shape``
+    (the source's shape), or a strided column block."""
+    if piece.dim == 1:
+        return hf_tensor[:, piece.start: piece.start + piece.length]
+    return hf_tensor[piece.start: piece.start + piece.length].view(shape)
+
+
 # --- transport ---------------------------------------------------------------------------
 def _live_params(model: MegatronModel) -> dict[str, torch.Tensor]:
     """Canonical Megatron name -> this rank's parameter shard."""
@@ -107,84 +177,44 @@ def _live_params(model: MegatronModel) -> dict[str, torch.Tensor]:
         for name, param in module.named_parameters():
             canonical = canonical_name(name, offset)
             if canonical is not None:
-                params[canonical] = param
+                params[canonical] = param.detach()
     return params
 
 
-def _gather_full(shard: torch.Tensor, rule: TensorRule) -> torch.Tensor:
+def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *, receive: bool = True,
+                      transport: str = "auto") -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Collective over all ranks: a rank with ``receive`` yields every HF-named bucket of the
+    model, in plan order; a rank without yields nothing but must exhaust the iterator (it
+    sends its pieces). A bucket's tensors are views into a buffer that a later bucket reuses:
+    consume (copy) each one before asking for the next. ``transport``: auto, peer or shared
+    (see :func:`sept_megatron.sync_transport.choose_transport`; the same on every rank)."""
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return shard.detach()
-    parts = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(parts, shard.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    return tp_join(rule.kind, parts)
+    from sept_megatron.sync_transport import choose_transport
 
-
-def _stage_leaders() -> dict[int, int]:
-    """Stage -> global rank of its (tp 0, dp 0) member, as every rank agrees."""
-    from megatron.core import parallel_state as ps
-
-    is_leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-    mine = (ps.get_pipeline_model_parallel_rank(), dist.get_rank()) if is_leader else None
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return dict(filter(None, everyone))
-
-
-def stream_hf_buckets(model: MegatronModel, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Collective over all ranks: rank 0 yields HF-named buckets; every other rank yields
-    nothing but must exhaust the iterator (it takes part in gathers and sends)."""
-    from megatron.core import parallel_state as ps
-
-    arch = model.arch
-    plan = sync_plan(arch, ps.get_pipeline_model_parallel_world_size(),
+    plan = sync_plan(model.arch, ps.get_pipeline_model_parallel_world_size(),
                      ps.get_virtual_pipeline_model_parallel_world_size())
-    dtype = model.config.params_dtype
-    element_size = torch.empty((), dtype=dtype).element_size()
-    single = not dist.is_initialized() or dist.get_world_size() == 1
-    my_stage = ps.get_pipeline_model_parallel_rank()
-    in_dp0 = ps.get_data_parallel_rank() == 0
-    params = _live_params(model)
-    leaders = {0: 0} if single else _stage_leaders()
-    rank = 0 if single else dist.get_rank()
-    for bucket in plan_buckets(plan, bucket_bytes, element_size):
-        stage, leader = bucket[0].stage, leaders[bucket[0].stage]
-        holds_shards = stage == my_stage and in_dp0  # DP replicas other than 0 send nothing
-        if rank != 0 and not holds_shards:
-            continue
-        flat = None
-        if holds_shards:
-            tensors = [t for it in bucket for t in
-                       full_to_hf(it.rule, _gather_full(params[it.megatron_name], it.rule), arch)]
-            flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-        if rank == leader and leader != 0:
-            dist.send(flat.contiguous(), dst=0)
-        elif rank == 0:
-            if leader != 0:
-                flat = torch.empty(sum(it.numel for it in bucket), dtype=dtype, device=_device())
-                dist.recv(flat, src=leader)
-            yield _unflatten(bucket, flat)
+    element_size = torch.empty((), dtype=model.config.params_dtype).element_size()
+    buckets = plan_buckets(plan, bucket_bytes, element_size)
+    largest = max(sum(it.numel for it in bucket) for bucket in buckets)
+    mover = choose_transport(model, _live_params(model), largest, receive, transport)
+    for index, bucket in enumerate(buckets):
+        with torch.no_grad():
+            views = mover.assemble(index, bucket)
+        if receive:
+            yield [(name, view) for it, item_views in zip(bucket, views)
+                   for name, view in zip(it.hf_names, item_views)]
+    mover.finish()
 
 
-def _device():
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-
-
-def _unflatten(bucket: list[SyncItem], flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    out, start = [], 0
-    for it in bucket:
-        for name, shape in zip(it.hf_names, it.hf_shapes):
-            n = int(torch.Size(shape).numel())
-            out.append((name, flat[start: start + n].view(shape)))
-            start += n
-    return out
-
-
-def sync_weights(model: MegatronModel, engine, bucket_bytes: int) -> int:
-    """Push the trainer's current weights into the engine on rank 0; returns buckets sent."""
-    stream = stream_hf_buckets(model, bucket_bytes)
+def sync_weights(model: MegatronModel, engine, bucket_bytes: int, *,
+                 weights: str = "native") -> int:
+    """Push the trainer's current weights into this rank's engine (None: this rank only
+    sends); collective over all ranks. Returns the number of buckets the engine received.
+    ``weights`` is ``rollout.weights``: ``fp8`` quantises each bucket on every receiving rank
+    (linear weights -> e4m3 + ``weight_scale_inv``, the export's quantiser)."""
+    stream = rollout_bucket_transform(weights, model.arch)(
+        stream_hf_buckets(model, bucket_bytes, receive=engine is not None))
     if engine is None:
         return sum(1 for _ in stream)
     count = 0

@@ -21,6 +21,8 @@ import torch
 
 from sept_megatron import model as mdl
 from sept_megatron.config import TrainConfig
+from sept_megatron.distributed import compute_device
+from sept_megatron.fp8_training import token_multiple
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class SFTTrainer:
         self.model, self.cfg, self.pad_id = model, train_cfg, pad_id
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
-        self.device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        self.device = compute_device()
         # Before DDP exists: with per-token loss DDP sums grads instead of averaging them.
         model.config.calculate_per_token_loss = True
         self.chunks = _wrap_ddp(model, use_distributed_optimizer and self.dp_size > 1)
@@ -123,7 +125,7 @@ class SFTTrainer:
     # -- data layout -------------------------------------------------------------------------
     def _micro_batches(self, mini_batch: Sequence[Sample]) -> tuple[list[MicroBatch], int]:
         """This DP rank's share of a mini-batch, cut into micro-batches of one length."""
-        seq_len = padded_length(mini_batch)
+        seq_len = padded_length(mini_batch, token_multiple(self.model.config))
         mine = list(mini_batch[self.dp_rank:: self.dp_size])
         size = self.cfg.micro_batch_size
         mbs = [_to_device(make_micro_batch(mine[i: i + size], seq_len, self.pad_id), self.device)
@@ -174,9 +176,10 @@ def _reduce_losses(losses: list[dict]) -> tuple[float, float]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2, dtype=torch.float64)
+    # On the compute device: NCCL reduces only CUDA tensors (the H100 run crashed here once).
+    total = torch.zeros(2, dtype=torch.float64, device=compute_device())
     for item in losses:
-        total += item["lm loss"].detach().double().cpu()
+        total += item["lm loss"].detach().double()
     if dist.is_initialized():
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:

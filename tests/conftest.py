@@ -5,7 +5,8 @@ train/val JSONL files, built once per session (used by ``loop/`` and ``distribut
 ``benchmark_dir``: ``../shared/data/benchmarks`` beside the repo; tests using it skip cleanly
 when it is absent (the data is never copied into the repo).
 
-The suite runs with ``SEPT_DEVICE=cpu`` (inherited by every process it launches).
+The suite runs with ``SEPT_DEVICE=cpu`` and ``SEPT_COMPAT_STRICT=1`` (inherited by every
+process it launches).
 """
 
 import os
@@ -16,6 +17,9 @@ import pytest
 # CPU-path tests stay on CPU/gloo even on a GPU machine; gpu-marked tests ask for CUDA
 # explicitly (SEPT_DEVICE=cuda in the environment of the processes they launch).
 os.environ.setdefault("SEPT_DEVICE", "cpu")
+# Strict compat: a tensor made without a device fails at collectives and model forwards on the
+# CPU, as it would on CUDA (see sept_megatron/compat.py).
+os.environ.setdefault("SEPT_COMPAT_STRICT", "1")
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +45,37 @@ def tiny_run_inputs(tmp_path_factory):
     write_jsonl(splits["train"], root / "train.jsonl")
     write_jsonl(splits["val"], root / "val.jsonl")
     return root
+
+
+# --- GPU tests ---------------------------------------------------------------------------
+GPU_TEST_DEVICE = os.environ.get("SEPT_GPU_TEST_DEVICE", "cuda")
+"""Device the ``gpu`` tests' processes use. Developers without a GPU may set it to ``cpu`` to
+check the GPU tests' own logic (files, launches, comparisons) on the CPU path; CI never does."""
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip cleanly, with one reason, where no CUDA device is visible."""
+    if GPU_TEST_DEVICE != "cuda" or cuda_device_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="gpu test: no CUDA device visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_env() -> dict[str, str]:
+    """Environment for the processes a gpu test launches: the real CUDA path, no compat layer."""
+    return {"SEPT_DEVICE": GPU_TEST_DEVICE}
+
+
+@pytest.fixture
+def gpu_count() -> int:
+    """GPUs a gpu test may use (2 when two are visible: TP=2 variants run then)."""
+    return 2 if GPU_TEST_DEVICE != "cuda" else min(2, cuda_device_count())

@@ -10,7 +10,7 @@ VENV=${SEPT_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 setup() {
-  local stamp="$VENV/.sept-setup-$(cat setup.py pyproject.toml | sha1sum | cut -c1-12)"
+  local stamp="$VENV/.sept-setup-$(cat setup.py pyproject.toml tools/sglang-cpu-requirements.txt | sha1sum | cut -c1-12)"
   [ -f "$stamp" ] && return 0
   echo "== setting up $VENV (once) =="
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -19,6 +19,11 @@ setup() {
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   fi
   "$VENV/bin/python" -m pip install -q -e ".[test]"
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    # SGLang's CPU-importable parts, so tests/rollout/ checks our SGLang backend against the
+    # real package; --no-deps keeps its CUDA kernels and CUDA torch out (about 250 MB, mostly triton).
+    "$VENV/bin/python" -m pip install -q --no-deps -r tools/sglang-cpu-requirements.txt
+  fi
   touch "$stamp"
 }
 

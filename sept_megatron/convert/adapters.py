@@ -36,6 +36,9 @@ class TensorRule:
     megatron: str
     hf: tuple[str, ...]
     kind: Kind
+    fp8: bool = False
+    """Its HF tensors are linear weights that blockwise FP8 quantises (export --fp8 and
+    rollout.weights=fp8); norms, embeddings, the output layer and biases stay unquantised."""
 
     @property
     def per_layer(self) -> bool:
@@ -58,16 +61,17 @@ class LlamaAdapter:
             TensorRule(_LAYER + "self_attention.linear_qkv.layer_norm_weight",
                        (_HF_LAYER + "input_layernorm.weight",), Kind.REPLICATED),
             TensorRule(_LAYER + "self_attention.linear_qkv.weight",
-                       (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), Kind.QKV),
+                       (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), Kind.QKV,
+                       fp8=True),
             TensorRule(_LAYER + "self_attention.linear_proj.weight",
-                       (a + "o_proj.weight",), Kind.ROW_PARALLEL),
+                       (a + "o_proj.weight",), Kind.ROW_PARALLEL, fp8=True),
             TensorRule(_LAYER + "mlp.linear_fc1.layer_norm_weight",
                        (_HF_LAYER + "post_attention_layernorm.weight",), Kind.REPLICATED),
             TensorRule(_LAYER + "mlp.linear_fc1.weight",
                        (_HF_LAYER + "mlp.gate_proj.weight", _HF_LAYER + "mlp.up_proj.weight"),
-                       Kind.GATE_UP),
+                       Kind.GATE_UP, fp8=True),
             TensorRule(_LAYER + "mlp.linear_fc2.weight",
-                       (_HF_LAYER + "mlp.down_proj.weight",), Kind.ROW_PARALLEL),
+                       (_HF_LAYER + "mlp.down_proj.weight",), Kind.ROW_PARALLEL, fp8=True),
         ] + self._extra_layer_rules()
 
     def _extra_layer_rules(self) -> list[TensorRule]:
@@ -99,6 +103,13 @@ class LlamaAdapter:
         for i in range(self.arch.num_layers):
             names += [n.format(i=i) for r in self.layer_rules() for n in r.hf]
         return names + [n for r in self.post_rules() for n in r.hf]
+
+    def fp8_hf_names(self) -> frozenset[str]:
+        """The HF tensors blockwise FP8 quantises (from the rules' ``fp8`` flags)."""
+        names = {n for r in self.pre_rules() + self.post_rules() if r.fp8 for n in r.hf}
+        names |= {n.format(i=i) for i in range(self.arch.num_layers)
+                  for r in self.layer_rules() if r.fp8 for n in r.hf}
+        return frozenset(names)
 
 
 class Qwen2Adapter(LlamaAdapter):

@@ -5,6 +5,11 @@ slice of a saved tensor), never builds a model, and holds at most one layer's te
 one output shard in memory, so a 70B export runs in one modest process. Output: sharded
 ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``, plus the config
 and tokenizer files the checkpoint carried, loadable by ``AutoModelForCausalLM``.
+
+With ``fp8="blockwise"`` the linear weights the adapter marks ``fp8`` are written as 128x128
+blockwise e4m3 plus ``weight_scale_inv`` (:mod:`sept_megatron.convert.fp8`, the quantiser the
+rollout sync uses too) and config.json gets the ``quantization_config`` SGLang, vLLM and
+transformers read; everything else stays in the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from tqdm import tqdm
 
 from sept_megatron import checkpoint as ckpt_io
 from sept_megatron.convert.adapters import TensorRule, adapter_for, full_to_hf
+from sept_megatron.convert.fp8 import (
+    BLOCK, check_export_recipe, hf_quantization_config, quantize_hf_tensors)
+from sept_megatron.convert.hf_import import expected_hf_shapes
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +122,10 @@ def _load_slices(model_dir: str, wanted: list[tuple[TensorRule, int | None]], me
 
 
 def export_megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_bytes: int = 5 * 2**30,
-                          progress: bool = True) -> str:
-    """Write an HF checkpoint from a sept_megatron checkpoint (or a root with ``latest``)."""
+                          progress: bool = True, fp8: str | None = None) -> str:
+    """Write an HF checkpoint from a sept_megatron checkpoint (or a root with ``latest``);
+    ``fp8="blockwise"`` writes the linear weights as blockwise FP8 (see the module doc)."""
+    check_export_recipe(fp8)
     ckpt_dir = ckpt_io.resolve_checkpoint(ckpt_dir)
     meta = ckpt_io.read_meta(ckpt_dir)
     arch, dtype = meta.arch, getattr(torch, meta.params_dtype)
@@ -128,23 +138,45 @@ def export_megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_bytes: int =
     groups = [[(r, None) for r in adapter.pre_rules()]]
     groups += [[(r, i) for r in adapter.layer_rules()] for i in range(arch.num_layers)]
     groups.append([(r, None) for r in adapter.post_rules()])
+    quantized = adapter.fp8_hf_names() if fp8 else frozenset()
     for group in tqdm(groups, desc="export to HF", unit="layer", disable=not progress):
+        tensors = []
         for (rule, layer), full in zip(group, _load_slices(model_dir, group, shapes, dtype)):
-            for name, tensor in zip(rule.hf, full_to_hf(rule, full, arch)):
-                writer.add(name.format(i=layer) if layer is not None else name, tensor)
+            tensors += [(name.format(i=layer) if layer is not None else name, tensor)
+                        for name, tensor in zip(rule.hf, full_to_hf(rule, full, arch))]
+        for name, tensor in quantize_hf_tensors(tensors, quantized):
+            writer.add(name, tensor)
     writer.finish()
-    _write_hf_config(os.path.join(ckpt_dir, "hf"), out_dir, meta.params_dtype)
-    log.info("exported %s -> %s", ckpt_dir, out_dir)
+    _write_hf_config(os.path.join(ckpt_dir, "hf"), out_dir, meta.params_dtype,
+                     hf_quantization_config() if fp8 else None)
+    if fp8:
+        _warn_partial_blocks(expected_hf_shapes(arch), quantized)
+    log.info("exported %s -> %s%s", ckpt_dir, out_dir, f" ({fp8} FP8)" if fp8 else "")
     return out_dir
 
 
-def _write_hf_config(side_dir: str, out_dir: str, dtype_name: str) -> None:
+def _warn_partial_blocks(shapes: dict[str, tuple[int, ...]], quantized) -> None:
+    """SGLang/vLLM read partial edge blocks (ceil-sized scale grids, as DeepSeek-V3 ships);
+    transformers 5.x's CPU dequantiser infers the block as rows // scale_rows and gets such
+    tensors wrong, so say which ones have them."""
+    partial = sorted(n for n in quantized if any(d % BLOCK for d in shapes[n]))
+    if partial:
+        log.warning("%d FP8 weights (e.g. %s %s) are not multiples of %d: SGLang and vLLM load "
+                    "them, transformers' CPU dequantisation does not", len(partial), partial[0],
+                    shapes[partial[0]], BLOCK)
+
+
+def _write_hf_config(side_dir: str, out_dir: str, dtype_name: str,
+                     quantization_config: dict | None) -> None:
     for name in os.listdir(side_dir):
         shutil.copy2(os.path.join(side_dir, name), os.path.join(out_dir, name))
     config_path = os.path.join(out_dir, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config["dtype"] = dtype_name  # the weights we wrote are in the checkpoint's dtype
+    config["dtype"] = dtype_name  # the weights we wrote (all but FP8 ones) are in this dtype
     config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from sept_megatron import checkpoint as ckpt_io
-from sept_megatron import distributed
+from sept_megatron import compat, distributed
 from sept_megatron import model as mdl
 from sept_megatron.convert.hf_import import HFTensorReader, load_hf_into_model, validate_hf_checkpoint
 
@@ -93,6 +94,7 @@ def forward_logits(model: mdl.MegatronModel, tokens: torch.Tensor) -> torch.Tens
     Megatron's pipeline schedule so PP > 1 works exactly as in training."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    tokens = tokens.to(distributed.compute_device())  # callers may hand over host token ids
     batch, seq = tokens.shape
     positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
     mask = mdl.causal_mask(seq, device=tokens.device)
@@ -115,32 +117,74 @@ def _collect_logits(vocab_size: int, output: torch.Tensor, non_loss_data: bool =
 
 
 def check_logits(hf_dir: str, ckpt_dir: str, *, tp: int | None = None, pp: int | None = None,
-                 seq_len: int = 32) -> float | None:
-    """Max |logit difference| between transformers and Megatron (on rank 0; None elsewhere)."""
-    from transformers import AutoModelForCausalLM
-
+                 seq_len: int = 32) -> LogitCheck | None:
+    """Compare transformers' and Megatron's logits on the compute device (rank 0 gets the
+    result, other ranks None). Megatron's stages are freed before the HF reference is loaded
+    on the last stage's device, so the check needs no more memory than either model alone."""
     meta = ckpt_io.read_meta(ckpt_dir)
     tp, pp = tp or meta.tensor_parallel, pp or meta.pipeline_parallel
-    tokens = probe_tokens(hf_dir, meta.arch.vocab_size, seq_len)
+    dtype = getattr(torch, meta.params_dtype)
     caller_owns_group = dist.is_initialized()
     env = distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
     try:
+        device = distributed.compute_device()
+        tokens = probe_tokens(hf_dir, meta.arch.vocab_size, seq_len).to(device)
         model = load_megatron_checkpoint(ckpt_dir, tp=tp, pp=pp)
         for chunk in model.chunks:
             chunk.eval()
         with torch.no_grad():
             megatron_logits = forward_logits(model, tokens)
-        diff = torch.zeros(1)
+        del model
+        # [max |diff|, max |hf logit|], reduced to rank 0 from the last stage.
+        stats = torch.zeros(2, device=device)
         if megatron_logits is not None:
-            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, meta.params_dtype),
-                                                      local_files_only=True).eval()
-            with torch.no_grad():
-                hf_logits = hf(tokens).logits.float()
-            diff[0] = (hf_logits - megatron_logits).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            stats.copy_(_compare_with_hf(hf_dir, dtype, tokens, megatron_logits))
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     finally:
         distributed.shutdown(keep_process_group=caller_owns_group)
-    return float(diff[0]) if env.rank == 0 else None
+    if env.rank != 0:
+        return None
+    return LogitCheck(max_abs_diff=float(stats[0]), max_abs_logit=float(stats[1]), dtype=dtype)
+
+
+def _compare_with_hf(hf_dir: str, dtype: torch.dtype, tokens: torch.Tensor,
+                     megatron_logits: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with compat.suspended():  # plain transformers: no Megatron redirect needed
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=True)
+        hf = hf.to(tokens.device).eval()
+        with torch.no_grad():
+            hf_logits = hf(tokens).logits.float()
+        diff = (hf_logits - megatron_logits).abs().max()
+        return torch.stack([diff, hf_logits.abs().max()])
+
+
+@dataclass(frozen=True)
+class LogitCheck:
+    """How far Megatron's logits are from transformers' on the probe tokens."""
+
+    max_abs_diff: float
+    max_abs_logit: float
+    dtype: torch.dtype
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / max(self.max_abs_logit, 1e-12)
+
+    def default_tolerance(self) -> tuple[str, float]:
+        """fp32: 1e-4 absolute. bf16/fp16: both sides round every matmul to 8 (11) mantissa
+        bits in different orders, so the bar is relative to the logits' scale: 3e-2 of the
+        largest |logit| (bf16's unit roundoff is 3.9e-3; errors accumulate over layers)."""
+        if self.dtype == torch.float32:
+            return "absolute", 1e-4
+        return "relative", 3e-2
+
+    def passes(self, tolerance: float | None = None) -> bool:
+        if tolerance is not None:
+            return self.max_abs_diff <= tolerance
+        kind, bar = self.default_tolerance()
+        return (self.max_abs_diff if kind == "absolute" else self.relative_diff) <= bar
 
 
 PROBE_PROMPTS = ("What is 12 + 35? Let's think step by step.",

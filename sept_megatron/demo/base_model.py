@@ -264,10 +264,12 @@ def _world_of_one(seed: int) -> Iterator[None]:
 
     from sept_megatron import compat, distributed
 
-    compat.enable_cpu_megatron()
+    device = distributed.resolve_device("auto")
+    if device == "cpu":
+        compat.enable_cpu_megatron(force=True)
     made_group = not dist.is_initialized()
     if made_group:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     elif dist.get_world_size() != 1:
         raise RuntimeError(f"build_base_model runs in one process; this world has "
@@ -277,7 +279,7 @@ def _world_of_one(seed: int) -> Iterator[None]:
                               or ps.get_pipeline_model_parallel_world_size() != 1):
         raise RuntimeError("build_base_model needs TP = PP = 1; Megatron is initialised otherwise")
     try:
-        distributed.initialize(tensor_parallel=1, pipeline_parallel=1, seed=seed)
+        distributed.initialize(tensor_parallel=1, pipeline_parallel=1, seed=seed, device=device)
         yield
     finally:
         if made_parallel:

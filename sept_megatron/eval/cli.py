@@ -10,6 +10,14 @@ Launch::
 is first exported to ``<out>/hf_model``. Every argument is checked, and the benchmark files
 loaded, before the model is: a typo fails in a second, not after a model load. Re-running with
 the same ``--out`` resumes, skipping the (benchmark, temperature) cells already finished.
+
+On several GPUs (or CPU processes), launch it under torchrun: every rank hosts an engine
+(groups of ``--engine-tp`` ranks), the questions are spread over all engines, and rank 0
+grades (``--grading-workers`` processes) and writes the files; the results equal a
+one-process run's::
+
+    torchrun --nproc-per-node=8 -m sept_megatron.cli eval --model ... --benchmarks ... \\
+        --samples 32 --out ...   # --samples: torchrun takes --n for one of its own flags
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data import TEMPLATES, Question, load_questions
+from .grading import default_grading_workers
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,8 @@ class EvalArgs:
     batch_size: int | None
     device: str
     dtype: str
+    grading_workers: int
+    engine_tp: int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated .parquet/.jsonl files, or a directory of them")
     parser.add_argument("--temperatures", default=DEFAULT_TEMPERATURES, type=_temperature_list,
                         help=f"comma-separated, >= 0; 0 = greedy (default {DEFAULT_TEMPERATURES})")
-    parser.add_argument("--n", type=int, default=32, help="samples per question (default 32)")
+    # --samples: torchrun's own argument parser refuses "--n" (a prefix of --nnodes, ...).
+    parser.add_argument("--n", "--samples", dest="n", type=int, default=32,
+                        help="samples per question (default 32; --samples under torchrun)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
     parser.add_argument("--max-questions", type=int, default=None,
                         help="evaluate only the first N questions of each benchmark")
@@ -75,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per generation batch (engine default if unset)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available (or $SEPT_DEVICE), else cpu")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--grading-workers", type=int, default=None,
+                        help="grading processes on rank 0; 0 grades in-process "
+                             "(default: one per core, at most 8)")
+    parser.add_argument("--engine-tp", type=int, default=1,
+                        help="ranks per engine under torchrun (sglang; hf needs 1)")
     return parser
 
 
@@ -128,6 +146,12 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
             f"argument --max-questions: must be >= 1 (omit it for all), got {ns.max_questions}")
     if ns.batch_size is not None and ns.batch_size < 1:
         parser.error(f"argument --batch-size: must be >= 1, got {ns.batch_size}")
+    if ns.grading_workers is not None and ns.grading_workers < 0:
+        parser.error(f"argument --grading-workers: must be >= 0 (0 grades in-process), "
+                     f"got {ns.grading_workers}")
+    if ns.engine_tp < 1 or (ns.backend == "hf" and ns.engine_tp != 1):
+        parser.error(f"argument --engine-tp: the hf backend runs one engine per rank (1); "
+                     f"must be >= 1, got {ns.engine_tp}")
     if not Path(ns.model).is_dir() and not _looks_like_hub_id(ns.model):
         parser.error(f"argument --model: no such directory: {ns.model} "
                      "(give a local HF model directory or a sept_megatron checkpoint)")
@@ -139,6 +163,9 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
         out=ns.out, max_questions=ns.max_questions, max_new_tokens=ns.max_new_tokens,
         template=ns.template, backend=ns.backend, seed=ns.seed, batch_size=ns.batch_size,
         device=device, dtype=ns.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+        grading_workers=(default_grading_workers() if ns.grading_workers is None
+                         else ns.grading_workers),
+        engine_tp=ns.engine_tp,
     )
 
 
@@ -150,9 +177,9 @@ def _looks_like_hub_id(model: str) -> bool:
 
 
 def _default_device() -> str:
-    import torch
+    from sept_megatron.distributed import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("auto")  # honours SEPT_DEVICE (tests keep the CPU path on GPU machines)
 
 
 def load_benchmarks(files: Sequence[Path], max_questions: int | None) -> dict[str, list[Question]]:
@@ -214,24 +241,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         benchmarks = load_benchmarks(args.benchmark_files, args.max_questions)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"sept-megatron eval: argument --benchmarks: {error}") from None
-    _check_same_run(args)
+    rank, device = _start_world(args.device)
+    _on_rank0_then_share(lambda: _check_same_run(args))
 
     import torch
 
     from sept_megatron.rollout import build_engine
+    from sept_megatron.rollout.orchestration import DataParallelEngines
+    from sept_megatron.rollout.placement import build_placement
 
     from .sweep import run_sweep
 
-    engine_kwargs = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+    model_dir = _on_rank0_then_share(lambda: resolve_model(args))
+    placement = build_placement(args.engine_tp)
+    engine_kwargs = {"device": device, "dtype": getattr(torch, args.dtype)}
     if args.batch_size is not None:
         engine_kwargs["batch_size"] = args.batch_size
-    engine = build_engine(args.backend, resolve_model(args), **engine_kwargs)
-    summary = run_sweep(engine, engine.tokenizer, benchmarks, args.temperatures, args.n, args.out,
-                        max_new_tokens=args.max_new_tokens, template=args.template,
-                        seed=args.seed)
-    print(f"best temperature (baseline): {summary['best_temperature']:g}  "
-          f"AVG = {summary['best_avg']:.4f}\nresults: {args.out / 'results.md'}")
+    if placement.world_size > 1:
+        engine_kwargs.update(group=placement.mine, process_group=placement.process_group,
+                             progress=rank == 0)
+    engine = build_engine(args.backend, model_dir, **engine_kwargs)
+    summary = run_sweep(DataParallelEngines(placement, engine), engine.tokenizer, benchmarks,
+                        args.temperatures, args.n, args.out, max_new_tokens=args.max_new_tokens,
+                        template=args.template, seed=args.seed, progress=rank == 0,
+                        grading_workers=args.grading_workers)
+    if rank == 0:
+        print(f"best temperature (baseline): {summary['best_temperature']:g}  "
+              f"AVG = {summary['best_avg']:.4f}\nresults: {args.out / 'results.md'}")
+    _end_world()
     return 0
+
+
+def _start_world(device: str) -> tuple[int, str]:
+    """Under torchrun: the default process group, and ``cuda:<local rank>`` for ``cuda``."""
+    from sept_megatron import distributed
+
+    env = distributed.launch_env()
+    if env.world_size == 1:
+        return 0, device
+    on_gpu = device.startswith("cuda")
+    distributed.init_world(on_gpu)
+    return env.rank, (f"cuda:{env.local_rank}" if device == "cuda" else device)
+
+
+def _end_world() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _on_rank0_then_share(step):
+    """Run ``step`` on rank 0 only (it writes files); every rank gets its value, or the same
+    ``SystemExit`` (a refusal must stop every rank, not leave them waiting)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return step()
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", step())]
+        except SystemExit as stop:
+            outcome = [("exit", str(stop))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "exit":
+        raise SystemExit(value)
+    return value
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ box is wrong. Equivalence is decided in two steps:
 
 Grading must never crash or hang on adversarial output, because one stuck answer stalls a
 whole evaluation sweep. So inputs are capped in length, every failure grades as wrong, and
-``math_verify`` runs under a wall-clock deadline. ``math_verify``'s own timeouts use
+``math_verify`` runs under a deadline of CPU time (so grades do not depend on machine load). ``math_verify``'s own timeouts use
 ``signal.alarm`` and so only work in the main thread (and only with whole seconds, once per
 comparison rather than once per answer); we switch them off and instead:
 
@@ -20,6 +20,11 @@ comparison rather than once per answer); we switch them off and instead:
 * in any other thread, send the answer to a spawned child process, which grades it in *its*
   main thread with the same deadline; if the child still overruns (e.g. stuck inside C code,
   where signals are not delivered) it is killed and replaced.
+
+Many answers at once (a sweep cell): :class:`GradingPool` extracts the boxed answers in the
+caller, grades each distinct (answer, ground truth) pair once, in a pool of spawned processes
+(each grades in its main thread, so every answer keeps its deadline), and can run while the
+caller generates the next cell. Its grades equal :func:`is_correct`'s, answer by answer.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.pool
+import os
 import re
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +50,11 @@ MAX_RESPONSE_CHARS = 65_536
 # Longest boxed answer handed to sympy; longer ones can still match on the string fast path.
 # The longest ground truth in the six benchmarks is ~210 characters.
 MAX_ANSWER_CHARS = 1_024
-# Wall-clock budget for math_verify on one answer (parse both sides + compare).
+# CPU-time budget for math_verify on one answer (parse both sides + compare).
 ANSWER_TIMEOUT_S = 1.5
-# Extra time a child process gets before it is killed (process start-up is paid once).
-_WORKER_GRACE_S = 3.0
+# Extra wall time a child process gets before it is killed: a backstop for a child stuck in
+# C code, where no signal arrives; generous, since the deadline itself counts CPU time.
+_WORKER_GRACE_S = 10.0
 _WORKER_STARTUP_S = 120.0
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -191,31 +198,35 @@ class _AnswerTimeout(BaseException):
 
 @contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    """Raise :class:`_AnswerTimeout` in the main thread after ``seconds`` of wall time.
+    """Raise :class:`_AnswerTimeout` in the main thread after ``seconds`` of this process's CPU time.
 
-    A timer armed by someone else (e.g. pytest-timeout) is put back, minus the time spent.
+    CPU time (``ITIMER_PROF``), not wall time: on a loaded machine a descheduled grader would
+    otherwise time out on answers it grades in time when idle, and the same answer would get
+    different grades from one process and from a pool (seen at load 5 on 2 cores: 1 in 1000).
+    Runaway sympy work burns CPU, so it is still cut off. A profiler's timer is put back.
     """
 
-    def on_alarm(signum: int, frame: object) -> None:
+    def on_timeout(signum: int, frame: object) -> None:
         raise _AnswerTimeout()
 
-    started = time.monotonic()
-    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
-    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.process_time()
+    previous_handler = signal.signal(signal.SIGPROF, on_timeout)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
         try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:  # the alarm may fire just as it is being cancelled; restore regardless
-            signal.signal(signal.SIGALRM, previous_handler)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+        finally:  # the timer may fire just as it is being cancelled; restore regardless
+            signal.signal(signal.SIGPROF, previous_handler)
             if previous_delay > 0:
-                remaining = max(previous_delay - (time.monotonic() - started), 1e-3)
-                signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
+                remaining = max(previous_delay - (time.process_time() - started), 1e-3)
+                signal.setitimer(signal.ITIMER_PROF, remaining, previous_interval)
 
 
 def _verify_in_process(ground_truth: str, answer: str, timeout_s: float) -> bool:
-    """math_verify equivalence under a wall-clock deadline; a timeout or error is wrong."""
+    """math_verify equivalence under a CPU-time deadline; a timeout or error is wrong."""
+    _warm_up_child()  # importing math_verify (sympy) takes seconds: no answer's budget pays it
     try:
         with _deadline(timeout_s):
             return _math_verify(ground_truth, answer)
@@ -273,6 +284,7 @@ def _grade_in_child(ground_truth: str, answer: str, timeout_s: float) -> bool:
     return _verify_in_process(ground_truth, answer, timeout_s)
 
 
+@functools.cache
 def _warm_up_child() -> bool:
     import math_verify  # noqa: F401 - pay the sympy import before the first deadline
 
@@ -319,3 +331,112 @@ class _GradingWorker:
 
 
 _WORKER = _GradingWorker()
+
+
+# --- many answers at once ------------------------------------------------------------------
+_PAIRS_PER_TASK = 32  # small enough to spread a cell over every worker, big enough to amortise IPC
+
+
+def _grade_pair(answer: str, ground_truth: str) -> bool:
+    """:func:`is_correct` after extraction: never raises."""
+    try:
+        return grade_answer(answer, ground_truth)
+    except Exception:  # noqa: BLE001 - as in is_correct
+        logger.debug("grading failed; counted as wrong", exc_info=True)
+        return False
+
+
+def _grade_pairs_in_child(pairs: list[tuple[str, str]]) -> list[bool]:
+    """Runs in a pool worker's main thread, where :func:`grade_answer` arms its deadline."""
+    return [_grade_pair(answer, truth) for answer, truth in pairs]
+
+
+class PendingGrades:
+    """Grades being computed; :meth:`result` waits for them (in response order)."""
+
+    def __init__(self, pool: "GradingPool", answers: list[str | None], truths: Sequence,
+                 pairs: list[tuple[str, str]], pending) -> None:
+        self._pool, self._answers, self._truths = pool, answers, truths
+        self._pairs, self._pending = pairs, pending
+
+    def result(self) -> list[bool]:
+        grades = self._pool._collect(self._pairs, self._pending)
+        return [answer is not None and isinstance(truth, str) and grades[(answer, truth)]
+                for answer, truth in zip(self._answers, self._truths)]
+
+
+class GradingPool:
+    """Grade many responses in ``workers`` spawned processes (0: in this process).
+
+    ``spawn``, not ``fork``: the caller may hold CUDA contexts and NCCL threads. Workers start
+    on first use and live until :meth:`close`. If a worker overruns every deadline (stuck in C
+    code, where signals do not reach), the pool is killed and the batch is graded here instead,
+    still under the per-answer deadline.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 0:
+            raise ValueError(f"grading workers must be >= 0 (0 grades in-process), got {workers}")
+        self.workers = workers
+        self._pool: multiprocessing.pool.Pool | None = None
+
+    def grade(self, responses: Sequence[str], ground_truths: Sequence[str | None]) -> list[bool]:
+        """``[is_correct(r, t) for r, t in zip(responses, ground_truths)]``, in parallel."""
+        return self.submit(responses, ground_truths).result()
+
+    def submit(self, responses: Sequence[str], ground_truths: Sequence[str | None]) -> PendingGrades:
+        """Start grading and return at once; the caller may generate meanwhile."""
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+        answers = [_safe_extract(r) for r in responses]
+        pairs = list(dict.fromkeys((a, t) for a, t in zip(answers, ground_truths)
+                                   if a is not None and isinstance(t, str)))
+        pending = None
+        if self.workers and pairs:
+            tasks = [pairs[i: i + _PAIRS_PER_TASK] for i in range(0, len(pairs), _PAIRS_PER_TASK)]
+            pending = self._ensure_pool().map_async(_grade_pairs_in_child, tasks)
+        return PendingGrades(self, answers, ground_truths, pairs, pending)
+
+    def _collect(self, pairs: list[tuple[str, str]], pending) -> dict[tuple[str, str], bool]:
+        if pending is not None:
+            # Every answer at its deadline, tasks spread over the workers, plus start-up.
+            per_worker = math.ceil(len(pairs) / self.workers) + _PAIRS_PER_TASK
+            budget = _WORKER_STARTUP_S + per_worker * (ANSWER_TIMEOUT_S + 0.5)
+            try:
+                grades = [g for chunk in pending.get(budget) for g in chunk]
+                return dict(zip(pairs, grades))
+            except multiprocessing.TimeoutError:
+                logger.warning("grading pool overran %.0fs; grading %d answers in-process",
+                               budget, len(pairs))
+                self.close()
+        return {pair: _grade_pair(*pair) for pair in pairs}
+
+    def _ensure_pool(self) -> multiprocessing.pool.Pool:
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                processes=self.workers, initializer=_warm_up_child)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "GradingPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _safe_extract(response: str) -> str | None:
+    try:
+        return extract_last_boxed(response)
+    except Exception:  # noqa: BLE001 - as in is_correct
+        return None
+
+
+def default_grading_workers() -> int:
+    """One per core, at most 8 (a cell of 500 questions x 32 samples has ~10k distinct pairs)."""
+    return max(1, min(8, os.cpu_count() or 1))

@@ -15,6 +15,14 @@ A sweep is resumable: each cell's files are written atomically (temporary file, 
 ``os.replace``) and the cell record last, so a cell record exists only for a finished cell,
 and a re-run with the same ``out_dir`` skips those. A cell record written with different
 settings (n, seed, template, questions...) is refused rather than silently mixed in.
+
+Under torchrun every rank runs the sweep with its own engine
+(:class:`~sept_megatron.rollout.orchestration.DataParallelEngines`): the questions of a wave of
+cells (as many cells as it takes to give every engine a batch) are spread over all engines,
+the responses gathered to rank 0, which grades them in a process pool
+(:class:`~.grading.GradingPool`) while the engines generate the next wave, and writes every
+file. Each sample is seeded by (cell, question, sample index), so the results equal a
+one-process sweep's.
 """
 
 from __future__ import annotations
@@ -34,13 +42,11 @@ from typing import Any, Iterator, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from ..data import Question, check_template, render_prompts
-from ..rollout.base import RolloutEngine, SamplingParams
-from .grading import extract_last_boxed, is_correct
+from ..rollout.base import Generation, RolloutEngine, SamplingParams
+from ..rollout.orchestration import DataParallelEngines, Request
+from .grading import GradingPool, extract_last_boxed
 from .metrics import AVG_KS, avg_ks, avg_score, benchmark_metrics
 
-# Prompts per engine.generate call: big enough for a batched engine to stay busy, small enough
-# for the progress bar to move and for one call's responses to sit comfortably in memory.
-PROMPTS_PER_CALL = 256
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
@@ -75,29 +81,31 @@ def sampling_for(temperature: float, n: int, max_new_tokens: int, seed: int) -> 
     )
 
 
-def evaluate_cell(
-    engine: RolloutEngine,
-    questions: Sequence[Question],
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingParams,
-    *,
-    benchmark: str,
-    progress: bool = False,
-) -> CellResult:
-    """Generate ``sampling.n`` responses per prompt, grade them, and reduce to pass@k."""
-    started = time.monotonic()
+@dataclass(frozen=True)
+class Response:
+    """What grading and the responses file need of one generation (sent to rank 0)."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+def _response(generation: Generation) -> Response:
+    return Response(generation.text, len(generation.token_ids), generation.finish_reason)
+
+
+def grade_cell(questions: Sequence[Question], rows: Sequence[Sequence[Response]],
+               sampling: SamplingParams, *, benchmark: str, grades: Sequence[bool],
+               elapsed_s: float = 0.0) -> CellResult:
+    """Reduce one cell's responses (``rows[question][sample]``) and their grades to pass@k."""
     correct_counts: list[int] = []
     responses: list[dict] = []
-    bar = tqdm(total=len(prompts), desc=f"{benchmark} T={temperature_label(sampling.temperature)}",
-               leave=False, disable=not progress, unit="q")
-    for offset, generations in _generate(engine, prompts, sampling):
-        for position, samples in enumerate(generations):
-            question = questions[offset + position]
-            graded = [_grade(question, sample_index, g) for sample_index, g in enumerate(samples)]
-            correct_counts.append(sum(record["correct"] for record in graded))
-            responses.extend(graded)
-        bar.update(len(generations))
-    bar.close()
+    flat = iter(grades)
+    for question, samples in zip(questions, rows):
+        graded = [_record(question, index, response, next(flat))
+                  for index, response in enumerate(samples)]
+        correct_counts.append(sum(record["correct"] for record in graded))
+        responses.extend(graded)
     return CellResult(
         benchmark=benchmark,
         temperature=sampling.temperature,
@@ -106,40 +114,97 @@ def evaluate_cell(
         metrics=benchmark_metrics(correct_counts, sampling.n, greedy=sampling.temperature == 0),
         mean_response_tokens=fmean(r["num_tokens"] for r in responses),
         truncated_fraction=fmean(r["finish_reason"] == "length" for r in responses),
-        elapsed_s=time.monotonic() - started,
+        elapsed_s=elapsed_s,
         responses=responses,
     )
 
 
-def _generate(
-    engine: RolloutEngine, prompts: Sequence[Sequence[int]], sampling: SamplingParams
-) -> Iterator[tuple[int, list[list[Any]]]]:
-    """(offset, generations) per engine call, checking the engine kept its contract."""
-    for call_index, offset in enumerate(range(0, len(prompts), PROMPTS_PER_CALL)):
-        chunk = prompts[offset : offset + PROMPTS_PER_CALL]
-        # A distinct seed per call, so equal seeds do not correlate samples across calls.
-        call_seed = None if sampling.seed is None else sampling.seed + call_index
-        call_sampling = replace(sampling, seed=call_seed)
-        generations = engine.generate(chunk, call_sampling)
-        if len(generations) != len(chunk) or any(len(g) != sampling.n for g in generations):
-            raise RuntimeError(
-                f"{type(engine).__name__}.generate returned {len(generations)} prompts' worth of "
-                f"generations for {len(chunk)} prompts (expected {sampling.n} each)"
-            )
-        yield offset, generations
-
-
-def _grade(question: Question, sample_index: int, generation: Any) -> dict:
+def _record(question: Question, sample_index: int, response: Response, correct: bool) -> dict:
     return {
         "index": question.index,
         "sample": sample_index,
         "ground_truth": question.ground_truth,
-        "answer": extract_last_boxed(generation.text),
-        "correct": is_correct(generation.text, question.ground_truth),
-        "finish_reason": generation.finish_reason,
-        "num_tokens": len(generation.token_ids),
-        "response": generation.text,
+        "answer": extract_last_boxed(response.text),
+        "correct": bool(correct),
+        "finish_reason": response.finish_reason,
+        "num_tokens": response.num_tokens,
+        "response": response.text,
     }
+
+
+def _grading_inputs(questions: Sequence[Question], rows: Sequence[Sequence[Response]]):
+    texts = [response.text for samples in rows for response in samples]
+    truths = [q.ground_truth for q, samples in zip(questions, rows) for _ in samples]
+    return texts, truths
+
+
+@dataclass
+class _Cell:
+    """One (benchmark, temperature) cell to compute: its questions, prompts and sampling."""
+
+    benchmark: str
+    questions: Sequence[Question]
+    prompts: list[list[int]]
+    sampling: SamplingParams
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _waves(cells: list[_Cell], num_engines: int, shard_sequences: int) -> Iterator[list[_Cell]]:
+    """Consecutive cells, as few per wave as give every engine at least one batch."""
+    wave: list[_Cell] = []
+    batches = 0
+    for cell in cells:
+        copies = 1 if cell.sampling.temperature == 0 else cell.sampling.n
+        wave.append(cell)
+        batches += math.ceil(len(cell.prompts) * copies / shard_sequences)
+        if batches >= num_engines:
+            yield wave
+            wave, batches = [], 0
+    if wave:
+        yield wave
+
+
+class _WaveGrading:
+    """Rank 0's grading of one generated wave, running in the pool until :meth:`finish`."""
+
+    def __init__(self, wave: list[_Cell], rows: list, grader: GradingPool, generate_s: float):
+        self.wave, self.rows, self.generate_s = wave, rows, generate_s
+        self.started = time.monotonic()
+        self.pending = [grader.submit(*_grading_inputs(cell.questions, cell_rows))
+                        for cell, cell_rows in zip(wave, rows)]
+
+    def finish(self) -> list[CellResult]:
+        results = []
+        for cell, cell_rows, pending in zip(self.wave, self.rows, self.pending):
+            elapsed = self.generate_s / len(self.wave) + time.monotonic() - self.started
+            result = grade_cell(cell.questions, cell_rows, cell.sampling, benchmark=cell.benchmark,
+                                grades=pending.result(), elapsed_s=elapsed)
+            result.settings = cell.settings
+            results.append(result)
+        return results
+
+
+def _as_engines(engine: RolloutEngine | DataParallelEngines) -> DataParallelEngines:
+    return engine if isinstance(engine, DataParallelEngines) else DataParallelEngines.single(engine)
+
+
+def _generate_wave(engines: DataParallelEngines, wave: list[_Cell]) -> tuple[list | None, float]:
+    """Collective: every engine answers its share of the wave; rank 0 gets the responses."""
+    started = time.monotonic()
+    rows = engines.generate_many([Request(cell.prompts, cell.sampling) for cell in wave],
+                                 dst=0, pack=_response)
+    return rows, time.monotonic() - started
+
+
+def _share(engines: DataParallelEngines, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (collective when there are several)."""
+    if engines.placement.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +212,7 @@ def _grade(question: Question, sample_index: int, generation: Any) -> dict:
 
 
 def run_sweep(
-    engine: RolloutEngine,
+    engine: RolloutEngine | DataParallelEngines,
     tokenizer: Any,
     benchmarks: Mapping[str, Sequence[Question]],
     temperatures: Sequence[float],
@@ -157,41 +222,74 @@ def run_sweep(
     template: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    grading_workers: int = 0,
 ) -> dict:
     """Evaluate every benchmark at every temperature; write and return the results.
 
-    Returns the content of ``results.json``; see the module docstring for the files.
+    ``engine``: one engine, or every rank's :class:`DataParallelEngines` (then every rank calls
+    this; rank 0 writes). ``grading_workers``: grading processes on rank 0 (0: in-process).
+    Returns the content of ``results.json`` (on every rank); see the module docstring.
     """
     check_sweep_args(benchmarks, temperatures, n, max_new_tokens, template)
+    engines = _as_engines(engine)
+    writer = engines.placement.rank == 0
     out_dir = Path(out_dir)
-    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
-    (out_dir / "responses").mkdir(parents=True, exist_ok=True)
-    cells = [(name, float(t)) for name in benchmarks for t in temperatures]
-    results: dict[tuple[str, float], CellResult] = {}
-    bar = tqdm(cells, desc="sweep", unit="cell", disable=not progress)
-    for name, temperature in bar:
-        bar.set_postfix_str(f"{name} T={temperature_label(temperature)}")
+    cells: list[_Cell] = []
+    for name, temperature in ((name, float(t)) for name in benchmarks for t in temperatures):
         settings = _cell_settings(name, benchmarks[name], temperature, n, max_new_tokens,
                                   template, seed)
-        cell_path = out_dir / "cells" / f"{_cell_stem(name, temperature)}.json"
-        stored = _load_cell(cell_path, settings)
-        if stored is not None:
-            results[(name, temperature)] = stored
-            continue
-        prompts = render_prompts(benchmarks[name], tokenizer, template)
         sampling = sampling_for(temperature, n, max_new_tokens, settings["seed"])
-        cell = evaluate_cell(engine, benchmarks[name], prompts, sampling,
-                             benchmark=name, progress=progress)
-        cell.settings = settings
+        cells.append(_Cell(name, benchmarks[name], [], sampling, settings))
+    results: dict[tuple[str, float], CellResult] = {}
+    if writer:
+        (out_dir / "cells").mkdir(parents=True, exist_ok=True)
+        (out_dir / "responses").mkdir(parents=True, exist_ok=True)
+        for cell in cells:
+            stored = _load_cell(out_dir / "cells" / f"{_cell_stem(*_key(cell))}.json", cell.settings)
+            if stored is not None:
+                results[_key(cell)] = stored
+    done = _share(engines, set(results))
+    todo = [cell for cell in cells if _key(cell) not in done]
+    prompts = {name: render_prompts(benchmarks[name], tokenizer, template)
+               for name in {cell.benchmark for cell in todo}}
+    for cell in todo:
+        cell.prompts = prompts[cell.benchmark]
+    unit = getattr(engines.local, "shard_sequences", 1)
+    bar = tqdm(total=len(todo), desc="sweep", unit="cell", disable=not (progress and writer))
+    with GradingPool(grading_workers if writer else 0) as grader:
+        grading: _WaveGrading | None = None
+        try:
+            for wave in _waves(todo, engines.num_engines, unit):
+                bar.set_postfix_str(", ".join(f"{c.benchmark} T={temperature_label(c.sampling.temperature)}"
+                                              for c in wave))
+                rows, generate_s = _generate_wave(engines, wave)
+                if grading is not None:  # the previous wave, graded while this one generated
+                    _finish(grading, out_dir, results, bar)
+                grading = _WaveGrading(wave, rows, grader, generate_s) if writer else None
+        finally:
+            if grading is not None:  # also when generation failed: keep what was graded
+                _finish(grading, out_dir, results, bar)
+    bar.close()
+    summary = None
+    if writer:
+        summary = summarise(results, list(benchmarks), [float(t) for t in temperatures], n)
+        summary["config"] = {"max_new_tokens": max_new_tokens, "template": template, "seed": seed}
+        _write_atomic(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+        _write_atomic(out_dir / "results.md", results_markdown(summary))
+        plot_sweep(summary, out_dir / "sweep.png")
+    return _share(engines, summary)
+
+
+def _key(cell: _Cell) -> tuple[str, float]:
+    return cell.benchmark, cell.sampling.temperature
+
+
+def _finish(grading: _WaveGrading, out_dir: Path, results: dict, bar) -> None:
+    for cell in grading.finish():
         _save_cell(out_dir, cell)
         cell.responses = []  # on disk now; a full sweep's texts would not fit in memory
-        results[(name, temperature)] = cell
-    summary = summarise(results, list(benchmarks), [float(t) for t in temperatures], n)
-    summary["config"] = {"max_new_tokens": max_new_tokens, "template": template, "seed": seed}
-    _write_atomic(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(out_dir / "results.md", results_markdown(summary))
-    plot_sweep(summary, out_dir / "sweep.png")
-    return summary
+        results[(cell.benchmark, cell.temperature)] = cell
+        bar.update(1)
 
 
 def check_sweep_args(
@@ -423,7 +521,7 @@ def plot_sweep(summary: Mapping[str, Any], path: Path) -> None:
 
 
 def evaluate_once(
-    engine: RolloutEngine,
+    engine: RolloutEngine | DataParallelEngines,
     tokenizer: Any,
     benchmarks: Mapping[str, Sequence[Question]],
     *,
@@ -433,23 +531,33 @@ def evaluate_once(
     max_new_tokens: int = 3072,
     template: str = "auto",
     seed: int = 0,
+    grader: GradingPool | None = None,
 ) -> dict[str, float]:
     """One temperature, the first ``max_questions`` of each benchmark, no files written.
 
     Returns ``val/<bench>/pass@<k>`` for each k available, ``val/avg`` (as in the sweep) and
-    ``val/mean_response_tokens``, ready for the logger.
+    ``val/mean_response_tokens``, ready for the logger. With :class:`DataParallelEngines`
+    every rank calls it, every engine answers a share, and rank 0 grades and returns the
+    metrics (other ranks get ``{}``).
     """
     if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be >= 1 (or None for all), got {max_questions}")
     subsets = {name: list(qs[:max_questions]) for name, qs in benchmarks.items()}
     check_sweep_args(subsets, [temperature], n, max_new_tokens, template)
+    engines = _as_engines(engine)
+    sampling = sampling_for(temperature, n, max_new_tokens, seed)
+    requests = [Request(render_prompts(questions, tokenizer, template), sampling)
+                for questions in subsets.values()]
+    rows = engines.generate_many(requests, dst=0, pack=_response)
+    if rows is None:
+        return {}
+    grader = grader or GradingPool(0)
     metrics: dict[str, float] = {}
     per_benchmark: dict[str, dict[int, float]] = {}
     response_tokens: list[float] = []
-    for name, questions in subsets.items():
-        prompts = render_prompts(questions, tokenizer, template)
-        sampling = sampling_for(temperature, n, max_new_tokens, seed)
-        cell = evaluate_cell(engine, questions, prompts, sampling, benchmark=name)
+    for (name, questions), cell_rows in zip(subsets.items(), rows):
+        grades = grader.grade(*_grading_inputs(questions, cell_rows))
+        cell = grade_cell(questions, cell_rows, sampling, benchmark=name, grades=grades)
         per_benchmark[name] = cell.metrics
         response_tokens.append(cell.mean_response_tokens)
         metrics.update({f"val/{name}/pass@{k}": v for k, v in cell.metrics.items()})

@@ -4,19 +4,31 @@ It is the CPU/test backend and the reference the SGLang backend is checked again
 favours being obviously right over being fast: plain left-padded batches, no continuous
 batching. Data path of a weight sync: full HF-named tensors (from the trainer's export) are
 copied in place into the model's parameters, so the engine never reloads from disk.
+
+Sampling is ours, not ``generate``'s: every sequence draws from its own generator (seeded by
+:func:`~sept_megatron.rollout.base.sequence_seed`), and ``generate`` runs in greedy mode over
+scores that leave only the drawn token. So a sample does not depend on its row in the batch
+or on the RNG the other rows consumed: with the same batches (``shard_sequences``), prompts
+spread over several engines give the samples one engine gives.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+    TopPLogitsWarper)
 
-from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket
+from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket, check_prompts,
+                                          sequence_seeds)
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +37,6 @@ def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
     return [ids] if isinstance(ids, int) else list(ids)
-
-
-def _check_sampling(sampling: SamplingParams) -> None:
-    """Reject parameters ``generate`` would silently misread; name the field and the fix."""
-    if sampling.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {sampling.top_p}")
-    if sampling.top_k == 0 or sampling.top_k < -1:
-        raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {sampling.top_k}")
-    if sampling.n < 1 or sampling.max_new_tokens < 1:
-        raise ValueError(
-            f"SamplingParams.n and max_new_tokens must be >= 1, got n={sampling.n}, "
-            f"max_new_tokens={sampling.max_new_tokens}"
-        )
 
 
 class HFRolloutEngine:
@@ -59,7 +56,15 @@ class HFRolloutEngine:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 64,
         progress: bool = True,
+        group=None,
+        process_group=None,
     ) -> None:
+        # One engine per rank: ``group`` (an EngineGroup from the placement) must be this rank
+        # alone; the one-rank process group has nothing to coordinate.
+        del process_group
+        if group is not None and len(group.ranks) != 1:
+            raise ValueError(f"the hf backend runs one engine per rank, got an engine group of "
+                             f"ranks {group.ranks}; set rollout.engine_tp=1")
         if (model_path is None) == (model is None):
             raise ValueError("HFRolloutEngine needs exactly one of model_path or model")
         if model_path is not None:
@@ -76,6 +81,7 @@ class HFRolloutEngine:
         self.batch_size = batch_size
         self.progress = progress
         self.tokenizer = tokenizer
+        self.shard_sequences = batch_size  # rollout shards are cut in whole batches
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.loaded_tensor_count = 0  # tensors copied by the last update_weights call
         self._released = False
@@ -110,22 +116,14 @@ class HFRolloutEngine:
         )
 
     def _call_config(self, sampling: SamplingParams) -> GenerationConfig:
-        """Per-call config. transformers reads top_k=None as its default 50, so "no cut" is 0."""
-        common = dict(
+        """Per-call config: always greedy; sampling, when asked for, is :class:`_SeededSampler`."""
+        return GenerationConfig(
+            do_sample=False,
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=list(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
             num_beams=1,
             use_cache=True,
-        )
-        if sampling.temperature == 0:
-            return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0 if sampling.top_k == -1 else sampling.top_k,
-            **common,
         )
 
     def generate(
@@ -135,37 +133,36 @@ class HFRolloutEngine:
 
         Sequences are sorted by prompt length (longest first, so an out-of-memory shows up
         on the first chunk) and generated ``batch_size`` at a time. Greedy decoding runs each
-        prompt once and copies the result ``n`` times. With ``sampling.seed`` set, the call
-        seeds torch's RNG inside a forked RNG state (the caller's state is left untouched),
-        so the same prompts, params and ``batch_size`` give the same samples; different
-        batch sizes give different (equally valid) samples.
+        prompt once and copies the result ``n`` times. Sampling draws each sequence from its
+        own generator: seeded from ``sampling.seed`` and the prompt's seed key when a seed is
+        given (the same sequence, prompt, weights and batch give the same sample, and torch's
+        global RNG is left untouched), else from torch's global RNG.
         """
-        _check_sampling(sampling)
+        sampling.check()
         if self._released:
             raise RuntimeError("HFRolloutEngine.generate after release_memory(); call resume_memory() first")
-        for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty; generation needs at least one token")
-        copies = 1 if sampling.temperature == 0 else sampling.n
+        check_prompts(prompts)
+        greedy = sampling.temperature == 0
+        copies = 1 if greedy else sampling.n
+        seeds = None if greedy else _row_seeds(sampling, len(prompts))
         jobs = [(index, copy) for index in range(len(prompts)) for copy in range(copies)]
         jobs.sort(key=lambda job: -len(prompts[job[0]]))  # stable: ties keep prompt order
         chunks = [jobs[start : start + self.batch_size] for start in range(0, len(jobs), self.batch_size)]
 
         config = self._call_config(sampling)
         results: list[list[Generation | None]] = [[None] * copies for _ in prompts]
-        rng_devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices, enabled=sampling.seed is not None):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
-                outputs = self._generate_batch([prompts[index] for index, _ in chunk], config)
-                for (index, copy), generation in zip(chunk, outputs):
-                    results[index][copy] = generation
+        for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
+            sampler = None if seeds is None else _SeededSampler(
+                [seeds[index][copy] for index, copy in chunk], sampling)
+            outputs = self._generate_batch([prompts[index] for index, _ in chunk], config, sampler)
+            for (index, copy), generation in zip(chunk, outputs):
+                results[index][copy] = generation
         if copies == sampling.n:
             return results  # type: ignore[return-value]
         return [[_copy(row[0]) for _ in range(sampling.n)] for row in results]  # type: ignore[arg-type]
 
-    def _generate_batch(self, prompts: list[Sequence[int]], config: GenerationConfig) -> list[Generation]:
+    def _generate_batch(self, prompts: list[Sequence[int]], config: GenerationConfig,
+                        sampler: "_SeededSampler | None") -> list[Generation]:
         """Left-pad one chunk, generate, and cut each response after its first EOS."""
         width = max(len(prompt) for prompt in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
@@ -177,6 +174,7 @@ class HFRolloutEngine:
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=config,
+            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
         )
         return [self._to_generation(row) for row in output[:, width:].tolist()]
 
@@ -193,6 +191,12 @@ class HFRolloutEngine:
         )
 
     # --- weights -----------------------------------------------------------------------
+
+    @functools.cached_property
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """:meth:`_named_tensors`, looked up once per placement of the model (``Module.to``
+        keeps parameters but replaces buffers, so release/resume forget it)."""
+        return self._named_tensors()
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         """Every loadable name: parameters, tied aliases included (``lm_head.weight`` and
@@ -211,7 +215,7 @@ class HFRolloutEngine:
         With ``strict=True`` the call must be a full sync: every parameter must have been
         written (either name of a tied pair counts), else ``ValueError`` lists the missing.
         """
-        targets = self._named_tensors()
+        targets = self._targets
         written: set[int] = set()
         count = 0
         with torch.no_grad():
@@ -228,7 +232,9 @@ class HFRolloutEngine:
                             f"update_weights: shape mismatch for {name!r}: got {tuple(tensor.shape)}, "
                             f"model has {tuple(target.shape)}"
                         )
-                    target.copy_(tensor.detach().to(device=target.device, dtype=target.dtype))
+                    if tensor.device != target.device or tensor.dtype != target.dtype:
+                        tensor = tensor.to(device=target.device, dtype=target.dtype)
+                    target.copy_(tensor)
                     written.add(id(target))
                     count += 1
         if strict:
@@ -247,6 +253,7 @@ class HFRolloutEngine:
         """On CUDA, park the model in host memory and free the cache; no-op on CPU."""
         if self.device.type == "cuda" and not self._released:
             self.model.to("cpu")
+            self.__dict__.pop("_targets", None)
             torch.cuda.empty_cache()
             self._released = True
 
@@ -254,7 +261,47 @@ class HFRolloutEngine:
         """Move the model back to the accelerator before the next generation."""
         if self._released:
             self.model.to(self.device)
+            self.__dict__.pop("_targets", None)
             self._released = False
+
+
+def _row_seeds(sampling: SamplingParams, num_prompts: int) -> list[list[int]]:
+    """Seeds of every (prompt, copy); an unseeded call takes them from torch's global RNG."""
+    seeds = sequence_seeds(sampling, num_prompts)
+    if seeds is not None:
+        return seeds
+    return torch.randint(0, 2**62, (num_prompts, sampling.n)).tolist()
+
+
+class _SeededSampler(LogitsProcessor):
+    """Draws the next token of every row from that row's own generator.
+
+    Applied last, with ``generate`` in greedy mode: the scores are warped exactly as
+    transformers' sampling would (temperature, then top-k, then top-p; its own warper classes),
+    one uniform number per row and step is drawn from the row's CPU generator and inverted
+    through the row's CDF (float64), and the returned scores leave only that token finite, so
+    greedy selection picks it. A row consumes one number per step whatever the other rows do.
+    """
+
+    def __init__(self, seeds: list[int], sampling: SamplingParams) -> None:
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+        if sampling.top_k != -1:
+            self.warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = self.warpers(input_ids, scores).softmax(dim=-1, dtype=torch.float64)
+        cdf = probs.cumsum(dim=-1)
+        draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        totals = cdf[:, -1:].contiguous()
+        targets = draws.to(cdf.device)[:, None] * totals
+        tokens = torch.searchsorted(cdf, targets, right=True)
+        # u * total can round up to total: take the token where the CDF reaches its total.
+        tokens = torch.minimum(tokens, torch.searchsorted(cdf, totals, right=False))
+        chosen = torch.full_like(scores, -math.inf)
+        return chosen.scatter_(1, tokens, 0.0)
 
 
 def _copy(generation: Generation) -> Generation:

@@ -212,3 +212,36 @@ def test_several_errors_are_reported_at_once():
 def test_missing_hf_path_is_an_error():
     cfg = load_config(None, ["train.prompts_per_round=8", "train.mini_batch_size=8"])
     assert "model.hf_path" in validation_errors(cfg)
+
+
+# --- FP8 (issue 10) -------------------------------------------------------------------------
+def test_fp8_rollout_weights_with_the_hf_engine_is_rejected_with_the_fix():
+    message = validation_errors(good_config("rollout.weights=fp8"))
+    assert "rollout.weights=fp8 needs rollout.backend=sglang" in message
+    assert "rollout.weights=native" in message
+
+
+def test_fp8_rollout_weights_with_sglang_checks_the_128_blocks_per_engine_gpu():
+    shaped = tiny_arch(hidden_size=1536, num_attention_heads=12, num_query_groups=2,
+                       head_dim=128, ffn_hidden_size=8960)  # Qwen2.5-1.5B
+    validate(good_config("rollout.weights=fp8", "rollout.backend=sglang"), world_size=1,
+             arch=shaped)
+    message = validation_errors(good_config("rollout.weights=fp8", "rollout.backend=sglang",
+                                            "rollout.engine_tp=4"), arch=shaped)
+    assert "rollout.weights=fp8" in message and "2240" in message and "rollout.engine_tp" in message
+
+
+def test_fp8_training_on_the_cpu_device_is_rejected():
+    message = validation_errors(good_config("model.fp8=blockwise", "parallel.device=cpu"))
+    assert "model.fp8=blockwise" in message and "parallel.device=cpu" in message
+
+
+def test_fp8_training_rejects_dimensions_te_cannot_run_in_fp8():
+    arch = tiny_arch(hidden_size=72, num_attention_heads=4, num_query_groups=2, head_dim=18,
+                     ffn_hidden_size=200)
+    message = validation_errors(good_config("model.fp8=delayed"), arch=arch)
+    assert "model.fp8=delayed: hidden_size = 72 is not a multiple of 16" in message
+    assert "heads x head_dim / TP) = 72 is not a multiple of 16" in message
+    assert "ffn_hidden_size per TP rank = 200 is not a multiple of 16" in message
+    assert "q/k/v rows" not in message  # (4 + 2 x 2) x 18 = 144 = 9 x 16 fits
+    validate(good_config("model.fp8=delayed"), world_size=1, arch=tiny_arch())  # 64/128 fit

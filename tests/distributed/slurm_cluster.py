@@ -17,6 +17,8 @@ about a second. What it took to get there:
 - ``SlurmdParameters=config_overrides``: the node has the CPUs the config says whatever the
   machine has, so a 1-core CI runner does not drain the node ("Low socket*core*thread count").
 - Free ports are picked for slurmctld and slurmd, so a second cluster on the machine is no clash.
+- ``AuthInfo=...,cred_expire=10``: a requeued job may start again after the credential lifetime
+  (default 120 s); requeue is on by default (``JobRequeue=1``), ``sbatch --requeue`` says so.
 
 Stopping cancels the cluster's jobs, runs ``scontrol shutdown`` and ends the three daemons by
 the PIDs they were started with. Nothing else is killed.
@@ -38,6 +40,9 @@ BINARIES = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "slurmct
             "munged", "mungekey")
 _SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin"))
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the NUL
+CRED_EXPIRE_S = 5
+"""Job-step credential lifetime, which is also how long a requeued job waits before it may
+start again (Slurm's default, 120 s, would make every requeue test wait two minutes)."""
 
 CONFIG_TEMPLATE = """\
 ClusterName=septtest
@@ -48,7 +53,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket.2
+AuthInfo=socket={root}/munge/munge.socket.2,cred_expire={cred_expire}
 StateSaveLocation={root}/state/ctld
 SlurmdSpoolDir={root}/state/d
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -66,6 +71,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
@@ -131,7 +137,8 @@ class _Cluster:
         while slurmd_port == ctld_port:
             slurmd_port = free_port()
         self.conf.write_text(CONFIG_TEMPLATE.format(
-            root=self.root, cpus=self.cpus, ctld_port=ctld_port, slurmd_port=slurmd_port))
+            root=self.root, cpus=self.cpus, ctld_port=ctld_port, slurmd_port=slurmd_port,
+            cred_expire=CRED_EXPIRE_S))
 
         key = self.root / "munge" / "munge.key"
         self._check_call([find_binary("mungekey"), "--create", f"--keyfile={key}"])

@@ -1,6 +1,14 @@
-"""SePT training launched by a real Slurm: ``examples/sept.sbatch`` (srun, one torchrun per node)
-and a bare ``srun --ntasks=2`` (ranks from SLURM_PROCID/SLURM_NTASKS, no torchrun), each a tiny
-2-round TP=2 run on a one-node cluster on localhost (``slurm_cluster.py``).
+"""SePT training launched by a real Slurm on a one-node cluster on localhost
+(``slurm_cluster.py``), each a tiny TP=2 run of a few rounds:
+
+- ``examples/sept.sbatch`` (srun, one task per rank) to completion;
+- the same job told to stop (USR1 to the batch shell, as ``--signal=B:USR1@300`` does before the
+  time limit) at a known moment: it checkpoints after the round, requeues itself and the
+  requeued job finishes with the same prompts as the uninterrupted run;
+- an endless job under a real 2-minute time limit, where Slurm's own timer sends the signal:
+  stop, checkpoint, requeue, resume;
+- a bare ``srun --ntasks=2`` (ranks from SLURM_PROCID/SLURM_NTASKS, no torchrun);
+- a rank killed mid-round under ``srun --kill-on-bad-exit``: every rank ends, non-zero.
 
 Needs root and Debian's ``slurm-wlm`` + ``munge``. With ``SEPT_TEST_INSTALL_SLURM=1`` (CI sets
 it) missing packages are apt-get installed; otherwise the launch tests skip and say why.
@@ -15,16 +23,17 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import slurm_cluster
-from loop.test_train_cli import base_args, read_metrics
+from loop.test_train_cli import base_args, read_metrics, round_prompts
 
 INSTALL_VAR = "SEPT_TEST_INSTALL_SLURM"
 APT_PACKAGES = ("slurm-wlm", "munge")
 SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "sept.sbatch"
 JOB_TIMEOUT_S = 300
-ROUNDS = 2  # enough to show the loop carries on from round to round; each round costs seconds
+ROUNDS = 4  # a stop after round 1 or 2 leaves rounds for the requeued job; rounds are cheap
 
 
 # --- can Slurm run here? -----------------------------------------------------------------
@@ -133,23 +142,109 @@ def wait_for_job(job_id: str, env: dict[str, str], timeout: float) -> dict[str, 
     return dict(re.findall(r"(\w+)=(\S+)", shown))
 
 
-@pytest.mark.slow
-def test_sbatch_example_trains_to_completion(slurm_installed, cluster, tiny_run_inputs, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text("parallel:\n  tensor_parallel: 2\n")
-    run_dir = tmp_path / "run"
-    env = job_env(cluster, GPUS_PER_NODE="2", MASTER_PORT=str(slurm_cluster.free_port()))
+def submit(env: dict[str, str], workdir: Path, config: Path, args: list[str],
+           *sbatch_options: str) -> str:
+    """``sbatch examples/sept.sbatch CONFIG ARGS`` with two tasks on the one node; the job id."""
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", f"--chdir={tmp_path}",
-         f"--output={tmp_path}/sept-%j.out", str(SBATCH_SCRIPT), str(config),
-         *fast_run_args(tiny_run_inputs, run_dir)],
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--chdir={workdir}",
+         f"--output={workdir}/sept-%j.out", *sbatch_options, str(SBATCH_SCRIPT), str(config), *args],
         env=env, capture_output=True, text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
+    return submitted.stdout.strip().split(";")[0]
+
+
+def tp2_config(tmp_path: Path) -> Path:
+    config = tmp_path / "tiny.yaml"
+    config.write_text("parallel:\n  tensor_parallel: 2\n")
+    return config
+
+
+@pytest.fixture(scope="module")
+def sbatch_run(slurm_installed, cluster, tiny_run_inputs, tmp_path_factory):
+    """An uninterrupted run of examples/sept.sbatch: (run dir, job fields, job output)."""
+    workdir = tmp_path_factory.mktemp("sbatch")
+    run_dir = workdir / "run"
+    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()))
+    job_id = submit(env, workdir, tp2_config(workdir), fast_run_args(tiny_run_inputs, run_dir))
     job = wait_for_job(job_id, env, JOB_TIMEOUT_S)
-    output = (tmp_path / f"sept-{job_id}.out").read_text(errors="replace")
+    return run_dir, job, (workdir / f"sept-{job_id}.out").read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_sbatch_example_trains_to_completion(sbatch_run):
+    run_dir, job, output = sbatch_run
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output[-4000:]
     assert [m["round"] for m in read_metrics(run_dir)] == list(range(1, ROUNDS + 1))
+    assert job["Requeue"] == "1" and job["Restarts"] == "0"  # requeueable, never requeued
+
+
+@pytest.mark.slow
+def test_stop_signal_checkpoints_requeues_and_resumes(sbatch_run, cluster, tiny_run_inputs,
+                                                      tmp_path):
+    # What SLURM does at --signal=B:USR1@300 before the time limit, sent at a known moment:
+    # `scancel --batch` signals the batch shell only, as the B: prefix does.
+    run_dir = tmp_path / "run"
+    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()))
+    job_id = submit(env, tmp_path, tp2_config(tmp_path), fast_run_args(tiny_run_inputs, run_dir))
+    out_file = tmp_path / f"sept-{job_id}.out"
+    # Rank 0 logs the question bank after every rank has installed its handler, before round 1.
+    wait_for(lambda: out_file.exists() and "question bank" in out_file.read_text(errors="replace"),
+             JOB_TIMEOUT_S, "question bank line in the job output")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    job = wait_for_job(job_id, env, JOB_TIMEOUT_S)
+    output = out_file.read_text(errors="replace")
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        output[-4000:]
+    # The first run stopped at a round boundary with a checkpoint, exit 75, and requeued itself;
+    # the requeued run (same command) resumed from that checkpoint and finished.
+    stopped = re.search(r"stopped after round (\d+) on SIGUSR1", output)
+    assert stopped and 1 <= int(stopped.group(1)) < ROUNDS, output[-4000:]
+    # srun reports 75, or 143 when --kill-on-bad-exit ended a rank still exiting after another.
+    assert re.search(r"stopped early \(exit (75|143)\): requeueing job", output), output[-4000:]
+    assert "restart 1" in output
+    assert f"at round {stopped.group(1)}" in output, output[-4000:]
+    rounds = [m["round"] for m in read_metrics(run_dir)]
+    assert rounds == list(range(1, ROUNDS + 1)), rounds
+    reference_dir = sbatch_run[0]
+    for r in range(1, ROUNDS + 1):
+        assert round_prompts(run_dir, r) == round_prompts(reference_dir, r)
+
+
+@pytest.mark.slow
+def test_time_limit_signal_stops_requeues_and_resumes(slurm_installed, cluster, tiny_run_inputs,
+                                                      tmp_path):
+    # Slurm's own timer this time: a 2-minute limit with the stop signal asked for 120 s before
+    # it, so it is due at once and Slurm (which checks every 30 s) sends it to the batch shell
+    # within the first half minute, maybe before the ranks are up (the script repeats it). The
+    # run is endless: only the signal can end the first job.
+    run_dir = tmp_path / "run"
+    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()))
+    endless = fast_run_args(tiny_run_inputs, run_dir) + ["train.rounds=100000"]
+    job_id = submit(env, tmp_path, tp2_config(tmp_path), endless, "--time=2",
+                    "--signal=B:USR1@120")
+    out_file = tmp_path / f"sept-{job_id}.out"
+    wait_for(lambda: out_file.exists() and "resumed from" in out_file.read_text(errors="replace"),
+             JOB_TIMEOUT_S, "the requeued job resuming")
+    restarts = job_fields(job_id, env)["Restarts"]
+    subprocess.run(["scancel", job_id], env=env, check=True)  # the resumed job would run on
+    output = out_file.read_text(errors="replace")
+    stopped = re.search(r"stopped after round (\d+) on SIGUSR1", output)
+    assert stopped and "USR1: asking the ranks to stop" in output, output[-4000:]
+    assert restarts == "1" and f"at round {stopped.group(1)}" in output, output[-4000:]
+
+
+def job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", shown))
+
+
+def wait_for(ready, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout} s")
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -166,3 +261,36 @@ def test_bare_srun_ranks_come_from_slurm(slurm_installed, cluster, tiny_run_inpu
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
     assert [m["round"] for m in read_metrics(run_dir)] == list(range(1, ROUNDS + 1))
 
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_without_requeue(slurm_installed, cluster, tiny_run_inputs,
+                                                  tmp_path):
+    run_dir = tmp_path / "run"
+    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()))
+    endless = fast_run_args(tiny_run_inputs, run_dir) + ["train.rounds=1000"]
+    job_id = submit(env, tmp_path, tp2_config(tmp_path), endless)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists()
+             and (run_dir / "metrics.jsonl").read_text().strip(), JOB_TIMEOUT_S, "round 1")
+    ranks = job_ranks(run_dir)
+    assert sorted(ranks) == [0, 1], ranks
+    ranks[1].kill()
+    killed_at = time.monotonic()
+    job = wait_for_job(job_id, env, 120)
+    elapsed = time.monotonic() - killed_at
+    output = (tmp_path / f"sept-{job_id}.out").read_text(errors="replace")
+    # srun --kill-on-bad-exit ended rank 0; a crash without a stop request is not requeued.
+    assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", output[-3000:]
+    assert job["Restarts"] == "0" and "requeueing" not in output, output[-3000:]
+    assert not psutil.wait_procs(list(ranks.values()), timeout=5)[1]
+    assert elapsed < 60, elapsed
+
+
+def job_ranks(run_dir: Path) -> dict[int, "psutil.Process"]:
+    """This test's rank processes, by their unique run dir on the command line (only ours)."""
+    ranks = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if f"logging.run_dir={run_dir}" in cmdline and "sept_megatron.cli" in cmdline:
+            ranks[int(proc.environ()["SLURM_PROCID"])] = proc
+    return ranks

@@ -207,6 +207,18 @@ def test_adversarial_results_are_right() -> None:
     assert not is_correct(ADVERSARIAL["exponent tower"], "2")
 
 
+def test_the_deadline_counts_cpu_time_not_waiting() -> None:
+    """A grader descheduled on a loaded machine must not time out: only CPU spent counts."""
+    with grading._deadline(0.2):
+        time.sleep(0.4)  # waiting costs no CPU: no timeout
+    started = time.process_time()
+    with pytest.raises(grading._AnswerTimeout):
+        with grading._deadline(0.2):
+            while time.process_time() - started < 5.0:
+                pass
+    assert time.process_time() - started < 1.0
+
+
 def test_grading_from_a_worker_thread_has_a_deadline_too() -> None:
     """Signals only reach the main thread; other threads grade in a child process."""
     assert threading.current_thread() is threading.main_thread()

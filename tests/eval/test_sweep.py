@@ -357,3 +357,29 @@ def test_cli_end_to_end_with_a_tiny_hf_model(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert summary["cells"]["alpha"]["1.0"]["n"] == 2
     assert (tmp_path / "out" / "sweep.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    """Two ranks, one hf engine each, questions and cells spread over both, rank 0 grading in
+    a pool: the same results.json and responses as one process."""
+    from hf_tiny import make_tiny_model, make_tokenizer
+    from mp import run_python, run_torchrun
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    make_tiny_model("qwen2", tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    files = [write_benchmark(tmp_path / "alpha.jsonl", 1), write_benchmark(tmp_path / "beta.jsonl", 5)]
+    common = ["eval", "--model", tmp_path / "model", "--benchmarks", ",".join(map(str, files)),
+              "--temperatures", "0,1", "--samples", "2", "--max-new-tokens", "6",
+              "--batch-size", "2", "--device", "cpu"]
+    run_python("sept_megatron.cli", *common, "--out", tmp_path / "one", "--grading-workers", "0")
+    run_torchrun(2, "sept_megatron.cli", *common, "--out", tmp_path / "two", "--grading-workers", "1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert json.loads((two / "results.json").read_text()) == json.loads((one / "results.json").read_text())
+    responses = sorted(p.name for p in (one / "responses").iterdir())
+    assert len(responses) == 4 and responses == sorted(p.name for p in (two / "responses").iterdir())
+    for name in responses:
+        assert (two / "responses" / name).read_text() == (one / "responses" / name).read_text()
+    sampled = [json.loads(line) for line in (one / "responses" / "beta_T1.0.jsonl").read_text().splitlines()]
+    assert len({r["response"] for r in sampled}) > 1

@@ -199,15 +199,14 @@ def test_causal_mask_masks_the_future():
 
 # --- GPU: Transformer Engine layers in bf16 ----------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Transformer Engine")
-def test_transformer_engine_bf16_logits_match_hf(tmp_path):
-    pytest.importorskip("transformer_engine")
+def test_transformer_engine_bf16_logits_match_hf(tmp_path, gpu_env):
+    pytest.importorskip("transformer_engine", reason="needs Transformer Engine")
     tokenizer = StubVocab()
     for family in ("llama", "qwen2", "qwen3"):
         hf = make_tiny_model(family, tokenizer, seed=0, initializer_range=0.1)
         hf.save_pretrained(tmp_path / family)
     out = tmp_path / "result.json"
-    run_torchrun(1, "tests/model/_gpu_worker.py", tmp_path, out)
+    run_torchrun(1, "tests/model/_gpu_worker.py", tmp_path, out, env=gpu_env)
     for family, result in json.loads(out.read_text()).items():
         # bf16 rounding is the only difference allowed: Megatron-TE's error against the fp32
         # reference must be of the order of transformers' own bf16 error.

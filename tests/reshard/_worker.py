@@ -5,10 +5,11 @@
 For each HF checkpoint under HF_ROOT and each layout: Megatron loads it, its live weights are
 perturbed (consistently across ranks: noise is drawn per full tensor from the tensor's name,
 then sharded, so replicated norms stay equal on every TP rank and a tied output layer on the
-last stage stays equal to the embedding), and ``sync_weights`` pushes them into an
-``HFRolloutEngine`` on rank 0 that started from the unperturbed checkpoint. Rank 0 records the
-Megatron and engine logits (before and after the sync) and the HF tensors streamed at two
-bucket sizes, in ``OUT_DIR/<model>-<layout>.pt`` and ``OUT_DIR/results.json``.
+last stage stays equal to the embedding), and ``sync_weights`` pushes them into the
+``HFRolloutEngine`` of every rank, each started from the unperturbed checkpoint. Every rank
+records its engine's logits (before and after the sync) and the HF tensors it received at two
+bucket sizes (and once more with only rank 0 receiving); rank 0 saves the Megatron logits and
+all ranks' records in ``OUT_DIR/<model>-<layout>.pt`` and ``OUT_DIR/results.json``.
 """
 
 import json
@@ -31,7 +32,7 @@ from sept_megatron.convert.workflows import forward_logits
 from sept_megatron.reshard import stream_hf_buckets, sync_weights
 from sept_megatron.rollout.hf import HFRolloutEngine
 
-LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # with 2 processes: TP=2, PP=2, DP=2
+LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # with 2 processes: TP=2, PP=2, DP=2; with 1: (1, 1) only
 
 
 def perturb_(model, seed: int) -> None:
@@ -51,18 +52,18 @@ def perturb_(model, seed: int) -> None:
                     full_shape[1 if kind is Kind.ROW_PARALLEL else 0] *= tp
                 generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
                 noise = torch.randn(full_shape, generator=generator) * 0.05
-                param.add_(tp_shard(kind, noise, tp_rank, tp))
+                param.add_(tp_shard(kind, noise, tp_rank, tp).to(param.device))
 
 
 def to_rank0(tensor_or_none):
     """The one non-None value among the ranks (PP: only the last stage has logits)."""
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, tensor_or_none)
+    dist.all_gather_object(everyone, None if tensor_or_none is None else tensor_or_none.cpu())
     return next(x for x in everyone if x is not None)
 
 
 def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tuple[dict, dict]:
-    """Load, perturb, sync into an engine on rank 0; (what rank 0 saves, a JSON summary)."""
+    """Load, perturb, sync into an engine on every rank; (what rank 0 saves, a JSON summary)."""
     distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
     rank = dist.get_rank()
     arch = mdl.arch_from_hf_config(mdl.load_hf_config(str(hf_dir)))
@@ -77,31 +78,39 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
     for chunk in model.chunks:
         chunk.eval()
 
-    engine = None
-    if rank == 0:
-        engine = HFRolloutEngine(
-            model=AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True),
-            tokenizer=AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True),
-            progress=False)
+    engine = HFRolloutEngine(  # colocated with the trainer: on its compute device
+        model=AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True),
+        tokenizer=AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True),
+        device=distributed.compute_device(), progress=False)
     tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    record: dict = {}
+    tokens = tokens.to(distributed.compute_device())
+    mine: dict = {}
     with torch.no_grad():
         megatron_logits = to_rank0(forward_logits(model, tokens))
-        if rank == 0:
-            record["engine_before"] = engine.model(tokens).logits
-        record["buckets_sent"] = sync_weights(model, engine, small)
-        if rank == 0:
-            record["engine_after"] = engine.model(tokens).logits
-            record["engine_state"] = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    record["megatron"] = megatron_logits
-    # Collective: every rank walks each stream; only rank 0 receives buckets.
-    record["streams"] = streams = {
-        size: [[(name, t.clone()) for name, t in bucket]
-               for bucket in stream_hf_buckets(model, size)]
-        for size in (small, large)}
+        mine["engine_before"] = engine.model(tokens).logits.cpu()
+        mine["buckets_sent"] = sync_weights(model, engine, small)
+        mine["engine_after"] = engine.model(tokens).logits.cpu()
+        mine["engine_state"] = {k: v.cpu().clone() for k, v in engine.model.state_dict().items()}
+    # Collective: every rank walks each stream and receives every bucket (the small buckets by
+    # point-to-point messages, the large ones through shared memory, the sync above by the
+    # automatic choice: shared memory on one CPU host)...
+    mine["streams"] = {
+        size: [[(name, t.cpu().clone()) for name, t in bucket]
+               for bucket in stream_hf_buckets(model, size, transport=transport)]
+        for size, transport in ((small, "peer"), (large, "shared"))}
+    # ... or only rank 0 does (as when only rank 0 has an engine): the others only send.
+    mine["stream_rank0_only"] = {
+        transport: [[(name, t.cpu().clone()) for name, t in bucket]
+                    for bucket in stream_hf_buckets(model, large, receive=rank == 0,
+                                                    transport=transport)]
+        for transport in ("peer", "shared")}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
     distributed.shutdown(keep_process_group=True)
-    summary = {"buckets_sent": record["buckets_sent"],
-               "bucket_counts": {str(size): len(b) for size, b in streams.items()}}
+    record = {"megatron": megatron_logits, "ranks": everyone}
+    summary = {"buckets_sent": [r["buckets_sent"] for r in everyone],
+               "bucket_counts": [{str(size): len(b) for size, b in r["streams"].items()}
+                                 for r in everyone]}
     return record, summary
 
 
@@ -110,7 +119,7 @@ def main(hf_root: str, out_dir: str, small: str, large: str) -> None:
     distributed.shutdown(keep_process_group=True)
     out, summaries = Path(out_dir), {}
     for hf_dir in sorted(d for d in Path(hf_root).iterdir() if d.is_dir()):
-        for tp, pp in LAYOUTS:
+        for tp, pp in [l for l in LAYOUTS if l[0] * l[1] <= dist.get_world_size()]:
             record, summary = check_layout(hf_dir, tp, pp, int(small), int(large))
             key = f"{hf_dir.name}-tp{tp}pp{pp}"
             if dist.get_rank() == 0:

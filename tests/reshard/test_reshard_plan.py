@@ -135,3 +135,49 @@ def test_bucket_count_grows_as_the_cap_shrinks():
     counts = [len(plan_buckets(plan, cap, 4)) for cap in (10**9, 100_000, 20_000, 1)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
     assert counts[-1] == len(plan)  # a 1-byte cap: one item per bucket
+
+
+# --- which rows/columns of each HF tensor a TP rank holds -------------------------------------
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("name", ARCHS)
+def test_tp_pieces_of_every_rank_rebuild_each_hf_tensor_exactly(name, tp):
+    """Write every TP rank's pieces (from the shard Megatron holds: ``tp_shard`` of the full
+    tensor) into empty HF tensors: the result is ``full_to_hf`` of the full tensor, every
+    element written once (replicated norms: by each rank, identically)."""
+    import torch
+
+    from sept_megatron.convert.adapters import Kind, full_to_hf, hf_to_full, tp_shard
+    from sept_megatron.reshard import piece_source, piece_target, tp_pieces
+
+    arch = arch_of(**ARCHS[name], layers=2, num_attention_heads=8, num_key_value_heads=4)
+    padded = mdl.padded_vocab_size(arch.vocab_size, 128, tp)
+    generator = torch.Generator().manual_seed(0)
+    for item in sync_plan(arch, 1):
+        hf = [torch.randn(shape, generator=generator) for shape in item.hf_shapes]
+        full = hf_to_full(item.rule, hf, arch, padded)
+        expected = full_to_hf(item.rule, full, arch)
+        assembled = [torch.full(shape, float("nan")) for shape in item.hf_shapes]
+        writes = [torch.zeros(shape) for shape in item.hf_shapes]
+        for tp_rank in range(tp):
+            shard = tp_shard(item.rule.kind, full, tp_rank, tp)
+            for piece in tp_pieces(item, tp, tp_rank, padded):
+                source = piece_source(item, piece, shard, arch)
+                piece_target(assembled[piece.hf_index], piece, source.shape).copy_(source)
+                piece_target(writes[piece.hf_index], piece, source.shape).add_(1)
+                if piece.dim == 0 and not piece.replicated:
+                    # sent as is: a contiguous row block of the HF tensor
+                    assert assembled[piece.hf_index][piece.start: piece.start + piece.length].is_contiguous()
+        for index, (got, want) in enumerate(zip(assembled, expected)):
+            assert torch.equal(got, want), (item.megatron_name, index)
+            copies = tp if item.rule.kind is Kind.REPLICATED else 1
+            assert torch.equal(writes[index], torch.full_like(writes[index], copies)), item.megatron_name
+
+
+def test_vocab_padding_rows_are_never_sent():
+    from sept_megatron.reshard import tp_pieces
+
+    arch = arch_of("llama", layers=2)  # vocab 300, padded to 512 at TP=4 (128 rows per rank)
+    embedding = sync_plan(arch, 1)[0]
+    pieces = [tp_pieces(embedding, 4, rank, 512) for rank in range(4)]
+    assert [[(p.start, p.length) for p in rank] for rank in pieces] == [
+        [(0, 128)], [(128, 128)], [(256, 44)], []]

@@ -160,8 +160,10 @@ def test_build_engine_hf_from_local_dir(tokenizer, prompts, tmp_path):
         build_engine("hf", str(tmp_path / "missing"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang is installed")
-def test_build_engine_sglang_without_sglang_says_what_to_do():
+def test_build_engine_sglang_without_sglang_says_what_to_do(monkeypatch):
+    real_find_spec = importlib.util.find_spec  # CI installs sglang's CPU parts: hide them here
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sglang" else real_find_spec(name, *args))
     with pytest.raises(ImportError, match=r"sept_megatron\[gpu\].*rollout\.backend=hf"):
         build_engine("sglang", "/nonexistent")
 
@@ -169,3 +171,47 @@ def test_build_engine_sglang_without_sglang_says_what_to_do():
 def test_build_engine_unknown_backend_lists_valid_ones():
     with pytest.raises(ValueError, match=r"'vllm'.*\['hf', 'sglang'\]"):
         build_engine("vllm")
+
+
+# --- per-sequence seeds: what engine data parallelism relies on ------------------------------
+def test_a_sample_depends_on_its_seed_key_not_on_the_call(tokenizer, prompts):
+    """Split one call in two at a batch boundary (batch = the n copies of one prompt), each
+    half passing its prompts' positions as seed keys: the same samples, bitwise."""
+    engine = engine_for(make_tiny_model("qwen2", tokenizer), tokenizer, batch_size=2)
+    ordered = sorted(prompts, key=len, reverse=True)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=11)
+    whole = engine.generate(ordered, sampling)
+    first = engine.generate(ordered[:2], SamplingParams(**{**sampling.__dict__, "seed_keys": (0, 1)}))
+    second = engine.generate(ordered[2:], SamplingParams(**{**sampling.__dict__, "seed_keys": (2, 3)}))
+    assert first + second == whole
+    assert whole[0][0] != whole[0][1]  # the copies of a prompt draw from different streams
+    unkeyed = engine.generate(ordered[2:], sampling)  # keys 0, 1: other streams
+    assert unkeyed != second
+
+
+def test_top_k_one_samples_the_greedy_answer(tokenizer, prompts):
+    engine = engine_for(make_tiny_model("llama", tokenizer), tokenizer)
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
+    top1 = engine.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8,
+                                                   seed=3))
+    assert [row[0].token_ids for row in top1] == [row[0].token_ids for row in greedy]
+
+
+def test_sequence_seeds_are_unrelated_for_nearby_inputs():
+    from sept_megatron.rollout.base import sequence_seed, sequence_seeds
+
+    seeds = {sequence_seed(seed, key, copy) for seed in range(3) for key in range(3) for copy in range(3)}
+    assert len(seeds) == 27 and all(0 <= s < 2**63 for s in seeds)
+    sampling = SamplingParams(n=2, seed=5, seed_keys=(7, 3))
+    assert sequence_seeds(sampling, 2) == [[sequence_seed(5, 7, 0), sequence_seed(5, 7, 1)],
+                                           [sequence_seed(5, 3, 0), sequence_seed(5, 3, 1)]]
+    assert sequence_seeds(SamplingParams(), 2) is None
+    with pytest.raises(ValueError, match="2 keys for 3 prompts"):
+        sequence_seeds(sampling, 3)
+
+
+def test_hf_engine_refuses_a_multi_rank_group(tokenizer):
+    from sept_megatron.rollout.placement import EngineGroup
+
+    with pytest.raises(ValueError, match="rollout.engine_tp=1"):
+        engine_for(make_tiny_model("llama", tokenizer), tokenizer, group=EngineGroup(0, (0, 1)))

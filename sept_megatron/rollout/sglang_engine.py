@@ -1,0 +1,451 @@
+"""The SGLang rollout backend, colocated: an in-process ``sglang.Engine`` per engine group.
+
+Placement. Every trainer GPU also belongs to one engine of ``rollout.engine_tp`` GPUs (the
+engine's own tensor parallelism, independent of Megatron's TP/PP). An engine group is a block
+of consecutive global ranks on one node; its first rank, the *owner*, starts
+``sglang.Engine(tp_size=engine_tp, base_gpu_id=<owner's local GPU>, enable_memory_saver=True,
+skip_tokenizer_init=True, ...)``, whose scheduler processes run on the group's GPUs. Only the
+owner generates; every rank of the group takes part in weight updates.
+
+Data path of a weight sync (one bucket, ``rollout.bucket_size_mb``): each rank of the group holds
+the same full HF-named tensors on its own GPU; it packs them with SGLang's own
+``FlattenedTensorBucket`` (one contiguous byte buffer plus metadata) and serialises that with
+SGLang's ``MultiprocessingSerializer`` after ``monkey_patch_torch_reductions`` (CUDA tensors
+travel as CUDA-IPC handles keyed by device UUID, so nothing is copied through the host). The
+payloads are gathered to the owner in group-rank order (= engine TP rank order), and the owner
+calls ``Engine.update_weights_from_tensor(load_format="flattened_bucket")``: SGLang's TP rank
+``i`` opens payload ``i``, which lives on its own GPU. The whole sync sits between
+``begin_weight_update()`` and ``end_weight_update()`` (required since sglang 0.5.21; the end
+finalises quantised layouts, e.g. FP8), and the radix cache is flushed once at the end.
+
+Memory per round (the loop's order): generate -> :meth:`release_memory` (weights, KV cache and
+CUDA graphs are paused by SGLang's memory saver) -> train -> :meth:`update_weights` (resumes the
+weights first, then loads) -> :meth:`resume_memory` (KV cache and CUDA graphs). Send buffers are
+allocated by this (trainer) process, never inside the memory saver's region, which lives in
+SGLang's scheduler processes; ``torch.cuda.ipc_collect()`` after each bucket lets the trainer's
+caching allocator reuse a buffer once SGLang has dropped its IPC reference.
+
+Imported lazily (only ``rollout.backend=sglang`` loads it); SGLang itself is imported only when
+an engine is started, and its version is checked against :data:`SGLANG_VERSION` first.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, check_prompts
+
+logger = logging.getLogger(__name__)
+
+SGLANG_VERSION = "0.5.21"
+"""The sglang release this backend is written and tested against (pinned in setup.py's [gpu]
+extra): the first with ``begin/end_weight_update``, and the last whose torch pin (2.13.0) is
+ours; 0.5.22 moved to torch 2.14.1."""
+
+MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
+"""SGLang's memory-saver tags (``sglang.srt.constants.GPU_MEMORY_TYPE_*``)."""
+
+def fp8_quantization_config() -> dict:
+    """What ``rollout.weights=fp8`` starts the engine with: 128x128 blockwise e4m3 weights with
+    float32 ``weight_scale_inv`` per block, the same ``quantization_config`` the FP8 export
+    writes (read by SGLang's ``Fp8Config.from_config``)."""
+    from sept_megatron.convert.fp8 import hf_quantization_config
+
+    return hf_quantization_config()
+
+
+# --- the package ------------------------------------------------------------------------
+def check_sglang_version(installed: str | None = None) -> str:
+    """Fail early, naming both versions, when the installed sglang is not the pinned one."""
+    if installed is None:
+        try:
+            installed = importlib.metadata.version("sglang")
+        except importlib.metadata.PackageNotFoundError as error:
+            raise ImportError(
+                f"rollout.backend=sglang needs sglang=={SGLANG_VERSION}, which is not installed: "
+                "`pip install -e .[gpu]` on a CUDA machine, or rollout.backend=hf") from error
+    if installed != SGLANG_VERSION:
+        raise ImportError(
+            f"rollout.backend=sglang is written against sglang {SGLANG_VERSION}, but sglang "
+            f"{installed} is installed; run `pip install sglang=={SGLANG_VERSION}` (the [gpu] "
+            "extra pins it)")
+    return installed
+
+
+def import_sglang():
+    """``import sglang`` after the version check (its import is slow and pulls CUDA kernels)."""
+    check_sglang_version()
+    import sglang
+
+    return sglang
+
+
+# --- engine start-up ----------------------------------------------------------------------
+def engine_kwargs(model_path: str, *, engine_tp: int = 1, base_gpu_id: int = 0,
+                  mem_fraction_static: float = 0.5, seed: int = 0, dtype: str = "bfloat16",
+                  load_format: str = "auto", deterministic: bool = False) -> dict[str, Any]:
+    """Keyword arguments of ``sglang.Engine`` (= ``sglang.srt.server_args.ServerArgs`` fields).
+
+    ``sampling_defaults="openai"``: without it SGLang fills unset sampling fields from the
+    checkpoint's generation_config.json (Qwen ships top_k=20, repetition_penalty=1.05), so
+    rollouts would not sample the distribution SePT's tau_s asks for. ``deterministic`` turns on
+    SGLang's deterministic inference, the only mode in which per-request ``sampling_seed`` is
+    honoured (it costs throughput).
+    """
+    return dict(model_path=model_path, tp_size=engine_tp, base_gpu_id=base_gpu_id,
+                enable_memory_saver=True, mem_fraction_static=mem_fraction_static,
+                skip_tokenizer_init=True, random_seed=seed, dtype=dtype,
+                load_format=load_format, sampling_defaults="openai",
+                enable_deterministic_inference=deterministic)
+
+
+def prepare_fp8_model_dir(hf_path: str, out_dir: str) -> str:
+    """A model dir that starts SGLang with FP8 (128x128 blockwise) linear layers.
+
+    Only the configs are written (config.json gains ``quantization_config``); the engine
+    starts with ``load_format="dummy"`` and gets real weights from the first sync, which the
+    FP8 bucket transform quantises on the trainer side. Returns ``out_dir``.
+    """
+    source = Path(hf_path)
+    config = json.loads((source / "config.json").read_text())
+    if "quantization_config" in config:
+        raise ValueError(f"{hf_path}/config.json already has a quantization_config; "
+                         "rollout.weights=fp8 needs the unquantised checkpoint as model.hf_path")
+    config["quantization_config"] = fp8_quantization_config()
+    os.makedirs(out_dir, exist_ok=True)
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2))
+    if (source / "generation_config.json").is_file():
+        shutil.copy(source / "generation_config.json", Path(out_dir) / "generation_config.json")
+    return out_dir
+
+
+def stop_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
+    """EOS ids that end a response: the tokenizer's EOS plus the checkpoint's
+    generation_config EOS list (instruct models end turns with ``<|im_end|>`` but may emit
+    ``<|endoftext|>``), the same union the hf backend stops on."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    path = Path(model_path or "") / "generation_config.json"
+    if model_path and path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        for token_id in [eos] if isinstance(eos, int) else (eos or []):
+            if int(token_id) not in ids and int(token_id) < len(tokenizer):
+                ids.append(int(token_id))
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token; set one so generations can stop")
+    return ids
+
+
+# --- sampling -------------------------------------------------------------------------------
+def sample_seed(seed: int, prompt_index: int, copy: int, copies: int) -> int:
+    """A distinct, reproducible seed per (prompt, sample), within SGLang's int64 range."""
+    return (seed * 1_000_003 + prompt_index * copies + copy) % (2**63)
+
+
+def request_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int],
+                            num_prompts: int) -> tuple[list[int], list[dict[str, Any]]]:
+    """Our :class:`SamplingParams` -> one SGLang request per sample, prompt-major.
+
+    Returns ``(prompt index of each request, sampling_params of each request)``. Each sample is
+    its own request with ``n=1``: SGLang gives all ``n`` parallel samples of one request the
+    same ``sampling_seed``, which would make them identical under deterministic inference; the
+    radix cache still computes each prompt's prefix once. Greedy decoding runs each prompt once
+    (the caller copies it ``n`` times). ``max_new_tokens`` is always set (SGLang's default is
+    128) and top_k=-1 means no cut in both APIs.
+    """
+    sampling.check()
+    greedy = sampling.temperature == 0
+    copies = 1 if greedy else sampling.n
+    base = {"max_new_tokens": sampling.max_new_tokens, "n": 1,
+            "stop_token_ids": sorted(set(int(i) for i in stop_ids)),
+            "temperature": 0.0 if greedy else float(sampling.temperature),
+            "top_p": 1.0 if greedy else float(sampling.top_p),
+            "top_k": 1 if greedy else int(sampling.top_k),
+            "skip_special_tokens": True}
+    keys = sampling.seed_keys if sampling.seed_keys is not None else range(num_prompts)
+    if len(keys) != num_prompts:
+        raise ValueError(f"SamplingParams.seed_keys has {len(keys)} keys for {num_prompts} prompts")
+    prompt_of, params = [], []
+    for index in range(num_prompts):
+        for copy in range(copies):
+            request = dict(base)
+            if sampling.seed is not None:  # keyed by the prompt's place in the whole rollout
+                request["sampling_seed"] = sample_seed(sampling.seed, keys[index], copy, copies)
+            prompt_of.append(index)
+            params.append(request)
+    return prompt_of, params
+
+
+def to_generation(output: dict[str, Any], tokenizer=None) -> Generation:
+    """One SGLang output (``{"output_ids", "meta_info": {"finish_reason", "id"}}``) -> ours.
+
+    SGLang's finish reasons (``FINISH_*.to_json()``): ``stop`` (with the ``matched`` token id
+    or string), ``length``, ``abort``. An abort raises: a silently short answer would be trained
+    on. With ``skip_tokenizer_init`` the outputs are raw ids; our convention keeps the EOS in
+    ``token_ids`` when it was produced, so a matched stop id missing at the end is appended.
+    """
+    meta = output.get("meta_info", {})
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type")
+    token_ids = [int(t) for t in output.get("output_ids", [])]
+    if kind == "abort":
+        raise RuntimeError(f"SGLang aborted request {meta.get('id')!r}: {reason.get('message')} "
+                           f"(status {reason.get('status_code')})")
+    if kind == "stop":
+        matched = reason.get("matched")
+        if isinstance(matched, int) and (not token_ids or token_ids[-1] != matched):
+            token_ids.append(matched)
+        finish = "stop"
+    elif kind == "length":
+        finish = "length"
+    else:
+        raise RuntimeError(f"SGLang request {meta.get('id')!r} ended with an unknown finish "
+                           f"reason {reason!r}; expected stop, length or abort")
+    text = tokenizer.decode(token_ids, skip_special_tokens=True) if tokenizer is not None else ""
+    return Generation(token_ids=token_ids, text=text, finish_reason=finish)
+
+
+def group_generations(outputs: Sequence[dict], prompt_of: Sequence[int], num_prompts: int,
+                      sampling: SamplingParams, tokenizer=None) -> list[list[Generation]]:
+    """Requests (prompt-major) -> ``n`` generations per prompt; greedy results are copied."""
+    if len(outputs) != len(prompt_of):
+        raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {len(prompt_of)} requests")
+    grouped: list[list[Generation]] = [[] for _ in range(num_prompts)]
+    for index, output in zip(prompt_of, outputs):
+        grouped[index].append(to_generation(output, tokenizer))
+    if sampling.temperature == 0:
+        return [[_copy(row[0]) for _ in range(sampling.n)] for row in grouped]
+    return grouped
+
+
+def _copy(generation: Generation) -> Generation:
+    return Generation(token_ids=list(generation.token_ids), text=generation.text,
+                      finish_reason=generation.finish_reason)
+
+
+# --- weight payloads ------------------------------------------------------------------------
+def pack_bucket(bucket: WeightBucket, device: torch.device | None = None) -> tuple[bytes, Any]:
+    """One engine TP rank's payload for ``update_weights_from_tensor(load_format=
+    "flattened_bucket")``: SGLang's ``FlattenedTensorBucket`` serialised by its
+    ``MultiprocessingSerializer``. Returns ``(payload, flat buffer)``; the caller keeps the
+    buffer alive until SGLang has loaded it (CUDA IPC shares memory, it does not copy).
+
+    Tensors pass through in their own dtype (bf16 weights, or FP8 weights with their float32
+    ``weight_scale_inv``): the bucket is a byte buffer plus per-tensor dtype/shape metadata.
+    SGLang's receiver unpickles with an allow-list, so only its own classes may be sent.
+    """
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    if not bucket:
+        raise ValueError("pack_bucket: empty bucket")
+    named = [(name, _on(tensor.detach(), device)) for name, tensor in bucket]
+    flat = FlattenedTensorBucket(named_tensors=named)
+    if flat.get_flattened_tensor().is_cuda:
+        # CUDA-IPC handles then carry the device UUID, not an index that differs between
+        # processes with different CUDA_VISIBLE_DEVICES. The patch is process-wide and
+        # CUDA-only (its reduce_tensor indexes CUDA-only arguments; a CPU tensor fails).
+        monkey_patch_torch_reductions()
+    payload = MultiprocessingSerializer.serialize(
+        {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()})
+    return payload, flat.get_flattened_tensor()
+
+
+def _on(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    if device is None or tensor.device == device:
+        return tensor.contiguous()
+    return tensor.to(device=device).contiguous()
+
+
+# --- the engine -----------------------------------------------------------------------------
+class SGLangRolloutEngine:
+    """A :class:`~sept_megatron.rollout.base.RolloutEngine` over one colocated SGLang engine.
+
+    Every rank of an engine group builds one; the owner (``ranks[0]``) starts ``sglang.Engine``.
+    ``process_group`` spans ``ranks`` (None for a group of one). ``engine=`` injects an already
+    started engine (or any object with ``sglang.Engine``'s methods; tests record calls with it).
+    ``weights="fp8"`` starts SGLang from :func:`prepare_fp8_model_dir` (``fp8_dir``), with
+    random weights until the first :meth:`update_weights`.
+    """
+
+    def __init__(self, model_path: str | None = None, *, tokenizer=None,
+                 ranks: Sequence[int] = (0,), process_group=None, engine_tp: int | None = None,
+                 base_gpu_id: int | None = None, mem_fraction_static: float = 0.5, seed: int = 0,
+                 dtype: str = "bfloat16", weights: str = "native", fp8_dir: str | None = None,
+                 deterministic: bool = False, engine=None, progress: bool = True) -> None:
+        self.ranks = tuple(int(r) for r in ranks)
+        if not self.ranks or list(self.ranks) != list(range(self.ranks[0], self.ranks[0] + len(self.ranks))):
+            raise ValueError(f"engine group ranks must be consecutive global ranks, got {self.ranks}")
+        if engine_tp is not None and engine_tp != len(self.ranks):
+            raise ValueError(f"rollout.engine_tp={engine_tp} but the engine group has "
+                             f"{len(self.ranks)} ranks {self.ranks}")
+        if weights not in ("native", "fp8"):
+            raise ValueError(f"rollout.weights={weights!r}: choose native or fp8")
+        self.owner = self.ranks[0]
+        self.process_group = process_group
+        self.rank = dist.get_rank() if dist.is_initialized() else self.owner
+        if self.rank not in self.ranks:
+            raise ValueError(f"rank {self.rank} is not in its engine group {self.ranks}")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.progress = progress
+        self.tokenizer = tokenizer if tokenizer is not None or model_path is None else _load_tokenizer(model_path)
+        self.stop_ids = stop_token_ids(self.tokenizer, model_path) if self.tokenizer is not None else []
+        self._released: set[str] = set()
+        self._weights_stale = weights == "fp8"  # dummy weights until the first sync
+        self.updates = 0  # completed update_weights calls (for logs and tests)
+        self.engine = engine
+        if self.is_owner and self.engine is None:
+            if model_path is None:
+                raise ValueError("SGLangRolloutEngine needs model_path (a local HF directory) or engine=")
+            start_path, load_format = model_path, "auto"
+            if weights == "fp8":
+                start_path = prepare_fp8_model_dir(model_path, fp8_dir or os.path.join(
+                    os.path.dirname(os.path.abspath(model_path)), ".sept_fp8_engine"))
+                load_format = "dummy"
+            gpu = base_gpu_id if base_gpu_id is not None else (
+                self.device.index if self.device is not None else 0)
+            _check_gpus(gpu, len(self.ranks))
+            kwargs = engine_kwargs(start_path, engine_tp=len(self.ranks), base_gpu_id=gpu,
+                                   mem_fraction_static=mem_fraction_static, seed=seed,
+                                   dtype=dtype, load_format=load_format, deterministic=deterministic)
+            self.engine = import_sglang().Engine(**kwargs)
+            logger.info("SGLang engine started on GPUs %d..%d for ranks %s", gpu,
+                        gpu + len(self.ranks) - 1, self.ranks)
+
+    @property
+    def is_owner(self) -> bool:
+        return self.rank == self.owner
+
+    # --- generation ------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
+                 ) -> list[list[Generation]]:
+        """``sampling.n`` generations per prompt, in prompt order (owner only)."""
+        if not self.is_owner:
+            raise RuntimeError(f"generate() runs on the engine owner (rank {self.owner}), "
+                               f"not on rank {self.rank}")
+        if self._released:
+            raise RuntimeError(f"SGLang memory {sorted(self._released)} is released; call "
+                               "resume_memory() (after update_weights()) before generate()")
+        if self._weights_stale:
+            raise RuntimeError("the SGLang engine holds no valid weights (released, or an FP8 "
+                               "engine before its first sync); call update_weights() first")
+        check_prompts(prompts)
+        if not prompts:
+            return []
+        prompt_of, params = request_sampling_params(sampling, self.stop_ids, len(prompts))
+        outputs = self.engine.generate(input_ids=[list(map(int, prompts[i])) for i in prompt_of],
+                                       sampling_params=params)
+        return group_generations(outputs, prompt_of, len(prompts), sampling, self.tokenizer)
+
+    # --- weights ---------------------------------------------------------------------------
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> int:
+        """Load full HF-named buckets into SGLang; collective over the engine group.
+
+        Every rank of the group passes the same buckets (its own copy, on its own GPU). Returns
+        the number of buckets sent. Weights are resumed first if they were released.
+        """
+        if MEMORY_WEIGHTS in self._released:
+            self._owner_call("resume_memory_occupation", tags=[MEMORY_WEIGHTS])
+            self._released.discard(MEMORY_WEIGHTS)
+            self._weights_stale = True
+        self._owner_call("begin_weight_update")
+        count = 0
+        try:
+            for bucket in buckets:
+                payload, buffer = pack_bucket(bucket, self.device)
+                payloads = self._gather_payloads(payload)
+                result = self._owner_call("update_weights_from_tensor", named_tensors=payloads,
+                                          load_format="flattened_bucket", flush_cache=False)
+                self._agree(result, f"update_weights_from_tensor (bucket {count}, "
+                                    f"{len(bucket)} tensors, first {bucket[0][0]!r})")
+                del payload, payloads, buffer  # SGLang has copied the bucket into its weights
+                if self.device is not None:
+                    torch.cuda.ipc_collect()
+                count += 1
+        finally:
+            end = self._owner_call("end_weight_update")
+        self._agree(end, "end_weight_update")
+        self._owner_call("flush_cache")
+        self._weights_stale = False
+        self.updates += 1
+        return count
+
+    def _owner_call(self, method: str, **kwargs):
+        """Call an ``sglang.Engine`` method on the owner; other ranks get None."""
+        if not self.is_owner:
+            return None
+        return getattr(self.engine, method)(**kwargs)
+
+    def _gather_payloads(self, payload: bytes) -> list[bytes]:
+        """Every rank's payload at the owner, in group-rank order (= SGLang TP rank order)."""
+        if len(self.ranks) == 1:
+            return [payload]
+        gathered = [None] * len(self.ranks) if self.is_owner else None
+        dist.gather_object(payload, gathered, dst=self.owner, group=self.process_group)
+        return gathered if self.is_owner else []
+
+    def _agree(self, result, what: str) -> None:
+        """The owner's ``(success, message)`` reaches every rank; all raise on failure. Also
+        the point after which a rank may free its send buffer."""
+        status = [None]
+        if self.is_owner:
+            success, message = _success(result)
+            status = [(success, message)]
+        if len(self.ranks) > 1:
+            dist.broadcast_object_list(status, src=self.owner, group=self.process_group)
+        success, message = status[0]
+        if not success:
+            raise RuntimeError(f"SGLang {what} failed: {message}")
+
+    # --- memory ----------------------------------------------------------------------------
+    def release_memory(self) -> None:
+        """Pause weights, KV cache and CUDA graphs (SGLang's memory saver) while Megatron trains."""
+        if not self._released:
+            self._owner_call("release_memory_occupation", tags=None)
+            self._released = {MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH}
+
+    def resume_memory(self) -> None:
+        """Take back what is still released: KV cache and CUDA graphs after
+        :meth:`update_weights`; also the weights (stale until the next sync) if no sync ran."""
+        if MEMORY_WEIGHTS in self._released:
+            self._owner_call("resume_memory_occupation", tags=[MEMORY_WEIGHTS])
+            self._weights_stale = True
+        rest = [tag for tag in (MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH) if tag in self._released]
+        if rest:
+            self._owner_call("resume_memory_occupation", tags=rest)
+        self._released.clear()
+
+    def shutdown(self) -> None:
+        if self.is_owner and self.engine is not None and hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
+
+
+def _success(result) -> tuple[bool, str]:
+    """``sglang.Engine`` weight calls return ``(success, message)``."""
+    if isinstance(result, tuple) and len(result) == 2:
+        return bool(result[0]), str(result[1])
+    if isinstance(result, dict) and "success" in result:
+        return bool(result["success"]), str(result.get("message", ""))
+    raise RuntimeError(f"unexpected reply from SGLang: {result!r}")
+
+
+def _check_gpus(base_gpu_id: int, engine_tp: int) -> None:
+    if torch.cuda.is_available() and base_gpu_id + engine_tp > torch.cuda.device_count():
+        raise ValueError(f"rollout.engine_tp={engine_tp} from GPU {base_gpu_id} needs GPUs up to "
+                         f"{base_gpu_id + engine_tp - 1}, but {torch.cuda.device_count()} are "
+                         "visible; an engine must fit on one node")
+
+
+def _load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, local_files_only=True)

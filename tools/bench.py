@@ -1,0 +1,14 @@
+"""Benchmarks of our paths against the plain libraries, side by side; one JSON line each.
+
+    python tools/bench.py --shape tiny                      # CPU, every benchmark
+    python tools/bench.py --shape 1.5b --only train         # one GPU
+
+Same as ``sept-megatron bench`` (see ``sept_megatron/bench.py`` for the flags and formulas).
+"""
+
+import sys
+
+from sept_megatron.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
