@@ -441,7 +441,8 @@ def summary_markdown(summary: dict) -> str:
               f"A seed varies {summary['seed_varies']}.", "",
               "Wall time (s): " + ", ".join(f"seed {p['seed']} {p['wall_time_s']}"
                                             for p in summary["per_seed"])
-              + (f", all {summary['wall_time_s']}" if "wall_time_s" in summary else "")]
+              + (f"; this invocation {summary['wall_time_s']} (finished seeds are reused)"
+                 if "wall_time_s" in summary else "")]
     return "\n".join(lines) + "\n"
 
 
