@@ -10,22 +10,13 @@ recording engine. The streamed tensors go to ``WORK/NAME-sync.safetensors`` and 
 bucket count to ``WORK/NAME-sync.json``.
 """
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SMALL_SHARDS_GB = "0.00005"  # ~50 KB: the export is split over several safetensors files
+from _worker import SMALL_SHARDS_GB, tool  # this directory is sys.path[0] for a script
+
 BUCKET_BYTES = 16 * 1024  # several buckets per model
-
-
-def tool(name: str):
-    path = REPO_ROOT / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class RecordingEngine:
