@@ -26,6 +26,11 @@ Benchmarks (``--only`` selects; they always run in this order):
   CPU, NCCL on GPUs); run the bench itself as a plain process. ``ratio_to_tensor_copy``
   compares with the engine loading the same tensors from same-device copies (the receiving
   side alone); ``profile`` shows where rank 0's time goes (cProfile of one extra sync).
+  ``path``: ``direct`` where the engine's weights live in the ranks' shared buffer (CPU, see
+  :func:`~sept_megatron.sync_transport.direct_sync`), else ``buckets``; ``bucket_sync_s`` times
+  the bucket stream on the same ranks side by side; ``barrier_s`` is one barrier of the ranks
+  (the floor of any sync that must wait for all of them). Every timed call starts after an
+  untimed barrier.
 - ``checkpoint``: seconds one training checkpoint blocks training, foreground save vs
   ``checkpoint.async_save`` (:class:`~sept_megatron.checkpoint.CheckpointSaver`).
 - ``round``: real SePT rounds through :func:`sept_megatron.loop.run` (a checkpoint every
@@ -35,8 +40,9 @@ Benchmarks (``--only`` selects; they always run in this order):
 Every time reported is the best of its timed calls (:func:`best`); ratios divide such times
 taken in the same run, interleaved call by call where both sides fit in memory together.
 
-Shapes: ``tiny`` (CPU; a random-init Qwen2, hidden 128, 4 layers, the demo tokenizer) and
-``1.5b`` (one GPU; hidden 1536, 28 layers, 12 heads / 2 KV heads, FFN 8960, tied embeddings,
+Shapes: ``tiny`` (CPU; a random-init Qwen2, hidden 128, 4 layers, the demo tokenizer),
+``small`` (CPU; hidden 512, 8 layers, 8 / 2 heads, FFN 2048: 31M parameters, 124 MB in fp32, where
+a sync is bound by bytes rather than by latency) and ``1.5b`` (one GPU; hidden 1536, 28 layers, 12 heads / 2 KV heads, FFN 8960, tied embeddings,
 vocab 1024: 1.31B parameters). Weights are random: speed does not depend on them. Every flag is
 checked before any model is built; a bad one exits with code 2 and names the fix.
 """
@@ -91,6 +97,11 @@ SHAPES = {
     "tiny": Shape(hidden=128, layers=4, heads=4, kv_heads=2, ffn=512, vocab=None,
                   max_positions=1024, seq_len=128, micro_batch=4, gen_batch=16,
                   gen_new_tokens=32, round_prompts=16, needs_gpu=False),
+    # CPU, 124 MB of fp32 weights: big enough that a sync moves bytes rather than waits on
+    # per-tensor and per-collective latency (tools/measure_sync.py's default shape).
+    "small": Shape(hidden=512, layers=8, heads=8, kv_heads=2, ffn=2048, vocab=None,
+                   max_positions=1024, seq_len=128, micro_batch=4, gen_batch=16,
+                   gen_new_tokens=32, round_prompts=16, needs_gpu=False),
     # The shape of issue 8 (a Qwen2.5-1.5B-like model with a 1024-piece vocabulary).
     "1.5b": Shape(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=1024,
                   max_positions=4096, seq_len=1024, micro_batch=16, gen_batch=64,
@@ -127,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=",".join(BENCHMARKS),
                    help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p.add_argument("--device", default="auto", help="auto (SEPT_DEVICE, then the GPU), cpu, cuda")
-    p.add_argument("--seq-len", type=int, help="training sequence length (tiny 128, 1.5b 1024)")
-    p.add_argument("--micro-batch", type=int, help="training micro-batch (tiny 4, 1.5b 16)")
+    p.add_argument("--seq-len", type=int, help="training sequence length (tiny and small 128, 1.5b 1024)")
+    p.add_argument("--micro-batch", type=int, help="training micro-batch (tiny and small 4, 1.5b 16)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of generate/sync/save")
@@ -165,7 +176,7 @@ def parse_options(argv: list[str]) -> tuple[BenchOptions, argparse.Namespace]:
     device = _resolve_device(args.device)
     if shape.needs_gpu and device != "cuda":
         raise BenchError(f"--shape {args.shape} needs a GPU (device resolved to {device}); use "
-                         "--shape tiny on a CPU")
+                         "--shape tiny or small on a CPU")
     opts = BenchOptions(
         shape=args.shape, only=tuple(b for b in BENCHMARKS if b in only), device=device,
         seq_len=_or(args.seq_len, shape.seq_len), micro_batch=_or(args.micro_batch, shape.micro_batch),
@@ -793,15 +804,22 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
         (), dtype=params_dtype).element_size()
 
     def one_sync():
-        dist.barrier()
         sync_weights(model, engine, bucket_bytes)
 
-    times = side_by_side({"sync": one_sync}, warmup=1, repeats=opts.repeats, device=device,
-                         interleave=False)["sync"]
+    # Every timed call starts with the ranks lined up by a barrier outside the timed region:
+    # the time is the sync's own, not a wait for a rank still busy with the previous call.
+    times = _aligned_times(one_sync, warmup=1, repeats=opts.repeats, device=device)
+    from sept_megatron.sync_transport import engine_weights_of
+
+    path = "direct" if engine_weights_of(model) is not None else "buckets"
+    bucket_times = _aligned_times(  # the bucket stream, side by side (the GPU path)
+        lambda: sync_weights(model, engine, bucket_bytes, direct=False),
+        warmup=1, repeats=opts.repeats, device=device)
+    barrier_s = best(_aligned_times(dist.barrier, warmup=1, repeats=opts.repeats, device=device))
+    dist.barrier()
     profile = _profile_sync(one_sync) if rank == 0 else None
     if rank != 0:
-        dist.barrier()  # rank 0 runs one more (profiled) sync: take part in it
-        sync_weights(model, engine, bucket_bytes)
+        one_sync()  # rank 0 runs one more (profiled) sync: take part in it
     result = None
     if rank == 0:
         sync_s = best(times)
@@ -811,14 +829,30 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
             "tensor_parallel": tp, "backend": dist.get_backend(),
             "dtype": str(params_dtype).removeprefix("torch."), "bytes": nbytes,
             "tensors": engine.loaded_tensor_count, "repeats": opts.repeats,
-            "sync_s": sync_s, "gb_per_s": nbytes / sync_s / 1e9, "copy_s": copy_s,
+            "path": path, "sync_s": sync_s, "gb_per_s": nbytes / sync_s / 1e9, "copy_s": copy_s,
             "copy_gb_per_s": nbytes / copy_s / 1e9, "ratio_to_copy": _ratio(sync_s, copy_s),
             "tensor_copy_s": tensor_copy_s, "ratio_to_tensor_copy": _ratio(sync_s, tensor_copy_s),
-            "profile": profile,
+            "bucket_sync_s": best(bucket_times),
+            "ratio_bucket_to_copy": _ratio(best(bucket_times), copy_s),
+            "barrier_s": barrier_s, "profile": profile,
         }
         Path(result_path).write_text(json.dumps(result))
     dist.barrier()
     return result
+
+
+def _aligned_times(fn: Callable[[], object], *, warmup: int, repeats: int, device) -> list[float]:
+    """Seconds of each timed call of the collective ``fn``, every call (warm-up included)
+    preceded by an untimed barrier."""
+    import torch.distributed as dist
+
+    times = []
+    for index in range(warmup + repeats):
+        dist.barrier()
+        elapsed = _timed(fn, device)
+        if index >= warmup:
+            times.append(elapsed)
+    return times
 
 
 def _copy_baselines(engine, arch, nbytes: int, device, repeats: int) -> tuple[float, float]:

@@ -17,11 +17,15 @@ arrive in place by one of two transports (:mod:`sept_megatron.sync_transport`): 
 point-to-point exchange (GPU, or CPU across hosts), or a shared-memory buffer that every rank
 of the replica maps (CPU ranks on one host). No ``torch.cat``, no per-tensor collective, no
 leader that forwards the whole bucket. Every rank then hands the same buckets to its engine's
-``update_weights`` in :func:`sync_weights`, the one place buckets meet an engine.
+``update_weights`` in :func:`sync_weights`, the one place buckets meet an engine. On the CPU
+ranks of one host with hf engines, :func:`sync_weights` skips buckets altogether: the engines'
+weights live in the replica's shared buffer and each TP rank writes its pieces straight into
+them (:func:`sept_megatron.sync_transport.direct_sync`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -80,6 +84,13 @@ def sync_plan(arch: ModelArch, pipeline_parallel: int,
                                                 virtual_pipeline)):
         plan += [item(r, i, stage) for i in layers for r in adapter.layer_rules()]
     return plan + [item(r, None, last) for r in adapter.post_rules()]
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_plan(arch: ModelArch, pipeline_parallel: int,
+                 virtual_pipeline: int | None) -> tuple[SyncItem, ...]:
+    """:func:`sync_plan`, worked out once per layout (a direct sync is otherwise dominated by it)."""
+    return tuple(sync_plan(arch, pipeline_parallel, virtual_pipeline))
 
 
 def plan_buckets(plan: list[SyncItem], bucket_bytes: int, element_size: int) -> list[list[SyncItem]]:
@@ -167,7 +178,12 @@ def piece_target(hf_tensor: torch.Tensor, piece: Piece, shape: Sequence[int]) ->
 
 # --- transport ---------------------------------------------------------------------------
 def _live_params(model: MegatronModel) -> dict[str, torch.Tensor]:
-    """Canonical Megatron name -> this rank's parameter shard."""
+    """Canonical Megatron name -> this rank's parameter shard (a detached view)."""
+    return {name: param.detach() for name, param in _model_params(model).items()}
+
+
+def _model_params(model: MegatronModel) -> dict[str, torch.nn.Parameter]:
+    """Canonical Megatron name -> this rank's parameter."""
     params = {}
     for chunk in model.chunks:
         module = chunk
@@ -177,7 +193,7 @@ def _live_params(model: MegatronModel) -> dict[str, torch.Tensor]:
         for name, param in module.named_parameters():
             canonical = canonical_name(name, offset)
             if canonical is not None:
-                params[canonical] = param.detach()
+                params[canonical] = param
     return params
 
 
@@ -208,11 +224,26 @@ def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *, receive: bool 
 
 
 def sync_weights(model: MegatronModel, engine, bucket_bytes: int, *,
-                 weights: str = "native") -> int:
+                 weights: str = "native", direct: bool = True) -> int:
     """Push the trainer's current weights into this rank's engine (None: this rank only
     sends); collective over all ranks. Returns the number of buckets the engine received.
     ``weights`` is ``rollout.weights``: ``fp8`` quantises each bucket on every receiving rank
-    (linear weights -> e4m3 + ``weight_scale_inv``, the export's quantiser)."""
+    (linear weights -> e4m3 + ``weight_scale_inv``, the export's quantiser). ``direct``: where
+    the replica can (CPU ranks of one host, hf engines, native weights), write straight into
+    engine weights that live in shared memory (:func:`~sept_megatron.sync_transport.direct_sync`;
+    one "bucket"); ``False`` always streams buckets (the same on every rank)."""
+    from sept_megatron.sync_transport import direct_sync, forget_other_engine
+
+    if not direct:
+        forget_other_engine(model, engine)
+    else:
+        from megatron.core import parallel_state as ps
+
+        plan = _cached_plan(model.arch, ps.get_pipeline_model_parallel_world_size(),
+                            ps.get_virtual_pipeline_model_parallel_world_size())
+        done = direct_sync(model, engine, plan, lambda: _model_params(model), weights)
+        if done is not None:
+            return done
     stream = rollout_bucket_transform(weights, model.arch)(
         stream_hf_buckets(model, bucket_bytes, receive=engine is not None))
     if engine is None:

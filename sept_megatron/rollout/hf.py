@@ -3,7 +3,9 @@
 It is the CPU/test backend and the reference the SGLang backend is checked against, so it
 favours being obviously right over being fast: plain left-padded batches, no continuous
 batching. Data path of a weight sync: full HF-named tensors (from the trainer's export) are
-copied in place into the model's parameters, so the engine never reloads from disk.
+copied in place into the model's parameters, so the engine never reloads from disk; or, colocated
+on CPU, the parameters are views into the trainer ranks' shared buffer (:meth:`bind_weights`)
+and the trainer writes into them directly.
 
 Sampling is ours, not ``generate``'s: every sequence draws from its own generator (seeded by
 :func:`~sept_megatron.rollout.base.sequence_seed`), and ``generate`` runs in greedy mode over
@@ -83,7 +85,8 @@ class HFRolloutEngine:
         self.tokenizer = tokenizer
         self.shard_sequences = batch_size  # rollout shards are cut in whole batches
         self.model = model.to(device=self.device, dtype=dtype).eval()
-        self.loaded_tensor_count = 0  # tensors copied by the last update_weights call
+        self.loaded_tensor_count = 0  # tensors the last sync loaded (update_weights or direct)
+        self._bound: list[torch.nn.Parameter] = []  # parameters that are views (bind_weights)
         self._released = False
         self._set_generation_config()
 
@@ -215,23 +218,12 @@ class HFRolloutEngine:
         With ``strict=True`` the call must be a full sync: every parameter must have been
         written (either name of a tied pair counts), else ``ValueError`` lists the missing.
         """
-        targets = self._targets
         written: set[int] = set()
         count = 0
         with torch.no_grad():
             for bucket in buckets:
                 for name, tensor in bucket:
-                    target = targets.get(name)
-                    if target is None:
-                        raise ValueError(
-                            f"update_weights: unknown tensor {name!r}: not a parameter or buffer "
-                            f"of {type(self.model).__name__}"
-                        )
-                    if tuple(target.shape) != tuple(tensor.shape):
-                        raise ValueError(
-                            f"update_weights: shape mismatch for {name!r}: got {tuple(tensor.shape)}, "
-                            f"model has {tuple(target.shape)}"
-                        )
+                    target = self._target(name, tensor.shape, "update_weights")
                     if tensor.device != target.device or tensor.dtype != target.dtype:
                         tensor = tensor.to(device=target.device, dtype=target.dtype)
                     target.copy_(tensor)
@@ -246,6 +238,49 @@ class HFRolloutEngine:
         self.loaded_tensor_count = count
         logger.debug("update_weights: loaded %d tensors", count)
         return count
+
+    def _target(self, name: str, shape, caller: str) -> torch.Tensor:
+        """The parameter or buffer called ``name``; a clear error if there is none of that shape."""
+        target = self._targets.get(name)
+        if target is None:
+            raise ValueError(f"{caller}: unknown tensor {name!r}: not a parameter or buffer of "
+                             f"{type(self.model).__name__}")
+        if tuple(target.shape) != tuple(shape):
+            raise ValueError(f"{caller}: shape mismatch for {name!r}: got {tuple(shape)}, "
+                             f"model has {tuple(target.shape)}")
+        return target
+
+    def can_bind_weights(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`bind_weights` can take tensors of ``dtype`` (host memory, our dtype)."""
+        return self.device.type == "cpu" and self.dtype == dtype and not self._released
+
+    def bind_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Make the named parameters views of the given tensors (same shape, dtype, device):
+        whatever is written into those tensors afterwards is this engine's weights, with no
+        copy (:func:`~sept_megatron.sync_transport.direct_sync`). Values are not copied: the
+        caller fills the tensors. Tied names bind once. Returns the number of tensors bound."""
+        pairs = list(named)
+        for name, tensor in pairs:  # check everything before touching anything
+            target = self._target(name, tensor.shape, "bind_weights")
+            if not isinstance(target, torch.nn.Parameter) or tensor.dtype != target.dtype \
+                    or tensor.device != target.device:
+                raise ValueError(f"bind_weights: {name!r} must be a parameter of dtype "
+                                 f"{target.dtype} on {target.device}, got {tensor.dtype} on "
+                                 f"{tensor.device}")
+        self.unbind_weights()
+        with torch.no_grad():
+            for name, tensor in pairs:
+                param = self._targets[name]
+                param.data = tensor
+                self._bound.append(param)
+        return len(pairs)
+
+    def unbind_weights(self) -> None:
+        """Give every bound parameter private memory again, keeping its current values."""
+        with torch.no_grad():
+            for param in self._bound:
+                param.data = param.data.clone()
+        self._bound = []
 
     # --- memory ------------------------------------------------------------------------
 

@@ -4,18 +4,18 @@
     python tests/loop/_engine_calls.py OUT_JSON key=value ...
 
 Records, in order, every call of the hf engine's generate / release_memory / resume_memory /
-update_weights, and the attention module and recompute setting of the Megatron model the loop
+update_weights / bind_weights and of the loop's weight sync (``sync``), and the attention module and recompute setting of the Megatron model the loop
 built; the loop itself runs unchanged through the CLI entry point.
 """
 
 import json
 import sys
 
-from sept_megatron import cli
+from sept_megatron import cli, loop
 from sept_megatron import model as mdl
 from sept_megatron.rollout.hf import HFRolloutEngine
 
-ENGINE_METHODS = ("generate", "release_memory", "resume_memory", "update_weights")
+ENGINE_METHODS = ("generate", "release_memory", "resume_memory", "update_weights", "bind_weights")
 
 
 def record_engine_calls(calls: list[str]) -> None:
@@ -27,6 +27,16 @@ def record_engine_calls(calls: list[str]) -> None:
             return _original(self, *args, **kwargs)
 
         setattr(HFRolloutEngine, name, recorded)
+
+
+def record_syncs(calls: list[str]) -> None:
+    original = loop.sync_rollout_weights
+
+    def recorded(*args, **kwargs):
+        calls.append("sync")
+        return original(*args, **kwargs)
+
+    loop.sync_rollout_weights = recorded
 
 
 def record_model(built: dict) -> None:
@@ -47,6 +57,7 @@ def main(out_path: str, *overrides: str) -> None:
     calls: list[str] = []
     built: dict = {}
     record_engine_calls(calls)
+    record_syncs(calls)
     record_model(built)
     rc = cli.main(["train", *overrides])
     with open(out_path, "w") as f:

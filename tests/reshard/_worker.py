@@ -9,7 +9,8 @@ last stage stays equal to the embedding), and ``sync_weights`` pushes them into 
 ``HFRolloutEngine`` of every rank, each started from the unperturbed checkpoint. Every rank
 records its engine's logits (before and after the sync) and the HF tensors it received at two
 bucket sizes (and once more with only rank 0 receiving); rank 0 saves the Megatron logits and
-all ranks' records in ``OUT_DIR/<model>-<layout>.pt`` and ``OUT_DIR/results.json``.
+all ranks' records in ``OUT_DIR/<model>-<layout>.pt`` and ``OUT_DIR/results.json``. That first
+sync streams buckets (``direct=False``); :func:`check_direct` then checks the direct sync.
 """
 
 import json
@@ -62,6 +63,48 @@ def to_rank0(tensor_or_none):
     return next(x for x in everyone if x is not None)
 
 
+def state_of(engine) -> dict[str, torch.Tensor]:
+    return {k: v.cpu().clone() for k, v in engine.model.state_dict().items()}
+
+
+def streamed(model, size: int) -> dict[str, torch.Tensor]:
+    return {name: t.cpu().clone() for bucket in stream_hf_buckets(model, size, transport="peer")
+            for name, t in bucket}
+
+
+def check_direct(model, hf_dir: Path, small: int) -> dict:
+    """The direct sync (engine weights in the replica's shared buffer): into a fresh engine on
+    every rank; after an in-place update (an optimizer step) and after a parameter is given new
+    storage; then with an engine on rank 0 only (rank 1's engine, unbound, must keep the weights
+    of the last sync it took part in). Each state is recorded with the streamed reference."""
+    rank = dist.get_rank()
+    engine = engine_from(hf_dir)
+    record = {"sent": sync_weights(model, engine, small), "state": state_of(engine),
+              "reference": streamed(model, small)}
+    perturb_(model, seed=8)  # in place, like an optimizer step
+    sync_weights(model, engine, small)
+    record |= {"state_in_place": state_of(engine), "reference_in_place": streamed(model, small)}
+    with torch.no_grad():  # new storage for every parameter: the cached views must follow
+        for chunk in model.chunks:
+            for param in chunk.parameters():
+                param.data = param.data.clone()
+    perturb_(model, seed=9)
+    sync_weights(model, engine, small)
+    record |= {"state_moved": state_of(engine), "reference_moved": streamed(model, small)}
+    perturb_(model, seed=10)
+    sync_weights(model, engine if rank == 0 else None, small)
+    record |= {"state_rank0_only": state_of(engine), "reference_rank0_only": streamed(model, small)}
+    return record
+
+
+def engine_from(hf_dir: Path) -> HFRolloutEngine:
+    """A fresh engine from the (unperturbed) checkpoint, colocated on the compute device."""
+    return HFRolloutEngine(
+        model=AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True),
+        tokenizer=AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True),
+        device=distributed.compute_device(), progress=False)
+
+
 def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tuple[dict, dict]:
     """Load, perturb, sync into an engine on every rank; (what rank 0 saves, a JSON summary)."""
     distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
@@ -78,19 +121,16 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
     for chunk in model.chunks:
         chunk.eval()
 
-    engine = HFRolloutEngine(  # colocated with the trainer: on its compute device
-        model=AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True),
-        tokenizer=AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True),
-        device=distributed.compute_device(), progress=False)
+    engine = engine_from(hf_dir)
     tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     tokens = tokens.to(distributed.compute_device())
     mine: dict = {}
     with torch.no_grad():
         megatron_logits = to_rank0(forward_logits(model, tokens))
         mine["engine_before"] = engine.model(tokens).logits.cpu()
-        mine["buckets_sent"] = sync_weights(model, engine, small)
+        mine["buckets_sent"] = sync_weights(model, engine, small, direct=False)
         mine["engine_after"] = engine.model(tokens).logits.cpu()
-        mine["engine_state"] = {k: v.cpu().clone() for k, v in engine.model.state_dict().items()}
+        mine["engine_state"] = state_of(engine)
     # Collective: every rank walks each stream and receives every bucket (the small buckets by
     # point-to-point messages, the large ones through shared memory, the sync above by the
     # automatic choice: shared memory on one CPU host)...
@@ -104,6 +144,7 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
                     for bucket in stream_hf_buckets(model, large, receive=rank == 0,
                                                     transport=transport)]
         for transport in ("peer", "shared")}
+    mine["direct"] = check_direct(model, hf_dir, small)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     distributed.shutdown(keep_process_group=True)

@@ -66,14 +66,9 @@ def test_every_engine_holds_exactly_the_streamed_tensors(name, layout, synced):
     reference = dict(flat_stream(r["ranks"][0]["streams"][SMALL_BUCKET]))
     for rank, mine in enumerate(r["ranks"]):
         streamed = dict(flat_stream(mine["streams"][SMALL_BUCKET]))
-        state = mine["engine_state"]
-        tied = "lm_head.weight" not in streamed
-        assert set(streamed) == set(state) - ({"lm_head.weight"} if tied else set())
+        assert_holds(mine["engine_state"], streamed, rank)
         for tensor_name, tensor in streamed.items():
-            assert torch.equal(state[tensor_name], tensor), (rank, tensor_name)
             assert torch.equal(reference[tensor_name], tensor), (rank, tensor_name)
-        if tied:
-            assert torch.equal(state["lm_head.weight"], streamed["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -108,6 +103,43 @@ def test_ranks_without_an_engine_only_send(name, layout, synced):
         only = flat_stream(rank0["stream_rank0_only"][transport])
         assert [n for n, _ in only] == [n for n, _ in full]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(only, full)), transport
+
+
+def assert_holds(state: dict, reference: dict, where) -> None:
+    """The engine state holds exactly the streamed tensors (a tied head equals the embedding)."""
+    tied = "lm_head.weight" not in reference
+    assert set(reference) == set(state) - ({"lm_head.weight"} if tied else set()), where
+    for tensor_name, tensor in reference.items():
+        assert torch.equal(state[tensor_name], tensor), (where, tensor_name)
+    if tied:
+        assert torch.equal(state["lm_head.weight"], reference["model.embed_tokens.weight"]), where
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", MODELS)
+def test_direct_sync_writes_the_live_weights_into_every_engine(name, layout, synced):
+    """Engine weights in the replica's shared buffer: exact after the first sync, after an
+    in-place update and after every parameter moved to new storage (cached views follow)."""
+    r = record(synced, name, layout)
+    for rank, mine in enumerate(r["ranks"]):
+        direct = mine["direct"]
+        assert direct["sent"] == 1, rank  # one flat "bucket", nothing streamed
+        for suffix in ("", "_in_place", "_moved"):
+            assert_holds(direct["state" + suffix], direct["reference" + suffix], (rank, suffix))
+        embed = "model.embed_tokens.weight"
+        assert not torch.equal(direct["state"][embed], direct["state_in_place"][embed])
+        assert not torch.equal(direct["state_in_place"][embed], direct["state_moved"][embed])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", MODELS)
+def test_an_engine_left_out_of_a_direct_sync_keeps_its_weights(name, layout, synced):
+    r = record(synced, name, layout)
+    rank0, rank1 = (mine["direct"] for mine in r["ranks"])
+    assert_holds(rank0["state_rank0_only"], rank0["reference_rank0_only"], 0)
+    assert_holds(rank1["state_rank0_only"], rank1["reference_moved"], 1)  # the last sync it had
+    embed = "model.embed_tokens.weight"
+    assert not torch.equal(rank1["state_rank0_only"][embed], rank1["reference_rank0_only"][embed])
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -147,6 +147,49 @@ def test_update_weights_errors_name_the_tensor(tokenizer):
         engine.update_weights([[("model.norm.weight", torch.ones(64))]], strict=True)
 
 
+def flat_views(named: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list]:
+    """One flat buffer holding ``named`` tensors' values, and a view of it per name."""
+    flat = torch.cat([tensor.reshape(-1) for _, tensor in named])
+    views, start = [], 0
+    for name, tensor in named:
+        views.append((name, flat[start: start + tensor.numel()].view(tensor.shape)))
+        start += tensor.numel()
+    return flat, views
+
+
+def test_bound_weights_follow_their_buffer_until_unbound(tokenizer, prompts):
+    """The direct sync's engine side: after bind_weights the parameters are the caller's views
+    (a write into the buffer is the engine's new weights, no copy); unbind_weights keeps the
+    values in private memory."""
+    source = make_tiny_model("qwen2", tokenizer, seed=1, tie_word_embeddings=True)
+    engine = engine_for(make_tiny_model("qwen2", tokenizer, seed=0, tie_word_embeddings=True),
+                        tokenizer)
+    named = [(n, t) for n, t in source.state_dict().items() if n != "lm_head.weight"]
+    flat, views = flat_views([(n, torch.zeros_like(t)) for n, t in named])
+    assert engine.can_bind_weights(torch.float32) and not engine.can_bind_weights(torch.bfloat16)
+    assert engine.bind_weights(views) == len(named)
+    embed = engine.model.model.embed_tokens.weight
+    assert embed.data_ptr() == views[0][1].data_ptr() and engine.model.lm_head.weight is embed
+    flat.copy_(torch.cat([t.reshape(-1) for _, t in named]))  # the "sync": writes into the buffer
+    assert engine.generate(prompts, GREEDY) == engine_for(source, tokenizer).generate(prompts, GREEDY)
+    engine.unbind_weights()
+    flat.zero_()
+    assert torch.equal(engine.model.model.norm.weight, source.model.norm.weight)
+    assert engine.generate(prompts, GREEDY) == engine_for(source, tokenizer).generate(prompts, GREEDY)
+
+
+def test_bind_weights_checks_everything_before_binding(tokenizer):
+    engine = engine_for(make_tiny_model("llama", tokenizer), tokenizer)
+    norm = engine.model.model.norm.weight
+    before = norm.data_ptr()
+    with pytest.raises(ValueError, match=r"bind_weights: unknown tensor 'nonsense\.weight'"):
+        engine.bind_weights([("model.norm.weight", torch.ones(64)), ("nonsense.weight", torch.ones(2))])
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' must be a parameter of dtype "
+                                         r"torch\.float32"):
+        engine.bind_weights([("model.norm.weight", torch.ones(64, dtype=torch.bfloat16))])
+    assert norm.data_ptr() == before  # nothing was bound
+
+
 def test_build_engine_hf_from_local_dir(tokenizer, prompts, tmp_path):
     model = make_tiny_model("llama", tokenizer)
     model.save_pretrained(tmp_path)
