@@ -74,8 +74,11 @@ def test_sync_line(results):
     r = results["sync"]
     assert (r["tensor_parallel"], r["backend"]) == (2, "gloo")
     _positive(r, "sync_s", "gb_per_s", "copy_s", "copy_gb_per_s", "ratio_to_copy",
-              "tensor_copy_s", "ratio_to_tensor_copy")
+              "tensor_copy_s", "ratio_to_tensor_copy", "bucket_sync_s", "ratio_bucket_to_copy",
+              "barrier_s")
+    assert r["path"] == "direct"  # CPU ranks of one host, hf engine: no buckets
     assert r["ratio_to_copy"] == pytest.approx(r["copy_s"] / r["sync_s"])
+    assert r["ratio_bucket_to_copy"] == pytest.approx(r["copy_s"] / r["bucket_sync_s"])
     assert r["gb_per_s"] == pytest.approx(r["bytes"] / r["sync_s"] / 1e9)
     assert r["tensors"] > 0 and r["bytes"] > 0
     names = [row["fn"] for row in r["profile"]["within"]]
