@@ -3,7 +3,7 @@
     python tools/bench.py --shape tiny                      # CPU, every benchmark
     python tools/bench.py --shape 1.5b --only train         # one GPU
 
-Same as ``sept-megatron bench`` (see ``sept_megatron/bench.py`` for the flags and formulas).
+Same as ``sept-megatron bench`` (see ``sept_megatron/bench/`` for the flags and formulas).
 """
 
 import sys
