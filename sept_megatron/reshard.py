@@ -210,7 +210,7 @@ def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *, receive: bool 
 
     plan = sync_plan(model.arch, ps.get_pipeline_model_parallel_world_size(),
                      ps.get_virtual_pipeline_model_parallel_world_size())
-    element_size = torch.empty((), dtype=model.config.params_dtype).element_size()
+    element_size = model.config.params_dtype.itemsize
     buckets = plan_buckets(plan, bucket_bytes, element_size)
     largest = max(sum(it.numel for it in bucket) for bucket in buckets)
     mover = choose_transport(model, _live_params(model), largest, receive, transport)

@@ -127,7 +127,7 @@ def choose_transport(model: MegatronModel, params: dict[str, torch.Tensor], larg
     else peer-to-peer; ``peer`` / ``shared`` force one (tests, measurements)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"weight-sync transport {transport!r}: choose one of {', '.join(TRANSPORTS)}")
-    element_size = torch.empty((), dtype=model.config.params_dtype).element_size()
+    element_size = model.config.params_dtype.itemsize
     replica = replica_of(receive, largest * element_size)
     if transport == "shared" and not replica.shared_memory:
         raise ValueError("the shared-memory weight-sync transport needs every rank of the "
@@ -321,7 +321,7 @@ def _shared_buffer(replica: Replica, numel: int, dtype: torch.dtype, prefix: str
     path = None
     if dist.get_rank() == creator:
         path = os.path.join(SHM_DIR, f"{prefix}_{uuid.uuid4().hex}")
-        element_size = torch.empty((), dtype=dtype).element_size()
+        element_size = dtype.itemsize
         with open(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600), "wb") as f:
             f.truncate(numel * element_size)
     box = [path]
@@ -423,7 +423,7 @@ def direct_sync(model: MegatronModel, engine, plan: list[SyncItem],
         return None  # the same on every rank: the device and rollout.weights are run-wide
     can = engine is None or bool(getattr(engine, "can_bind_weights", lambda _: False)(
         model.config.params_dtype))
-    element_size = torch.empty((), dtype=model.config.params_dtype).element_size()
+    element_size = model.config.params_dtype.itemsize
     total = state.flat.numel() if state is not None else sum(it.numel for it in plan)
     replica = replica_of(engine is not None, total * element_size, flags=int(can))
     if not all(replica.flags.values()) or (len(replica.ranks) > 1 and not replica.shared_memory):

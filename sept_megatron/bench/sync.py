@@ -79,8 +79,7 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
         with compat.suspended():
             engine = HFRolloutEngine(hf_dir, device=device, dtype=params_dtype, progress=False)
     bucket_bytes = 512 << 20  # rollout.bucket_size_mb's default
-    nbytes = sum(item.numel for item in sync_plan(arch, 1)) * torch.empty(
-        (), dtype=params_dtype).element_size()
+    nbytes = sum(item.numel for item in sync_plan(arch, 1)) * params_dtype.itemsize
 
     def one_sync():
         sync_weights(model, engine, bucket_bytes)

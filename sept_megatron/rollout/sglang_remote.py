@@ -232,7 +232,7 @@ def stage_hf_buckets(model, bucket_bytes: int) -> Iterator[list[tuple[str, torch
     plan = sync_plan(arch, ps.get_pipeline_model_parallel_world_size(),
                      ps.get_virtual_pipeline_model_parallel_world_size())
     dtype = model.config.params_dtype
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     my_stage = ps.get_pipeline_model_parallel_rank()
     if ps.get_data_parallel_rank() != 0:
         return
