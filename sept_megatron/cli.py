@@ -20,11 +20,11 @@ import yaml
 
 
 def _train(argv: list[str]) -> int:
-    from sept_megatron import preemption
+    from sept_megatron.runtime import preemption
 
     preemption.install()  # first: a SIGUSR1 during the slow imports must not end the rank
     from sept_megatron.config import load_config
-    from sept_megatron.loop import run
+    from sept_megatron.loop.driver import run
 
     parser = argparse.ArgumentParser(prog="sept-megatron train",
                                      description="Run SePT rounds (launch with torchrun for N > 1).")
@@ -69,7 +69,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _plan(argv: list[str]) -> int:
-    from sept_megatron.plan import main as plan_main
+    from sept_megatron.plan.planner import main as plan_main
 
     return plan_main(argv)
 

@@ -1,6 +1,6 @@
 """One typed config tree: YAML in, ``key=value`` overrides, validated once before any worker.
 
-    cfg = load_config("examples/qwen2.5-math-7b.yaml", ["train.lr=2e-7", "parallel.tp=4"])
+    cfg = load_config("examples/qwen2.5-math-7b.yaml", ["train.lr=2e-7", "parallel.tensor_parallel=4"])
     validate(cfg, world_size=8)
 
 Each component receives only its own section (``cfg.rollout``, ``cfg.train``, ...). Every
@@ -302,7 +302,6 @@ _CHOICES = {
     "model.fp8_format": ("e4m3", "hybrid"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.device": ("auto", "cuda", "cpu"),
-    "rollout.backend": ("hf", "sglang"),
     "rollout.placement": ("colocated", "disaggregated"),
     "rollout.weights": ("native", "fp8"),
     "train.recompute": ("none", "selective", "full"),
@@ -325,6 +324,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     for dotted, choices in _CHOICES.items():
         if _get(cfg, dotted) not in choices:
             err(f"{dotted}={_get(cfg, dotted)!r}: choose one of {', '.join(map(str, choices))}")
+    _validate_backend(cfg.rollout, arch, err)
     m, p, r, d, t = cfg.model, cfg.parallel, cfg.rollout, cfg.data, cfg.train
     if not m.hf_path:
         err("model.hf_path is not set: point it at an HF checkpoint dir (config + tokenizer)")
@@ -350,12 +350,6 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
             "may wait before the job fails)")
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
-    if r.backend == "hf" and r.engine_tp != 1:
-        err(f"rollout.engine_tp={r.engine_tp}: the hf backend runs one engine per device; set "
-            "rollout.engine_tp=1 or rollout.backend=sglang")
-    if r.placement == "disaggregated" and (r.backend != "sglang" or not r.server_urls):
-        err("rollout.placement=disaggregated needs rollout.backend=sglang and the servers' "
-            "addresses in rollout.server_urls (e.g. rollout.server_urls=[http://node7:30000])")
     if t.lr <= 0 or t.epochs <= 0 or t.grad_clip < 0 or t.warmup_steps < 0:
         err("train.lr and train.epochs must be > 0, train.grad_clip and train.warmup_steps >= 0")
     if m.fp8 and m.transformer_impl == "local":
@@ -367,43 +361,40 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def _validate_backend(rollout: RolloutConfig, arch, err) -> None:
+    """``rollout.backend`` names a registered backend, which checks its own settings."""
+    from sept_megatron.rollout.registry import backend_class
+
+    try:
+        backend = backend_class(rollout.backend)
+    except (ValueError, ImportError) as exc:
+        err(str(exc))
+        return
+    for problem in backend.check_config(rollout, arch=arch):
+        err(problem)
+
+
 def _validate_fp8(cfg: Config, arch, err) -> None:
-    """FP8 training (TE) and FP8 rollout weights: what the config alone can rule out."""
-    m, r = cfg.model, cfg.rollout
+    """FP8 training (TE): what the config alone can rule out."""
+    m = cfg.model
     if m.fp8 and cfg.parallel.device == "cpu":
         err(f"model.fp8={m.fp8} needs a Hopper GPU but parallel.device=cpu; set "
             "parallel.device=auto (or cuda), or model.fp8=null")
-    if r.weights == "fp8" and r.backend == "hf":
-        # transformers keeps FP8 weights only on a GPU (compute capability >= 8.9) and
-        # dequantises an FP8 checkpoint to bf16 at load on CPU, so the hf engine would only
-        # ever hold dequantised copies: refuse rather than pretend.
-        err("rollout.weights=fp8 needs rollout.backend=sglang (an SGLang engine started from "
-            "an FP8 config holds e4m3 weights); the hf engine keeps the training dtype: set "
-            "rollout.weights=native or rollout.backend=sglang")
     if arch is None:
         return
     if m.fp8 and cfg.parallel.tensor_parallel >= 1:
-        from sept_megatron.fp8_training import fp8_shape_problems
+        from sept_megatron.trainer.fp8 import fp8_shape_problems
 
         for problem in fp8_shape_problems(arch, cfg.parallel.tensor_parallel):
             err(f"model.fp8={m.fp8}: {problem}; use a TP that keeps it a multiple, or model.fp8=null")
-    if r.weights == "fp8" and r.backend == "sglang" and r.engine_tp >= 1:
-        from sept_megatron.convert.fp8 import sglang_block_problems
-
-        for problem in sglang_block_problems(arch, r.engine_tp):
-            err(f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or "
-                "rollout.weights=native")
 
 
 def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:
     p, t = cfg.parallel, cfg.train
     tp, pp = p.tensor_parallel, p.pipeline_parallel
-    if tp < 1 or pp < 1:
-        return
-    if world_size % (tp * pp):
-        err(f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} x "
-            f"parallel.pipeline_parallel={pp} = {tp * pp}; launch a multiple of {tp * pp} "
-            "processes")
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        for problem in layout_problems(p, world_size, arch):
+            err(problem)
         return
     dp = world_size // (tp * pp)
     samples = t.prompts_per_round * cfg.rollout.n
@@ -413,13 +404,30 @@ def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:
     if t.micro_batch_size >= 1 and t.mini_batch_size % (dp * t.micro_batch_size):
         err(f"train.mini_batch_size={t.mini_batch_size} is not divisible by data-parallel size "
             f"{dp} x train.micro_batch_size={t.micro_batch_size}; change either")
+    for problem in layout_problems(p, world_size, arch):
+        err(problem)
+
+
+def layout_problems(p: ParallelConfig, world_size: int, arch=None) -> list[str]:
+    """The parallel layout against the world size and the model's shapes (what a conversion
+    tool checks too); every problem names the field and the fix."""
+    problems: list[str] = []
+    err = problems.append
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if tp < 1 or pp < 1:
+        return problems
+    if world_size % (tp * pp):
+        err(f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} x "
+            f"parallel.pipeline_parallel={pp} = {tp * pp}; launch a multiple of {tp * pp} "
+            "processes")
+        return problems
     vpp = p.virtual_pipeline
     if vpp is not None and (vpp < 2 or pp < 2):
         err(f"parallel.virtual_pipeline={vpp}: needs pipeline_parallel >= 2 and a value >= 2, or null")
     if p.sequence_parallel and tp == 1:
         err("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
     if arch is None:
-        return
+        return problems
     if arch.num_attention_heads % tp:
         err(f"parallel.tensor_parallel={tp} does not divide the model's "
             f"{arch.num_attention_heads} attention heads")
@@ -434,3 +442,4 @@ def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:
                   f"{stages} stages" if vpp else f"parallel.pipeline_parallel={pp}")
         err(f"{layout} does not divide the model's {arch.num_layers} layers; choose a "
             "pipeline size (x virtual stages) that divides the layer count")
+    return problems

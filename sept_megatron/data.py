@@ -46,6 +46,13 @@ class Question:
 # Loading
 
 
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of a local HF model directory (never the hub: nothing is downloaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
 def load_questions(path: str | Path, *, split: str | None = None) -> list[Question]:
     """Load questions from a parquet file, a JSONL file or a ``save_to_disk`` directory.
 

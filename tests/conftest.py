@@ -18,7 +18,7 @@ import pytest
 # explicitly (SEPT_DEVICE=cuda in the environment of the processes they launch).
 os.environ.setdefault("SEPT_DEVICE", "cpu")
 # Strict compat: a tensor made without a device fails at collectives and model forwards on the
-# CPU, as it would on CUDA (see sept_megatron/compat.py).
+# CPU, as it would on CUDA (see sept_megatron/runtime/compat.py).
 os.environ.setdefault("SEPT_COMPAT_STRICT", "1")
 
 

@@ -5,7 +5,7 @@
 Builds a random-init Qwen2-shaped HF model (vocab 512, ``--heads`` heads (default hidden / 64),
 2 KV heads, FFN ``--ffn`` (default 4 x hidden)), launches ``--tp`` ranks under torchrun (Megatron at TP=``--tp``), and times:
 
-- ``sync_all_s``: :func:`sept_megatron.reshard.sync_weights` with an engine on every rank
+- ``sync_all_s``: :func:`sept_megatron.weight_sync.sync` with an engine on every rank
   (what the SePT loop does);
 - ``sync_rank0_s``: the same with an engine on rank 0 only (others only send);
 - ``copy_s``: one same-device copy of the model's bytes into a preallocated buffer;
@@ -81,15 +81,18 @@ def worker(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
 
-    from sept_megatron import distributed
-    from sept_megatron import model as mdl
+    from sept_megatron.runtime import distributed
+    from sept_megatron.trainer import model as mdl
+    from sept_megatron.convert.hf_config import arch_from_hf_config
+    from sept_megatron.convert.hf_config import load_hf_config
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
-    from sept_megatron.reshard import sync_plan, sync_weights
+    from sept_megatron.weight_sync import sync
+    from sept_megatron.weight_sync.plan import sync_plan
 
     distributed.initialize(tensor_parallel=args.tp, pipeline_parallel=1, device=args.device)
     device = distributed.compute_device()
     hf_dir = args.worker
-    arch = mdl.arch_from_hf_config(mdl.load_hf_config(hf_dir))
+    arch = arch_from_hf_config(load_hf_config(hf_dir))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, args.tp)
     model = mdl.build_megatron_model(arch, tensor_parallel=args.tp, pipeline_parallel=1,
                                      padded_vocab=padded, transformer_impl="local")
@@ -104,8 +107,8 @@ def worker(args: argparse.Namespace) -> None:
     result = {
         "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "ffn": args.ffn,
         "tp": args.tp, "device": str(device),
-        "sync_all_s": median_seconds(lambda: sync_weights(model, engine, bucket), args.repeats),
-        "sync_rank0_s": median_seconds(lambda: sync_weights(model, rank0_engine, bucket),
+        "sync_all_s": median_seconds(lambda: sync(model, engine, bucket_bytes=bucket), args.repeats),
+        "sync_rank0_s": median_seconds(lambda: sync(model, rank0_engine, bucket_bytes=bucket),
                                        args.repeats),
     }
     nbytes = sum(item.numel for item in sync_plan(arch, 1)) * 4
@@ -145,10 +148,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "model"
         make_model(args, hf_dir)
-        from sept_megatron.distributed import _free_port
+        from sept_megatron.runtime.distributed import free_port
 
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.tp}",
-                   "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+                   "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                    str(Path(__file__).resolve()),
                    "--hidden", str(args.hidden), "--layers", str(args.layers), "--tp", str(args.tp),
                    "--heads", str(args.heads), "--ffn", str(args.ffn),

@@ -7,7 +7,7 @@ measured side by side in one run. One JSON line per benchmark on stdout; progres
 
 Benchmarks (``--only`` selects; they always run in this order):
 
-- ``train``: :class:`~sept_megatron.train.SFTTrainer` steps (the real Megatron path: schedule,
+- ``train``: :class:`~sept_megatron.trainer.sft.SFTTrainer` steps (the real Megatron path: schedule,
   DDP, optimizer, clipping) vs a plain transformers step (SDPA attention, AdamW, fused on CUDA,
   clipping) on the same weights, micro-batch, sequence length and dtype, one micro-batch per
   optimizer step on both sides. FLOPs per token: ``6 N + 12 L H Dh S`` (PaLM, appendix B: N
@@ -20,20 +20,20 @@ Benchmarks (``--only`` selects; they always run in this order):
   samples each sequence from its own seeded generator (so rollouts do not depend on how they
   are spread over engines) where plain ``generate`` draws from torch's global RNG, so sampled
   tokens differ by design; ``same_tokens`` checks one untimed greedy call of each instead.
-- ``sync``: :func:`~sept_megatron.reshard.sync_weights` into a real engine at TP=``--sync-tp``
+- ``sync``: :func:`~sept_megatron.weight_sync.sync` into a real engine at TP=``--sync-tp``
   vs one same-device copy of the same number of bytes (``ratio_to_copy`` = copy time / sync
   time). With TP > 1 the bench launches itself under ``torchrun --nproc-per-node=TP`` (gloo on
   CPU, NCCL on GPUs); run the bench itself as a plain process. ``ratio_to_tensor_copy``
   compares with the engine loading the same tensors from same-device copies (the receiving
   side alone); ``profile`` shows where rank 0's time goes (cProfile of one extra sync).
   ``path``: ``direct`` where the engine's weights live in the ranks' shared buffer (CPU, see
-  :func:`~sept_megatron.sync_transport.direct_sync`), else ``buckets``; ``bucket_sync_s`` times
+  :mod:`~sept_megatron.weight_sync.direct`), else ``buckets``; ``bucket_sync_s`` times
   the bucket stream on the same ranks side by side; ``barrier_s`` is one barrier of the ranks
   (the floor of any sync that must wait for all of them). Every timed call starts after an
   untimed barrier.
 - ``checkpoint``: seconds one training checkpoint blocks training, foreground save vs
-  ``checkpoint.async_save`` (:class:`~sept_megatron.checkpoint.CheckpointSaver`).
-- ``round``: real SePT rounds through :func:`sept_megatron.loop.run` (a checkpoint every
+  ``checkpoint.async_save`` (:class:`~sept_megatron.trainer.checkpoint.CheckpointSaver`).
+- ``round``: real SePT rounds through :func:`sept_megatron.loop.driver.run` (a checkpoint every
   round, in the background with ``--async-checkpoint true``); the seconds of generate / train / sync / checkpoint per round and ``other_share``,
   the share of the round's wall time that is none of those (see :func:`round_shares`).
 

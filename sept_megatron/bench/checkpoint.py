@@ -13,8 +13,8 @@ from sept_megatron.bench.train import build_trainer, free_memory, random_samples
 
 
 def bench_checkpoint(opts: BenchOptions, inputs: Inputs) -> dict:
-    from sept_megatron import checkpoint as ckpt_io
-    from sept_megatron.train import trainer_sharded_state_dict
+    from sept_megatron.trainer import checkpoint as ckpt_io
+    from sept_megatron.trainer.sft import trainer_sharded_state_dict
 
     arch = arch_of(inputs.hf_dir)
     trainer = build_trainer(inputs.hf_dir, opts.micro_batch)

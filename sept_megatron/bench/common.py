@@ -70,9 +70,10 @@ def _build_hf_model(shape: Shape, hf_dir: str, problems, device: str) -> None:
 
 
 def arch_of(hf_dir: str):
-    from sept_megatron import model as mdl
+    from sept_megatron.convert.hf_config import arch_from_hf_config
+    from sept_megatron.convert.hf_config import load_hf_config
 
-    return mdl.arch_from_hf_config(mdl.load_hf_config(hf_dir))
+    return arch_from_hf_config(load_hf_config(hf_dir))
 
 
 def parameter_count(arch) -> int:

@@ -39,7 +39,7 @@ def _work_dir(opts: BenchOptions):
 
 def run_benchmarks(opts: BenchOptions, emit: Callable[[dict], None]) -> None:
     """Run the selected benchmarks in order, emitting each result as soon as it is known."""
-    from sept_megatron import distributed
+    from sept_megatron.runtime import distributed
 
     with _work_dir(opts) as work_dir:
         inputs = prepare_inputs(opts, work_dir)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sept-megatron bench: error: {exc}", file=sys.stderr)
         return 2
     if args.sync_worker is not None:
-        from sept_megatron import distributed
+        from sept_megatron.runtime import distributed
 
         run_sync_worker(opts, *args.sync_worker)
         distributed.shutdown()

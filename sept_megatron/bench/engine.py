@@ -48,7 +48,7 @@ def _cut_at_eos(row: list[int], eos_ids) -> list[int]:
 
 
 def bench_engine(opts: BenchOptions, inputs: Inputs) -> dict:
-    from sept_megatron import compat
+    from sept_megatron.runtime import compat
     from sept_megatron.rollout import SamplingParams
     from sept_megatron.rollout.hf import HFRolloutEngine
 

@@ -9,7 +9,6 @@ import torch
 
 
 BENCHMARKS = ("train", "engine", "sync", "checkpoint", "round")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 class BenchError(ValueError):
@@ -138,7 +137,7 @@ def _or(value, default):
 
 
 def _resolve_device(setting: str) -> str:
-    from sept_megatron.distributed import resolve_device
+    from sept_megatron.runtime.distributed import resolve_device
 
     try:
         return resolve_device(setting)

@@ -56,7 +56,7 @@ def round_shares(records: list[dict]) -> dict:
 
 
 def bench_round(opts: BenchOptions, inputs: Inputs) -> dict:
-    from sept_megatron.loop import run
+    from sept_megatron.loop.driver import run
 
     run_dir = os.path.join(inputs.work_dir, "round_run")
     if os.path.isdir(run_dir):

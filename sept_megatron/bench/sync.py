@@ -1,4 +1,4 @@
-"""``sync``: sync_weights into a real engine at TP=``--sync-tp`` vs a same-device copy."""
+"""``sync``: :func:`~sept_megatron.weight_sync.sync` into a real engine at TP=``--sync-tp`` vs a same-device copy."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def bench_sync(opts: BenchOptions, inputs: Inputs) -> dict:
         os.remove(result_path)
     if opts.sync_tp == 1:
         return run_sync_worker(opts, inputs.hf_dir, result_path)
-    from sept_megatron.distributed import _free_port
+    from sept_megatron.runtime.distributed import free_port
 
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.sync_tp}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                "-m", "sept_megatron.bench", *_worker_flags(opts),
                "--sync-worker", inputs.hf_dir, result_path]
     log_progress(f"sync: launching {opts.sync_tp} ranks: torchrun --nproc-per-node={opts.sync_tp}")
@@ -52,10 +52,12 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
     an engine on rank 0, ``repeats`` timed syncs, then the same-device copy baseline."""
     import torch.distributed as dist
 
-    from sept_megatron import compat, distributed
-    from sept_megatron import model as mdl
+    from sept_megatron.runtime import compat
+    from sept_megatron.runtime import distributed
+    from sept_megatron.trainer import model as mdl
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
-    from sept_megatron.reshard import sync_plan, sync_weights
+    from sept_megatron.weight_sync import sync
+    from sept_megatron.weight_sync.plan import sync_plan
 
     tp = opts.sync_tp
     distributed.initialize(tensor_parallel=tp, pipeline_parallel=1, device=opts.device)
@@ -82,16 +84,16 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
     nbytes = sum(item.numel for item in sync_plan(arch, 1)) * params_dtype.itemsize
 
     def one_sync():
-        sync_weights(model, engine, bucket_bytes)
+        sync(model, engine, bucket_bytes=bucket_bytes)
 
     # Every timed call starts with the ranks lined up by a barrier outside the timed region:
     # the time is the sync's own, not a wait for a rank still busy with the previous call.
     times = _aligned_times(one_sync, warmup=1, repeats=opts.repeats, device=device)
-    from sept_megatron.sync_transport import engine_weights_of
+    from sept_megatron.weight_sync.direct import engine_weights_of
 
     path = "direct" if engine_weights_of(model) is not None else "buckets"
     bucket_times = _aligned_times(  # the bucket stream, side by side (the GPU path)
-        lambda: sync_weights(model, engine, bucket_bytes, direct=False),
+        lambda: sync(model, engine, bucket_bytes=bucket_bytes, direct=False),
         warmup=1, repeats=opts.repeats, device=device)
     barrier_s = best(_aligned_times(dist.barrier, warmup=1, repeats=opts.repeats, device=device))
     dist.barrier()
@@ -106,7 +108,7 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
             "bench": "sync", "shape": opts.shape, "device": str(device),
             "tensor_parallel": tp, "backend": dist.get_backend(),
             "dtype": str(params_dtype).removeprefix("torch."), "bytes": nbytes,
-            "tensors": engine.loaded_tensor_count, "repeats": opts.repeats,
+            "tensors": sum(len(item.hf_names) for item in sync_plan(arch, 1)), "repeats": opts.repeats,
             "path": path, "sync_s": sync_s, "gb_per_s": nbytes / sync_s / 1e9, "copy_s": copy_s,
             "copy_gb_per_s": nbytes / copy_s / 1e9, "ratio_to_copy": ratio_of(sync_s, copy_s),
             "tensor_copy_s": tensor_copy_s, "ratio_to_tensor_copy": ratio_of(sync_s, tensor_copy_s),
@@ -136,7 +138,7 @@ def _aligned_times(fn: Callable[[], object], *, warmup: int, repeats: int, devic
 def _copy_baselines(engine, arch, nbytes: int, device, repeats: int) -> tuple[float, float]:
     """Seconds of (one flat same-device copy of ``nbytes``, the engine loading the same HF
     tensors from same-device copies): the bandwidth bound, and the receiving side alone."""
-    from sept_megatron.reshard import sync_plan
+    from sept_megatron.weight_sync.plan import sync_plan
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -152,7 +154,7 @@ def _copy_baselines(engine, arch, nbytes: int, device, repeats: int) -> tuple[fl
 def _profile_sync(one_sync: Callable[[], object], top: int = 10) -> dict:
     """Where rank 0's time goes in one sync (cProfile; the timed syncs run without it):
     ``own`` = functions by time spent in themselves (collective waits, copies, Python),
-    ``within`` = our own reshard / engine functions by cumulative time."""
+    ``within`` = our own weight-sync / engine functions by cumulative time."""
     import cProfile
     import pstats
 
@@ -164,14 +166,17 @@ def _profile_sync(one_sync: Callable[[], object], top: int = 10) -> dict:
 
     def label(key) -> str:
         path, _, name = key
-        return f"{Path(path).stem}.{name}" if path != "~" else name
+        if path == "~":
+            return name
+        module = Path(path).parent.name if Path(path).stem == "__init__" else Path(path).stem
+        return f"{module}.{name}"
 
     def row(key, value) -> dict:
         return {"fn": label(key), "calls": value[1], "own_s": value[2], "cumulative_s": value[3]}
 
     by_own = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     ours = [(k, v) for k, v in stats.items()
-            if any(part in k[0] for part in ("sept_megatron/reshard", "sept_megatron/rollout",
+            if any(part in k[0] for part in ("sept_megatron/weight_sync", "sept_megatron/rollout",
                                              "sept_megatron/convert"))]
     within = sorted(ours, key=lambda kv: kv[1][3], reverse=True)[:top]
     return {"wall_s": wall, "own": [row(k, v) for k, v in by_own],

@@ -9,13 +9,14 @@ import torch
 
 from sept_megatron.bench.common import (
     arch_of, best, flops_per_token, free_memory, Inputs, log_progress, ratio_of, side_by_side)
-from sept_megatron.bench.options import BenchOptions, FP8_RECIPES
+from sept_megatron.bench.options import BenchOptions
+from sept_megatron.trainer.fp8 import FP8_RECIPES
 
 
 def random_samples(vocab: int, count: int, seq_len: int, seed: int):
     """``count`` samples of ``seq_len + 1`` tokens (a quarter prompt): after the shift, every
     micro-batch is exactly ``count x seq_len`` positions on both sides."""
-    from sept_megatron.train import Sample
+    from sept_megatron.trainer.sft import Sample
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (count, seq_len + 1), generator=generator).tolist()
@@ -26,10 +27,10 @@ def random_samples(vocab: int, count: int, seq_len: int, seed: int):
 def build_trainer(hf_dir: str, micro_batch: int, *, transformer_impl: str = "auto",
                    fp8: str | None = None):
     """The SFT trainer of a ``sept-megatron train`` run (world of one), HF weights loaded."""
-    from sept_megatron import model as mdl
+    from sept_megatron.trainer import model as mdl
     from sept_megatron.config import TrainConfig
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
-    from sept_megatron.train import SFTTrainer
+    from sept_megatron.trainer.sft import SFTTrainer
 
     arch = arch_of(hf_dir)
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, 1)
@@ -53,7 +54,7 @@ def _transformers_step(hf_dir: str, samples, device: torch.device) -> Callable[[
     """What a plain transformers user writes: SDPA, AdamW (fused on CUDA), clipping."""
     from transformers import AutoModelForCausalLM
 
-    from sept_megatron import model as mdl
+    from sept_megatron.trainer import model as mdl
 
     dtype = mdl.resolve_dtype("auto")
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa",
@@ -78,8 +79,8 @@ def _transformers_step(hf_dir: str, samples, device: torch.device) -> Callable[[
 
 
 def bench_train(opts: BenchOptions, inputs: Inputs) -> dict:
-    from sept_megatron import model as mdl
-    from sept_megatron.distributed import compute_device
+    from sept_megatron.trainer import model as mdl
+    from sept_megatron.runtime.distributed import compute_device
 
     device = compute_device()
     arch = arch_of(inputs.hf_dir)
@@ -135,7 +136,7 @@ def _throughput(prefix: str, times: list[float] | None, tokens: int, per_token: 
 def _train_times_cpu(opts: BenchOptions, inputs: Inputs, samples, device):
     """Both sides built at once and interleaved step by step. The baseline runs without the
     CUDA->CPU redirect, as a plain transformers user's code does; ours runs with it."""
-    from sept_megatron import compat
+    from sept_megatron.runtime import compat
 
     with compat.suspended():
         theirs = _transformers_step(inputs.hf_dir, samples, device)
@@ -235,8 +236,8 @@ def _fits(trainer, vocab: int, micro_batch: int, seq_len: int) -> bool:
 def _fp8_side_by_side(opts: BenchOptions, inputs: Inputs, samples, device) -> dict:
     """Issue 10: each FP8 recipe vs BF16, both through Transformer Engine layers, on the same
     samples and steps (``--seq-len`` is a multiple of 16, so FP8's padding adds nothing). A
-    recipe this machine cannot run is skipped with :mod:`sept_megatron.fp8_training`'s reason."""
-    from sept_megatron.fp8_training import fp8_shape_problems, fp8_unsupported_reason
+    recipe this machine cannot run is skipped with :mod:`sept_megatron.trainer.fp8`'s reason."""
+    from sept_megatron.trainer.fp8 import fp8_shape_problems, fp8_unsupported_reason
 
     if device.type != "cuda":
         return {"skipped": True, "reason": "no CUDA device (FP8 needs Transformer Engine on a GPU)"}

@@ -3,7 +3,7 @@
 The same adapter serves three paths, so they cannot disagree:
 - HF import (:mod:`tools.convert_hf_to_megatron`): HF tensors -> this rank's Megatron shards;
 - HF export (:func:`export_megatron_to_hf`): a Megatron dist checkpoint -> HF safetensors;
-- the per-round weight sync (:mod:`sept_megatron.reshard`): live TP shards -> HF tensors.
+- the per-round weight sync (:mod:`sept_megatron.weight_sync.plan`): live TP shards -> HF tensors.
 
 Terms. A *full* Megatron tensor is the TP=1 layout of one layer's parameter (fused QKV
 interleaved per query group, ``linear_fc1`` = cat(gate, up), vocab padded). Its *kind* says
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sept_megatron.model import ModelArch
+from sept_megatron.trainer.arch import ModelArch
 
 
 class Kind(enum.Enum):
@@ -50,7 +50,19 @@ _HF_LAYER = "model.layers.{i}."
 
 
 class LlamaAdapter:
-    """Llama, Llama-3, DeepSeek-Math (a Llama) and Mistral: the base name map."""
+    """Llama, Llama-3, DeepSeek-Math (a Llama) and Mistral: the base name map.
+
+    A family is one adapter class: its name map (the rules below) and its fixed traits (the
+    class attributes), which :func:`sept_megatron.convert.hf_config.arch_from_hf_config` reads.
+    Adding a family is a subclass here and its ``model_type`` in :data:`ADAPTERS`.
+    """
+
+    qkv_bias: bool = False
+    """q/k/v projections always carry biases (else only when the config sets attention_bias)."""
+    qk_layernorm: bool = False
+    """Per-head RMSNorm on q and k."""
+    warns_on_sliding_window: bool = False
+    """The family may declare a sliding window, which Megatron's full-causal attention ignores."""
 
     def __init__(self, arch: ModelArch):
         self.arch = arch
@@ -112,12 +124,22 @@ class LlamaAdapter:
         return frozenset(names)
 
 
+class MistralAdapter(LlamaAdapter):
+    """Mistral: Llama's names; its sliding window is not applied (warned about)."""
+
+    warns_on_sliding_window = True
+
+
 class Qwen2Adapter(LlamaAdapter):
-    """Qwen2 / Qwen2.5: q/k/v biases (``arch.qkv_bias`` is always set for qwen2)."""
+    """Qwen2 / Qwen2.5: q/k/v biases."""
+
+    qkv_bias = True
 
 
 class Qwen3Adapter(LlamaAdapter):
     """Qwen3: per-head RMSNorm on q and k (qk-norm)."""
+
+    qk_layernorm = True
 
     def _extra_layer_rules(self) -> list[TensorRule]:
         a = _HF_LAYER + "self_attn."
@@ -129,12 +151,23 @@ class Qwen3Adapter(LlamaAdapter):
         ]
 
 
-ADAPTERS = {"llama": LlamaAdapter, "mistral": LlamaAdapter, "qwen2": Qwen2Adapter,
-            "qwen3": Qwen3Adapter}
+ADAPTERS: dict[str, type[LlamaAdapter]] = {
+    "llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter, "qwen3": Qwen3Adapter}
+"""HF ``model_type`` -> its family: the one registry of supported model families."""
+
+
+def family_for(model_type: str | None) -> type[LlamaAdapter]:
+    """The adapter class of ``model_type``; an unsupported family is an error listing the
+    supported ones."""
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"model: architecture {model_type!r} is not supported; supported model_type values: "
+            f"{', '.join(ADAPTERS)} (DeepSeek-Math is 'llama')")
+    return ADAPTERS[model_type]
 
 
 def adapter_for(arch: ModelArch) -> LlamaAdapter:
-    return ADAPTERS[arch.model_type](arch)
+    return family_for(arch.model_type)(arch)
 
 
 # --- names of live modules --------------------------------------------------------------

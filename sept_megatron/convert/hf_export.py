@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
-from sept_megatron import checkpoint as ckpt_io
+from sept_megatron.trainer import checkpoint as ckpt_io
 from sept_megatron.convert.adapters import TensorRule, adapter_for, full_to_hf
 from sept_megatron.convert.fp8 import (
     BLOCK, check_export_recipe, hf_quantization_config, quantize_hf_tensors)

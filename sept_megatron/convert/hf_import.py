@@ -17,7 +17,8 @@ import torch
 
 from sept_megatron.convert.adapters import (
     Kind, LlamaAdapter, TensorRule, adapter_for, canonical_name, hf_to_full, rule_index, tp_shard)
-from sept_megatron.model import ModelArch
+from sept_megatron.trainer.arch import ModelArch
+from sept_megatron.trainer.model import unwrap_module
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,7 @@ def load_hf_into_model(model_chunks, reader: HFTensorReader, arch: ModelArch, *,
 
 def _named_tensors(chunk):
     """Parameters of a stage (unwrapping Megatron's DDP / Float16Module wrappers)."""
-    module = chunk
-    while hasattr(module, "module"):
-        module = module.module
-    return list(module.named_parameters())
+    return list(unwrap_module(chunk).named_parameters())
 
 
 def _fmt(name: str, layer: int | None) -> str:

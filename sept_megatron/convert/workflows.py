@@ -15,9 +15,13 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from sept_megatron import checkpoint as ckpt_io
-from sept_megatron import compat, distributed
-from sept_megatron import model as mdl
+from sept_megatron.trainer import checkpoint as ckpt_io
+from sept_megatron.runtime import compat
+from sept_megatron.runtime import distributed
+from sept_megatron.trainer import model as mdl
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.convert.hf_config import load_hf_config
+from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.convert.hf_import import HFTensorReader, load_hf_into_model, validate_hf_checkpoint
 
 log = logging.getLogger(__name__)
@@ -29,13 +33,11 @@ def _params_dtype(name: str, hf_config) -> torch.dtype:
     return mdl.resolve_dtype(name)
 
 
-def _check_layout(arch: mdl.ModelArch, tp: int, pp: int) -> None:
-    from sept_megatron.config import Config, ParallelConfig, ConfigError, _validate_layout
+def _check_layout(arch: ModelArch, tp: int, pp: int) -> None:
+    from sept_megatron.config import ConfigError, ParallelConfig, layout_problems
 
-    errors: list[str] = []
-    cfg = Config(parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
-    cfg.train.mini_batch_size = cfg.train.prompts_per_round = cfg.train.micro_batch_size = 1
-    _validate_layout(cfg, distributed.world_size_from_env(), arch, errors.append)
+    errors = layout_problems(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
+                             distributed.world_size_from_env(), arch)
     if distributed.world_size_from_env() != tp * pp:
         errors.append(f"--tp x --pp = {tp * pp} but {distributed.world_size_from_env()} "
                       f"processes were launched; use torchrun --nproc-per-node={tp * pp}")
@@ -46,8 +48,8 @@ def _check_layout(arch: mdl.ModelArch, tp: int, pp: int) -> None:
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, dtype: str = "auto",
                            vocab_divisible_by: int = 128) -> str:
     """Every rank: build its stage, fill it from HF, write its shards; atomic on disk."""
-    hf_config = mdl.load_hf_config(hf_dir)
-    arch = mdl.arch_from_hf_config(hf_config)
+    hf_config = load_hf_config(hf_dir)
+    arch = arch_from_hf_config(hf_config)
     _check_layout(arch, tp, pp)
     params_dtype = _params_dtype(dtype, hf_config)
     reader = HFTensorReader(hf_dir)
@@ -196,9 +198,9 @@ def probe_tokens(hf_dir: str, vocab_size: int, seq_len: int) -> torch.Tensor:
     has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f))
                         for f in ("tokenizer.json", "tokenizer.model"))
     if has_tokenizer:
-        from transformers import AutoTokenizer
+        from sept_megatron.data import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        tok = load_tokenizer(hf_dir)
         ids = [tok(p)["input_ids"] for p in PROBE_PROMPTS]
         length = min(seq_len, min(len(i) for i in ids))
         return torch.tensor([i[:length] for i in ids])

@@ -12,12 +12,12 @@ What it builds, and why this way:
 3. a random-init transformers model (``LlamaForCausalLM`` or ``Qwen2ForCausalLM``, fp32), saved
    as an HF checkpoint and imported into Megatron exactly as a user's real checkpoint is
    (``load_hf_into_model``): the demo exercises the import path, not a side door;
-4. pretraining with :class:`~sept_megatron.train.SFTTrainer` in a world of one on gloo:
+4. pretraining with :class:`~sept_megatron.trainer.sft.SFTTrainer` in a world of one on gloo:
    prompt = the chat-template-rendered question (as the SePT loop renders it), response = the
    solution + ``<|im_end|>``, loss on the response only. The trainer's warmup-then-constant
    schedule is the paper's for SePT; for pretraining we swap in Megatron's own cosine decay,
    which reaches a lower loss in a few hundred steps;
-5. ``sync_weights`` pushes the weights into the HF model, the same transport every SePT round
+5. :func:`~sept_megatron.weight_sync.sync` pushes the weights into the HF model, the same transport every SePT round
    uses; the held-out NLL of the HF model must match Megatron's, which checks the export;
 6. ``save_pretrained`` + the tokenizer, ``recipe.json``, ``train_log.json`` and, last, a marker
    file; the staging directory is then renamed into place, so a reader never sees half a model.
@@ -167,7 +167,7 @@ def build_base_model(cache_dir: str, recipe: BaseModelRecipe = BaseModelRecipe()
 
 # --- the build ---------------------------------------------------------------------------
 def _build_into(out: Path, recipe: BaseModelRecipe, key: str, progress: bool) -> None:
-    from sept_megatron import compat
+    from sept_megatron.runtime import compat
     from sept_megatron.rollout.hf import HFRolloutEngine
 
     start = time.perf_counter()
@@ -223,7 +223,7 @@ def _build_into(out: Path, recipe: BaseModelRecipe, key: str, progress: bool) ->
 
 def _sample(example, tokenizer):
     from sept_megatron.data import Question, render_prompt
-    from sept_megatron.train import Sample
+    from sept_megatron.trainer.sft import Sample
 
     question = Question(prompt_messages=example.messages()[:1], question_text=example.question,
                         ground_truth=None, source=task_module.DATA_SOURCE, index=0)
@@ -262,7 +262,8 @@ def _world_of_one(seed: int) -> Iterator[None]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from sept_megatron import compat, distributed
+    from sept_megatron.runtime import compat
+    from sept_megatron.runtime import distributed
 
     device = distributed.resolve_device("auto")
     if device == "cpu":
@@ -289,10 +290,12 @@ def _world_of_one(seed: int) -> Iterator[None]:
 
 
 def _megatron_from_hf(hf_dir: str):
-    from sept_megatron import model as mdl
+    from sept_megatron.trainer import model as mdl
+    from sept_megatron.convert.hf_config import arch_from_hf_config
+    from sept_megatron.convert.hf_config import load_hf_config
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
 
-    arch = mdl.arch_from_hf_config(mdl.load_hf_config(hf_dir))
+    arch = arch_from_hf_config(load_hf_config(hf_dir))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, 1)
     model = mdl.build_megatron_model(arch, tensor_parallel=1, pipeline_parallel=1,
                                      params_dtype=torch.float32, transformer_impl="local",
@@ -309,7 +312,7 @@ def _trainer(model, recipe: BaseModelRecipe, pad_id: int):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from sept_megatron.config import TrainConfig
-    from sept_megatron.train import SFTTrainer
+    from sept_megatron.trainer.sft import SFTTrainer
 
     train_cfg = TrainConfig(lr=recipe.lr, warmup_steps=recipe.warmup_steps,
                             weight_decay=recipe.weight_decay, adam_beta2=recipe.adam_beta2,
@@ -373,15 +376,15 @@ def _pretrain(trainer, samples, recipe: BaseModelRecipe, progress: bool) -> tupl
 
 
 def _sync(model, engine) -> int:
-    from sept_megatron.reshard import sync_weights
+    from sept_megatron import weight_sync
 
-    return sync_weights(model, engine, 64 << 20)
+    return weight_sync.sync(model, engine, bucket_bytes=64 << 20)
 
 
 @torch.no_grad()
 def _hf_response_nll(hf_model, samples, pad_id: int) -> float:
     """Token-mean NLL of the responses (EOS included), the trainer's loss, under the HF model."""
-    from sept_megatron.train import make_micro_batch, padded_length
+    from sept_megatron.trainer.sft import make_micro_batch, padded_length
 
     batch = make_micro_batch(samples, padded_length(samples), pad_id)
     logits = hf_model(input_ids=batch.tokens).logits.float()
@@ -402,7 +405,7 @@ def quick_eval(hf_dir: str, problems: Sequence[task_module.Problem], temperature
     For checking the base is imperfect, not for reporting: the demo's numbers come from the
     evaluation sweep. Runs without the CPU-Megatron redirect (plain PyTorch generation).
     """
-    from sept_megatron import compat
+    from sept_megatron.runtime import compat
     from sept_megatron.data import Question, render_prompt
     from sept_megatron.eval.grading import is_correct
     from sept_megatron.eval.metrics import pass_at_k

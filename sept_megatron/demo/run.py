@@ -140,8 +140,8 @@ def prepare_data(out: Path, base_recipe: BaseModelRecipe, recipe: DemoRecipe) ->
 
 def train_sept(base_dir: str, data_dir: Path, run_dir: Path, recipe: DemoRecipe, seed: int,
                mode: str = "online", wandb_mode: str = "offline", progress: bool = True) -> str:
-    """One SePT run through :func:`sept_megatron.loop.run`; returns its exported HF dir."""
-    from sept_megatron.loop import run
+    """One SePT run through :func:`sept_megatron.loop.driver.run`; returns its exported HF dir."""
+    from sept_megatron.loop.driver import run
 
     cfg = sept_config(base_dir, str(data_dir / "train.jsonl"), str(run_dir), recipe, seed, mode,
                       wandb_mode, progress)
@@ -155,7 +155,7 @@ def sweep(hf_dir: str, questions, out_dir: str, temperatures, recipe: DemoRecipe
     from sept_megatron.eval.sweep import run_sweep
     from sept_megatron.rollout import build_engine
 
-    from sept_megatron import compat
+    from sept_megatron.runtime import compat
 
     with compat.suspended():  # plain PyTorch: no need for Megatron's CPU redirect
         engine = build_engine("hf", hf_dir, batch_size=512, progress=False)

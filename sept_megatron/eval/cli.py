@@ -177,7 +177,7 @@ def _looks_like_hub_id(model: str) -> bool:
 
 
 def _default_device() -> str:
-    from sept_megatron.distributed import resolve_device
+    from sept_megatron.runtime.distributed import resolve_device
 
     return resolve_device("auto")  # honours SEPT_DEVICE (tests keep the CPU path on GPU machines)
 
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _start_world(device: str) -> tuple[int, str]:
     """Under torchrun: the default process group, and ``cuda:<local rank>`` for ``cuda``."""
-    from sept_megatron import distributed
+    from sept_megatron.runtime import distributed
 
     env = distributed.launch_env()
     if env.world_size == 1:

@@ -1,13 +1,15 @@
 """The rollout-engine interface: what the SePT loop and the evaluator need from a generator.
 
-Backends (``hf`` now, ``sglang`` later) implement :class:`RolloutEngine`; the loop picks one
-by config in exactly one place (:func:`sept_megatron.rollout.build_engine`).
+Backends (``hf``, ``sglang``; :mod:`sept_megatron.rollout.registry`) implement
+:class:`RolloutEngine`, and each declares exactly one way of taking new weights: a capability
+protocol below, which the weight sync (:func:`sept_megatron.weight_sync.sync`) dispatches on.
+Nothing probes an engine with ``getattr`` or sets attributes on it from outside.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -82,6 +84,7 @@ class Generation:
 WeightBucket = Sequence[tuple[str, torch.Tensor]]
 
 
+@runtime_checkable
 class RolloutEngine(Protocol):
     """A generator the trainer can refresh with new weights every round.
 
@@ -91,8 +94,8 @@ class RolloutEngine(Protocol):
     group's first rank is its owner. Who calls what:
 
     - :meth:`generate`: the owner only, with its shard of the prompts;
-    - :meth:`update_weights`: every rank of every group, with the same full HF-named buckets
-      (for a multi-rank engine it is collective within the group);
+    - the weight capability (:class:`BucketWeightEngine`, :class:`IPCWeightEngine` or
+      :class:`ServerWeightEngine`): every rank of every group, through the weight sync;
     - :meth:`release_memory` / :meth:`resume_memory`: every rank that holds an engine.
     """
 
@@ -112,13 +115,100 @@ class RolloutEngine(Protocol):
         A seeded call draws copy ``j`` of prompt ``i`` with ``sequence_seeds(sampling, ...)``:
         which other prompts share the call must not change it."""
 
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
-        """Load full HF-named tensors, bucket by bucket, into the engine's model. The tensors
-        of a bucket are views into the sender's buffer, valid until the next bucket is
-        requested: copy what must outlive that."""
-
     def release_memory(self) -> None:
         """Free the engine's accelerator memory while the trainer runs."""
 
     def resume_memory(self) -> None:
-        """Take the memory back before the next generation."""
+        """Take the memory back before the next generation (after the weight sync)."""
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """What ``rollout.backend`` names (:mod:`sept_megatron.rollout.registry`): an engine class
+    that owns its configuration. All three are class methods."""
+
+    @classmethod
+    def check_config(cls, rollout: Any, *, arch: Any = None) -> list[str]:
+        """Every problem of the ``rollout`` section for this backend (given the model's
+        :class:`~sept_megatron.trainer.arch.ModelArch` when known), each naming the field and
+        the fix; empty when it is fine."""
+
+    @classmethod
+    def config_kwargs(cls, rollout: Any, *, tokenizer: Any, seed: int, device: str,
+                      dtype: torch.dtype, progress: bool, placement: Any = None) -> dict[str, Any]:
+        """:meth:`build`'s keyword arguments from the ``rollout`` section. ``placement``
+        (:class:`~sept_megatron.rollout.placement.Placement`, colocated engines): this rank's
+        engine group and its process group."""
+
+    @classmethod
+    def build(cls, model_path: str | None = None, **kwargs: Any) -> RolloutEngine:
+        """This rank's engine (every rank of an engine group builds one)."""
+
+
+# --- how an engine takes new weights: one capability per engine ----------------------------
+@runtime_checkable
+class BucketWeightEngine(Protocol):
+    """Takes full HF-named tensors bucket by bucket, in process (the hf engine;
+    :mod:`sept_megatron.weight_sync.gather` streams them)."""
+
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> int:
+        """Load full HF-named tensors, bucket by bucket, into the engine's model. The tensors
+        of a bucket are views into the sender's buffer, valid until the next bucket is
+        requested: copy what must outlive that. Returns the number of tensors loaded."""
+
+
+@runtime_checkable
+class SharedBufferEngine(BucketWeightEngine, Protocol):
+    """A :class:`BucketWeightEngine` whose parameters can be views of tensors the trainer owns
+    (host memory shared by a replica's ranks: :mod:`sept_megatron.weight_sync.direct`)."""
+
+    def can_bind_weights(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`bind_weights` can take tensors of ``dtype`` now."""
+
+    def bind_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Make the named parameters views of the given tensors; returns how many."""
+
+    def unbind_weights(self) -> None:
+        """Give every bound parameter private memory again, keeping its values."""
+
+
+@runtime_checkable
+class IPCWeightEngine(Protocol):
+    """An engine in other processes on the group's GPUs that loads packed buckets whose memory
+    it maps (SGLang colocated: :mod:`sept_megatron.weight_sync.sglang_ipc` packs, gathers the
+    payloads to the owner and drives these calls). Every rank of the group calls each method;
+    those that talk to the engine act on the owner and return None elsewhere."""
+
+    ranks: tuple[int, ...]
+    owner: int
+    process_group: Any
+    device: torch.device | None
+
+    @property
+    def is_owner(self) -> bool: ...
+
+    def begin_weight_update(self) -> Any:
+        """Open an update session (the engine's weights resumed first); the owner's reply."""
+
+    def load_payloads(self, payloads: list[bytes]) -> Any:
+        """Load one bucket, one payload per engine TP rank; the owner's reply."""
+
+    def end_weight_update(self) -> Any:
+        """Close the session; the owner's reply."""
+
+    def weights_loaded(self) -> None:
+        """After a successful session: flush caches, mark the weights valid."""
+
+
+@runtime_checkable
+class ServerWeightEngine(Protocol):
+    """SGLang servers of their own (disaggregated): weights arrive by a collective broadcast
+    from the trainer into the servers' ranks
+    (:mod:`sept_megatron.weight_sync.server_broadcast`) inside an update session."""
+
+    clients: list
+    weight_backend: str
+
+    def begin_update(self) -> None: ...
+
+    def end_update(self) -> None: ...

@@ -24,11 +24,12 @@ from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
     TopPLogitsWarper)
 
+from sept_megatron.data import load_tokenizer
 from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket, check_prompts,
                                           sequence_seeds)
 
@@ -73,7 +74,7 @@ class HFRolloutEngine:
             if not Path(model_path).is_dir():
                 raise ValueError(f"model_path must be a local HF model directory, got {model_path!r}")
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+            tokenizer = tokenizer or load_tokenizer(model_path)
         if tokenizer is None:
             raise ValueError("HFRolloutEngine(model=...) also needs tokenizer=...")
         if batch_size < 1:
@@ -85,10 +86,46 @@ class HFRolloutEngine:
         self.tokenizer = tokenizer
         self.shard_sequences = batch_size  # rollout shards are cut in whole batches
         self.model = model.to(device=self.device, dtype=dtype).eval()
-        self.loaded_tensor_count = 0  # tensors the last sync loaded (update_weights or direct)
+        self.loaded_tensor_count = 0  # tensors the last update_weights loaded
         self._bound: list[torch.nn.Parameter] = []  # parameters that are views (bind_weights)
         self._released = False
         self._set_generation_config()
+
+    # --- the RolloutBackend class methods (rollout.backend=hf) ------------------------------
+    @classmethod
+    def check_config(cls, rollout, *, arch=None) -> list[str]:
+        del arch  # any model transformers loads
+        problems = []
+        if rollout.engine_tp != 1:
+            problems.append(f"rollout.engine_tp={rollout.engine_tp}: the hf backend runs one engine "
+                            "per device; set rollout.engine_tp=1 or rollout.backend=sglang")
+        if rollout.placement != "colocated":
+            problems.append(f"rollout.placement={rollout.placement}: the hf backend runs inside "
+                            "the trainer's ranks; set rollout.placement=colocated (SGLang servers "
+                            "of their own: rollout.backend=sglang with rollout.server_urls)")
+        if rollout.weights == "fp8":
+            # transformers keeps FP8 weights only on a GPU (compute capability >= 8.9) and
+            # dequantises an FP8 checkpoint to bf16 at load on CPU, so the hf engine would only
+            # ever hold dequantised copies: refuse rather than pretend.
+            problems.append("rollout.weights=fp8 needs rollout.backend=sglang (an SGLang engine "
+                            "started from an FP8 config holds e4m3 weights); the hf engine keeps "
+                            "the training dtype: set rollout.weights=native or rollout.backend=sglang")
+        return problems
+
+    @classmethod
+    def config_kwargs(cls, rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
+                      placement=None) -> dict:
+        """The hf engine runs on ``device`` in ``dtype`` (the trainer's), in batches of
+        ``rollout.batch_size`` sequences."""
+        del tokenizer, seed  # it loads its own; sampling seeds come with each call
+        kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress)
+        if placement is not None:
+            kwargs |= dict(group=placement.mine, process_group=placement.process_group)
+        return kwargs
+
+    @classmethod
+    def build(cls, model_path: str | None = None, **kwargs) -> "HFRolloutEngine":
+        return cls(model_path, **kwargs)
 
     # --- generation --------------------------------------------------------------------
 
@@ -257,7 +294,7 @@ class HFRolloutEngine:
     def bind_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Make the named parameters views of the given tensors (same shape, dtype, device):
         whatever is written into those tensors afterwards is this engine's weights, with no
-        copy (:func:`~sept_megatron.sync_transport.direct_sync`). Values are not copied: the
+        copy (:mod:`~sept_megatron.weight_sync.direct`). Values are not copied: the
         caller fills the tensors. Tied names bind once. Returns the number of tensors bound."""
         pairs = list(named)
         for name, tensor in pairs:  # check everything before touching anything

@@ -32,6 +32,7 @@ an engine is started, and its version is checked against :data:`SGLANG_VERSION` 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from sept_megatron.data import load_tokenizer
 from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, check_prompts
 
 logger = logging.getLogger(__name__)
@@ -231,41 +233,6 @@ def _copy(generation: Generation) -> Generation:
                       finish_reason=generation.finish_reason)
 
 
-# --- weight payloads ------------------------------------------------------------------------
-def pack_bucket(bucket: WeightBucket, device: torch.device | None = None) -> tuple[bytes, Any]:
-    """One engine TP rank's payload for ``update_weights_from_tensor(load_format=
-    "flattened_bucket")``: SGLang's ``FlattenedTensorBucket`` serialised by its
-    ``MultiprocessingSerializer``. Returns ``(payload, flat buffer)``; the caller keeps the
-    buffer alive until SGLang has loaded it (CUDA IPC shares memory, it does not copy).
-
-    Tensors pass through in their own dtype (bf16 weights, or FP8 weights with their float32
-    ``weight_scale_inv``): the bucket is a byte buffer plus per-tensor dtype/shape metadata.
-    SGLang's receiver unpickles with an allow-list, so only its own classes may be sent.
-    """
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-
-    if not bucket:
-        raise ValueError("pack_bucket: empty bucket")
-    named = [(name, _on(tensor.detach(), device)) for name, tensor in bucket]
-    flat = FlattenedTensorBucket(named_tensors=named)
-    if flat.get_flattened_tensor().is_cuda:
-        # CUDA-IPC handles then carry the device UUID, not an index that differs between
-        # processes with different CUDA_VISIBLE_DEVICES. The patch is process-wide and
-        # CUDA-only (its reduce_tensor indexes CUDA-only arguments; a CPU tensor fails).
-        monkey_patch_torch_reductions()
-    payload = MultiprocessingSerializer.serialize(
-        {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()})
-    return payload, flat.get_flattened_tensor()
-
-
-def _on(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
-    if device is None or tensor.device == device:
-        return tensor.contiguous()
-    return tensor.to(device=device).contiguous()
-
-
 # --- the engine -----------------------------------------------------------------------------
 class SGLangRolloutEngine:
     """A :class:`~sept_megatron.rollout.base.RolloutEngine` over one colocated SGLang engine.
@@ -297,7 +264,7 @@ class SGLangRolloutEngine:
             raise ValueError(f"rank {self.rank} is not in its engine group {self.ranks}")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.progress = progress
-        self.tokenizer = tokenizer if tokenizer is not None or model_path is None else _load_tokenizer(model_path)
+        self.tokenizer = tokenizer if tokenizer is not None or model_path is None else load_tokenizer(model_path)
         self.stop_ids = stop_token_ids(self.tokenizer, model_path) if self.tokenizer is not None else []
         self._released: set[str] = set()
         self._weights_stale = weights == "fp8"  # dummy weights until the first sync
@@ -320,6 +287,54 @@ class SGLangRolloutEngine:
             self.engine = import_sglang().Engine(**kwargs)
             logger.info("SGLang engine started on GPUs %d..%d for ranks %s", gpu,
                         gpu + len(self.ranks) - 1, self.ranks)
+
+    # --- the RolloutBackend class methods (rollout.backend=sglang) --------------------------
+    @classmethod
+    def check_config(cls, rollout, *, arch=None) -> list[str]:
+        problems = []
+        if rollout.placement == "disaggregated" and not rollout.server_urls:
+            problems.append("rollout.placement=disaggregated needs the servers' addresses in "
+                            "rollout.server_urls (e.g. rollout.server_urls=[http://node7:30000])")
+        if rollout.weights == "fp8" and arch is not None and rollout.engine_tp >= 1:
+            from sept_megatron.convert.fp8 import sglang_block_problems
+
+            problems += [f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or "
+                         "rollout.weights=native"
+                         for problem in sglang_block_problems(arch, rollout.engine_tp)]
+        return problems
+
+    @classmethod
+    def config_kwargs(cls, rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
+                      placement=None) -> dict:
+        """SGLang places itself (its engine group's GPUs) and runs in bf16 unless
+        ``rollout.weights=fp8``; disaggregated, the servers in ``rollout.server_urls``."""
+        del dtype
+        if rollout.placement == "disaggregated":
+            # The weight broadcast to the servers runs over the trainer's device: NCCL on GPUs
+            # (gloo only where the trainer computes on the CPU, i.e. tests).
+            return dict(placement="disaggregated", server_urls=list(rollout.server_urls),
+                        tokenizer=tokenizer,
+                        weight_backend="nccl" if device.startswith("cuda") else "gloo")
+        kwargs = dict(tokenizer=tokenizer, engine_tp=rollout.engine_tp, seed=seed,
+                      mem_fraction_static=rollout.mem_fraction_static, weights=rollout.weights,
+                      progress=progress)
+        if placement is not None:
+            kwargs |= dict(ranks=placement.mine.ranks, process_group=placement.process_group)
+        return kwargs
+
+    @classmethod
+    def build(cls, model_path: str | None = None, **kwargs):
+        """SGLang is a GPU-only optional extra; say how to get it, or how to do without it.
+        ``placement="disaggregated"`` builds the HTTP client of the servers instead."""
+        if importlib.util.find_spec("sglang") is None:
+            raise ImportError(
+                "rollout.backend=sglang needs SGLang, which is not installed: "
+                "`pip install sept_megatron[gpu]` on a CUDA machine, or use rollout.backend=hf on CPU")
+        if kwargs.pop("placement", "colocated") == "disaggregated":
+            from sept_megatron.rollout.sglang_remote import SGLangRemoteEngine
+
+            return SGLangRemoteEngine(kwargs.pop("server_urls"), model_path=model_path, **kwargs)
+        return cls(model_path, **kwargs)
 
     @property
     def is_owner(self) -> bool:
@@ -346,65 +361,35 @@ class SGLangRolloutEngine:
                                        sampling_params=params)
         return group_generations(outputs, prompt_of, len(prompts), sampling, self.tokenizer)
 
-    # --- weights ---------------------------------------------------------------------------
-    def update_weights(self, buckets: Iterable[WeightBucket]) -> int:
-        """Load full HF-named buckets into SGLang; collective over the engine group.
-
-        Every rank of the group passes the same buckets (its own copy, on its own GPU). Returns
-        the number of buckets sent. Weights are resumed first if they were released.
-        """
+    # --- weights: the IPCWeightEngine capability (weight_sync.sglang_ipc drives it) ---------
+    def begin_weight_update(self):
+        """Resume the weights if released (their values are stale until loaded), then open an
+        update session on the owner; the owner's reply (None on other ranks)."""
         if MEMORY_WEIGHTS in self._released:
             self._owner_call("resume_memory_occupation", tags=[MEMORY_WEIGHTS])
             self._released.discard(MEMORY_WEIGHTS)
             self._weights_stale = True
-        self._owner_call("begin_weight_update")
-        count = 0
-        try:
-            for bucket in buckets:
-                payload, buffer = pack_bucket(bucket, self.device)
-                payloads = self._gather_payloads(payload)
-                result = self._owner_call("update_weights_from_tensor", named_tensors=payloads,
-                                          load_format="flattened_bucket", flush_cache=False)
-                self._agree(result, f"update_weights_from_tensor (bucket {count}, "
-                                    f"{len(bucket)} tensors, first {bucket[0][0]!r})")
-                del payload, payloads, buffer  # SGLang has copied the bucket into its weights
-                if self.device is not None:
-                    torch.cuda.ipc_collect()
-                count += 1
-        finally:
-            end = self._owner_call("end_weight_update")
-        self._agree(end, "end_weight_update")
+        return self._owner_call("begin_weight_update")
+
+    def load_payloads(self, payloads: list[bytes]):
+        """One bucket, payload ``i`` for engine TP rank ``i`` (owner only; None elsewhere)."""
+        return self._owner_call("update_weights_from_tensor", named_tensors=payloads,
+                                load_format="flattened_bucket", flush_cache=False)
+
+    def end_weight_update(self):
+        return self._owner_call("end_weight_update")
+
+    def weights_loaded(self) -> None:
+        """The session succeeded: flush the radix cache once, the weights are valid."""
         self._owner_call("flush_cache")
         self._weights_stale = False
         self.updates += 1
-        return count
 
     def _owner_call(self, method: str, **kwargs):
         """Call an ``sglang.Engine`` method on the owner; other ranks get None."""
         if not self.is_owner:
             return None
         return getattr(self.engine, method)(**kwargs)
-
-    def _gather_payloads(self, payload: bytes) -> list[bytes]:
-        """Every rank's payload at the owner, in group-rank order (= SGLang TP rank order)."""
-        if len(self.ranks) == 1:
-            return [payload]
-        gathered = [None] * len(self.ranks) if self.is_owner else None
-        dist.gather_object(payload, gathered, dst=self.owner, group=self.process_group)
-        return gathered if self.is_owner else []
-
-    def _agree(self, result, what: str) -> None:
-        """The owner's ``(success, message)`` reaches every rank; all raise on failure. Also
-        the point after which a rank may free its send buffer."""
-        status = [None]
-        if self.is_owner:
-            success, message = _success(result)
-            status = [(success, message)]
-        if len(self.ranks) > 1:
-            dist.broadcast_object_list(status, src=self.owner, group=self.process_group)
-        success, message = status[0]
-        if not success:
-            raise RuntimeError(f"SGLang {what} failed: {message}")
 
     # --- memory ----------------------------------------------------------------------------
     def release_memory(self) -> None:
@@ -429,23 +414,9 @@ class SGLangRolloutEngine:
             self.engine.shutdown()
 
 
-def _success(result) -> tuple[bool, str]:
-    """``sglang.Engine`` weight calls return ``(success, message)``."""
-    if isinstance(result, tuple) and len(result) == 2:
-        return bool(result[0]), str(result[1])
-    if isinstance(result, dict) and "success" in result:
-        return bool(result["success"]), str(result.get("message", ""))
-    raise RuntimeError(f"unexpected reply from SGLang: {result!r}")
-
-
 def _check_gpus(base_gpu_id: int, engine_tp: int) -> None:
     if torch.cuda.is_available() and base_gpu_id + engine_tp > torch.cuda.device_count():
         raise ValueError(f"rollout.engine_tp={engine_tp} from GPU {base_gpu_id} needs GPUs up to "
                          f"{base_gpu_id + engine_tp - 1}, but {torch.cuda.device_count()} are "
                          "visible; an engine must fit on one node")
 
-
-def _load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path, local_files_only=True)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from sept_megatron.config import Config, ConfigError, load_config, validate
-from sept_megatron.model import ModelArch
+from sept_megatron.trainer.arch import ModelArch
 
 
 def tiny_arch(**overrides) -> ModelArch:

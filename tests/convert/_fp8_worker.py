@@ -5,7 +5,7 @@
 For each model: ``tools/convert_hf_to_megatron.py --dtype DTYPE`` (TP=1) -> ``WORK/NAME-ckpt``;
 ``tools/convert_megatron_to_hf.py --fp8 blockwise`` with small shards -> ``WORK/NAME-fp8``
 (both through the tools' ``main(argv)``, as a user runs them); then the Megatron model loaded
-from that checkpoint pushes its weights through ``reshard.sync_weights(weights="fp8")`` into a
+from that checkpoint pushes its weights through ``weight_sync.sync(weights="fp8")`` into a
 recording engine. The streamed tensors go to ``WORK/NAME-sync.safetensors`` and their order and
 bucket count to ``WORK/NAME-sync.json``.
 """
@@ -31,15 +31,15 @@ class RecordingEngine:
 
 
 def sync_fp8(ckpt: Path) -> RecordingEngine:
-    from sept_megatron import distributed
+    from sept_megatron.runtime import distributed
     from sept_megatron.convert.workflows import load_megatron_checkpoint
-    from sept_megatron.reshard import sync_weights
+    from sept_megatron.weight_sync import sync
 
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1)
     try:
         model = load_megatron_checkpoint(str(ckpt), tp=1, pp=1)
         engine = RecordingEngine()
-        sent = sync_weights(model, engine, BUCKET_BYTES, weights="fp8")
+        sent = sync(model, engine, bucket_bytes=BUCKET_BYTES, weights="fp8")
         assert sent == len(engine.buckets)
     finally:
         distributed.shutdown(keep_process_group=True)
@@ -49,7 +49,7 @@ def sync_fp8(ckpt: Path) -> RecordingEngine:
 def main(work_dir: str, *specs: str) -> None:
     from safetensors.torch import save_file
 
-    from sept_megatron import distributed
+    from sept_megatron.runtime import distributed
 
     work = Path(work_dir)
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1)  # the launch's default group

@@ -72,7 +72,7 @@ def reload_logits(hf_dir: Path, ckpt: Path, tp: int, pp: int):
     import torch
     import torch.distributed as dist
 
-    from sept_megatron import distributed
+    from sept_megatron.runtime import distributed
     from sept_megatron.convert.workflows import (
         forward_logits, load_megatron_checkpoint, probe_tokens)
 
@@ -96,7 +96,7 @@ def main(models_root: str, work_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from sept_megatron import distributed
+    from sept_megatron.runtime import distributed
 
     root, work = Path(models_root), Path(work_dir)
     # The default group lives for the whole launch; each workflow creates Megatron's groups.

@@ -7,7 +7,8 @@ import torch
 
 from hf_checkpoints import MODELS
 from hf_tiny import make_tiny_model
-from sept_megatron import model as mdl
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.convert import (
     Kind, adapter_for, canonical_name, expected_hf_shapes, full_to_hf, hf_to_full, rule_index,
     tp_join, tp_shard)
@@ -21,8 +22,8 @@ class StubVocab:
 
 
 def gqa_arch(heads: int = 8, groups: int = 4, head_dim: int = 3, hidden: int = 5,
-             qkv_bias: bool = True) -> mdl.ModelArch:
-    return mdl.ModelArch(
+             qkv_bias: bool = True) -> ModelArch:
+    return ModelArch(
         model_type="qwen2", vocab_size=10, hidden_size=hidden, num_layers=2,
         num_attention_heads=heads, num_query_groups=groups, head_dim=head_dim,
         ffn_hidden_size=6, norm_eps=1e-6, rope_theta=1e4, rope_scaling_factor=None,
@@ -52,7 +53,7 @@ def labelled_qkv(arch):
 @pytest.mark.parametrize("name", MODELS)
 def test_adapter_names_are_exactly_the_hf_state_dict(name):
     hf = tiny_hf_model(name)
-    arch = mdl.arch_from_hf_config(hf.config)
+    arch = arch_from_hf_config(hf.config)
     names = adapter_for(arch).hf_names()
     assert len(names) == len(set(names)), "an HF tensor is produced twice"
     state = hf.state_dict()
@@ -64,7 +65,7 @@ def test_adapter_names_are_exactly_the_hf_state_dict(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_megatron_parameter_has_one_rule(name):
-    arch = mdl.arch_from_hf_config(tiny_hf_model(name).config)
+    arch = arch_from_hf_config(tiny_hf_model(name).config)
     index = rule_index(adapter_for(arch))
     adapter = adapter_for(arch)
     assert len(index) == len(adapter.pre_rules()) + len(adapter.post_rules()) \

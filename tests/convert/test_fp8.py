@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hf_tiny import tiny_config
-from sept_megatron import model as mdl
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.convert.adapters import ADAPTERS, adapter_for
 from sept_megatron.convert.fp8 import (
     BLOCK, E4M3_MAX, FP8_DTYPE, check_export_recipe, dequantize_blockwise, hf_quantization_config,
@@ -167,7 +168,7 @@ def test_unknown_export_recipe_names_the_choices(recipe):
 
 
 def test_unknown_rollout_weights_is_an_error():
-    arch = mdl.arch_from_hf_config(tiny_config("llama", StubVocab()))
+    arch = arch_from_hf_config(tiny_config("llama", StubVocab()))
     with pytest.raises(ValueError, match="rollout.weights='int8'"):
         rollout_bucket_transform("int8", arch)
 
@@ -177,7 +178,7 @@ def test_unknown_rollout_weights_is_an_error():
     ("llama", {}), ("mistral", {}), ("qwen2", {"tie_word_embeddings": True}), ("qwen2", {}),
     ("qwen3", {"head_dim": 32})])
 def test_adapters_declare_exactly_the_attention_and_mlp_linear_weights(family, overrides):
-    arch = mdl.arch_from_hf_config(tiny_config(family, StubVocab(), **overrides))
+    arch = arch_from_hf_config(tiny_config(family, StubVocab(), **overrides))
     adapter = adapter_for(arch)
     declared = adapter.fp8_hf_names()
     linear = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
@@ -196,7 +197,7 @@ def test_every_family_has_an_adapter_under_test():
 
 
 def test_bucket_transform_quantises_declared_weights_and_passes_the_rest_through():
-    arch = mdl.arch_from_hf_config(tiny_config("qwen2", StubVocab()))
+    arch = arch_from_hf_config(tiny_config("qwen2", StubVocab()))
     gen = torch.Generator().manual_seed(5)
     bucket = [("model.layers.0.self_attn.q_proj.weight", torch.randn(64, 64, generator=gen)),
               ("model.layers.0.self_attn.q_proj.bias", torch.randn(64, generator=gen)),
@@ -229,7 +230,7 @@ def arch_like(**fields):
                 norm_eps=1e-6, rope_theta=1e6, rope_scaling_factor=None,
                 max_position_embeddings=4096, tie_word_embeddings=True, qkv_bias=True,
                 qk_layernorm=False)
-    return mdl.ModelArch(**(base | fields))
+    return ModelArch(**(base | fields))
 
 
 def test_sglang_block_problems_of_a_qwen2_5_1_5b_shape():

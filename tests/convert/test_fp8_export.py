@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from hf_checkpoints import MODELS, save_hf_model
 from mp import REPO_ROOT, run_python
-from sept_megatron import model as mdl
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.convert.hf_config import load_hf_config
 from sept_megatron.convert import export_megatron_to_hf
 from sept_megatron.convert.adapters import adapter_for
 from sept_megatron.convert.fp8 import (
@@ -56,7 +57,7 @@ def read_dir(hf_dir) -> dict[str, torch.Tensor]:
 def original(hf_models, name):
     hf, dtype = CASES[name]
     return {k: v.to(getattr(torch, dtype)) for k, v in read_dir(hf_models / hf).items()}, \
-        mdl.arch_from_hf_config(mdl.load_hf_config(str(hf_models / hf)))
+        arch_from_hf_config(load_hf_config(str(hf_models / hf)))
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def test_shards_index_and_config(name, hf_models, exported):
 
 @pytest.mark.parametrize("name", CASES)
 def test_sync_streams_the_exported_bytes(name, exported):
-    """rollout.weights=fp8 through reshard.sync_weights == the exported safetensors, bitwise."""
+    """rollout.weights=fp8 through weight_sync.sync == the exported safetensors, bitwise."""
     exported_tensors = read_dir(exported / f"{name}-fp8")
     streamed = load_file(exported / f"{name}-sync.safetensors")
     summary = json.loads((exported / f"{name}-sync.json").read_text())

@@ -123,7 +123,7 @@ def test_bad_recipe_names_the_field(field, value, tmp_path):
 
 
 def test_batches_walk_epochs_and_length_grouping_cuts_padding():
-    from sept_megatron.train import Sample, padded_length
+    from sept_megatron.trainer.sft import Sample, padded_length
 
     rng = torch.Generator().manual_seed(0)
     samples = [Sample([1] * int(n), [2, 3]) for n in torch.randint(10, 70, (96,), generator=rng)]

@@ -4,15 +4,16 @@
     python tests/loop/_engine_calls.py OUT_JSON key=value ...
 
 Records, in order, every call of the hf engine's generate / release_memory / resume_memory /
-update_weights / bind_weights and of the loop's weight sync (``sync``), and the attention module and recompute setting of the Megatron model the loop
-built; the loop itself runs unchanged through the CLI entry point.
+update_weights / bind_weights and of the loop's weight sync (``sync``), and the attention
+module and recompute setting of the Megatron model the loop built; the loop itself runs unchanged through the CLI entry point.
 """
 
 import json
 import sys
 
-from sept_megatron import cli, loop
-from sept_megatron import model as mdl
+from sept_megatron import cli
+from sept_megatron.loop.fleet import EngineFleet
+from sept_megatron.trainer import model as mdl
 from sept_megatron.rollout.hf import HFRolloutEngine
 
 ENGINE_METHODS = ("generate", "release_memory", "resume_memory", "update_weights", "bind_weights")
@@ -30,13 +31,14 @@ def record_engine_calls(calls: list[str]) -> None:
 
 
 def record_syncs(calls: list[str]) -> None:
-    original = loop.sync_rollout_weights
+    original = EngineFleet.sync
 
-    def recorded(*args, **kwargs):
-        calls.append("sync")
-        return original(*args, **kwargs)
+    def recorded(self, model, *, refresh: bool = True):
+        if refresh:
+            calls.append("sync")
+        return original(self, model, refresh=refresh)
 
-    loop.sync_rollout_weights = recorded
+    EngineFleet.sync = recorded
 
 
 def record_model(built: dict) -> None:

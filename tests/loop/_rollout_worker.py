@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from sept_megatron import distributed, loop
+from sept_megatron.runtime import distributed
+from sept_megatron.loop import startup
+from sept_megatron.loop.round import answer_once, generate_round
+from sept_megatron.loop.validation import validate_round
 from sept_megatron.config import load_config
 from sept_megatron.data import QuestionSampler
 from sept_megatron.logging import NullRunLogger
@@ -31,25 +34,24 @@ def main(inputs: str, out: str, tp: str, pp: str) -> None:
         "train.mini_batch_size=8", "rollout.n=2", "rollout.batch_size=4",
         "data.max_response_length=12", f"parallel.tensor_parallel={tp}",
         f"parallel.pipeline_parallel={pp}", "logging.progress=false", "train.rounds=2"])
-    arch, questions = loop.check_config(cfg)
+    arch, questions = startup.check_run(cfg, distributed.world_size_from_env())
     env = distributed.initialize(tensor_parallel=int(tp), pipeline_parallel=int(pp),
                                  seed=cfg.train.seed, device="cpu")
-    tokenizer = loop._load_tokenizer(cfg.model.hf_path)
-    bank, prompt_ids = loop.load_bank(cfg, questions, tokenizer, NullRunLogger())
-    engines = loop.build_engines(cfg, env.rank)
+    tokenizer = startup.tokenizer_of(cfg)
+    bank, prompt_ids = startup.load_bank(cfg, questions, tokenizer, NullRunLogger())
+    fleet = startup.build_fleet(cfg, env.rank)
     sampler = QuestionSampler(bank, seed=cfg.data.shuffle_seed)
-    record: dict = {"engines": engines.num_engines, "rounds": []}
+    record: dict = {"engines": fleet.engines.num_engines, "rounds": []}
     for round_index, tau in enumerate((0.6, 1.0)):
-        batch = loop.generate_round(cfg, engines, sampler.next_batch(8), prompt_ids, tau,
-                                    round_index)
+        batch = generate_round(cfg, fleet, sampler.next_batch(8), prompt_ids, tau, round_index)
         record["rounds"].append({
             "questions": [q.index for q in batch.questions],
             "samples": [[s.prompt_ids, s.response_ids] for s in batch.samples],
             "finish": [row["finish_reason"] for row in batch.rows]})
-    offline = loop._offline_answers(cfg, engines, bank[:11], prompt_ids)
+    offline = answer_once(cfg, fleet, bank[:11], prompt_ids, cfg.rollout.tau_start)
     record["offline"] = {str(index): [list(g.token_ids) for g in gens]
                          for index, gens in offline.items()}
-    record["validation"] = loop._maybe_validate(cfg, engines, tokenizer, round_index=0)
+    record["validation"] = validate_round(cfg, fleet, tokenizer, round_index=0)
     rank = dist.get_rank()
     Path(f"{out}.rank{rank}").write_text(json.dumps(record))
     distributed.shutdown()

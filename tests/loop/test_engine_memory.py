@@ -30,7 +30,7 @@ def recorded(tiny_run_inputs, tmp_path_factory):
 
 def test_engine_memory_is_released_for_training_and_resumed_after_the_sync(recorded):
     assert recorded["rc"] == 0
-    # On CPU the sync writes straight into the engine's weights (sync_transport.direct_sync):
+    # On CPU the sync writes straight into the engine's weights (weight_sync.direct):
     # the engine binds them to the trainer's shared buffer once, then sees no call at all.
     assert recorded["calls"] == [
         "generate", "release_memory", "sync", "bind_weights", "resume_memory",

@@ -3,8 +3,9 @@
 import pytest
 
 from sept_megatron.config import Config, RolloutConfig, TrainConfig
-from sept_megatron.loop import mini_batches, sampling_temperature, total_rounds
-from sept_megatron.train import Sample
+from sept_megatron.loop.round import mini_batches
+from sept_megatron.loop.schedule import sampling_temperature, total_rounds
+from sept_megatron.trainer.sft import Sample
 
 
 def test_linear_anneal_matches_the_paper_reference():
@@ -26,9 +27,9 @@ def test_cosine_and_constant_schedules():
 
 def test_total_rounds_from_epochs_or_explicit():
     cfg = Config(train=TrainConfig(epochs=3, prompts_per_round=128))
-    assert total_rounds(cfg, 7500) == 176  # ceil(3 * 7500 / 128)
+    assert total_rounds(cfg.train, 7500) == 176  # ceil(3 * 7500 / 128)
     cfg.train.rounds = 5
-    assert total_rounds(cfg, 7500) == 5
+    assert total_rounds(cfg.train, 7500) == 5
 
 
 def test_mini_batches_are_full_and_ordered():

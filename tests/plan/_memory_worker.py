@@ -28,13 +28,15 @@ import random
 def measure(args) -> dict:
     import torch
 
-    from sept_megatron import distributed
-    from sept_megatron import model as mdl
+    from sept_megatron.runtime import distributed
+    from sept_megatron.trainer import model as mdl
+    from sept_megatron.convert.hf_config import arch_from_hf_config
+    from sept_megatron.convert.hf_config import load_hf_config
     from sept_megatron.config import TrainConfig
-    from sept_megatron.train import Sample, SFTTrainer
+    from sept_megatron.trainer.sft import Sample, SFTTrainer
 
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1, device=args.device)
-    arch = mdl.arch_from_hf_config(mdl.load_hf_config(args.hf_dir))
+    arch = arch_from_hf_config(load_hf_config(args.hf_dir))
     on_gpu = args.device == "cuda"
     profiler = _start(on_gpu)
     model = mdl.build_megatron_model(

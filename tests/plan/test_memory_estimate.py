@@ -4,7 +4,7 @@ The worker (``_memory_worker.py``) builds the model from a transformers config, 
 optimizer steps of ``SFTTrainer`` (Megatron DDP, the optimizer, our loss) on sequences of
 exactly prompt + response tokens and reports the peak of live tensor bytes: on CPU from the
 allocator's own allocation/free events (torch.profiler, profile_memory=True), on CUDA from
-``torch.cuda.max_memory_allocated``. The estimate is computed by ``sept_megatron.plan`` for
+``torch.cuda.max_memory_allocated``. The estimate is computed by ``sept_megatron.plan.planner`` for
 the same config, with the kernels the run really uses (the local spec's attention is
 inspected, not assumed).
 """
@@ -17,9 +17,9 @@ import pytest
 import transformers
 
 from mp import run_python
-from sept_megatron import plan
+from sept_megatron.plan import planner as plan
 from sept_megatron.config import load_config
-from sept_megatron.model import arch_from_hf_config, load_hf_config
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 
 # Shapes where weights + optimizer state and activations are both a good part of the total
 # (fixed overheads of a few MB do not dominate) and a step takes a second or two on one core.
@@ -95,7 +95,7 @@ def test_estimate_matches_the_measured_gpu_peak_at_1_3b(tmp_path, gpu_env):
     # The 1.31B shape of the GPU-path notes (Qwen2, hidden 1536, 28 layers, 12 / 2 heads, FFN
     # 8960, tied, 1024-piece tokenizer), bf16, micro-batch 4 x 1024 tokens; Transformer Engine
     # when installed, else the local spec.
-    from sept_megatron.model import use_transformer_engine
+    from sept_megatron.trainer.model import use_transformer_engine
 
     hf_config = transformers.Qwen2Config(
         hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,

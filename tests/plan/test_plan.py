@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from published import PUBLISHED, PUBLISHED_PARAMS, write_config
-from sept_megatron import memory, plan
+from sept_megatron.plan import memory
+from sept_megatron.plan import planner as plan
 from sept_megatron.cli import main as cli_main
 from sept_megatron.config import ConfigError, load_config
-from sept_megatron.model import arch_from_hf_config, load_hf_config
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 H100 = 80.0

@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sglang_recorder import RecordingEngine  # noqa: E402
 
+from sept_megatron.weight_sync.sglang_ipc import load_buckets  # noqa: E402
 from sept_megatron.rollout.sglang_engine import SGLangRolloutEngine  # noqa: E402
 
 torch.multiprocessing.set_sharing_strategy("file_system")
@@ -26,7 +27,7 @@ engine = SGLangRolloutEngine(None, ranks=(0, 1), process_group=group, engine=rec
 buckets = [[("model.norm.weight", torch.full((3,), float(rank)))],
            [("lm_head.weight", torch.arange(4.0).reshape(2, 2) + 10 * rank)]]
 engine.release_memory()
-assert engine.update_weights(iter(buckets)) == 2
+assert load_buckets(engine, iter(buckets)) == 2
 engine.resume_memory()
 if rank == 0:
     for tp_rank in (0, 1):

@@ -21,11 +21,12 @@ from sglang_recorder import RecordingEngine, as_bytes, receive, receive_in_proce
 from sglang_source import require_sglang, sglang_definitions
 
 from sept_megatron.config import RolloutConfig
-from sept_megatron.model import arch_from_hf_config
-from sept_megatron.reshard import plan_buckets, sync_plan
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
 from sept_megatron.rollout import SamplingParams, build_engine
+from sept_megatron.weight_sync.sglang_ipc import load_buckets, pack_bucket
 from sept_megatron.rollout.sglang_engine import (
-    SGLANG_VERSION, SGLangRolloutEngine, check_sglang_version, engine_kwargs, pack_bucket,
+    SGLANG_VERSION, SGLangRolloutEngine, check_sglang_version, engine_kwargs,
     prepare_fp8_model_dir, request_sampling_params, stop_token_ids, to_generation)
 
 
@@ -246,7 +247,7 @@ def test_round_memory_and_update_order(tiny, finish):
     with pytest.raises(RuntimeError, match="released"):
         engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))
     buckets = hf_buckets(model, 0.02)
-    assert engine.update_weights(iter(buckets)) == len(buckets) > 2
+    assert load_buckets(engine, iter(buckets)) == len(buckets) > 2
     engine.resume_memory()
     engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))
 
@@ -282,7 +283,7 @@ def test_a_failed_load_raises_and_closes_the_session(tiny):
     recorder = Refusing()
     engine = SGLangRolloutEngine(str(tiny[0]), engine=recorder)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        engine.update_weights(hf_buckets(tiny[2], 64))
+        load_buckets(engine, hf_buckets(tiny[2], 64))
     assert recorder.names[-1] == "end_weight_update" and not recorder.session_open
 
 

@@ -16,8 +16,8 @@ import torch
 from hf_tiny import make_tiny_model, make_tokenizer
 from sglang_source import require_sglang
 
-from sept_megatron.model import arch_from_hf_config
-from sept_megatron.reshard import plan_buckets, sync_plan
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
 from sept_megatron.rollout import SamplingParams
 from sept_megatron.rollout.hf import HFRolloutEngine
 
@@ -62,6 +62,7 @@ def sft_step(model, optimizer, prompts, generations) -> float:
 
 def test_sept_rounds_with_sglang_match_hf_greedy(sglang_gpu, tmp_path):
     from sept_megatron.rollout.sglang_engine import SGLangRolloutEngine
+    from sept_megatron.weight_sync.sglang_ipc import load_buckets
 
     tokenizer = make_tokenizer(tmp_path / "tok")
     # head_dim 64: SGLang's attention kernels do not take the 16 of the CPU tests' tiny models.
@@ -86,7 +87,7 @@ def test_sept_rounds_with_sglang_match_hf_greedy(sglang_gpu, tmp_path):
                                                               seed=round_index))
             sglang.release_memory()
             sft_step(trainer, optimizer, prompts, answers)
-            assert sglang.update_weights(buckets_of(trainer)) > 1
+            assert load_buckets(sglang, buckets_of(trainer)) > 1
             sglang.resume_memory()
             hf.update_weights(buckets_of(trainer), strict=True)
             ours, reference = sglang.generate(prompts, greedy), hf.generate(prompts, greedy)

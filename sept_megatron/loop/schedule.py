@@ -1,0 +1,76 @@
+"""The schedule of a run: how many rounds, tau_s each round, and what the mode changes.
+
+Modes (``train.mode``), all decided here so the loop has no mode branches of its own:
+
+- ``online`` (SePT): every round the current model answers at tau_s, and the engine is
+  refreshed with the updated weights (paper: tau_s 0.6 -> 1.0 over the first 2 of 3 epochs);
+- ``offline``: the base model answers the whole bank once, at tau_start; rounds only train, and
+  the engine keeps the base weights (no refresh, so it is never released: an engine that frees
+  its weights without a CPU copy, SGLang's, would have nothing left to evaluate with);
+- ``coupled``: tau_s = tau_t every round, the paper's zero-expected-gradient control.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sept_megatron.config import RolloutConfig, TrainConfig
+
+MODES = ("online", "offline", "coupled")
+
+
+def sampling_temperature(rollout: RolloutConfig, progress: float) -> float:
+    """tau_s at a fraction ``progress`` of training: from tau_start to tau_end over the first
+    ``anneal_fraction`` of rounds, tau_end afterwards (paper: 0.6 -> 1.0 over 2 of 3 epochs)."""
+    if rollout.anneal == "constant":
+        return rollout.tau_start
+    x = min(1.0, max(0.0, progress / rollout.anneal_fraction))
+    if rollout.anneal == "cosine":
+        x = (1 - math.cos(math.pi * x)) / 2
+    return rollout.tau_start + (rollout.tau_end - rollout.tau_start) * x
+
+
+def total_rounds(train: TrainConfig, bank_size: int) -> int:
+    """``train.rounds``, or enough rounds for ``train.epochs`` passes over the bank."""
+    if train.rounds is not None:
+        return train.rounds
+    return max(1, math.ceil(train.epochs * bank_size / train.prompts_per_round))
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of one round: rounds never share sampling streams."""
+    return seed * 100_003 + round_index
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The mode and the per-round quantities of one run."""
+
+    train: TrainConfig
+    rollout: RolloutConfig
+    rounds: int
+
+    @property
+    def answers_once(self) -> bool:
+        """Offline: the bank is answered once by the base model, before the first round."""
+        return self.train.mode == "offline"
+
+    @property
+    def refreshes_engine(self) -> bool:
+        """Whether the engine takes the trainer's weights after every round (online refresh)."""
+        return self.train.mode != "offline"
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.train.prompts_per_round * self.rollout.n // self.train.mini_batch_size
+
+    def tau_sample(self, round_index: int) -> float:
+        """tau_s of round ``round_index`` (coupled: tau_t)."""
+        if self.train.mode == "coupled":
+            return self.train.tau_train
+        return sampling_temperature(self.rollout, round_index / self.rounds)
+
+    def offline_temperature(self) -> float:
+        """The temperature the base model answers the bank at, in offline mode."""
+        return self.rollout.tau_start

@@ -1,0 +1,189 @@
+"""Everything a run does before its first round: check the run (config, model shapes, memory
+plan, data files, checkpoints) before any process group exists, render the question bank,
+build the engines, then the model.
+
+The engines are built before Megatron allocates anything: an engine that sizes its memory
+from what is free when it starts (SGLang's KV pool) must not see the trainer's allocations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sept_megatron.config import Config, ConfigError, validate
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+from sept_megatron.data import (Question, filter_by_prompt_length, load_questions,
+                                load_tokenizer, render_prompts)
+from sept_megatron.loop.fleet import EngineFleet
+from sept_megatron.plan import planner
+from sept_megatron.rollout import backend_kwargs, build_engine
+from sept_megatron.rollout.orchestration import DataParallelEngines
+from sept_megatron.rollout.placement import build_placement, server_placement
+from sept_megatron.runtime import compat, distributed
+from sept_megatron.trainer import checkpoint as ckpt_io
+from sept_megatron.trainer import model as mdl
+from sept_megatron.trainer.arch import ModelArch
+
+
+def check_run(cfg: Config, world: int) -> tuple[ModelArch | None, list[Question]]:
+    """Every problem that can be found before a process group exists, reported at once (one
+    :class:`ConfigError`, a line each): the config tree, the model's shapes against the layout,
+    the memory plan, every data file, and any checkpoint to start from. ``sept-megatron config``
+    runs exactly this too."""
+    problems: list[str] = []
+    arch = None
+    if cfg.model.hf_path:
+        try:
+            arch = arch_from_hf_config(load_hf_config(cfg.model.hf_path))
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.hf_path={cfg.model.hf_path!r}: {exc}")
+    try:
+        validate(cfg, world, arch)
+    except ConfigError as exc:
+        problems += _lines(exc)
+    if arch is not None and not problems:
+        try:
+            planner.check_fits(cfg, arch, world)  # the planner's memory check; no weights loaded
+        except ConfigError as exc:
+            problems.append(str(exc))
+    questions = _check_data(cfg, problems)
+    _check_checkpoints(cfg, arch, problems)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return arch, questions
+
+
+def _lines(error: ConfigError) -> list[str]:
+    text = str(error).removeprefix("invalid config:\n")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _check_data(cfg: Config, problems: list[str]) -> list[Question]:
+    if not cfg.data.train_files:
+        problems.append("data.train_files is empty: give one or more parquet/JSONL files")
+    questions: list[Question] = []
+    for field_name, paths in (("data.train_files", cfg.data.train_files),
+                              ("eval.benchmarks", cfg.eval.benchmarks)):
+        for path in paths:
+            if not os.path.exists(path):
+                problems.append(f"{field_name}: {path!r} does not exist")
+                continue
+            try:
+                loaded = load_questions(path)
+            except ValueError as exc:
+                problems.append(f"{field_name}: {exc}")
+                continue
+            if field_name == "data.train_files":
+                questions += loaded
+    return questions
+
+
+def _check_checkpoints(cfg: Config, arch, problems: list[str]) -> None:
+    resume_root = os.path.join(cfg.logging.run_dir, "checkpoints")
+    starts = [("model.megatron_ckpt", cfg.model.megatron_ckpt)]
+    if cfg.checkpoint.resume and ckpt_io.latest_checkpoint(resume_root):
+        starts.append(("logging.run_dir (resuming)", resume_root))
+    for field_name, path in starts:
+        if not path:
+            continue
+        try:
+            ckpt_io.check_compatible(ckpt_io.read_meta(path), arch, cfg.parallel.tensor_parallel)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{field_name}={path!r}: {exc}")
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_bank(cfg: Config, questions: list[Question], tokenizer,
+              logger) -> tuple[list[Question], dict[int, list[int]]]:
+    """All training questions, rendered once; over-long prompts dropped (and counted)."""
+    # Re-index so every question has a unique position in the bank.
+    questions = [Question(q.prompt_messages, q.question_text, q.ground_truth, q.source, i)
+                 for i, q in enumerate(questions)]
+    tokens = render_prompts(questions, tokenizer, cfg.data.chat_template)
+    kept, kept_tokens, dropped = filter_by_prompt_length(questions, tokens, cfg.data.max_prompt_length)
+    if not kept:
+        raise ConfigError(f"no question fits data.max_prompt_length={cfg.data.max_prompt_length} "
+                          f"({dropped} dropped); raise it or check the chat template")
+    logger.info("question bank: %d questions (%d dropped as longer than %d tokens)", len(kept),
+                dropped, cfg.data.max_prompt_length)
+    return kept, {q.index: t for q, t in zip(kept, kept_tokens)}
+
+
+def build_model(cfg: Config, arch: ModelArch, resume_from: str | None) -> mdl.MegatronModel:
+    """This rank's stages, with weights from HF (fresh start) or a Megatron checkpoint."""
+    from megatron.core import parallel_state as ps
+
+    from sept_megatron.convert import HFTensorReader, load_hf_into_model, validate_hf_checkpoint
+
+    tp = cfg.parallel.tensor_parallel
+    source = resume_from or cfg.model.megatron_ckpt
+    if source:
+        meta = ckpt_io.read_meta(source)
+        ckpt_io.check_compatible(meta, arch, tp)
+        padded = meta.padded_vocab
+    else:
+        padded = mdl.padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    model = mdl.build_megatron_model(
+        arch, tensor_parallel=tp, pipeline_parallel=cfg.parallel.pipeline_parallel,
+        virtual_pipeline=cfg.parallel.virtual_pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
+        params_dtype=mdl.resolve_dtype(cfg.model.params_dtype),
+        transformer_impl=cfg.model.transformer_impl, fp8=cfg.model.fp8,
+        fp8_format=cfg.model.fp8_format, padded_vocab=padded, attention=cfg.model.attention,
+        recompute=cfg.train.recompute)
+    if resume_from:
+        return model  # weights come with the optimizer state (RoundCheckpointer.resume)
+    if cfg.model.megatron_ckpt:
+        ckpt_io.load_model_weights(model.chunks, source)
+        return model
+    reader = HFTensorReader(cfg.model.hf_path)
+    validate_hf_checkpoint(reader, arch)
+    load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
+                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    reader.close()
+    return model
+
+
+def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool = True
+                ) -> EngineFleet:
+    """Every rank's engine (collective: the engine groups' process groups are created here).
+
+    Colocated: one engine per engine group of ``rollout.engine_tp`` ranks; every rank of a
+    group holds the engine object (all take part in weight updates), its first rank
+    generates. Disaggregated: the SGLang servers are one engine to the orchestration, driven
+    by rank 0; rank 0 and each pipeline stage's leader hold a client (the leaders broadcast
+    their stage's weights to the servers, :mod:`sept_megatron.weight_sync.server_broadcast`).
+    """
+    # Colocated with this rank's trainer: the same device unless rollout.device says otherwise;
+    # the trainer's dtype there (bf16 on GPU, fp32 on CPU).
+    device = cfg.rollout.device if cfg.rollout.device != "auto" else str(distributed.compute_device())
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if cfg.rollout.placement == "disaggregated":
+        engine = None
+        if rank == 0 or _leads_its_stage():
+            engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
+                cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device,
+                dtype=dtype, progress=False))
+        engines = DataParallelEngines(server_placement(), engine)
+    else:
+        placement = build_placement(cfg.rollout.engine_tp)
+        with compat.suspended():
+            engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
+                cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
+                progress=cfg.logging.progress and rank == 0, placement=placement))
+        engines = DataParallelEngines(placement, engine)
+    return EngineFleet(engines, cfg.rollout, releases_memory=releases_memory)
+
+
+def _leads_its_stage() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+
+
+def tokenizer_of(cfg: Config):
+    return load_tokenizer(cfg.model.hf_path)

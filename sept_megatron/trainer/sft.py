@@ -1,0 +1,258 @@
+"""The SFT step of SePT, through Megatron-Core's own schedule, DDP and optimizer.
+
+Loss (the paper's, and plain SFT): token-mean negative log-likelihood of the response tokens,
+prompt masked, the first EOS included, logits divided by the training temperature tau_t. The
+mean is over every response token of the mini-batch across micro-batches and data-parallel
+ranks: the loss function returns (sum, token count) and Megatron's ``calculate_per_token_loss``
+path divides the gradients by the global token count in ``finalize_model_grads``.
+
+One mini-batch = one optimizer step (AdamW via ``get_megatron_optimizer``, warmup then constant
+LR, gradient clipping), exactly as verl/slime run SFT on rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+
+from sept_megatron.trainer import model as mdl
+from sept_megatron.config import TrainConfig
+from sept_megatron.runtime.distributed import compute_device
+from sept_megatron.trainer.fp8 import token_multiple
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One (prompt, self-generated response) pair; response ends with EOS unless truncated."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [b, s] prompt + response, right-padded
+    labels: torch.Tensor  # [b, s] next token
+    loss_mask: torch.Tensor  # [b, s] 1 where the label is a response token
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def make_micro_batch(samples: Sequence[Sample], seq_len: int, pad_id: int) -> MicroBatch:
+    """Right-pad to ``seq_len``: with a causal mask, padding after a sequence changes nothing."""
+    tokens = torch.full((len(samples), seq_len + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), seq_len + 1), dtype=torch.float)
+    for row, s in enumerate(samples):
+        ids = s.prompt_ids + s.response_ids
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        # Position t predicts token t+1: response token j sits at len(prompt) + j.
+        mask[row, len(s.prompt_ids): len(ids)] = 1.0
+    positions = torch.arange(seq_len).unsqueeze(0).expand(len(samples), -1)
+    return MicroBatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
+                      mask[:, 1:].contiguous(), positions, mdl.causal_mask(seq_len))
+
+
+def padded_length(samples: Sequence[Sample], multiple: int = 8) -> int:
+    """One length for the whole mini-batch: pipeline p2p needs a fixed activation shape."""
+    longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples) - 1
+    return max(multiple, math.ceil(longest / multiple) * multiple)
+
+
+def _to_device(mb: MicroBatch, device) -> MicroBatch:
+    return MicroBatch(*(t.to(device) for t in (mb.tokens, mb.labels, mb.loss_mask, mb.positions,
+                                               mb.attention_mask)))
+
+
+def masked_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Rows added to pad the vocab for TP are not tokens: take them out of the softmax."""
+    from megatron.core import parallel_state as ps
+
+    width = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * width
+    if start + width <= vocab_size:
+        return logits
+    keep = torch.arange(start, start + width, device=logits.device) < vocab_size
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+              tau_train: float) -> torch.Tensor:
+    """Per-token NLL of vocab-parallel logits at temperature tau_t (no gather of the vocab)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    scaled = masked_vocab_padding(logits.float() / tau_train, vocab_size)
+    return vocab_parallel_cross_entropy(scaled, labels)
+
+
+def _loss_func(mb: MicroBatch, vocab_size: int, tau_train: float, output: torch.Tensor):
+    nll = token_nll(output, mb.labels, vocab_size, tau_train)
+    loss_sum = (nll * mb.loss_mask).sum()
+    num_tokens = mb.loss_mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward_step(vocab_size: int, tau_train: float, data_iterator, chunk):
+    mb = next(data_iterator)
+    output = chunk(mb.tokens, mb.positions, mb.attention_mask)
+    return output, partial(_loss_func, mb, vocab_size, tau_train)
+
+
+class SFTTrainer:
+    """Megatron DDP + optimizer + LR schedule around this rank's model stage(s)."""
+
+    def __init__(self, model: mdl.MegatronModel, train_cfg: TrainConfig, *, total_steps: int,
+                 use_distributed_optimizer: bool, pad_id: int):
+        from megatron.core import parallel_state as ps
+
+        self.model, self.cfg, self.pad_id = model, train_cfg, pad_id
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.device = compute_device()
+        # Before DDP exists: with per-token loss DDP sums grads instead of averaging them.
+        model.config.calculate_per_token_loss = True
+        self.chunks = _wrap_ddp(model, use_distributed_optimizer and self.dp_size > 1)
+        self.optimizer = _build_optimizer(self.chunks, model.config, train_cfg,
+                                          use_distributed_optimizer and self.dp_size > 1)
+        self.scheduler = _build_scheduler(self.optimizer, train_cfg, total_steps)
+        _install_schedule_hooks(model.config, self.chunks, self.optimizer)
+        self.steps = 0
+
+    # -- data layout -------------------------------------------------------------------------
+    def _micro_batches(self, mini_batch: Sequence[Sample]) -> tuple[list[MicroBatch], int]:
+        """This DP rank's share of a mini-batch, cut into micro-batches of one length."""
+        seq_len = padded_length(mini_batch, token_multiple(self.model.config))
+        mine = list(mini_batch[self.dp_rank:: self.dp_size])
+        size = self.cfg.micro_batch_size
+        mbs = [_to_device(make_micro_batch(mine[i: i + size], seq_len, self.pad_id), self.device)
+               for i in range(0, len(mine), size)]
+        return mbs, seq_len
+
+    def _run_schedule(self, mini_batch: Sequence[Sample], forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mbs, seq_len = self._micro_batches(mini_batch)
+        iterators = [iter(mbs) for _ in self.chunks]
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, self.model.arch.vocab_size,
+                                      self.cfg.tau_train),
+            data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(mbs), seq_length=seq_len,
+            micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def step(self, mini_batch: Sequence[Sample]) -> dict[str, float]:
+        """One optimizer step on one mini-batch; returns loss, grad norm, lr, token count."""
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_schedule(mini_batch, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.steps += 1
+        loss, tokens = _reduce_losses(losses)
+        return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
+                "train/lr": self.optimizer.param_groups[0]["lr"],
+                "train/response_tokens": tokens, "train/update_skipped": float(not ok)}
+
+    @torch.no_grad()
+    def evaluate_loss(self, samples: Sequence[Sample]) -> float:
+        """Token-mean NLL of ``samples`` under the current weights (no update)."""
+        for chunk in self.chunks:
+            chunk.eval()
+        loss, _ = _reduce_losses(self._run_schedule(samples, forward_only=True))
+        return loss
+
+
+def _reduce_losses(losses: list[dict]) -> tuple[float, float]:
+    """Sum (loss, tokens) over micro-batches, then over DP ranks; broadcast from the last stage
+    so every rank reports the same number."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    # On the compute device: NCCL reduces only CUDA tensors (the H100 run crashed here once).
+    total = torch.zeros(2, dtype=torch.float64, device=compute_device())
+    for item in losses:
+        total += item["lm loss"].detach().double()
+    if dist.is_initialized():
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
+    return float(total[0] / max(total[1], 1.0)), float(total[1])
+
+
+def _wrap_ddp(model: mdl.MegatronModel, distributed_optimizer: bool) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer)
+    wrapped = []
+    for i, chunk in enumerate(model.chunks):
+        module = Float16Module(model.config, chunk) if model.config.bf16 or model.config.fp16 else chunk
+        # Bucketing only changes communication granularity; off for the first chunk as in Megatron-LM.
+        wrapped.append(DistributedDataParallel(config=model.config, ddp_config=ddp_config,
+                                               module=module, disable_bucketing=i > 0))
+    return wrapped
+
+
+def _build_optimizer(chunks, model_config, cfg: TrainConfig, distributed_optimizer: bool):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.grad_clip, bf16=model_config.bf16, fp16=model_config.fp16,
+        params_dtype=model_config.params_dtype, use_distributed_optimizer=distributed_optimizer)
+    return get_megatron_optimizer(opt_config, chunks)
+
+
+def _build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then constant (the paper's)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    steps = max(total_steps, cfg.warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.lr, lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=steps, lr_decay_style="constant", start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
+
+
+def _install_schedule_hooks(config, chunks, optimizer) -> None:
+    """What Megatron-LM's training loop sets so the schedule reduces grads and counts tokens."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+
+
+def trainer_sharded_state_dict(trainer: SFTTrainer) -> dict:
+    """Model and optimizer shards for dist_checkpointing (loadable at another layout)."""
+    from sept_megatron.trainer.checkpoint import model_sharded_state_dict
+
+    model_sd = model_sharded_state_dict(trainer.model.chunks)
+    return {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd)}
+
+
+def load_trainer_state(trainer: SFTTrainer, ckpt_dir: str, scheduler_state: dict) -> None:
+    """Restore model, optimizer and LR schedule from a training checkpoint."""
+    from sept_megatron.trainer.checkpoint import load_sharded, model_sharded_state_dict
+
+    model_sd = model_sharded_state_dict(trainer.model.chunks)
+    request = {"model": model_sd,
+               "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    loaded = load_sharded(ckpt_dir, request)
+    for i, chunk in enumerate(trainer.model.chunks):
+        chunk.load_state_dict(loaded["model"][f"model{i}"], strict=False)
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(scheduler_state)
+    trainer.steps = scheduler_state.get("num_steps", trainer.steps)
