@@ -4,7 +4,7 @@
     sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
     sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
-    sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
+    sept-megatron config [--config X.yaml] [--world-size N] [key=value ...]  # check, then print the tree
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
@@ -14,6 +14,7 @@ process group, model or accelerator is touched.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -41,12 +42,25 @@ def _train(argv: list[str]) -> int:
 
 def _show_config(argv: list[str]) -> int:
     from sept_megatron.config import load_config
+    from sept_megatron.loop.startup import check_run
+    from sept_megatron.runtime.distributed import world_size_from_env
 
-    parser = argparse.ArgumentParser(prog="sept-megatron config")
-    parser.add_argument("--config")
-    parser.add_argument("overrides", nargs="*")
+    parser = argparse.ArgumentParser(
+        prog="sept-megatron config",
+        description="Print the resolved tree after the same checks `train` runs before starting "
+                    "(config, model shapes, memory plan, data files, checkpoints); every problem "
+                    "at once, exit code 2.")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="processes the run will have (default: the launcher's, else "
+                             "parallel.tensor_parallel x parallel.pipeline_parallel)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
     args = parser.parse_args(argv)
-    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+    cfg = load_config(args.config, args.overrides)
+    world = args.world_size or (world_size_from_env() if "WORLD_SIZE" in os.environ else
+                                max(1, cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
+    check_run(cfg, world)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
 
 

@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..config import RolloutConfig
 from ..data import TEMPLATES, Question, load_questions
+from ..rollout.registry import backend_class, backend_names
 from .grading import default_grading_workers
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TEMPERATURES = "0,0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
 MEGATRON_MARKERS = ("sept_megatron_ckpt.json", "latest")
 DTYPES = ("float32", "bfloat16", "float16")
-# Checked here, before a Megatron checkpoint is exported; build_engine is the authority.
-BACKENDS = ("hf", "sglang")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=3072)
     parser.add_argument("--template", default="auto", choices=list(TEMPLATES),
                         help="prompt format (default: the tokenizer's chat template)")
-    parser.add_argument("--backend", default="hf", choices=BACKENDS, help="rollout engine (default hf)")
+    parser.add_argument("--backend", default="hf", choices=backend_names(),
+                        help="rollout engine (default hf; see sept_megatron.rollout.registry)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per generation batch (engine default if unset)")
@@ -149,9 +150,10 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
     if ns.grading_workers is not None and ns.grading_workers < 0:
         parser.error(f"argument --grading-workers: must be >= 0 (0 grades in-process), "
                      f"got {ns.grading_workers}")
-    if ns.engine_tp < 1 or (ns.backend == "hf" and ns.engine_tp != 1):
-        parser.error(f"argument --engine-tp: the hf backend runs one engine per rank (1); "
-                     f"must be >= 1, got {ns.engine_tp}")
+    if ns.engine_tp < 1:
+        parser.error(f"argument --engine-tp: must be >= 1, got {ns.engine_tp}")
+    for problem in backend_class(ns.backend).check_config(_rollout_section(ns)):
+        parser.error(f"argument --backend/--engine-tp: {problem}")
     if not Path(ns.model).is_dir() and not _looks_like_hub_id(ns.model):
         parser.error(f"argument --model: no such directory: {ns.model} "
                      "(give a local HF model directory or a sept_megatron checkpoint)")
@@ -167,6 +169,14 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
                          else ns.grading_workers),
         engine_tp=ns.engine_tp,
     )
+
+
+def _rollout_section(ns) -> RolloutConfig:
+    """The command line as the ``rollout`` config section its backend reads."""
+    section = RolloutConfig(backend=ns.backend, engine_tp=ns.engine_tp)
+    if ns.batch_size is not None:
+        section.batch_size = ns.batch_size
+    return section
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -246,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from sept_megatron.rollout import build_engine
+    from sept_megatron.rollout import backend_kwargs, build_engine
     from sept_megatron.rollout.orchestration import DataParallelEngines
     from sept_megatron.rollout.placement import build_placement
 
@@ -254,13 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_dir = _on_rank0_then_share(lambda: resolve_model(args))
     placement = build_placement(args.engine_tp)
-    engine_kwargs = {"device": device, "dtype": getattr(torch, args.dtype)}
+    section = RolloutConfig(backend=args.backend, engine_tp=args.engine_tp)
     if args.batch_size is not None:
-        engine_kwargs["batch_size"] = args.batch_size
-    if placement.world_size > 1:
-        engine_kwargs.update(group=placement.mine, process_group=placement.process_group,
-                             progress=rank == 0)
-    engine = build_engine(args.backend, model_dir, **engine_kwargs)
+        section.batch_size = args.batch_size
+    engine = build_engine(args.backend, model_dir, **backend_kwargs(
+        section, tokenizer=None, seed=args.seed, device=device, dtype=getattr(torch, args.dtype),
+        progress=rank == 0, placement=placement if placement.world_size > 1 else None))
     summary = run_sweep(DataParallelEngines(placement, engine), engine.tokenizer, benchmarks,
                         args.temperatures, args.n, args.out, max_new_tokens=args.max_new_tokens,
                         template=args.template, seed=args.seed, progress=rank == 0,
