@@ -14,7 +14,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sept_megatron", "sept_megatron.*"]),
-    package_data={"sept_megatron": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.6",
         # The CPU compatibility layer is tested with 0.16.x; newer releases need Python >= 3.12.

@@ -77,14 +77,11 @@ def arch_of(hf_dir: str):
 
 
 def parameter_count(arch) -> int:
-    """Parameters of a Llama/Qwen-style model from its shape (tied embeddings counted once)."""
-    h, d = arch.hidden_size, arch.head_dim
-    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if arch.qkv_bias else 0)
-    attention += 2 * d if arch.qk_layernorm else 0
-    per_layer = attention + 3 * h * arch.ffn_hidden_size + 2 * h
-    embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    return arch.num_layers * per_layer + embeddings + h
+    """Parameters of the HF model (unpadded vocabulary; tied embeddings counted once): the
+    planner's count (:func:`sept_megatron.plan.memory.param_counts`)."""
+    from sept_megatron.plan.memory import param_counts
+
+    return param_counts(arch, arch.vocab_size).total
 
 
 def flops_per_token(arch, params: int, seq_len: int) -> float:

@@ -63,6 +63,21 @@ def sequence_seeds(sampling: SamplingParams, num_prompts: int) -> list[list[int]
     return [[sequence_seed(sampling.seed, key, copy) for copy in range(sampling.n)] for key in keys]
 
 
+def stop_ids(tokenizer, checkpoint_eos: int | Sequence[int] | None = None) -> list[int]:
+    """EOS ids that end a response: the tokenizer's EOS, then the checkpoint's own EOS list
+    (its ``generation_config``: instruct models end turns with ``<|im_end|>`` but may emit
+    ``<|endoftext|>``), ids outside the tokenizer's vocabulary left out. Every backend stops on
+    this same union."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    extra = [checkpoint_eos] if isinstance(checkpoint_eos, int) else (checkpoint_eos or [])
+    for token_id in extra:
+        if int(token_id) not in ids and int(token_id) < len(tokenizer):
+            ids.append(int(token_id))
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token; set one so generations can stop")
+    return ids
+
+
 def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
     """Every prompt needs at least one token: engines cannot start from nothing."""
     for index, prompt in enumerate(prompts):
@@ -170,6 +185,17 @@ class SharedBufferEngine(BucketWeightEngine, Protocol):
 
     def unbind_weights(self) -> None:
         """Give every bound parameter private memory again, keeping its values."""
+
+
+@runtime_checkable
+class InPlaceWeightEngine(BucketWeightEngine, Protocol):
+    """A :class:`BucketWeightEngine` in this process whose own tensors the trainer may write in
+    place (:func:`sept_megatron.weight_sync.same_device.same_device_sync`: TP = PP = 1, engine
+    and trainer on one device, no bucket in between)."""
+
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        """Every loadable tensor by HF name (tied aliases included), writable in place; valid
+        until the engine's memory is released or its parameters rebound."""
 
 
 @runtime_checkable

@@ -31,15 +31,9 @@ from transformers.generation.logits_process import (
 
 from sept_megatron.data import load_tokenizer
 from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket, check_prompts,
-                                          sequence_seeds)
+                                          sequence_seeds, stop_ids)
 
 logger = logging.getLogger(__name__)
-
-
-def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
-    if ids is None:
-        return []
-    return [ids] if isinstance(ids, int) else list(ids)
 
 
 class HFRolloutEngine:
@@ -140,12 +134,7 @@ class HFRolloutEngine:
         EOS (or left padding), so the choice does not change any output.
         """
         old = getattr(self.model, "generation_config", None)
-        eos_ids = _as_id_list(self.tokenizer.eos_token_id)
-        for token_id in _as_id_list(getattr(old, "eos_token_id", None)):
-            if token_id not in eos_ids and token_id < len(self.tokenizer):
-                eos_ids.append(token_id)
-        if not eos_ids:
-            raise ValueError("the tokenizer has no eos_token; set one so generations can stop")
+        eos_ids = stop_ids(self.tokenizer, getattr(old, "eos_token_id", None))
         pad_id = self.tokenizer.pad_token_id
         self.eos_token_ids: tuple[int, ...] = tuple(eos_ids)
         self.pad_token_id: int = pad_id if pad_id is not None else eos_ids[0]
@@ -286,6 +275,12 @@ class HFRolloutEngine:
             raise ValueError(f"{caller}: shape mismatch for {name!r}: got {tuple(shape)}, "
                              f"model has {tuple(target.shape)}")
         return target
+
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors by HF name, to be written in place (InPlaceWeightEngine)."""
+        if self._released:
+            raise RuntimeError("weight_tensors(): the engine's memory is released; resume it first")
+        return self._targets
 
     def can_bind_weights(self, dtype: torch.dtype) -> bool:
         """Whether :meth:`bind_weights` can take tensors of ``dtype`` (host memory, our dtype)."""

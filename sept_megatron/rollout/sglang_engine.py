@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 
 from sept_megatron.data import load_tokenizer
-from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, check_prompts
+from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket, check_prompts,
+                                          sequence_seed, stop_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -133,25 +134,14 @@ def prepare_fp8_model_dir(hf_path: str, out_dir: str) -> str:
 def stop_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
     """EOS ids that end a response: the tokenizer's EOS plus the checkpoint's
     generation_config EOS list (instruct models end turns with ``<|im_end|>`` but may emit
-    ``<|endoftext|>``), the same union the hf backend stops on."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    ``<|endoftext|>``), the same union the hf backend stops on (:func:`~sept_megatron.rollout.
+    base.stop_ids`)."""
     path = Path(model_path or "") / "generation_config.json"
-    if model_path and path.is_file():
-        eos = json.loads(path.read_text()).get("eos_token_id")
-        for token_id in [eos] if isinstance(eos, int) else (eos or []):
-            if int(token_id) not in ids and int(token_id) < len(tokenizer):
-                ids.append(int(token_id))
-    if not ids:
-        raise ValueError("the tokenizer has no eos_token; set one so generations can stop")
-    return ids
+    eos = json.loads(path.read_text()).get("eos_token_id") if model_path and path.is_file() else None
+    return stop_ids(tokenizer, eos)
 
 
 # --- sampling -------------------------------------------------------------------------------
-def sample_seed(seed: int, prompt_index: int, copy: int, copies: int) -> int:
-    """A distinct, reproducible seed per (prompt, sample), within SGLang's int64 range."""
-    return (seed * 1_000_003 + prompt_index * copies + copy) % (2**63)
-
-
 def request_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int],
                             num_prompts: int) -> tuple[list[int], list[dict[str, Any]]]:
     """Our :class:`SamplingParams` -> one SGLang request per sample, prompt-major.
@@ -180,7 +170,7 @@ def request_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int],
         for copy in range(copies):
             request = dict(base)
             if sampling.seed is not None:  # keyed by the prompt's place in the whole rollout
-                request["sampling_seed"] = sample_seed(sampling.seed, keys[index], copy, copies)
+                request["sampling_seed"] = sequence_seed(sampling.seed, keys[index], copy)
             prompt_of.append(index)
             params.append(request)
     return prompt_of, params

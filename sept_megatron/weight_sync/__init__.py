@@ -13,6 +13,7 @@ module                        role
 ``peer``                      bucket transport: batched point-to-point (GPU, many hosts)
 ``shared_memory``             bucket transport: /dev/shm slots (CPU ranks of one host)
 ``direct``                    no bucket: engine weights live in the replica's shared buffer
+``same_device``               no bucket: TP = PP = 1, trainer tensors copied into the engine's
 ``sglang_ipc``                SGLang colocated: packed buckets loaded through CUDA IPC
 ``server_broadcast``          SGLang servers: per-stage broadcast into the servers' ranks
 ============================  ==========================================================
@@ -38,8 +39,8 @@ def sync(model, engine: RolloutEngine | None, *, bucket_bytes: int = 512 << 20,
     (linear weights -> e4m3 + ``weight_scale_inv``, the export's quantiser). ``placement``
     (``rollout.placement``): ``disaggregated`` broadcasts to SGLang servers stage by stage.
     ``direct``: where the replica can (CPU ranks of one host, engines that bind shared
-    weights, native weights), write straight into the engines' weights; ``False`` always
-    streams buckets. Every argument must be the same on every rank.
+    weights, native weights; or TP = PP = 1 with the engine on the trainer's device), write
+    straight into the engines' weights; ``False`` always streams buckets. Every argument must be the same on every rank.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"rollout.placement={placement!r}: choose one of {', '.join(PLACEMENTS)}")
@@ -56,6 +57,11 @@ def sync(model, engine: RolloutEngine | None, *, bucket_bytes: int = 512 << 20,
         done = direct_sync(model, engine, weights)
         if done is not None:
             return done
+        from sept_megatron.weight_sync.same_device import can_sync_in_place, same_device_sync
+
+        if can_sync_in_place(model, engine, weights):
+            same_device_sync(model, engine)
+            return 1
     else:
         forget_other_engine(model, engine)
     return _stream_into(model, engine, bucket_bytes, weights)

@@ -33,7 +33,7 @@ from sept_megatron.convert.adapters import (
 from sept_megatron.convert.hf_import import layer_offset
 from sept_megatron.convert.workflows import forward_logits
 from sept_megatron.weight_sync import sync
-from sept_megatron.weight_sync.gather import stream_hf_buckets
+from sept_megatron.weight_sync.gather import stream_hf_buckets, transports_on
 from sept_megatron.rollout.hf import HFRolloutEngine
 
 LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # with 2 processes: TP=2, PP=2, DP=2; with 1: (1, 1) only
@@ -100,6 +100,11 @@ def check_direct(model, hf_dir: Path, small: int) -> dict:
     return record
 
 
+def second_transport() -> str:
+    """Shared memory where it exists (CPU ranks), else peer-to-peer again (CUDA)."""
+    return "shared" if "shared" in transports_on(distributed.compute_device()) else "peer"
+
+
 def engine_from(hf_dir: Path) -> HFRolloutEngine:
     """A fresh engine from the (unperturbed) checkpoint, colocated on the compute device."""
     return HFRolloutEngine(
@@ -140,13 +145,13 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
     mine["streams"] = {
         size: [[(name, t.cpu().clone()) for name, t in bucket]
                for bucket in stream_hf_buckets(model, size, transport=transport)]
-        for size, transport in ((small, "peer"), (large, "shared"))}
+        for size, transport in ((small, "peer"), (large, second_transport()))}
     # ... or only rank 0 does (as when only rank 0 has an engine): the others only send.
     mine["stream_rank0_only"] = {
         transport: [[(name, t.cpu().clone()) for name, t in bucket]
                     for bucket in stream_hf_buckets(model, large, receive=rank == 0,
                                                     transport=transport)]
-        for transport in ("peer", "shared")}
+        for transport in ("peer", second_transport())}
     mine["direct"] = check_direct(model, hf_dir, small)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
