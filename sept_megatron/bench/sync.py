@@ -91,7 +91,13 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
     times = _aligned_times(one_sync, warmup=1, repeats=opts.repeats, device=device)
     from sept_megatron.weight_sync.direct import engine_weights_of
 
-    path = "direct" if engine_weights_of(model) is not None else "buckets"
+    from sept_megatron.weight_sync.same_device import can_sync_in_place
+
+    path = "buckets"
+    if engine_weights_of(model) is not None:
+        path = "direct"  # CPU ranks of one host: engine weights in the replica's shared buffer
+    elif tp == 1 and can_sync_in_place(model, engine, "native"):
+        path = "same_device"  # one GPU: trainer tensors copied straight into the engine's
     bucket_times = _aligned_times(  # the bucket stream, side by side (the GPU path)
         lambda: sync(model, engine, bucket_bytes=bucket_bytes, direct=False),
         warmup=1, repeats=opts.repeats, device=device)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ROUNDS = 2
 
 
-def _sglang_run(tiny_run_inputs, tmp_path, engine_tp: int) -> list[dict]:
+def _sglang_run(tiny_run_inputs, tmp_path, engine_tp: int, *extra: str) -> list[dict]:
     require_sglang()
     out = tmp_path / "calls.json"
     run_torchrun(2, "tests/loop/_sglang_loop.py", out,
@@ -38,7 +38,7 @@ def _sglang_run(tiny_run_inputs, tmp_path, engine_tp: int) -> list[dict]:
                  "data.max_response_length=8", f"logging.run_dir={tmp_path / 'run'}",
                  "logging.progress=false", "checkpoint.export_hf=true",
                  "parallel.tensor_parallel=2", "rollout.backend=sglang",
-                 f"rollout.engine_tp={engine_tp}", "rollout.n=2", timeout=420)
+                 f"rollout.engine_tp={engine_tp}", "rollout.n=2", *extra, timeout=420)
     return [json.loads((tmp_path / f"calls.json.rank{r}").read_text()) for r in range(2)]
 
 
@@ -72,6 +72,19 @@ def test_one_engine_group_of_two_ranks(tiny_run_inputs, tmp_path):
             dtype, shape, raw = loaded[name]
             assert (dtype, shape) == (str(tensor.dtype), list(tensor.shape)), name
             assert bytes.fromhex(raw) == tensor.contiguous().view(torch.uint8).numpy().tobytes(), name
+
+
+def test_offline_mode_keeps_the_base_weights_for_evaluation(tiny_run_inputs, tmp_path):
+    """Offline: the bank is answered once and no round refreshes the engine, so its memory is
+    never released (SGLang keeps no CPU copy: released weights would be gone) and every
+    validation generates from the base weights."""
+    rank0, rank1 = _sglang_run(tiny_run_inputs, tmp_path, 2, "train.mode=offline",
+                               f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}",
+                               "eval.every_n_rounds=1", "eval.n=1", "eval.max_questions=2")
+    assert rank0["rc"] == rank1["rc"] == 0
+    (engine,) = rank0["engines"]
+    # the bank, once; then one validation per round: nothing released, nothing reloaded
+    assert [name for name, _ in engine["calls"]] == ["generate"] * (1 + ROUNDS)
 
 
 def test_two_engines_share_the_rollout(tiny_run_inputs, tmp_path):
