@@ -139,6 +139,11 @@ class TrainConfig:
     model.attention=unfused, almost none with sdpa or TE, whose fused attention keeps no
     [s, s] scores); full (each transformer layer keeps only its input and is recomputed in
     backward: about one more forward pass of compute for the smallest activation memory)."""
+    offload_during_rollout: bool = False
+    """Move the trainer's weights, gradients and optimizer state to host memory while the
+    colocated engine generates, and back before the step (slime's offload_train): the engine's
+    KV pool gets the memory the trainer would hold. Costs two host<->device copies of the
+    trainer state per round; the planner counts the rollout phase without it."""
     drop_truncated: bool = False
     """Reference behaviour keeps answers that hit max_response_length."""
     measure_round_fit: bool = False

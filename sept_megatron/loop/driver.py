@@ -25,6 +25,7 @@ from sept_megatron.loop.round import Timer, answer_once, fit, generate_round, ro
 from sept_megatron.loop.schedule import Schedule, round_seed, total_rounds
 from sept_megatron.loop.validation import validate_round
 from sept_megatron.runtime import distributed, preemption
+from sept_megatron.trainer.offload import offloaded
 from sept_megatron.trainer.sft import SFTTrainer
 
 
@@ -77,7 +78,7 @@ def _run(cfg: Config, arch, questions, rank: int, logger) -> dict[str, float]:
         round_start, timer = time.perf_counter(), Timer()
         tau_s = schedule.tau_sample(round_index)
         # 1. Sample questions; the current model answers them at tau_s.
-        with timer("generate"):
+        with timer("generate"), offloaded(trainer, cfg.train.offload_during_rollout):
             batch = generate_round(cfg, fleet, sampler.next_batch(cfg.train.prompts_per_round),
                                    prompt_ids, tau_s, round_seed(cfg.train.seed, round_index),
                                    answered)

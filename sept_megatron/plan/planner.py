@@ -274,10 +274,13 @@ def _rollout(cfg: Config, arch, hardware: Hardware, layout: Layout, stages: list
                         f"({needs.weights:.1f} GiB) on one GPU of {hardware.gpu_mem_gib:g} GiB; use "
                         "rollout.backend=sglang with rollout.engine_tp > 1")
     hosts = [StageMemory("engine GPU")] if disaggregated else stages
+    offloaded = cfg.train.offload_during_rollout
     for mem in hosts:
-        resident = 0.0 if disaggregated else mem.resident_gib
+        resident = 0.0 if disaggregated or offloaded else mem.resident_gib
         if not disaggregated:
-            mem.rollout.append(Line("trainer state kept resident (weights, grads, optimizer)", resident))
+            label = ("trainer state offloaded to host memory (train.offload_during_rollout)"
+                     if offloaded else "trainer state kept resident (weights, grads, optimizer)")
+            mem.rollout.append(Line(label, resident))
         mem.rollout.append(Line(weights_label, needs.weights))
         if layout.backend == "hf":
             mem.rollout += [Line(kv_label, needs.kv),

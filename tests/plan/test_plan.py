@@ -228,3 +228,23 @@ def test_sept_megatron_train_refuses_before_loading_anything(tiny_run_inputs, tm
     assert "sept-megatron train: error: the layout does not fit in 0.001 GiB" in output
     assert "per-GPU memory, GiB" in output and "activations kept, recompute=none" in output
     assert not run_dir.exists()  # refused before any process group, weight or file
+
+
+def test_offload_during_rollout_frees_the_trainer_state_for_the_kv_pool(capsys, archs):
+    """train.offload_during_rollout: the rollout phase counts no resident trainer state, so
+    SGLang's KV pool grows by exactly what the trainer held."""
+    recipe = EXAMPLES / "qwen2.5-math-7b.yaml"
+    cfg = load_config(str(recipe))
+    arch = arch_of(archs[RECIPES["qwen2.5-math-7b"][0]])
+    hardware = plan.Hardware(RECIPES["qwen2.5-math-7b"][1], 8, H100)
+    kernels = plan.resolve_kernels(cfg, arch, on_gpu=True, te_available=True)
+    kept = plan.estimate(cfg, arch, hardware, kernels)
+    cfg.train.offload_during_rollout = True
+    moved = plan.estimate(cfg, arch, hardware, kernels)
+
+    def line(result, prefix):
+        return next(l for l in result.stages[0].rollout if l.label.startswith(prefix))
+
+    resident = line(kept, "trainer state kept resident").gib
+    assert resident > 1 and line(moved, "trainer state offloaded").gib == 0
+    assert line(moved, "KV pool").gib == pytest.approx(line(kept, "KV pool").gib + resident)
