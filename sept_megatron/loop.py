@@ -29,6 +29,7 @@ from sept_megatron import model as mdl
 from sept_megatron.config import Config, RolloutConfig, ConfigError, validate
 from sept_megatron.data import Question, QuestionSampler, filter_by_prompt_length, load_questions, render_prompts
 from sept_megatron.logging import build_logger, setup_console_logging
+from sept_megatron.offline import offline_settings, offline_temperature
 from sept_megatron.reshard import sync_weights
 from sept_megatron.rollout import SamplingParams, backend_kwargs, build_engine
 from sept_megatron.rollout.orchestration import DataParallelEngines
@@ -67,6 +68,7 @@ class RoundBatch:
 # --- the loop ----------------------------------------------------------------------------
 def run(cfg: Config) -> dict[str, float]:
     """Run SePT rounds end to end; returns the last round's metrics."""
+    cfg = offline_settings(cfg)  # the offline ablation's own SFT settings, when asked for
     arch, questions = check_config(cfg)
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
@@ -95,7 +97,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     model = build_model(cfg, arch, resume_from)
     trainer = SFTTrainer(model, cfg.train, total_steps=rounds * steps_per_round,
                          use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                         pad_id=_pad_id(tokenizer))
+                         pad_id=_pad_id(tokenizer), total_rounds=rounds)
     start = 0
     if resume_from:
         start = _resume(trainer, sampler, resume_from)
@@ -110,6 +112,8 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     offline_answers = _offline_answers(cfg, engines, bank, prompt_ids) \
         if cfg.train.mode == "offline" else None
 
+    if cfg.eval.before_training and start == 0:
+        logger.log(_maybe_validate(cfg, engines, tokenizer, -1, force=True), step=0)
     stop = preemption.install()
     metrics: dict[str, float] = {}
     bar = logger.progress(rounds, start, "SePT rounds")
@@ -128,6 +132,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         with _timer(timings, "train"):
             fit_before = trainer.evaluate_loss(batch.samples) if cfg.train.measure_round_fit else None
             step_logs = [trainer.step(mb) for mb in mini_batches(batch.samples, cfg.train)]
+            trainer.end_round()
             if fit_before is not None:
                 batch.stats |= {"train/round_fit_before": fit_before,
                                 "train/round_fit_after": trainer.evaluate_loss(batch.samples)}
@@ -416,7 +421,7 @@ class _timer:
 def _offline_answers(cfg: Config, engines: DataParallelEngines, bank, prompt_ids):
     """The base model answers the whole bank once, at tau_start, spread over every engine.
     Every rank keeps all answers, token ids packed as int32 (a Python list costs ~9x more)."""
-    sampling = _rollout_sampling(cfg, cfg.rollout.tau_start, cfg.train.seed)
+    sampling = _rollout_sampling(cfg, offline_temperature(cfg), cfg.train.seed)
     with compat.suspended():
         generations = engines.generate([prompt_ids[q.index] for q in bank], sampling)
     for row in generations:
@@ -426,10 +431,10 @@ def _offline_answers(cfg: Config, engines: DataParallelEngines, bank, prompt_ids
 
 
 def _maybe_validate(cfg: Config, engines: DataParallelEngines, tokenizer,
-                    round_index: int) -> dict[str, float]:
+                    round_index: int, force: bool = False) -> dict[str, float]:
     """Every engine answers its share of the validation questions; rank 0 grades."""
     every = cfg.eval.every_n_rounds
-    if not every or not cfg.eval.benchmarks or (round_index + 1) % every:
+    if not cfg.eval.benchmarks or (not force and (not every or (round_index + 1) % every)):
         return {}
     from sept_megatron.eval.sweep import evaluate_once
 
