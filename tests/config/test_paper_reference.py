@@ -107,7 +107,10 @@ def test_qwen_32b_uses_the_qwen_base_template():
 
 @pytest.mark.parametrize("path", SEPT_RECIPES, ids=lambda p: p.name)
 def test_recipes_aggregate_the_loss_as_verl(path):
-    assert load_config(str(path)).train.loss_aggregation == "microbatch_mean"
+    train = load_config(str(path)).train
+    # verl's token-mean per micro-batch of ppo_micro_batch_size_per_gpu=4, with checkpointing.
+    assert (train.loss_aggregation, train.micro_batch_size, train.recompute) == \
+        ("microbatch_mean", 4, "full")
 
 
 def test_train_docstring_no_longer_claims_verl_equality():
