@@ -112,7 +112,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     offline_answers = _offline_answers(cfg, engines, bank, prompt_ids) \
         if cfg.train.mode == "offline" else None
 
-    if cfg.eval.before_training and start == 0:
+    if cfg.eval.before_training and cfg.eval.benchmarks and start == 0:
         logger.log(_maybe_validate(cfg, engines, tokenizer, -1, force=True), step=0)
     stop = preemption.install()
     metrics: dict[str, float] = {}
