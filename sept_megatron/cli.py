@@ -6,6 +6,8 @@
     sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
     sept-megatron config [--config X.yaml] [--world-size N] [key=value ...]  # check, then print the tree
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
+    sept-megatron paper-table BASE_SWEEP [NAME=]SWEEP ...  # the paper's Table 1/4/5 layout
+    sept-megatron eval-general --model HF_DIR --out DIR    # IFEval/BBH/GPQA/MuSR/MMLU-Pro (lm-eval)
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
 process group, model or accelerator is touched.
@@ -88,8 +90,21 @@ def _plan(argv: list[str]) -> int:
     return plan_main(argv)
 
 
+def _paper_table(argv: list[str]) -> int:
+    from sept_megatron.eval.paper_table import main as table_main
+
+    return table_main(argv)
+
+
+def _eval_general(argv: list[str]) -> int:
+    from sept_megatron.eval.general import main as general_main
+
+    return general_main(argv)
+
+
 COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "bench": _bench,
-            "config": _show_config, "plan": _plan}
+            "config": _show_config, "plan": _plan, "paper-table": _paper_table,
+            "eval-general": _eval_general}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,9 @@ class RolloutConfig:
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
     chat_template: str = "auto"
-    """auto (the tokenizer's own), qwen-math, qwen-instruct, deepseek-math, plain."""
+    """auto (the tokenizer's own), the paper's (Fig. 4): qwen-math, qwen-base, qwen-instruct,
+    deepseek-math; this project's earlier forms: qwen-instruct-legacy, deepseek-math-legacy;
+    plain. See sept_megatron.data.TEMPLATES."""
     max_prompt_length: int = 1024
     max_response_length: int = 3072
     shuffle_seed: int = 0
@@ -146,6 +148,22 @@ class TrainConfig:
     trainer state per round; the planner counts the rollout phase without it."""
     drop_truncated: bool = False
     """Reference behaviour keeps answers that hit max_response_length."""
+    lr_schedule_interval: str = "optimizer_step"
+    """When the LR scheduler steps, i.e. the unit of ``warmup_steps``: optimizer_step, or round
+    (the reference's: verl steps its scheduler once per round, after the round's mini-batches,
+    so its 10 warmup steps are 10 rounds = 20 optimizer steps and the LR is constant within a
+    round)."""
+    lr_decay_style: str = "constant"
+    """LR after warmup: constant (SePT's) or cosine (to 0 at the last step: verl's SFT trainer,
+    used by the offline ablation, see ``offline``)."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of all scheduler steps (verl's SFT ``warmup_steps_ratio``, floored);
+    replaces ``warmup_steps`` when set. null: ``warmup_steps``."""
+    loss_aggregation: str = "minibatch_token_mean"
+    """How token losses become one gradient: minibatch_token_mean (every response token of the
+    mini-batch weighs the same, across micro-batches and data-parallel ranks) or
+    microbatch_mean (the reference's, verl's token-mean: each micro-batch's token mean,
+    averaged over micro-batches and ranks; short answers weigh more per token)."""
     measure_round_fit: bool = False
     """Also log the loss on each round's own samples before and after its optimizer steps
     (two extra forward passes per round): does SFT fit what the model just wrote?"""
@@ -162,6 +180,32 @@ class EvalConfig:
     max_questions: int | None = 64
     """Per benchmark, a fixed subset for in-training validation."""
     max_new_tokens: int | None = None
+    before_training: bool = False
+    """Also validate once before the first round (the reference's ``val_before_train``)."""
+
+
+@dataclass(kw_only=True)
+class OfflineConfig:
+    """The offline ablation (``train.mode=offline``): the base model answers the bank once,
+    then the model is fine-tuned on those answers. The defaults are the reference's
+    (``generate_solutions.sh`` at tau 0.6, then verl's SFT trainer), used when
+    ``hyperparameters: sft``; see :func:`sept_megatron.loop.schedule.offline_settings`."""
+
+    hyperparameters: str = "train"
+    """train (the ``train:`` section's, i.e. SePT's online settings) or sft (this section's:
+    the reference's offline run)."""
+    temperature: float | None = None
+    """Sampling temperature of the one-off answers (reference: 0.6). null: rollout.tau_start."""
+    lr: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.01
+    lr_decay_style: str = "cosine"
+    warmup_ratio: float = 0.01
+    """Warmup over this fraction of all optimizer steps (verl's ``warmup_steps_ratio``)."""
+    sequences_per_step: int = 128
+    """Answers per optimizer step (verl SFT's ``train_batch_size``); one step per round."""
+    epochs: float = 3.0
 
 
 @dataclass(kw_only=True)
@@ -199,6 +243,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -311,8 +356,14 @@ _CHOICES = {
     "rollout.weights": ("native", "fp8"),
     "train.recompute": ("none", "selective", "full"),
     "rollout.anneal": ("constant", "linear", "cosine"),
-    "data.chat_template": ("auto", "qwen-math", "qwen-instruct", "deepseek-math", "plain"),
+    "data.chat_template": ("auto", "qwen-math", "qwen-base", "qwen-instruct", "deepseek-math",
+                           "qwen-instruct-legacy", "deepseek-math-legacy", "plain"),
     "train.mode": ("online", "offline", "coupled"),
+    "train.lr_schedule_interval": ("optimizer_step", "round"),
+    "train.lr_decay_style": ("constant", "cosine"),
+    "train.loss_aggregation": ("minibatch_token_mean", "microbatch_mean"),
+    "offline.hyperparameters": ("train", "sft"),
+    "offline.lr_decay_style": ("constant", "cosine"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
 
@@ -360,6 +411,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if m.fp8 and m.transformer_impl == "local":
         err("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
             "transformer_engine (and run on GPU), or model.fp8=null")
+    _validate_schedule_fields(cfg, err)
     _validate_fp8(cfg, arch, err)
     _validate_layout(cfg, world_size, arch, err)
     if errors:
@@ -377,6 +429,24 @@ def _validate_backend(rollout: RolloutConfig, arch, err) -> None:
         return
     for problem in backend.check_config(rollout, arch=arch):
         err(problem)
+
+
+def _validate_schedule_fields(cfg: Config, err) -> None:
+    """The LR schedule's ratio and the offline section's numbers."""
+    t, o = cfg.train, cfg.offline
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
+        err(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1), or null (warmup_steps)")
+    if not 0 <= o.warmup_ratio < 1:
+        err(f"offline.warmup_ratio={o.warmup_ratio}: must be in [0, 1)")
+    if o.temperature is not None and not o.temperature > 0:
+        err(f"offline.temperature={o.temperature}: must be > 0, or null (rollout.tau_start)")
+    if (t.mode == "offline" and o.hyperparameters == "sft" and cfg.rollout.n >= 1
+            and o.sequences_per_step % cfg.rollout.n):
+        err(f"offline.sequences_per_step={o.sequences_per_step} is not a multiple of rollout.n="
+            f"{cfg.rollout.n}: a round takes whole questions; change either")
+    if not (o.lr > 0 and o.epochs > 0 and o.sequences_per_step >= 1):
+        err(f"offline.lr={o.lr}, offline.epochs={o.epochs}, offline.sequences_per_step="
+            f"{o.sequences_per_step}: must be > 0 (sequences_per_step >= 1)")
 
 
 def _validate_fp8(cfg: Config, arch, err) -> None:

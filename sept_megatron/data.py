@@ -202,14 +202,25 @@ _QWEN_CHAT = (
     "<|im_start|>user\n{q}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-# Named templates (everything except "auto"): the question text in a fixed wrapper. "plain" is
-# for base models without a chat format: the question, then the same boxed-answer instruction
-# as the other templates on its own line, so every template asks for a \boxed{} final answer.
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# Named templates (everything except "auto"): the question text in a fixed wrapper. The first
+# four are the paper's (Fig. 4), as the authors' recipe renders them: Qwen-Math and Qwen-Base
+# put the reasoning prompt (BOXED_INSTRUCTION) in the system turn; Qwen-Instruct keeps Qwen's
+# own system prompt and appends the reasoning prompt to the question (on a new line: the
+# separator is our reading); DeepSeek-Math (-Instruct) is its chat format with the reasoning
+# prompt as the system text: BOS (added by the tokenizer), the prompt, "User: ...",
+# "Assistant:". The two "-legacy" forms are this project's earlier renderings, kept so old
+# runs can be reproduced. "plain" is for base models without a chat format: the question, then
+# the same boxed-answer instruction on its own line.
 TEMPLATES: dict[str, str | None] = {
     "auto": None,  # the tokenizer's own chat template, applied to the prompt messages as-is
     "qwen-math": _QWEN_CHAT.replace("{system}", BOXED_INSTRUCTION),
-    "qwen-instruct": _QWEN_CHAT.replace("{system}", "You are a helpful assistant."),
-    "deepseek-math": "User: {q}\n" + BOXED_INSTRUCTION + "\n\nAssistant:",
+    "qwen-base": _QWEN_CHAT.replace("{system}", BOXED_INSTRUCTION),
+    "qwen-instruct": _QWEN_CHAT.replace("{system}", QWEN_SYSTEM).replace(
+        "{q}", "{q}\n" + BOXED_INSTRUCTION),
+    "deepseek-math": BOXED_INSTRUCTION + "\n\nUser: {q}\n\nAssistant:",
+    "qwen-instruct-legacy": _QWEN_CHAT.replace("{system}", "You are a helpful assistant."),
+    "deepseek-math-legacy": "User: {q}\n" + BOXED_INSTRUCTION + "\n\nAssistant:",
     "plain": "{q}\n" + BOXED_INSTRUCTION + "\n",
 }
 

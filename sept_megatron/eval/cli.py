@@ -3,7 +3,7 @@
 Launch::
 
     sept-megatron eval --model /ckpts/Qwen2.5-Math-7B --benchmarks /data/benchmarks \\
-        --temperatures 0,0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6 --n 32 --out runs/sweep_base
+        --n 32 --out runs/sweep_base   # --temperatures 0.0,0.1,...,1.6 by default
     python -m sept_megatron.eval.cli --model runs/sept/checkpoints --benchmarks a.parquet,b.jsonl ...
 
 ``--model`` is a local HF directory or a sept_megatron (Megatron) checkpoint directory, which
@@ -38,7 +38,9 @@ from .grading import default_grading_workers
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURES = "0,0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6"
+# The reference's grid (base_model_sweep.sh: 0.0 .. 1.6 in steps of 0.1, 17 temperatures): a
+# coarser grid can miss the base model's best temperature and so understate the baseline.
+DEFAULT_TEMPERATURES = ",".join(f"{i / 10:.1f}" for i in range(17))
 MEGATRON_MARKERS = ("sept_megatron_ckpt.json", "latest")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks", required=True, type=_path_list,
                         help="comma-separated .parquet/.jsonl files, or a directory of them")
     parser.add_argument("--temperatures", default=DEFAULT_TEMPERATURES, type=_temperature_list,
-                        help=f"comma-separated, >= 0; 0 = greedy (default {DEFAULT_TEMPERATURES})")
+                        help="comma-separated, >= 0; 0 = greedy (default 0.0,0.1,...,1.6: the "
+                             "reference's 17-point grid)")
     # --samples: torchrun's own argument parser refuses "--n" (a prefix of --nnodes, ...).
     parser.add_argument("--n", "--samples", dest="n", type=int, default=32,
                         help="samples per question (default 32; --samples under torchrun)")

@@ -63,6 +63,8 @@ _LATEX_SCIENTIFIC_RE = re.compile(r"^([-+]?\d+(?:\.\d*)?)\\(?:times|cdot)10\^\{?
 _INT_RE = re.compile(r"^[-+]?\d+$")
 _DECIMAL_RE = re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+)$")
 _GROUPED_INT_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+$")
+_TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|mathrm)\{")
+_PERCENT_RE = re.compile(r"\\?%$")
 _NORMALISE_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", "$")
 
 
@@ -118,15 +120,35 @@ def normalise_answer(answer: str) -> str:
     Only rewrites that cannot change a value: spacing and sizing macros, ``$``, ``\\dfrac``
     and ``\\tfrac`` spellings, a trailing full stop and ``\\text{}`` around a bare answer.
     """
-    answer = answer.strip()
-    text_match = re.fullmatch(r"\\(?:text|textbf|mathrm)\{(.*)\}", answer)
-    if text_match:
-        answer = text_match.group(1)
+    answer = _unwrap_text(answer.strip())
     for token in _NORMALISE_DROP:
         answer = answer.replace(token, "")
     answer = answer.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac")
     answer = re.sub(r"\s+", "", answer)
     return answer.rstrip(".")
+
+
+def _unwrap_text(answer: str) -> str:
+    """``\\text{\\text{East}}`` -> ``East``: every ``\\text``/``\\textbf``/``\\mathrm`` group that
+    wraps the whole answer, however deeply nested (the reference grader, verl's entropy_math,
+    strips them all; one level only rejected doubly wrapped answers)."""
+    while True:
+        opening = _TEXT_WRAPPER_RE.match(answer)
+        if opening is None:
+            return answer
+        inner = _braced_content(answer[opening.end() - 1:])
+        if inner is None or opening.end() + len(inner) + 1 != len(answer):
+            return answer  # "\text{a} + \text{b}": the group does not wrap the whole answer
+        answer = inner.strip()
+
+
+def _percent_free_numbers_equal(answer: str, ground_truth: str) -> bool:
+    """``-5\\%`` vs ``-5``: equal numbers once a trailing percent sign is dropped, as the
+    reference grader drops ``\\%``. Only ever accepts: other percent readings (``50\\%`` =
+    ``0.5``) are still math_verify's to decide."""
+    expected = _plain_number(_PERCENT_RE.sub("", normalise_answer(ground_truth)))
+    actual = _plain_number(_PERCENT_RE.sub("", normalise_answer(answer)), allow_grouping=True)
+    return expected is not None and actual is not None and _numbers_equal(expected, actual)
 
 
 def is_correct(response: str, ground_truth: str) -> bool:
@@ -153,6 +175,8 @@ def grade_answer(answer: str, ground_truth: str) -> bool:
         return True
     if len(answer) > MAX_ANSWER_CHARS or len(ground_truth) > MAX_ANSWER_CHARS:
         return False
+    if _percent_free_numbers_equal(answer, ground_truth):
+        return True
     numbers = _plain_number(ground_truth), _plain_number(answer, allow_grouping=True)
     if numbers[0] is not None and numbers[1] is not None:
         return _numbers_equal(*numbers)

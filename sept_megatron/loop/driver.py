@@ -22,7 +22,8 @@ from sept_megatron.logging import build_logger, setup_console_logging
 from sept_megatron.loop import startup
 from sept_megatron.loop.checkpointer import RoundCheckpointer
 from sept_megatron.loop.round import Timer, answer_once, fit, generate_round, round_metrics
-from sept_megatron.loop.schedule import Schedule, round_seed, total_rounds
+from sept_megatron.loop.schedule import (Schedule, offline_settings, offline_temperature,
+                                         round_seed, total_rounds)
 from sept_megatron.loop.validation import validate_round
 from sept_megatron.runtime import distributed, preemption
 from sept_megatron.trainer.offload import offloaded
@@ -31,6 +32,7 @@ from sept_megatron.trainer.sft import SFTTrainer
 
 def run(cfg: Config) -> dict[str, float]:
     """Run SePT rounds end to end; returns the last round's metrics."""
+    cfg = offline_settings(cfg)  # the offline ablation's own SFT settings, when asked for
     arch, questions = startup.check_run(cfg, distributed.world_size_from_env())
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
@@ -59,7 +61,7 @@ def _run(cfg: Config, arch, questions, rank: int, logger) -> dict[str, float]:
     model = startup.build_model(cfg, arch, resume_from)
     trainer = SFTTrainer(model, cfg.train, total_steps=schedule.rounds * schedule.steps_per_round,
                          use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                         pad_id=startup.pad_id(tokenizer))
+                         pad_id=startup.pad_id(tokenizer), total_rounds=schedule.rounds)
     start = checkpoints.resume(trainer, sampler, resume_from) if resume_from else 0
     if resume_from:
         logger.info("resumed from %s at round %d", resume_from, start)
@@ -68,8 +70,10 @@ def _run(cfg: Config, arch, questions, rank: int, logger) -> dict[str, float]:
     # weights from an FP8 config, see rollout.sglang_engine.prepare_fp8_model_dir).
     if start > 0 or cfg.model.megatron_ckpt or cfg.rollout.weights == "fp8":
         fleet.sync(model)
-    answered = answer_once(cfg, fleet, bank, prompt_ids, schedule.offline_temperature()) \
+    answered = answer_once(cfg, fleet, bank, prompt_ids, offline_temperature(cfg)) \
         if schedule.answers_once else None
+    if cfg.eval.before_training and start == 0:  # the base model's figures, at step 0
+        logger.log(validate_round(cfg, fleet, tokenizer, -1, force=True), step=0)
 
     stop = preemption.install()
     metrics: dict[str, float] = {}

@@ -90,6 +90,7 @@ def fit(trainer, batch: RoundBatch, train_cfg) -> list[dict]:
     ``train.measure_round_fit``, the loss on the round's own samples before and after."""
     before = trainer.evaluate_loss(batch.samples) if train_cfg.measure_round_fit else None
     step_logs = [trainer.step(mb) for mb in mini_batches(batch.samples, train_cfg)]
+    trainer.end_round()  # an LR schedule counted in rounds (the reference's) steps here
     if before is not None:
         batch.stats |= {"train/round_fit_before": before,
                         "train/round_fit_after": trainer.evaluate_loss(batch.samples)}

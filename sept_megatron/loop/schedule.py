@@ -4,18 +4,24 @@ Modes (``train.mode``), all decided here so the loop has no mode branches of its
 
 - ``online`` (SePT): every round the current model answers at tau_s, and the engine is
   refreshed with the updated weights (paper: tau_s 0.6 -> 1.0 over the first 2 of 3 epochs);
-- ``offline``: the base model answers the whole bank once, at tau_start; rounds only train, and
-  the engine keeps the base weights (no refresh, so it is never released: an engine that frees
-  its weights without a CPU copy, SGLang's, would have nothing left to evaluate with);
+- ``offline``: the base model answers the whole bank once (at ``offline.temperature``, else
+  tau_start); rounds only train, and the engine keeps the base weights (no refresh, so it is
+  never released: an engine that frees its weights without a CPU copy, SGLang's, would have
+  nothing left to evaluate with). As the reference runs it, the answers are then fitted with
+  the ``offline:`` section's own SFT settings (:func:`offline_settings`): the reference's
+  offline row is two scripts, the base model answering the training set once at tau 0.6
+  (``generate_solutions.sh``), then verl's SFT trainer (lr 1e-5, AdamW betas (0.9, 0.95),
+  cosine decay after a 1% warmup, one step per 128 sequences, 3 epochs);
 - ``coupled``: tau_s = tau_t every round, the paper's zero-expected-gradient control.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from sept_megatron.config import RolloutConfig, TrainConfig
+from sept_megatron.config import Config, RolloutConfig, TrainConfig
 
 MODES = ("online", "offline", "coupled")
 
@@ -71,6 +77,24 @@ class Schedule:
             return self.train.tau_train
         return sampling_temperature(self.rollout, round_index / self.rounds)
 
-    def offline_temperature(self) -> float:
-        """The temperature the base model answers the bank at, in offline mode."""
-        return self.rollout.tau_start
+
+def offline_settings(cfg: Config) -> Config:
+    """``cfg`` as the run trains it: unchanged, except for ``train.mode=offline`` with
+    ``offline.hyperparameters=sft``, where the offline section's SFT settings replace the
+    train section's (one optimizer step per round of ``offline.sequences_per_step`` answers)."""
+    if cfg.train.mode != "offline" or cfg.offline.hyperparameters != "sft":
+        return cfg
+    o = cfg.offline
+    train = dataclasses.replace(
+        cfg.train, lr=o.lr, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+        weight_decay=o.weight_decay, lr_decay_style=o.lr_decay_style, warmup_ratio=o.warmup_ratio,
+        epochs=o.epochs, prompts_per_round=max(1, o.sequences_per_step // cfg.rollout.n),
+        mini_batch_size=o.sequences_per_step, lr_schedule_interval="optimizer_step",
+        # verl's SFT trainer: each micro-batch's token mean, averaged over micro-batches and ranks.
+        loss_aggregation="microbatch_mean")
+    return dataclasses.replace(cfg, train=train)
+
+
+def offline_temperature(cfg: Config) -> float:
+    """The temperature of the one-off answers: ``offline.temperature``, else ``rollout.tau_start``."""
+    return cfg.offline.temperature if cfg.offline.temperature is not None else cfg.rollout.tau_start

@@ -43,15 +43,14 @@ def check_run(cfg: Config, world: int) -> tuple[ModelArch | None, list[Question]
         validate(cfg, world, arch)
     except ConfigError as exc:
         problems += _lines(exc)
-    if arch is not None and not problems:
-        try:
-            planner.check_fits(cfg, arch, world)  # the planner's memory check; no weights loaded
-        except ConfigError as exc:
-            problems.append(str(exc))
     questions = _check_data(cfg, problems)
     _check_checkpoints(cfg, arch, problems)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    if arch is not None:
+        # Last, on a config that is otherwise sound: the planner's memory check (no weights
+        # loaded yet); its verdict comes with its own table.
+        planner.check_fits(cfg, arch, world)
     return arch, questions
 
 

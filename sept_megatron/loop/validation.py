@@ -15,9 +15,11 @@ def due(cfg: Config, round_index: int) -> bool:
     return bool(every and cfg.eval.benchmarks and (round_index + 1) % every == 0)
 
 
-def validate_round(cfg: Config, fleet: EngineFleet, tokenizer, round_index: int) -> dict[str, float]:
-    """The validation figures after round ``round_index`` (empty when not due)."""
-    if not due(cfg, round_index):
+def validate_round(cfg: Config, fleet: EngineFleet, tokenizer, round_index: int,
+                   force: bool = False) -> dict[str, float]:
+    """The validation figures after round ``round_index`` (empty when not due; ``force``:
+    whenever there are benchmarks, e.g. before training)."""
+    if not (due(cfg, round_index) or (force and cfg.eval.benchmarks)):
         return {}
     from sept_megatron.eval.sweep import evaluate_once
 

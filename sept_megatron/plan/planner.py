@@ -567,6 +567,7 @@ def load_arch(cfg: Config, hf_config: str | None):
 
 def main(argv: list[str]) -> int:
     from sept_megatron.config import load_config, validate
+    from sept_megatron.plan.published_configs import planning_config
 
     parser = argparse.ArgumentParser(
         prog="sept-megatron plan",
@@ -585,6 +586,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if not args.hf_config:
+        args.hf_config, note = planning_config(args.config, cfg.model.hf_path)
+        if note:
+            print(f"sept-megatron plan: {note}")
     arch = load_arch(cfg, args.hf_config)
     hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.reserve_gb)
     if not cfg.model.hf_path:

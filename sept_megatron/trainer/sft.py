@@ -1,13 +1,21 @@
 """The SFT step of SePT, through Megatron-Core's own schedule, DDP and optimizer.
 
 Loss (the paper's, and plain SFT): token-mean negative log-likelihood of the response tokens,
-prompt masked, the first EOS included, logits divided by the training temperature tau_t. The
-mean is over every response token of the mini-batch across micro-batches and data-parallel
-ranks: the loss function returns (sum, token count) and Megatron's ``calculate_per_token_loss``
-path divides the gradients by the global token count in ``finalize_model_grads``.
+prompt masked, the first EOS included, logits divided by the training temperature tau_t. Which
+tokens share one mean is ``train.loss_aggregation``:
 
-One mini-batch = one optimizer step (AdamW via ``get_megatron_optimizer``, warmup then constant
-LR, gradient clipping), exactly as verl/slime run SFT on rollouts.
+* ``minibatch_token_mean``: every response token of the mini-batch, across micro-batches and
+  data-parallel ranks: the loss function returns (sum, token count) and Megatron's
+  ``calculate_per_token_loss`` path divides the gradients by the global token count in
+  ``finalize_model_grads``;
+* ``microbatch_mean`` (the reference's: verl's ``token-mean``): each micro-batch's own token
+  mean, which Megatron's schedule divides by the number of micro-batches and DDP averages over
+  data-parallel ranks. With micro-batches of different token counts the two differ.
+
+One mini-batch = one optimizer step (AdamW via ``get_megatron_optimizer``, gradient clipping).
+The LR warms up linearly from 0, then stays constant (or follows a cosine to 0, the offline
+ablation's SFT schedule); the scheduler steps once per optimizer step or, as verl's SePT
+trainer does, once per round (``train.lr_schedule_interval``).
 """
 
 from __future__ import annotations
@@ -88,6 +96,15 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     return vocab_parallel_cross_entropy(scaled, labels)
 
 
+def scheduler_steps(cfg: TrainConfig, total_steps: int, total_rounds: int | None) -> int:
+    """How many times the LR scheduler will step: optimizer steps, or rounds."""
+    if cfg.lr_schedule_interval == "optimizer_step":
+        return total_steps
+    if total_rounds is None:
+        raise ValueError("train.lr_schedule_interval=round: SFTTrainer needs total_rounds")
+    return total_rounds
+
+
 def _loss_func(mb: MicroBatch, vocab_size: int, tau_train: float, output: torch.Tensor):
     nll = token_nll(output, mb.labels, vocab_size, tau_train)
     loss_sum = (nll * mb.loss_mask).sum()
@@ -106,7 +123,7 @@ class SFTTrainer:
     """Megatron DDP + optimizer + LR schedule around this rank's model stage(s)."""
 
     def __init__(self, model: mdl.MegatronModel, train_cfg: TrainConfig, *, total_steps: int,
-                 use_distributed_optimizer: bool, pad_id: int):
+                 use_distributed_optimizer: bool, pad_id: int, total_rounds: int | None = None):
         from megatron.core import parallel_state as ps
 
         self.model, self.cfg, self.pad_id = model, train_cfg, pad_id
@@ -114,11 +131,12 @@ class SFTTrainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.device = compute_device()
         # Before DDP exists: with per-token loss DDP sums grads instead of averaging them.
-        model.config.calculate_per_token_loss = True
+        model.config.calculate_per_token_loss = train_cfg.loss_aggregation == "minibatch_token_mean"
         self.chunks = _wrap_ddp(model, use_distributed_optimizer and self.dp_size > 1)
         self.optimizer = _build_optimizer(self.chunks, model.config, train_cfg,
                                           use_distributed_optimizer and self.dp_size > 1)
-        self.scheduler = _build_scheduler(self.optimizer, train_cfg, total_steps)
+        self.scheduler = _build_scheduler(self.optimizer, train_cfg,
+                                          scheduler_steps(train_cfg, total_steps, total_rounds))
         _install_schedule_hooks(model.config, self.chunks, self.optimizer)
         self.steps = 0
 
@@ -154,12 +172,19 @@ class SFTTrainer:
         self.optimizer.zero_grad()
         losses = self._run_schedule(mini_batch, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        if self.cfg.lr_schedule_interval == "optimizer_step":
+            self.scheduler.step(increment=1)
         self.steps += 1
         loss, tokens = _reduce_losses(losses)
         return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
                 "train/lr": self.optimizer.param_groups[0]["lr"],
                 "train/response_tokens": tokens, "train/update_skipped": float(not ok)}
+
+    def end_round(self) -> None:
+        """Called once after each round's optimizer steps: the scheduler's step when it counts
+        rounds (verl's SePT trainer steps its LR scheduler once per round)."""
+        if self.cfg.lr_schedule_interval == "round":
+            self.scheduler.step(increment=1)
 
     @torch.no_grad()
     def evaluate_loss(self, samples: Sequence[Sample]) -> float:
@@ -208,21 +233,33 @@ def _build_optimizer(chunks, model_config, cfg: TrainConfig, distributed_optimiz
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay,
+        optimizer="adam", lr=cfg.lr, min_lr=final_lr(cfg), weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.grad_clip, bf16=model_config.bf16, fp16=model_config.fp16,
         params_dtype=model_config.params_dtype, use_distributed_optimizer=distributed_optimizer)
     return get_megatron_optimizer(opt_config, chunks)
 
 
+def final_lr(cfg: TrainConfig) -> float:
+    """The LR after warmup and decay: ``lr`` when constant; 0 for the cosine (verl SFT's)."""
+    return 0.0 if cfg.lr_decay_style == "cosine" else cfg.lr
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """``warmup_steps``, or ``floor(warmup_ratio x total_steps)`` as verl's SFT trainer counts."""
+    return cfg.warmup_steps if cfg.warmup_ratio is None else int(cfg.warmup_ratio * total_steps)
+
+
 def _build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then constant (the paper's)."""
+    """Linear warmup from 0 to ``lr``, then constant (the paper's) or a cosine to 0 at
+    ``total_steps`` (the offline ablation's SFT). ``total_steps`` counts scheduler steps."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    steps = max(total_steps, cfg.warmup_steps + 1)
+    warmup = warmup_steps(cfg, total_steps)
+    steps = max(total_steps, warmup + 1)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.lr, lr_warmup_steps=cfg.warmup_steps,
-        lr_decay_steps=steps, lr_decay_style="constant", start_wd=cfg.weight_decay,
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=final_lr(cfg), lr_warmup_steps=warmup,
+        lr_decay_steps=steps, lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
 
 

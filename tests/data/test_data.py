@@ -188,10 +188,21 @@ QUESTION = Question(
         ("qwen-math", "<|im_start|>system\nPlease reason step by step, and put your final answer "
                       "within \\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
                       "<|im_start|>assistant\n"),
-        ("qwen-instruct", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                          "<|im_start|>user\nWhat is $1+1$?<|im_end|>\n<|im_start|>assistant\n"),
-        ("deepseek-math", "User: What is $1+1$?\nPlease reason step by step, and put your final "
-                          "answer within \\boxed{}.\n\nAssistant:"),
+        # The paper's templates (Fig. 4), as the authors' recipe renders them (issue 20).
+        ("qwen-base", "<|im_start|>system\nPlease reason step by step, and put your final answer "
+                      "within \\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
+                      "<|im_start|>assistant\n"),
+        ("qwen-instruct", "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a "
+                          "helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?\n"
+                          "Please reason step by step, and put your final answer within "
+                          "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n"),
+        ("deepseek-math", "Please reason step by step, and put your final answer within "
+                          "\\boxed{}.\n\nUser: What is $1+1$?\n\nAssistant:"),
+        ("qwen-instruct-legacy", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                                 "<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
+                                 "<|im_start|>assistant\n"),
+        ("deepseek-math-legacy", "User: What is $1+1$?\nPlease reason step by step, and put your "
+                                 "final answer within \\boxed{}.\n\nAssistant:"),
         ("plain", "What is $1+1$?\n" + BOXED_INSTRUCTION + "\n"),
         ("auto", "<|im_start|>user\nWhat is $1+1$?<|im_end|>\n<|im_start|>assistant\n"),
     ],

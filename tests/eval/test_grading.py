@@ -146,6 +146,32 @@ def test_different_answers_grade_wrong(truth: str, answer: str) -> None:
     assert not is_correct(f"\\boxed{{{answer}}}", truth)
 
 
+# The forms the reference grader (verl's entropy_math, which the authors' recipe uses) accepts
+# and ours rejected: a negative percentage and a doubly nested \text{} (issue 20).
+@pytest.mark.parametrize(
+    ("truth", "answer"),
+    [
+        ("-5", r"-5\%"),
+        (r"-5\%", "-5"),
+        ("-12.5", r"-12.5\%"),
+        ("-40", "-40%"),
+        ("East", r"\text{\text{East}}"),
+        (r"\text{\text{Monday}}", r"\text{Monday}"),
+        ("B", r"\text{\textbf{B}}"),
+    ],
+)
+def test_reference_accepted_forms_grade_correct(truth: str, answer: str) -> None:
+    assert is_correct(f"The answer is $\\boxed{{{answer}}}$.", truth)
+
+
+@pytest.mark.parametrize(
+    ("truth", "answer"),
+    [("-5", r"-6\%"), ("East", r"\text{\text{West}}"), ("a", r"\text{a} + \text{b}")],
+)
+def test_reference_forms_with_another_value_grade_wrong(truth: str, answer: str) -> None:
+    assert not is_correct(f"\\boxed{{{answer}}}", truth)
+
+
 def test_only_the_last_box_counts_and_no_box_is_wrong() -> None:
     assert is_correct(r"first \boxed{3}, then corrected: \boxed{4}", "4")
     assert not is_correct(r"first \boxed{4}, then corrected: \boxed{3}", "4")

@@ -277,7 +277,7 @@ def test_cli_defaults_and_benchmark_directory(tmp_path: Path) -> None:
     write_benchmark(tmp_path / "beta.jsonl", 2)
     (tmp_path / "notes.txt").write_text("ignored")
     args = cli.parse_args(["--model", str(tmp_path), "--benchmarks", str(tmp_path), "--out", "o"])
-    assert args.temperatures == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
+    assert args.temperatures == [i / 10 for i in range(17)]  # the reference's grid
     assert [p.name for p in args.benchmark_files] == ["alpha.jsonl", "beta.jsonl"]
     assert (args.n, args.max_new_tokens, args.template, args.backend) == (32, 3072, "auto", "hf")
 

@@ -2,6 +2,7 @@
 kill-and-resume, ablation modes, and bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -157,6 +158,23 @@ def test_ablation_modes_run(tiny_run_inputs, tmp_path, mode):
         assert taus == [1.0, 1.0]  # tau_s = tau_t
     else:
         assert taus[0] == pytest.approx(0.6)
+
+
+def test_offline_with_the_reference_sft_settings_and_validation_before_training(
+        tiny_run_inputs, tmp_path):
+    """The paper's offline row (offline.hyperparameters=sft): one optimizer step per
+    offline.sequences_per_step answers, the offline section's LR; eval.before_training logs a
+    validation at step 0 (issue 20)."""
+    run_train(base_args(tiny_run_inputs, tmp_path, rounds=2) + [
+        "train.mode=offline", "offline.hyperparameters=sft", "offline.sequences_per_step=8",
+        "offline.lr=1e-3", "offline.warmup_ratio=0", "offline.temperature=0.3",
+        f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}", "eval.before_training=true",
+        "eval.n=1", "eval.max_questions=2", "checkpoint.export_hf=false"])
+    metrics = read_metrics(tmp_path)
+    rounds = [m for m in metrics if "train/loss" in m]
+    assert [m["train/optimizer_steps"] for m in rounds] == [1, 1]
+    assert rounds[0]["train/lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 2)) / 2)
+    assert any(k.startswith("val") or "pass@" in k for k in metrics[0]) and "train/loss" not in metrics[0]
 
 
 # --- bad input ---------------------------------------------------------------------------

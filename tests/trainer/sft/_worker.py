@@ -29,6 +29,10 @@ PAD_ROW_VALUE = 1.0
 REFERENCE = dict(lr=1e-3, warmup_steps=0, steps=3)
 LARGE_LR = dict(lr=1e-2, warmup_steps=0, steps=5)
 WARMUP = dict(lr=1e-3, warmup_steps=3, steps=5)
+# The reference's schedule: the LR scheduler steps once per round (here of 2 optimizer steps).
+ROUNDS = dict(lr=1e-3, warmup_steps=2, steps=6, lr_schedule_interval="round", steps_per_round=2)
+# The reference's loss: each micro-batch's (one sample's) token mean, averaged.
+MICROBATCH_MEAN = dict(lr=1e-3, warmup_steps=0, steps=1, loss_aggregation="microbatch_mean")
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
 
 
@@ -53,18 +57,24 @@ def build(hf_dir: str, tp: int, pp: int):
     return model
 
 
-def trainer(model, pad_id: int, *, lr: float, warmup_steps: int, steps: int, tau_train=1.0):
+def trainer(model, pad_id: int, *, lr: float, warmup_steps: int, steps: int, tau_train=1.0,
+            steps_per_round: int = 1, **train_fields):
     cfg = TrainConfig(lr=lr, warmup_steps=warmup_steps, micro_batch_size=1, mini_batch_size=4,
-                      grad_clip=1.0, weight_decay=0.01, tau_train=tau_train)
+                      grad_clip=1.0, weight_decay=0.01, tau_train=tau_train, **train_fields)
     return SFTTrainer(model, cfg, total_steps=steps, use_distributed_optimizer=True,
-                      pad_id=pad_id)
+                      pad_id=pad_id, total_rounds=steps // steps_per_round)
 
 
 def train_run(hf_dir, samples, pad_id, tp, pp, settings) -> dict:
     model = build(hf_dir, tp, pp)
     sft = trainer(model, pad_id, **settings)
-    logs = [sft.step(samples) for _ in range(settings["steps"])]
-    return {"loss": [log["train/loss"] for log in logs],
+    logs, lr_used = [], []
+    for step in range(settings["steps"]):
+        lr_used.append(sft.optimizer.param_groups[0]["lr"])  # the LR this step runs at
+        logs.append(sft.step(samples))
+        if (step + 1) % settings.get("steps_per_round", 1) == 0:
+            sft.end_round()
+    return {"lr_used": lr_used,"loss": [log["train/loss"] for log in logs],
             "grad_norm": [log["train/grad_norm"] for log in logs],
             "lr": [log["train/lr"] for log in logs],
             "tokens": [log["train/response_tokens"] for log in logs],
@@ -96,6 +106,9 @@ def main(hf_dir: str, samples_path: str, out_path: str) -> None:
             result["eval_tau2"] = eval_loss(hf_dir, samples, pad_id, tp, pp, 2.0)
             result["large_lr"] = train_run(hf_dir, samples, pad_id, tp, pp, LARGE_LR)
             result["warmup"] = train_run(hf_dir, samples, pad_id, tp, pp, WARMUP)
+            result["rounds"] = train_run(hf_dir, samples, pad_id, tp, pp, ROUNDS)
+            result["microbatch_mean"] = train_run(hf_dir, samples, pad_id, tp, pp,
+                                                  MICROBATCH_MEAN)
         distributed.shutdown(keep_process_group=True)
         results[name] = result
     if dist.get_rank() == 0:

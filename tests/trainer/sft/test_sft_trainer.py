@@ -132,6 +132,47 @@ def test_learning_rate_warms_up_linearly_then_stays_constant(single):
     assert single["reference"]["lr"] == pytest.approx([lr] * 3, rel=1e-9)  # no warmup
 
 
+def test_the_lr_scheduler_can_step_once_per_round(single):
+    """train.lr_schedule_interval=round (the reference's, issue 20): warmup counted in rounds
+    of 2 optimizer steps, the LR constant within a round (as WARMUP/ROUNDS in _worker.py)."""
+    lr = 1e-3
+    assert single["rounds"]["lr_used"] == pytest.approx([0, 0, lr / 2, lr / 2, lr, lr], rel=1e-9)
+
+
+def hand_grad_norm(hf, samples: list[dict], per_sample_mean: bool) -> float:
+    """Gradient norm of the token-mean NLL over all response tokens, or (per_sample_mean) of
+    the mean over samples of each sample's token mean (micro-batches of one sample)."""
+    hf.zero_grad()
+    losses, counts = [], []
+    for sample in samples:
+        ids = torch.tensor([sample["prompt_ids"] + sample["response_ids"]])
+        log_probs = F.log_softmax(hf(ids).logits[0].double(), dim=-1)
+        start = len(sample["prompt_ids"])
+        targets = ids[0, start:]
+        losses.append(-log_probs[start - 1: ids.shape[1] - 1].gather(1, targets[:, None]).sum())
+        counts.append(len(targets))
+    if per_sample_mean:
+        loss = sum(l / c for l, c in zip(losses, counts)) / len(samples)
+    else:
+        loss = sum(losses) / sum(counts)
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hf.parameters()
+                          if p.grad is not None))
+    hf.zero_grad()
+    return float(norm)
+
+
+def test_loss_aggregation_weighs_tokens_as_configured(train_inputs, hf_model, single):
+    """minibatch_token_mean (default) and microbatch_mean (verl's token-mean) give the
+    gradients of their hand losses; the samples' token counts differ, so the two differ."""
+    samples = samples_of(train_inputs)
+    token_mean = hand_grad_norm(hf_model, samples, per_sample_mean=False)
+    per_sample = hand_grad_norm(hf_model, samples, per_sample_mean=True)
+    assert abs(token_mean - per_sample) > 1e-2 * token_mean
+    assert single["reference"]["grad_norm"][0] == pytest.approx(token_mean, rel=1e-4)
+    assert single["microbatch_mean"]["grad_norm"][0] == pytest.approx(per_sample, rel=1e-4)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_layouts_match_one_process(layout, single, parallel):
     run, reference = parallel[layout], single
