@@ -12,7 +12,8 @@ setup(
     description="Self-evolving Post-Training (SePT) on a Megatron-Core trainer with an SGLang rollout engine",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # 3.11: what the suite runs on; transformers 5.23, numpy 2.4 and pandas 3 need it too.
+    python_requires=">=3.11",
     packages=find_packages(include=["sept_megatron", "sept_megatron.*"]),
     package_data={"sept_megatron": ["configs/*.yaml"]},
     install_requires=[

@@ -3,8 +3,9 @@
     sept-megatron train --config X.yaml [key=value ...]     # under torchrun / srun for N > 1
     sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
-    sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
-    sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
+    sept-megatron bench [--shape tiny|small|1.5b] [--only train,engine,sync,checkpoint,round] ...
+    sept-megatron config [--config X.yaml] [--world-size N] [--hf-config PATH] [key=value ...]
+                                                            # print the resolved, validated tree
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
@@ -26,11 +27,7 @@ def _train(argv: list[str]) -> int:
     from sept_megatron.config import load_config
     from sept_megatron.loop import run
 
-    parser = argparse.ArgumentParser(prog="sept-megatron train",
-                                     description="Run SePT rounds (launch with torchrun for N > 1).")
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
-    args = parser.parse_args(argv)
+    args = build_train_parser().parse_args(argv)
     try:
         run(load_config(args.config, args.overrides))
     except preemption.Preempted as stopped:
@@ -39,14 +36,41 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _show_config(argv: list[str]) -> int:
-    from sept_megatron.config import load_config
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sept-megatron train",
+                                     description="Run SePT rounds (launch with torchrun for N > 1).")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
+    return parser
 
-    parser = argparse.ArgumentParser(prog="sept-megatron config")
-    parser.add_argument("--config")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+
+def build_config_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sept-megatron config",
+        description="Print the resolved config tree after train's start-up checks (exit 2 with "
+                    "every problem listed when any fails).")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks the job will run on (default: tensor_parallel x "
+                             "pipeline_parallel, i.e. DP = 1)")
+    parser.add_argument("--hf-config", help="config.json (or its dir) to check the model's shapes "
+                        "against instead of model.hf_path's")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
+    return parser
+
+
+def _show_config(argv: list[str]) -> int:
+    from sept_megatron.config import ConfigError, load_config
+    from sept_megatron.preflight import config_problems
+
+    args = build_config_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    world = args.world_size or cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+    problems = config_problems(cfg, max(world, 1), args.hf_config)
+    if problems:
+        raise ConfigError(f"invalid config at world size {world}:\n  " + "\n  ".join(problems))
+    print(f"# validated at world size {world}")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
 
 

@@ -562,9 +562,7 @@ def load_arch(cfg: Config, hf_config: str | None):
         raise ConfigError(f"{where}={path!r}: {exc}") from None
 
 
-def main(argv: list[str]) -> int:
-    from sept_megatron.config import load_config, validate
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sept-megatron plan",
         description="Per-GPU memory of a config's layout on given hardware; exit 0 if it fits, "
@@ -580,7 +578,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reserve-gb", type=float, default=DEFAULT_RESERVE_GIB,
                         help="per-GPU reserve for CUDA contexts, NCCL and allocator slack")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    from sept_megatron.config import load_config, validate
+
+    args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     arch = load_arch(cfg, args.hf_config)
     hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.reserve_gb)

@@ -76,7 +76,7 @@ class BenchOptions:
 # --- flags ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sept-megatron bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="tiny", help=f"one of {', '.join(SHAPES)} (default tiny)")
+    p.add_argument("--shape", default="tiny", choices=tuple(SHAPES), help="model shape (default tiny)")
     p.add_argument("--only", default=",".join(BENCHMARKS),
                    help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p.add_argument("--device", default="auto", help="auto (SEPT_DEVICE, then the GPU), cpu, cuda")
