@@ -1,7 +1,8 @@
 """sept_megatron: reward-free LLM self-training (SePT) on Megatron-Core + SGLang.
 
-CPU machines: install torch first, explicitly (``pip install torch==2.13.0``), because an
-unpinned torch pulls a multi-GB CUDA build. megatron-core newer than 0.16.x needs Python 3.12.
+CPU machines: install torch's CPU build first (``pip install torch==2.13.0 --index-url
+https://download.pytorch.org/whl/cpu``, unless pip is already set up for it): PyPI's Linux torch
+is the multi-GB CUDA build. megatron-core newer than 0.16.x needs Python 3.12.
 """
 
 from setuptools import find_packages, setup
