@@ -5,7 +5,7 @@
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
     sept-megatron bench [--shape tiny|small|1.5b] [--only train,engine,sync,checkpoint,round] ...
     sept-megatron config [--config X.yaml] [--world-size N] [--hf-config PATH] [key=value ...]
-                                                            # print the resolved, validated tree
+        # train's start-up checks: every problem at once (exit 2), else the resolved tree
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
@@ -57,6 +57,19 @@ def build_config_parser() -> argparse.ArgumentParser:
                         "against instead of model.hf_path's")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
     return parser
+
+
+def build_subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """A subcommand's argument parser, built without running anything (the docs test checks
+    every documented command against these)."""
+    import importlib
+
+    own = {"train": build_train_parser, "config": build_config_parser}
+    if name in own:
+        return own[name]()
+    modules = {"eval": "sept_megatron.eval.cli", "demo": "sept_megatron.demo.run",
+               "bench": "sept_megatron.bench.options", "plan": "sept_megatron.plan"}
+    return importlib.import_module(modules[name]).build_parser()
 
 
 def _show_config(argv: list[str]) -> int:

@@ -26,7 +26,8 @@ setup() {
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     # SGLang's CPU-importable parts, so tests/rollout/ checks our SGLang backend against the
-    # real package; --no-deps keeps its CUDA kernels and CUDA torch out (on disk: triton 691 MB, sglang 179 MB).
+    # real package; --no-deps keeps its CUDA kernels and CUDA torch out (on disk: triton
+    # 691 MB, sglang 179 MB).
     "$VENV/bin/python" -m pip install -q --no-deps -r tools/sglang-cpu-requirements.txt
   fi
   touch "$stamp"

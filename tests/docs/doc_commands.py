@@ -154,28 +154,18 @@ def documented_commands() -> list[Command]:
 
 
 # --- the real parsers ----------------------------------------------------------------------
-def subcommand_parser(name: str) -> argparse.ArgumentParser | None:
-    from sept_megatron import cli
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    from sept_megatron.cli import build_subcommand_parser
 
-    builders = {
-        "train": cli.build_train_parser, "config": cli.build_config_parser,
-        "eval": lambda: importlib.import_module("sept_megatron.eval.cli").build_parser(),
-        "demo": lambda: importlib.import_module("sept_megatron.demo.run").build_parser(),
-        "bench": lambda: importlib.import_module("sept_megatron.bench.options").build_parser(),
-        "plan": lambda: importlib.import_module("sept_megatron.plan").build_parser(),
-    }
-    assert set(builders) == set(cli.COMMANDS), "a sept-megatron subcommand without a parser here"
-    return builders[name]() if name in builders else None
+    return build_subcommand_parser(name)
 
 
 def tool_parser(script: str) -> argparse.ArgumentParser:
+    """A tool's ``build_parser()`` (every tool under tools/ has one), imported, not run."""
     spec = importlib.util.spec_from_file_location(f"_doc_tool_{Path(script).stem}", REPO / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if hasattr(module, "build_parser"):
-        return module.build_parser()
-    # tools/bench.py is `sept-megatron bench` under another name
-    return subcommand_parser("bench")
+    return module.build_parser()
 
 
 def dev_sh_commands() -> set[str]:
@@ -288,15 +278,13 @@ def _check_sept_megatron(words: list[str], world_size: int, template: bool) -> l
     parsed, error = _parse(parser, args)
     if parsed is None:
         return [error]
-    if name in ("train", "config", "plan"):
-        if name == "plan":
-            world_size = parsed.nodes * parsed.gpus_per_node
-        if name == "config" and parsed.world_size:
-            world_size = parsed.world_size
-        if name == "config" and not parsed.world_size:
-            return config_problems(parsed.config, parsed.overrides, _layout_world(parsed))
-        return config_problems(parsed.config, parsed.overrides, world_size)
-    return []
+    if name == "plan":
+        world_size = parsed.nodes * parsed.gpus_per_node
+    elif name == "config":
+        world_size = parsed.world_size or _layout_world(parsed)
+    elif name != "train":
+        return []
+    return config_problems(parsed.config, parsed.overrides, world_size)
 
 
 def _layout_world(parsed) -> int:

@@ -137,3 +137,13 @@ def test_every_config_field_has_a_docstring():
                     and isinstance(following.value.value, str)):
                 bare.append(f"{section.name}.{statement.target.id}")
     assert not bare, f"config fields without a docstring: {bare}"
+
+
+def test_every_subcommand_and_tool_exposes_its_parser():
+    from docs.doc_commands import subcommand_parser, tool_parser
+    from sept_megatron.cli import COMMANDS
+
+    for name in COMMANDS:
+        assert subcommand_parser(name).prog == f"sept-megatron {name}"
+    for script in sorted((REPO / "tools").glob("*.py")):
+        assert tool_parser(f"tools/{script.name}").format_usage()
