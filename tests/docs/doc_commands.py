@@ -31,7 +31,7 @@ COMMAND_WORDS = ("sept-megatron", "torchrun", "python", "bash", "sbatch", "pytes
 SHELL_OPERATORS = {"&", "&&", "|", "||", ";", ";;"}
 # Placeholders a reader replaces: X.yaml, CONFIG.yaml, HF_OUT, N, key=value, $CONFIG, "$@", ...
 # (a value computed by the shell, as in "rollout.server_urls=$(cat FILE)", is not one).
-PLACEHOLDER = re.compile(r"^([A-Z][A-Z0-9_]*(\.[a-z]+)?|\.\.\.|key=value|\$[\w@{}]+)$")
+PLACEHOLDER = re.compile(r"^([A-Z][A-Z0-9_]*(\.[a-z]+)?|.*\.\.\.|key=value|\$[\w@{}]+)$")
 REPO_TOP = ("examples/", "tools/", "sept_megatron/", "tests/")
 
 
@@ -327,6 +327,8 @@ def _check_python(words: list[str], world_size: int, template: bool) -> list[str
         if module == "pytest":
             return _check_pytest(args)
         return [] if importlib.util.find_spec(module) else [f"python -m {module}: no such module"]
+    if _is_placeholder(words[0]):
+        return []  # "python tools/..." in prose
     return _check_tool(words[0], words[1:], world_size, template)
 
 
@@ -379,7 +381,7 @@ def _sbatch_options(words: list[str]) -> tuple[dict[str, str], list[str]]:
 def _check_sbatch(words: list[str], template: bool) -> list[str]:
     options, rest = _sbatch_options(words)
     if not rest:
-        return ["sbatch: no script"]
+        return [] if not words else ["sbatch: no script"]  # no words: sbatch named in prose
     script, args = REPO / rest[0], rest[1:]
     if _is_placeholder(rest[0]):
         return []
