@@ -109,7 +109,8 @@ def _package_modules() -> set[str]:
 
 def test_layout_table_names_every_module_and_only_modules():
     listed, modules = _layout_names(README.read_text()), _package_modules()
-    assert not modules - listed, f"modules missing from README's Layout: {sorted(modules - listed)}"
+    tops = {name.split("/")[0] for name in listed}  # a row may name a package's module (a/b)
+    assert not modules - tops, f"modules missing from README's Layout: {sorted(modules - tops)}"
     missing = {name for name in listed if not (REPO / "sept_megatron" / f"{name}.py").is_file()
                and not (REPO / "sept_megatron" / name).is_dir()}
     assert not missing, f"Layout rows naming no module: {sorted(missing)}"
