@@ -1,7 +1,8 @@
 """sept_megatron: reward-free LLM self-training (SePT) on Megatron-Core + SGLang.
 
-CPU machines: install torch first, explicitly (``pip install torch==2.13.0``), because an
-unpinned torch pulls a multi-GB CUDA build. megatron-core newer than 0.16.x needs Python 3.12.
+CPU machines: install torch's CPU build first (``pip install torch==2.13.0 --index-url
+https://download.pytorch.org/whl/cpu``, unless pip is already set up for it): PyPI's Linux torch
+is the multi-GB CUDA build. megatron-core newer than 0.16.x needs Python 3.12.
 """
 
 from setuptools import find_packages, setup
@@ -12,7 +13,8 @@ setup(
     description="Self-evolving Post-Training (SePT) on a Megatron-Core trainer with an SGLang rollout engine",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # 3.11: what the suite runs on; transformers 5.23, numpy 2.4 and pandas 3 need it too.
+    python_requires=">=3.11",
     packages=find_packages(include=["sept_megatron", "sept_megatron.*"]),
     install_requires=[
         "torch>=2.6",

@@ -3,8 +3,9 @@
     sept-megatron train --config X.yaml [key=value ...]     # under torchrun / srun for N > 1
     sept-megatron eval --model HF_OR_CKPT --benchmarks ... --out DIR
     sept-megatron demo [--out DIR] [--seed S] [--ablations]
-    sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
-    sept-megatron config [--config X.yaml] [--world-size N] [key=value ...]  # check, then print the tree
+    sept-megatron bench [--shape tiny|small|1.5b] [--only train,engine,sync,checkpoint,round] ...
+    sept-megatron config [--config X.yaml] [--world-size N] [--hf-config PATH] [key=value ...]
+        # train's start-up checks: every problem at once (exit 2), else the resolved tree
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
     sept-megatron paper-table BASE_SWEEP [NAME=]SWEEP ...  # the paper's Table 1/4/5 layout
     sept-megatron eval-general --model HF_DIR --out DIR    # IFEval/BBH/GPQA/MuSR/MMLU-Pro (lm-eval)
@@ -16,7 +17,6 @@ process group, model or accelerator is touched.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import yaml
@@ -29,11 +29,7 @@ def _train(argv: list[str]) -> int:
     from sept_megatron.config import load_config
     from sept_megatron.loop.driver import run
 
-    parser = argparse.ArgumentParser(prog="sept-megatron train",
-                                     description="Run SePT rounds (launch with torchrun for N > 1).")
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
-    args = parser.parse_args(argv)
+    args = build_train_parser().parse_args(argv)
     try:
         run(load_config(args.config, args.overrides))
     except preemption.Preempted as stopped:
@@ -42,26 +38,53 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sept-megatron train",
+                                     description="Run SePT rounds (launch with torchrun for N > 1).")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
+    return parser
+
+
+def build_config_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sept-megatron config",
+        description="Print the resolved config tree after train's start-up checks (exit 2 with "
+                    "every problem listed when any fails).")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks the job will run on (default: tensor_parallel x "
+                             "pipeline_parallel, i.e. DP = 1)")
+    parser.add_argument("--hf-config", help="config.json (or its dir) to check the model's shapes "
+                        "against instead of model.hf_path's")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
+    return parser
+
+
+def build_subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """A subcommand's argument parser, built without running anything (the docs test checks
+    every documented command against these)."""
+    import importlib
+
+    own = {"train": build_train_parser, "config": build_config_parser}
+    if name in own:
+        return own[name]()
+    modules = {"eval": "sept_megatron.eval.cli", "demo": "sept_megatron.demo.run",
+               "bench": "sept_megatron.bench.options", "plan": "sept_megatron.plan.planner",
+               "paper-table": "sept_megatron.eval.paper_table",
+               "eval-general": "sept_megatron.eval.general"}
+    return importlib.import_module(modules[name]).build_parser()
+
+
 def _show_config(argv: list[str]) -> int:
     from sept_megatron.config import load_config
     from sept_megatron.loop.startup import check_run
-    from sept_megatron.runtime.distributed import world_size_from_env
 
-    parser = argparse.ArgumentParser(
-        prog="sept-megatron config",
-        description="Print the resolved tree after the same checks `train` runs before starting "
-                    "(config, model shapes, memory plan, data files, checkpoints); every problem "
-                    "at once, exit code 2.")
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="processes the run will have (default: the launcher's, else "
-                             "parallel.tensor_parallel x parallel.pipeline_parallel)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
-    args = parser.parse_args(argv)
+    args = build_config_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    world = args.world_size or (world_size_from_env() if "WORLD_SIZE" in os.environ else
-                                max(1, cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
-    check_run(cfg, world)
+    world = max(1, args.world_size or cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    check_run(cfg, world, args.hf_config)  # exactly train's checks before start-up
+    print(f"# validated at world size {world}")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
 

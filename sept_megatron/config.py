@@ -36,15 +36,23 @@ class ModelConfig:
     fp8: str | None = None
     """FP8 recipe through TE: null, delayed, tensorwise, blockwise."""
     fp8_format: str = "hybrid"
+    """FP8 formats with model.fp8: hybrid (e4m3 forward, e5m2 gradients) or e4m3 throughout."""
     make_vocab_size_divisible_by: int = 128
+    """Pad the embedding / LM-head rows to a multiple of this (x TP), as Megatron does."""
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     tensor_parallel: int = 1
+    """Megatron tensor-parallel size; must divide the head and query-group counts and the FFN
+    size."""
     pipeline_parallel: int = 1
+    """Megatron pipeline stages; the world size must be a multiple of tensor_parallel x
+    pipeline_parallel."""
     virtual_pipeline: int | None = None
+    """Interleaved (virtual) stages per pipeline rank: null, or >= 2 with pipeline_parallel >= 2."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism of norms and dropout; needs tensor_parallel > 1."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (only matters when DP > 1)."""
     backend: str = "auto"
@@ -84,12 +92,15 @@ class RolloutConfig:
     tau_start: float = 0.6
     """Sampling temperature tau_s at the start of training."""
     tau_end: float = 1.0
+    """Sampling temperature tau_s once the anneal is over."""
     anneal: str = "linear"
     """constant (tau_start throughout), linear or cosine from tau_start to tau_end."""
     anneal_fraction: float = 2.0 / 3.0
     """Fraction of all rounds over which tau_s moves; tau_end afterwards (paper: 2 of 3 epochs)."""
     top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 samples from the whole distribution."""
     top_k: int = -1
+    """Sample among the k most likely tokens; -1: no limit."""
     n: int = 1
     """Answers per question."""
     batch_size: int = 64
@@ -105,13 +116,17 @@ class RolloutConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
+    """Question files: verl-style parquet, JSONL or an HF datasets directory."""
     chat_template: str = "auto"
     """auto (the tokenizer's own), the paper's (Fig. 4): qwen-math, qwen-base, qwen-instruct,
     deepseek-math; this project's earlier forms: qwen-instruct-legacy, deepseek-math-legacy;
     plain. See sept_megatron.data.TEMPLATES."""
     max_prompt_length: int = 1024
+    """Prompts longer than this (tokens, after the chat template) are dropped from the bank."""
     max_response_length: int = 3072
+    """Most new tokens per answer (rollout's max_new_tokens); longer answers are truncated."""
     shuffle_seed: int = 0
+    """Seed of the question order (the same order on every rank and after a resume)."""
 
 
 @dataclass(kw_only=True)
@@ -119,20 +134,30 @@ class TrainConfig:
     mode: str = "online"
     """online (SePT), offline (answers generated once by the base model), coupled (tau_s = tau_t)."""
     epochs: float = 3.0
+    """Passes over the offline answers."""
+    """Passes over the question bank (sets the round count unless train.rounds is given)."""
     rounds: int | None = None
     """Stop after this many rounds (default: epochs x bank size / prompts_per_round)."""
     prompts_per_round: int = 128
+    """Questions answered (and trained on) per round."""
     mini_batch_size: int = 64
     """Sequences per optimizer step."""
     micro_batch_size: int = 1
     """Sequences per forward/backward on one DP rank."""
     lr: float = 1e-7
+    """AdamW peak learning rate (paper: 1e-7)."""
     warmup_steps: int = 10
+    """Optimizer steps of linear warmup from 0 to lr, then constant."""
     weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
     adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
     adam_beta2: float = 0.999
+    """AdamW second-moment decay."""
     adam_eps: float = 1e-8
+    """AdamW denominator epsilon."""
     tau_train: float = 1.0
     """Training temperature tau_t: logits are divided by it in the loss."""
     recompute: str = "none"
@@ -168,18 +193,23 @@ class TrainConfig:
     """Also log the loss on each round's own samples before and after its optimizer steps
     (two extra forward passes per round): does SFT fit what the model just wrote?"""
     seed: int = 1234
+    """Seed of model-parallel RNGs and of the rollout's sampling streams."""
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=list)
+    """Benchmark files (same formats as data.train_files) for in-training validation."""
     every_n_rounds: int = 0
     """In-training validation period (0: off)."""
     temperature: float = 1.0
+    """Sampling temperature of in-training validation."""
     n: int = 4
+    """Samples per validation question (pass@k for k up to n)."""
     max_questions: int | None = 64
     """Per benchmark, a fixed subset for in-training validation."""
     max_new_tokens: int | None = None
+    """Most new tokens per validation answer; null: data.max_response_length."""
     before_training: bool = False
     """Also validate once before the first round (the reference's ``val_before_train``)."""
 
@@ -197,26 +227,37 @@ class OfflineConfig:
     temperature: float | None = None
     """Sampling temperature of the one-off answers (reference: 0.6). null: rollout.tau_start."""
     lr: float = 1e-5
+    """Peak learning rate of the offline SFT (verl SFT's ``optim.lr``)."""
     adam_beta1: float = 0.9
+    """AdamW beta1 of the offline SFT."""
     adam_beta2: float = 0.95
+    """AdamW beta2 of the offline SFT (verl SFT's default betas are (0.9, 0.95))."""
     weight_decay: float = 0.01
+    """AdamW weight decay of the offline SFT."""
     lr_decay_style: str = "cosine"
+    """LR decay after warmup: cosine (verl SFT's) or constant."""
     warmup_ratio: float = 0.01
     """Warmup over this fraction of all optimizer steps (verl's ``warmup_steps_ratio``)."""
     sequences_per_step: int = 128
     """Answers per optimizer step (verl SFT's ``train_batch_size``); one step per round."""
     epochs: float = 3.0
+    """Passes over the offline answers."""
 
 
 @dataclass(kw_only=True)
 class LoggingConfig:
     run_dir: str = "runs/sept"
+    """Where metrics.jsonl, samples/, checkpoints/ and hf_final/ are written."""
     wandb_mode: str = "disabled"
     """online, offline or disabled."""
     wandb_project: str = "sept_megatron"
+    """W&B project (when wandb_mode is not disabled)."""
     run_name: str | None = None
+    """W&B run name; null: W&B picks one."""
     save_samples: bool = True
+    """Write each round's prompts and answers to run_dir/samples/round_N.jsonl."""
     progress: bool = True
+    """Progress bars on rank 0."""
 
 
 @dataclass(kw_only=True)
@@ -224,7 +265,9 @@ class CheckpointConfig:
     save_every_n_rounds: int = 0
     """0: only at the end."""
     keep_last: int = 2
+    """Training checkpoints kept on disk; older ones are deleted after each save."""
     resume: bool = True
+    """Resume from run_dir/checkpoints/latest when it exists."""
     export_hf: bool = True
     """Write an HF checkpoint of the final model to run_dir/hf_final."""
     async_save: bool = False

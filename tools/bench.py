@@ -9,6 +9,7 @@ Same as ``sept-megatron bench`` (see ``sept_megatron/bench/`` for the flags and 
 import sys
 
 from sept_megatron.bench import main
+from sept_megatron.bench.options import build_parser  # noqa: F401 (the docs test reads it)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ import sys
 from sept_megatron.convert.workflows import check_logits
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--ckpt", required=True)
@@ -24,7 +24,11 @@ def main(argv=None) -> int:
                         help="max absolute logit difference allowed (default: 1e-4 for a fp32 "
                              "checkpoint; 3e-2 of the largest |logit| for bf16/fp16)")
     parser.add_argument("--seq-len", type=int, default=32)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     check = check_logits(args.hf_dir, args.ckpt, tp=args.tp, pp=args.pp, seq_len=args.seq_len)
     if check is None:  # not rank 0
         return 0

@@ -12,7 +12,7 @@ import sys
 from sept_megatron.convert.workflows import convert_hf_to_megatron
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--hf-dir", required=True, help="local HF checkpoint directory")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
@@ -21,7 +21,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto",
                         help="params dtype: auto (config.json's dtype), float32, bfloat16, float16")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
                            vocab_divisible_by=args.make_vocab_size_divisible_by)
     return 0

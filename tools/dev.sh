@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Fresh-machine entry point: creates .venv (torch 2.13.0 CPU build pinned first, so an
-# unpinned torch never pulls a multi-GB CUDA build), installs sept_megatron[test], then runs:
+# Fresh-machine entry point: creates .venv (torch 2.13.0 pinned first, so that nothing later
+# pulls another torch), installs sept_megatron[test], then runs:
 #   bash tools/dev.sh demo [demo flags]   # the embedded SePT demo on this CPU
 #   bash tools/dev.sh test [pytest args]  # the test suite
 #   bash tools/dev.sh setup               # only the set-up
+# Which torch build: whatever pip's own configuration resolves torch==2.13.0 to (on a default
+# Linux pip: PyPI's CUDA build, several GB). For the CPU build there, name PyTorch's CPU index:
+#   SEPT_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash tools/dev.sh setup
+# No index is used unless asked, so a set-up whose pip already has the CPU wheel stays offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SEPT_VENV:-.venv}
@@ -16,12 +20,14 @@ setup() {
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   if ! command -v nvidia-smi >/dev/null 2>&1; then
-    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -q ${SEPT_TORCH_INDEX_URL:+--index-url "$SEPT_TORCH_INDEX_URL"} \
+      "torch==2.13.0"
   fi
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     # SGLang's CPU-importable parts, so tests/rollout/ checks our SGLang backend against the
-    # real package; --no-deps keeps its CUDA kernels and CUDA torch out (about 250 MB, mostly triton).
+    # real package; --no-deps keeps its CUDA kernels and CUDA torch out (on disk: triton
+    # 691 MB, sglang 179 MB).
     "$VENV/bin/python" -m pip install -q --no-deps -r tools/sglang-cpu-requirements.txt
   fi
   touch "$stamp"

@@ -42,13 +42,17 @@ def _timed_halves(grader, responses, targets, half):
     return grades, times
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmarks", type=Path, required=True, help="directory of .parquet files")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None,
                         help="grade only this many responses (spread evenly over all of them)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     import pandas as pd
 

@@ -156,14 +156,15 @@ def export_megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_bytes: int =
 
 
 def _warn_partial_blocks(shapes: dict[str, tuple[int, ...]], quantized) -> None:
-    """SGLang/vLLM read partial edge blocks (ceil-sized scale grids, as DeepSeek-V3 ships);
-    transformers 5.x's CPU dequantiser infers the block as rows // scale_rows and gets such
-    tensors wrong, so say which ones have them."""
-    partial = sorted(n for n in quantized if any(d % BLOCK for d in shapes[n]))
-    if partial:
-        log.warning("%d FP8 weights (e.g. %s %s) are not multiples of %d: SGLang and vLLM load "
-                    "them, transformers' CPU dequantisation does not", len(partial), partial[0],
-                    shapes[partial[0]], BLOCK)
+    """SGLang/vLLM read partial edge blocks (ceil-sized scale grids, as DeepSeek-V3 ships).
+    transformers 5.x's CPU dequantiser infers the block as dim // scale_dim: right for a
+    dimension <= BLOCK (one block, e.g. 64 // 1) or a multiple of it, wrong only for a larger
+    dimension with a partial edge block (192 // 2 = 96), so warn about exactly those."""
+    misread = sorted(n for n in quantized if any(d > BLOCK and d % BLOCK for d in shapes[n]))
+    if misread:
+        log.warning("%d FP8 weights (e.g. %s %s) have a dimension above %d that is not a multiple "
+                    "of it: SGLang and vLLM load them, transformers' CPU dequantisation misreads "
+                    "their blocks", len(misread), misread[0], shapes[misread[0]], BLOCK)
 
 
 def _write_hf_config(side_dir: str, out_dir: str, dtype_name: str,

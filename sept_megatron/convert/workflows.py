@@ -33,14 +33,21 @@ def _params_dtype(name: str, hf_config) -> torch.dtype:
     return mdl.resolve_dtype(name)
 
 
+def launch_problems(tp: int, pp: int, world_size: int) -> list[str]:
+    """The conversion runs one rank per model shard: exactly tp x pp processes."""
+    if world_size == tp * pp:
+        return []
+    return [f"--tp x --pp = {tp * pp} but {world_size} processes were launched; use torchrun "
+            f"--nproc-per-node={tp * pp}"]
+
+
 def _check_layout(arch: ModelArch, tp: int, pp: int) -> None:
     from sept_megatron.config import ConfigError, ParallelConfig, layout_problems
 
-    errors = layout_problems(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
-                             distributed.world_size_from_env(), arch)
-    if distributed.world_size_from_env() != tp * pp:
-        errors.append(f"--tp x --pp = {tp * pp} but {distributed.world_size_from_env()} "
-                      f"processes were launched; use torchrun --nproc-per-node={tp * pp}")
+    errors = launch_problems(tp, pp, distributed.world_size_from_env())
+    # The model's shapes against tp x pp only: at world tp x pp there is no data parallelism,
+    # and a conversion has no batch to check.
+    errors += layout_problems(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), tp * pp, arch)
     if errors:
         raise ConfigError("invalid layout:\n  " + "\n  ".join(errors))
 

@@ -460,7 +460,7 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sept-megatron demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None,
                         help="output directory (default runs/demo, or runs/demo-search with --search)")
@@ -477,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
                              "table does not depend on it)")
     parser.add_argument("--cache-dir", default=None, help="base-model cache (default ~/.cache/sept_megatron)")
     parser.add_argument("--wandb", default="offline", choices=("online", "offline", "disabled"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.search:
         from sept_megatron.demo.search import run_search

@@ -83,7 +83,7 @@ def _named(spec: str) -> tuple[str, Path]:
     return name, Path(folder)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sept-megatron paper-table", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=_named, metavar="RUN_DIR",
@@ -91,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="temperature of every row but the baseline's (default 1.0)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         rows = [read_row(name, folder, None if index == 0 else args.temperature)
                 for index, (name, folder) in enumerate(args.runs)]

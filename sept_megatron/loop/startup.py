@@ -13,7 +13,6 @@ import os
 import torch
 
 from sept_megatron.config import Config, ConfigError, validate
-from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 from sept_megatron.data import (Question, filter_by_prompt_length, load_questions,
                                 load_tokenizer, render_prompts)
 from sept_megatron.loop.fleet import EngineFleet
@@ -27,31 +26,40 @@ from sept_megatron.trainer import model as mdl
 from sept_megatron.trainer.arch import ModelArch
 
 
-def check_run(cfg: Config, world: int) -> tuple[ModelArch | None, list[Question]]:
+def check_run(cfg: Config, world: int, hf_config: str | None = None
+              ) -> tuple[ModelArch | None, list[Question]]:
     """Every problem that can be found before a process group exists, reported at once (one
     :class:`ConfigError`, a line each): the config tree, the model's shapes against the layout,
-    the memory plan, every data file, and any checkpoint to start from. ``sept-megatron config``
-    runs exactly this too."""
+    every data file, any checkpoint to start from, then the memory plan. ``sept-megatron
+    config`` runs exactly this too (``hf_config``: a config.json to read the model's shapes
+    from instead of ``model.hf_path``)."""
+    arch, questions, problems = run_problems(cfg, world, hf_config)
+    if problems:
+        raise ConfigError(f"invalid config at world size {world}:\n  " + "\n  ".join(problems))
+    if arch is not None:
+        # Last, on a config that is otherwise sound: the planner's memory check (no weights
+        # loaded yet); its verdict comes with its own table.
+        planner.check_fits(cfg, arch, world)
+    return arch, questions
+
+
+def run_problems(cfg: Config, world: int, hf_config: str | None = None
+                 ) -> tuple[ModelArch | None, list[Question], list[str]]:
+    """:func:`check_run`'s findings without raising: (model shapes, questions, problems)."""
     problems: list[str] = []
     arch = None
-    if cfg.model.hf_path:
+    if hf_config or cfg.model.hf_path:
         try:
-            arch = arch_from_hf_config(load_hf_config(cfg.model.hf_path))
-        except (OSError, ValueError) as exc:
-            problems.append(f"model.hf_path={cfg.model.hf_path!r}: {exc}")
+            arch = planner.load_arch(cfg, hf_config)
+        except ConfigError as exc:
+            problems.append(str(exc))
     try:
         validate(cfg, world, arch)
     except ConfigError as exc:
         problems += _lines(exc)
     questions = _check_data(cfg, problems)
     _check_checkpoints(cfg, arch, problems)
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    if arch is not None:
-        # Last, on a config that is otherwise sound: the planner's memory check (no weights
-        # loaded yet); its verdict comes with its own table.
-        planner.check_fits(cfg, arch, world)
-    return arch, questions
+    return arch, questions, problems
 
 
 def _lines(error: ConfigError) -> list[str]:

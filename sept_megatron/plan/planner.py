@@ -565,10 +565,7 @@ def load_arch(cfg: Config, hf_config: str | None):
         raise ConfigError(f"{where}={path!r}: {exc}") from None
 
 
-def main(argv: list[str]) -> int:
-    from sept_megatron.config import load_config, validate
-    from sept_megatron.plan.published_configs import planning_config
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sept-megatron plan",
         description="Per-GPU memory of a config's layout on given hardware; exit 0 if it fits, "
@@ -584,7 +581,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reserve-gb", type=float, default=DEFAULT_RESERVE_GIB,
                         help="per-GPU reserve for CUDA contexts, NCCL and allocator slack")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    from sept_megatron.config import load_config, validate
+    from sept_megatron.plan.published_configs import planning_config
+
+    args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if not args.hf_config:
         args.hf_config, note = planning_config(args.config, cfg.model.hf_path)

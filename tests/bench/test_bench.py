@@ -169,7 +169,6 @@ def test_round_shares_from_log_intervals():
 
 # --- bad flags ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,needle", [
-    (["--shape", "7b"], "--shape"),
     (["--only", "train,warp"], "warp"),
     (["--only", ""], "--only"),
     (["--seq-len", "100"], "--seq-len 100"),
@@ -187,6 +186,13 @@ def test_bad_flags_raise_a_clear_error(flags, needle):
     with pytest.raises(bench.BenchError) as info:
         bench.parse_options(flags)
     assert needle in str(info.value)
+
+
+def test_unknown_shape_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.parse_options(["--shape", "7b"])
+    assert info.value.code == 2
+    assert "--shape: invalid choice: '7b'" in capsys.readouterr().err
 
 
 def test_bad_flag_exits_2_before_building_anything(tmp_path):

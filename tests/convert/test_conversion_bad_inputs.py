@@ -122,3 +122,12 @@ def test_cli_tp_x_pp_must_equal_the_process_count(hf_models, tmp_path):
     assert "--tp x --pp = 2 but 1 processes were launched" in result.output
     assert "--nproc-per-node=2" in result.output
     assert not out.exists() and not (tmp_path / ".tmp-ckpt").exists()
+
+
+def test_wrong_process_count_names_only_the_launch(qwen2_copy, tmp_path, monkeypatch,
+                                                   no_process_group):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun --nproc-per-node=8 ... --tp 2 --pp 1
+    message = convert_fails(qwen2_copy, tmp_path, tp=2)
+    assert "--tp x --pp = 2 but 8 processes were launched" in message
+    assert "mini_batch_size" not in message  # the batch rules have no say in a conversion

@@ -247,3 +247,18 @@ def test_sglang_block_problems_flag_small_kv_projections():
                      ffn_hidden_size=2048)  # one KV head of 64: k/v outputs of 64 rows
     (problem,) = sglang_block_problems(arch, 1)
     assert "k/v_proj output" in problem and " 64 " in problem
+
+
+def test_export_warns_only_about_shapes_transformers_misreads(caplog):
+    """transformers' CPU dequantiser takes the block as dim // scale_dim: a dimension <= 128
+    (one partial block) or a multiple of 128 reads right; 192 (two scale rows -> 96) does not."""
+    from sept_megatron.convert.hf_export import _warn_partial_blocks
+
+    read_right = {"a.weight": (64, 96), "b.weight": (256, 128), "c.weight": (128, 40)}
+    with caplog.at_level("WARNING", logger="sept_megatron.convert.hf_export"):
+        _warn_partial_blocks(read_right, set(read_right))
+    assert not caplog.records
+    misread = {**read_right, "d.weight": (192, 64), "e.weight": (64, 576)}
+    with caplog.at_level("WARNING", logger="sept_megatron.convert.hf_export"):
+        _warn_partial_blocks(misread, set(misread))
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith("2 FP8 weights")
