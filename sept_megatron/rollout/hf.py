@@ -155,9 +155,11 @@ class HFRolloutEngine:
         config = self._call_config(sampling)
         results: list[list[Generation | None]] = [[None] * copies for _ in prompts]
         for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
+            chunk_prompts = [prompts[index] for index, _ in chunk]
             sampler = None if seeds is None else _SeededSampler(
-                [seeds[index][copy] for index, copy in chunk], sampling)
-            outputs = self._generate_batch([prompts[index] for index, _ in chunk], config, sampler)
+                [seeds[index][copy] for index, copy in chunk], sampling,
+                max(map(len, chunk_prompts)), self.device)
+            outputs = self._generate_batch(chunk_prompts, config, sampler)
             for (index, copy), generation in zip(chunk, outputs):
                 results[index][copy] = generation
         if copies == sampling.n:
@@ -313,13 +315,22 @@ class _SeededSampler(LogitsProcessor):
 
     Applied last, with ``generate`` in greedy mode: the scores are warped exactly as
     transformers' sampling would (temperature, then top-k, then top-p; its own warper classes),
-    one uniform number per row and step is drawn from the row's CPU generator and inverted
+    one uniform number per row and step is taken from the row's CPU generator and inverted
     through the row's CDF (float64), and the returned scores leave only that token finite, so
     greedy selection picks it. A row consumes one number per step whatever the other rows do.
+
+    All of a row's numbers are drawn when the chunk starts, ``max_new_tokens`` at once: a CPU
+    generator yields the same stream in one call as in one call per step (mt19937, filled
+    serially), so the samples are the ones a per-step draw gives, and a step costs no Python
+    loop over the rows and no host-to-device copy (which would block on the GPU every step).
     """
 
-    def __init__(self, seeds: list[int], sampling: SamplingParams) -> None:
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    def __init__(self, seeds: list[int], sampling: SamplingParams, prompt_width: int,
+                 device: torch.device) -> None:
+        self.draws = torch.stack([
+            torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64) for seed in seeds]).to(device)  # (rows, steps)
+        self.prompt_width = prompt_width  # new tokens so far = input width - prompt width
         self.warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
         if sampling.top_k != -1:
             self.warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
@@ -329,9 +340,9 @@ class _SeededSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = self.warpers(input_ids, scores).softmax(dim=-1, dtype=torch.float64)
         cdf = probs.cumsum(dim=-1)
-        draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        step = input_ids.shape[-1] - self.prompt_width
         totals = cdf[:, -1:].contiguous()
-        targets = draws.to(cdf.device)[:, None] * totals
+        targets = self.draws[:, step, None] * totals
         tokens = torch.searchsorted(cdf, targets, right=True)
         # u * total can round up to total: take the token where the CDF reaches its total.
         tokens = torch.minimum(tokens, torch.searchsorted(cdf, totals, right=False))
