@@ -100,6 +100,12 @@ class RolloutConfig:
     """Weight-sync bucket size."""
     device: str = "auto"
     """The hf engine's device: auto (the trainer's compute device on this rank), cpu, cuda:N."""
+    hf_static_cache: bool = False
+    """hf backend: a preallocated (static) KV cache, with which transformers compiles the
+    decoding step into CUDA graphs on a GPU (torch.compile, mode reduce-overhead; the first
+    rollout pays the compile). Same greedy tokens as the default dynamic cache. Leave it off on
+    the CPU: nothing is compiled there and the static cache alone was slower (README,
+    Performance)."""
 
 
 @dataclass(kw_only=True)
@@ -353,6 +359,9 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if r.backend == "hf" and r.engine_tp != 1:
         err(f"rollout.engine_tp={r.engine_tp}: the hf backend runs one engine per device; set "
             "rollout.engine_tp=1 or rollout.backend=sglang")
+    if r.hf_static_cache and r.backend != "hf":
+        err(f"rollout.hf_static_cache=true is an option of the hf backend, not "
+            f"rollout.backend={r.backend}; set rollout.hf_static_cache=false")
     if r.placement == "disaggregated" and (r.backend != "sglang" or not r.server_urls):
         err("rollout.placement=disaggregated needs rollout.backend=sglang and the servers' "
             "addresses in rollout.server_urls (e.g. rollout.server_urls=[http://node7:30000])")

@@ -53,7 +53,8 @@ def backend_kwargs(rollout, *, tokenizer, seed: int, device: str, dtype, progres
     engine group and its process group, as each backend takes them.
     """
     if rollout.backend == "hf":
-        kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress)
+        kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress,
+                      static_cache=rollout.hf_static_cache)
         if placement is not None:
             kwargs |= dict(group=placement.mine, process_group=placement.process_group)
         return kwargs

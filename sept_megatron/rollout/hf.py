@@ -34,6 +34,9 @@ from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket
 
 logger = logging.getLogger(__name__)
 
+STATIC_CACHE_STEP = 256
+"""Static KV cache lengths are multiples of this (fewer distinct shapes to compile)."""
+
 
 def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
     if ids is None:
@@ -60,6 +63,7 @@ class HFRolloutEngine:
         progress: bool = True,
         group=None,
         process_group=None,
+        static_cache: bool = False,
     ) -> None:
         # One engine per rank: ``group`` (an EngineGroup from the placement) must be this rank
         # alone; the one-rank process group has nothing to coordinate.
@@ -84,6 +88,7 @@ class HFRolloutEngine:
         self.progress = progress
         self.tokenizer = tokenizer
         self.shard_sequences = batch_size  # rollout shards are cut in whole batches
+        self.static_cache = static_cache  # rollout.hf_static_cache; see _call_config
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.loaded_tensor_count = 0  # tensors the last sync loaded (update_weights or direct)
         self._bound: list[torch.nn.Parameter] = []  # parameters that are views (bind_weights)
@@ -118,8 +123,24 @@ class HFRolloutEngine:
             pad_token_id=self.pad_token_id,
         )
 
-    def _call_config(self, sampling: SamplingParams) -> GenerationConfig:
-        """Per-call config: always greedy; sampling, when asked for, is :class:`_SeededSampler`."""
+    def _call_config(self, sampling: SamplingParams, prompt_width: int) -> GenerationConfig:
+        """Per-call config: always greedy; sampling, when asked for, is :class:`_SeededSampler`.
+
+        With ``static_cache`` the KV cache is transformers' ``StaticCache``: preallocated, so
+        the decoding step has fixed shapes, and on CUDA ``generate`` then runs that step through
+        ``torch.compile`` with its default ``CompileConfig`` (inductor,
+        ``mode="reduce-overhead"``), i.e. CUDA graphs: one replay per token
+        instead of hundreds of kernel launches from Python (transformers'
+        ``_valid_auto_compile_criteria``; it never compiles on the CPU). The cache length is
+        rounded up to a multiple of :data:`STATIC_CACHE_STEP`, and transformers keeps the
+        largest length it has seen, so later calls with other prompt widths reuse the cache and
+        the compiled graphs (a new batch size, e.g. a last partial chunk, records new graphs).
+        """
+        static = {}
+        if self.static_cache:
+            needed = prompt_width + sampling.max_new_tokens
+            static = dict(cache_implementation="static",
+                          max_cache_len=-(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
         return GenerationConfig(
             do_sample=False,
             max_new_tokens=sampling.max_new_tokens,
@@ -127,6 +148,7 @@ class HFRolloutEngine:
             pad_token_id=self.pad_token_id,
             num_beams=1,
             use_cache=True,
+            **static,
         )
 
     def generate(
@@ -152,13 +174,13 @@ class HFRolloutEngine:
         jobs.sort(key=lambda job: -len(prompts[job[0]]))  # stable: ties keep prompt order
         chunks = [jobs[start : start + self.batch_size] for start in range(0, len(jobs), self.batch_size)]
 
-        config = self._call_config(sampling)
         results: list[list[Generation | None]] = [[None] * copies for _ in prompts]
         for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
             chunk_prompts = [prompts[index] for index, _ in chunk]
             sampler = None if seeds is None else _SeededSampler(
                 [seeds[index][copy] for index, copy in chunk], sampling,
                 max(map(len, chunk_prompts)), self.device)
+            config = self._call_config(sampling, max(map(len, chunk_prompts)))
             outputs = self._generate_batch(chunk_prompts, config, sampler)
             for (index, copy), generation in zip(chunk, outputs):
                 results[index][copy] = generation

@@ -290,3 +290,26 @@ def test_up_front_draws_sample_the_tokens_of_per_step_draws(top_k, top_p, tokeni
     monkeypatch.setattr(hf, "_SeededSampler", PerStepDrawSampler)
     assert engine.generate(prompts, sampling) == up_front
     assert len({tuple(g.token_ids) for row in up_front for g in row}) > 1  # really sampled
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_static_cache_gives_the_tokens_of_the_dynamic_cache(family, tokenizer, prompts):
+    model = make_tiny_model(family, tokenizer)
+    dynamic = engine_for(model, tokenizer, batch_size=3)
+    static = engine_for(model, tokenizer, batch_size=3, static_cache=True)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=20)
+    assert static.generate(prompts, greedy) == dynamic.generate(prompts, greedy)
+    sampled = SamplingParams(temperature=0.9, max_new_tokens=12, n=2, seed=5)
+    assert static.generate(prompts, sampled) == dynamic.generate(prompts, sampled)
+    config = static._call_config(greedy, prompt_width=300)
+    assert config.cache_implementation == "static" and config.max_cache_len == 512
+
+
+def test_backend_kwargs_pass_the_static_cache_option():
+    from sept_megatron.config import load_config
+    from sept_megatron.rollout import backend_kwargs
+
+    rollout = load_config(None, ["rollout.hf_static_cache=true"]).rollout
+    kwargs = backend_kwargs(rollout, tokenizer=None, seed=0, device="cpu", dtype=torch.float32,
+                            progress=False)
+    assert kwargs["static_cache"] is True
