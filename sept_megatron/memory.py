@@ -27,6 +27,7 @@ class Kernels:
     transformer_engine: bool  # TE spec: each RMSNorm fused into the linear after it
     fused_attention: bool  # SDPA / flash / TE: no s x s scores kept
     fp8: bool = False
+    fused_swiglu: bool = False  # CUDA: Megatron's SwiGLU function (model.transformer_config)
 
     def describe(self) -> str:
         dtype = {2: "bf16", 4: "fp32"}.get(self.param_bytes, f"{self.param_bytes}-byte")
@@ -116,7 +117,7 @@ def layer_activation_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
         gqa = arch.num_query_groups < arch.num_attention_heads
         attention = B * 2 * q + (B * q if gqa else v_storage)
         attention += (4 + (2 if B < 4 else 0)) * heads * seq_len
-    mlp = 5 * B * f
+    mlp = (3 if kernels.fused_swiglu else 5) * B * f  # fused: FC1 output and the product
     return norms + linear_inputs + attention + mlp
 
 
@@ -138,7 +139,7 @@ def backward_working_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
     probabilities and the scores, 2 x 4 a s) and, with full recomputation, the layer's own
     activations rebuilt for it. It never meets the head's logits (:func:`logits_bytes`), which
     are freed before the first layer's backward starts."""
-    mlp = 4 * kernels.param_bytes * arch.ffn_hidden_size / tp
+    mlp = (3 if kernels.fused_swiglu else 4) * kernels.param_bytes * arch.ffn_hidden_size / tp
     scores = 0 if kernels.fused_attention else 8 * arch.num_attention_heads / tp * seq_len
     rebuilt = 0.0
     if recompute == "full":

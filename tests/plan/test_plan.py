@@ -227,3 +227,14 @@ def test_sept_megatron_train_refuses_before_loading_anything(tiny_run_inputs, tm
     assert "sept-megatron train: error: the layout does not fit in 0.001 GiB" in output
     assert "per-GPU memory, GiB" in output and "activations kept, recompute=none" in output
     assert not run_dir.exists()  # refused before any process group, weight or file
+
+
+def test_fused_swiglu_keeps_two_ffn_wide_tensors_fewer_per_layer(archs):
+    cfg, arch, gpu = qwen7b(archs)
+    cpu = plan.resolve_kernels(cfg, arch, on_gpu=False, te_available=False)
+    assert gpu.fused_swiglu and not cpu.fused_swiglu
+    unfused = dataclasses.replace(gpu, fused_swiglu=False)
+    kept = {kernels.fused_swiglu: memory.layer_activation_bytes(
+        arch, kernels, tp=2, sequence_parallel=True, seq_len=4096, recompute="none")
+        for kernels in (gpu, unfused)}
+    assert kept[False] - kept[True] == 2 * gpu.param_bytes * arch.ffn_hidden_size / 2
