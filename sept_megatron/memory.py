@@ -95,7 +95,8 @@ def layer_activation_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
         instead) and keeps the fp32 softmax (4 a s) and, in 16-bit, its cast (2 a s) per token;
         fused kernels keep the log-sum-exp (4 a) instead;
       - SwiGLU MLP: FC1 output (2 f), silu output (f), the linear half plus offset (f), their
-        product into FC2 (f): 5 B f.
+        product into FC2 (f): 5 B f; with Megatron's SwiGLU function (CUDA) FC1's output and the
+        product, silu recomputed in backward: 3 B f.
     Recompute ``selective`` keeps only core attention's inputs (no s x s, no GQA copies);
     ``full`` keeps each layer's input (B h) and rebuilds the rest in backward, one layer at a
     time (see :func:`backward_working_bytes`).
