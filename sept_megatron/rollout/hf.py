@@ -177,10 +177,10 @@ class HFRolloutEngine:
         results: list[list[Generation | None]] = [[None] * copies for _ in prompts]
         for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
             chunk_prompts = [prompts[index] for index, _ in chunk]
+            width = max(map(len, chunk_prompts))  # the left-padded prompt width of this chunk
             sampler = None if seeds is None else _SeededSampler(
-                [seeds[index][copy] for index, copy in chunk], sampling,
-                max(map(len, chunk_prompts)), self.device)
-            config = self._call_config(sampling, max(map(len, chunk_prompts)))
+                [seeds[index][copy] for index, copy in chunk], sampling, width, self.device)
+            config = self._call_config(sampling, width)
             outputs = self._generate_batch(chunk_prompts, config, sampler)
             for (index, copy), generation in zip(chunk, outputs):
                 results[index][copy] = generation
