@@ -111,6 +111,12 @@ class RolloutConfig:
     """Weight-sync bucket size."""
     device: str = "auto"
     """The hf engine's device: auto (the trainer's compute device on this rank), cpu, cuda:N."""
+    hf_static_cache: bool = False
+    """hf backend: a preallocated (static) KV cache, with which transformers compiles the
+    decoding step into CUDA graphs on a GPU (torch.compile, mode reduce-overhead; the first
+    rollout pays the compile). Same greedy tokens as the default dynamic cache. Leave it off on
+    the CPU: nothing is compiled there and the static cache alone was slower (README,
+    Performance)."""
 
 
 @dataclass(kw_only=True)

@@ -69,6 +69,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_GPU_LOCK = None  # this process's ModuleGpuLock, made on the first gpu test
+
+
+def _runs_on_the_gpu(item) -> bool:
+    """A gpu test that will run (not one skipped at collection for want of CUDA)."""
+    return item.get_closest_marker("gpu") is not None and not any(
+        mark.name == "skip" for mark in item.iter_markers())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """gpu tests run one module at a time per machine, also under ``pytest -n``
+    (``tests/gpu_lock.py``): several side by side ran the GPU out of memory."""
+    global _GPU_LOCK
+    if _GPU_LOCK is None and _runs_on_the_gpu(item):
+        from gpu_lock import ModuleGpuLock
+
+        _GPU_LOCK = ModuleGpuLock()
+    if _GPU_LOCK is not None:
+        _GPU_LOCK.before(_runs_on_the_gpu(item))
+    yield
+    if _GPU_LOCK is not None:
+        _GPU_LOCK.after(nextitem is not None and nextitem.path == item.path)
+
+
 @pytest.fixture
 def gpu_env() -> dict[str, str]:
     """Environment for the processes a gpu test launches: the real CUDA path, no compat layer."""

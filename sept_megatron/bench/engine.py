@@ -1,4 +1,5 @@
-"""``engine``: HFRolloutEngine.generate vs calling ``model.generate`` directly."""
+"""``engine``: HFRolloutEngine.generate vs calling ``model.generate`` directly, and the
+engine with a static KV cache (``rollout.hf_static_cache``: CUDA graphs on a GPU) beside both."""
 
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def bench_engine(opts: BenchOptions, inputs: Inputs) -> dict:
     with compat.suspended():
         engine = HFRolloutEngine(inputs.hf_dir, device=device, dtype=dtype,
                                  batch_size=opts.gen_batch, progress=False)
+        static_engine = HFRolloutEngine(model=engine.model, tokenizer=engine.tokenizer,
+                                        device=device, dtype=dtype, batch_size=opts.gen_batch,
+                                        progress=False, static_cache=True)
         prompts = _prompts(inputs, engine.tokenizer, opts.gen_batch)
         sampling = SamplingParams(temperature=0.6, top_p=1.0, top_k=-1, n=1, seed=1234,
                                   max_new_tokens=opts.gen_new_tokens)
@@ -83,14 +87,18 @@ def bench_engine(opts: BenchOptions, inputs: Inputs) -> dict:
                                     engine.eos_token_ids, engine.pad_token_id, opts.gen_batch, device)
             outputs[key] = [_cut_at_eos(r, engine.eos_token_ids) for r in rows]
 
+        def static():  # the warm-up call pays the compile (on CUDA)
+            outputs["static"] = [g[0].token_ids for g in static_engine.generate(prompts, sampling)]
+
         log_progress(f"engine: {len(prompts)} prompts x {opts.gen_new_tokens} new tokens, "
                   f"{opts.repeats} repeats")
-        times = side_by_side({"direct": direct, "ours": ours}, warmup=1, repeats=opts.repeats,
-                             device=device, interleave=True)
+        times = side_by_side({"direct": direct, "ours": ours, "static": static}, warmup=1,
+                             repeats=opts.repeats, device=device, interleave=True)
         greedy = dataclasses.replace(sampling, temperature=0.0)
         outputs["ours_greedy"] = [g[0].token_ids for g in engine.generate(prompts, greedy)]
+        outputs["static_greedy"] = [g[0].token_ids for g in static_engine.generate(prompts, greedy)]
         direct(greedy, "direct_greedy")
-    ours_s, direct_s = best(times["ours"]), best(times["direct"])
+    ours_s, direct_s, static_s = best(times["ours"]), best(times["direct"]), best(times["static"])
     # Our own work per call (batching, padding, EOS cut, decoding): the call's time minus
     # the time inside model.generate. Unlike the ratio it does not move with the load.
     overhead_s = best(t - g for t, g in zip(times["ours"], inside_generate[-len(times["ours"]):]))
@@ -103,4 +111,6 @@ def bench_engine(opts: BenchOptions, inputs: Inputs) -> dict:
         "new_tokens": new_tokens, "tokens_per_s": new_tokens / ours_s,
         "ratio_to_transformers": ours_s / direct_s, "overhead_s": overhead_s,
         "overhead_share": overhead_s / ours_s, "same_tokens": outputs["ours_greedy"] == outputs["direct_greedy"],
+        "static_cache_generate_s": static_s, "static_cache_speedup_over_direct": direct_s / static_s,
+        "static_cache_same_tokens": outputs["static_greedy"] == outputs["ours_greedy"],
     }

@@ -215,6 +215,8 @@ def _build_into(out: Path, recipe: BaseModelRecipe, key: str, progress: bool) ->
         "held_out_nll": {"megatron": megatron_loss, "hf": hf_loss},
         "tokens_per_s": tokens / wall["train"], "response_tokens": tokens,
         "sync_buckets": sync_buckets, "torch_threads": torch.get_num_threads(),
+        # The bits depend on the CPU kernels' instruction set, not on the thread count (README).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "wall_time_s": {k: round(v, 2) for k, v in wall.items()}})
     (out / MARKER).write_text(key + "\n")
     log.info("built base model %s (%d params) in %.0f s: loss %.3f -> %.3f", out.name, n_params,

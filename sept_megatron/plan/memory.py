@@ -27,6 +27,7 @@ class Kernels:
     transformer_engine: bool  # TE spec: each RMSNorm fused into the linear after it
     fused_attention: bool  # SDPA / flash / TE: no s x s scores kept
     fp8: bool = False
+    fused_swiglu: bool = False  # CUDA: Megatron's SwiGLU function (model.transformer_config)
 
     def describe(self) -> str:
         dtype = {2: "bf16", 4: "fp32"}.get(self.param_bytes, f"{self.param_bytes}-byte")
@@ -94,7 +95,8 @@ def layer_activation_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
         instead) and keeps the fp32 softmax (4 a s) and, in 16-bit, its cast (2 a s) per token;
         fused kernels keep the log-sum-exp (4 a) instead;
       - SwiGLU MLP: FC1 output (2 f), silu output (f), the linear half plus offset (f), their
-        product into FC2 (f): 5 B f.
+        product into FC2 (f): 5 B f; with Megatron's SwiGLU function (CUDA) FC1's output and the
+        product, silu recomputed in backward: 3 B f.
     Recompute ``selective`` keeps only core attention's inputs (no s x s, no GQA copies);
     ``full`` keeps each layer's input (B h) and rebuilds the rest in backward, one layer at a
     time (see :func:`backward_working_bytes`).
@@ -116,7 +118,7 @@ def layer_activation_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
         gqa = arch.num_query_groups < arch.num_attention_heads
         attention = B * 2 * q + (B * q if gqa else v_storage)
         attention += (4 + (2 if B < 4 else 0)) * heads * seq_len
-    mlp = 5 * B * f
+    mlp = (3 if kernels.fused_swiglu else 5) * B * f  # fused: FC1 output and the product
     return norms + linear_inputs + attention + mlp
 
 
@@ -138,7 +140,7 @@ def backward_working_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
     probabilities and the scores, 2 x 4 a s) and, with full recomputation, the layer's own
     activations rebuilt for it. It never meets the head's logits (:func:`logits_bytes`), which
     are freed before the first layer's backward starts."""
-    mlp = 4 * kernels.param_bytes * arch.ffn_hidden_size / tp
+    mlp = (3 if kernels.fused_swiglu else 4) * kernels.param_bytes * arch.ffn_hidden_size / tp
     scores = 0 if kernels.fused_attention else 8 * arch.num_attention_heads / tp * seq_len
     rebuilt = 0.0
     if recompute == "full":

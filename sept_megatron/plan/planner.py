@@ -489,7 +489,8 @@ def resolve_kernels(cfg: Config, arch, *, on_gpu: bool, te_available: bool) -> K
     te = bool(m.fp8) or m.transformer_impl == "transformer_engine" or (
         m.transformer_impl == "auto" and on_gpu and te_available)
     return Kernels(4 if dtype == "float32" else 2, te,
-                   te or local_attention_is_fused(arch, m.attention), bool(m.fp8))
+                   te or local_attention_is_fused(arch, m.attention), bool(m.fp8),
+                   fused_swiglu=on_gpu)
 
 
 def local_attention_is_fused(arch, attention: str) -> bool:

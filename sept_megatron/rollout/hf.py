@@ -35,6 +35,9 @@ from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket
 
 logger = logging.getLogger(__name__)
 
+STATIC_CACHE_STEP = 256
+"""Static KV cache lengths are multiples of this (fewer distinct shapes to compile)."""
+
 
 class HFRolloutEngine:
     """A :class:`~sept_megatron.rollout.base.RolloutEngine` over a transformers causal LM.
@@ -55,6 +58,7 @@ class HFRolloutEngine:
         progress: bool = True,
         group=None,
         process_group=None,
+        static_cache: bool = False,
     ) -> None:
         # One engine per rank: ``group`` (an EngineGroup from the placement) must be this rank
         # alone; the one-rank process group has nothing to coordinate.
@@ -79,6 +83,7 @@ class HFRolloutEngine:
         self.progress = progress
         self.tokenizer = tokenizer
         self.shard_sequences = batch_size  # rollout shards are cut in whole batches
+        self.static_cache = static_cache  # rollout.hf_static_cache; see _call_config
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.loaded_tensor_count = 0  # tensors the last update_weights loaded
         self._bound: list[torch.nn.Parameter] = []  # parameters that are views (bind_weights)
@@ -112,7 +117,8 @@ class HFRolloutEngine:
         """The hf engine runs on ``device`` in ``dtype`` (the trainer's), in batches of
         ``rollout.batch_size`` sequences."""
         del tokenizer, seed  # it loads its own; sampling seeds come with each call
-        kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress)
+        kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress,
+                      static_cache=rollout.hf_static_cache)
         if placement is not None:
             kwargs |= dict(group=placement.mine, process_group=placement.process_group)
         return kwargs
@@ -144,8 +150,24 @@ class HFRolloutEngine:
             pad_token_id=self.pad_token_id,
         )
 
-    def _call_config(self, sampling: SamplingParams) -> GenerationConfig:
-        """Per-call config: always greedy; sampling, when asked for, is :class:`_SeededSampler`."""
+    def _call_config(self, sampling: SamplingParams, prompt_width: int) -> GenerationConfig:
+        """Per-call config: always greedy; sampling, when asked for, is :class:`_SeededSampler`.
+
+        With ``static_cache`` the KV cache is transformers' ``StaticCache``: preallocated, so
+        the decoding step has fixed shapes, and on CUDA ``generate`` then runs that step through
+        ``torch.compile`` with its default ``CompileConfig`` (inductor,
+        ``mode="reduce-overhead"``), i.e. CUDA graphs: one replay per token
+        instead of hundreds of kernel launches from Python (transformers'
+        ``_valid_auto_compile_criteria``; it never compiles on the CPU). The cache length is
+        rounded up to a multiple of :data:`STATIC_CACHE_STEP`, and transformers keeps the
+        largest length it has seen, so later calls with other prompt widths reuse the cache and
+        the compiled graphs (a new batch size, e.g. a last partial chunk, records new graphs).
+        """
+        static = {}
+        if self.static_cache:
+            needed = prompt_width + sampling.max_new_tokens
+            static = dict(cache_implementation="static",
+                          max_cache_len=-(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
         return GenerationConfig(
             do_sample=False,
             max_new_tokens=sampling.max_new_tokens,
@@ -153,6 +175,7 @@ class HFRolloutEngine:
             pad_token_id=self.pad_token_id,
             num_beams=1,
             use_cache=True,
+            **static,
         )
 
     def generate(
@@ -178,12 +201,14 @@ class HFRolloutEngine:
         jobs.sort(key=lambda job: -len(prompts[job[0]]))  # stable: ties keep prompt order
         chunks = [jobs[start : start + self.batch_size] for start in range(0, len(jobs), self.batch_size)]
 
-        config = self._call_config(sampling)
         results: list[list[Generation | None]] = [[None] * copies for _ in prompts]
         for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
+            chunk_prompts = [prompts[index] for index, _ in chunk]
+            width = max(map(len, chunk_prompts))  # the left-padded prompt width of this chunk
             sampler = None if seeds is None else _SeededSampler(
-                [seeds[index][copy] for index, copy in chunk], sampling)
-            outputs = self._generate_batch([prompts[index] for index, _ in chunk], config, sampler)
+                [seeds[index][copy] for index, copy in chunk], sampling, width, self.device)
+            config = self._call_config(sampling, width)
+            outputs = self._generate_batch(chunk_prompts, config, sampler)
             for (index, copy), generation in zip(chunk, outputs):
                 results[index][copy] = generation
         if copies == sampling.n:
@@ -345,13 +370,22 @@ class _SeededSampler(LogitsProcessor):
 
     Applied last, with ``generate`` in greedy mode: the scores are warped exactly as
     transformers' sampling would (temperature, then top-k, then top-p; its own warper classes),
-    one uniform number per row and step is drawn from the row's CPU generator and inverted
+    one uniform number per row and step is taken from the row's CPU generator and inverted
     through the row's CDF (float64), and the returned scores leave only that token finite, so
     greedy selection picks it. A row consumes one number per step whatever the other rows do.
+
+    All of a row's numbers are drawn when the chunk starts, ``max_new_tokens`` at once: a CPU
+    generator yields the same stream in one call as in one call per step (mt19937, filled
+    serially), so the samples are the ones a per-step draw gives, and a step costs no Python
+    loop over the rows and no host-to-device copy (which would block on the GPU every step).
     """
 
-    def __init__(self, seeds: list[int], sampling: SamplingParams) -> None:
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    def __init__(self, seeds: list[int], sampling: SamplingParams, prompt_width: int,
+                 device: torch.device) -> None:
+        self.draws = torch.stack([
+            torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64) for seed in seeds]).to(device)  # (rows, steps)
+        self.prompt_width = prompt_width  # new tokens so far = input width - prompt width
         self.warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
         if sampling.top_k != -1:
             self.warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
@@ -361,9 +395,9 @@ class _SeededSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = self.warpers(input_ids, scores).softmax(dim=-1, dtype=torch.float64)
         cdf = probs.cumsum(dim=-1)
-        draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        step = input_ids.shape[-1] - self.prompt_width
         totals = cdf[:, -1:].contiguous()
-        targets = draws.to(cdf.device)[:, None] * totals
+        targets = self.draws[:, step, None] * totals
         tokens = torch.searchsorted(cdf, targets, right=True)
         # u * total can round up to total: take the token where the CDF reaches its total.
         tokens = torch.minimum(tokens, torch.searchsorted(cdf, totals, right=False))

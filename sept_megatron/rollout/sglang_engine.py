@@ -282,6 +282,9 @@ class SGLangRolloutEngine:
     @classmethod
     def check_config(cls, rollout, *, arch=None) -> list[str]:
         problems = []
+        if rollout.hf_static_cache:
+            problems.append("rollout.hf_static_cache=true is an option of the hf backend, not "
+                            "rollout.backend=sglang; set rollout.hf_static_cache=false")
         if rollout.placement == "disaggregated" and not rollout.server_urls:
             problems.append("rollout.placement=disaggregated needs the servers' addresses in "
                             "rollout.server_urls (e.g. rollout.server_urls=[http://node7:30000])")

@@ -31,6 +31,7 @@ from sept_megatron.trainer import model as mdl
 from sept_megatron.config import TrainConfig
 from sept_megatron.runtime.distributed import compute_device
 from sept_megatron.trainer.fp8 import token_multiple
+from sept_megatron.trainer.fused_adam import use_fused_adam
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,10 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     """Per-token NLL of vocab-parallel logits at temperature tau_t (no gather of the vocab)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    scaled = masked_vocab_padding(logits.float() / tau_train, vocab_size)
+    scaled = logits.float()
+    if tau_train != 1.0:  # the cast's own copy (bf16 logits) is divided in place: one fp32 copy less
+        scaled = scaled.div_(tau_train) if scaled is not logits else scaled / tau_train
+    scaled = masked_vocab_padding(scaled, vocab_size)
     return vocab_parallel_cross_entropy(scaled, labels)
 
 
@@ -135,6 +139,7 @@ class SFTTrainer:
         self.chunks = _wrap_ddp(model, use_distributed_optimizer and self.dp_size > 1)
         self.optimizer = _build_optimizer(self.chunks, model.config, train_cfg,
                                           use_distributed_optimizer and self.dp_size > 1)
+        use_fused_adam(self.optimizer, self.device)  # torch's fallback AdamW: fused on CUDA
         self.scheduler = _build_scheduler(self.optimizer, train_cfg,
                                           scheduler_steps(train_cfg, total_steps, total_rounds))
         _install_schedule_hooks(model.config, self.chunks, self.optimizer)
@@ -291,5 +296,6 @@ def load_trainer_state(trainer: SFTTrainer, ckpt_dir: str, scheduler_state: dict
     for i, chunk in enumerate(trainer.model.chunks):
         chunk.load_state_dict(loaded["model"][f"model{i}"], strict=False)
     trainer.optimizer.load_state_dict(loaded["optimizer"])
+    use_fused_adam(trainer.optimizer, trainer.device)  # loading restored the saved groups' flags
     trainer.scheduler.load_state_dict(scheduler_state)
     trainer.steps = scheduler_state.get("num_steps", trainer.steps)

@@ -67,6 +67,10 @@ def test_engine_line(results):
     assert 0 < r["overhead_s"] < r["generate_s"]
     assert r["overhead_share"] == pytest.approx(r["overhead_s"] / r["generate_s"])
     assert r["prompts"] == 8 and 0 < r["new_tokens"] <= 8 * 8
+    _positive(r, "static_cache_generate_s", "static_cache_speedup_over_direct")
+    assert r["static_cache_speedup_over_direct"] == pytest.approx(
+        r["direct_generate_s"] / r["static_cache_generate_s"])
+    assert r["static_cache_same_tokens"] is True  # greedy: the dynamic cache's tokens
 
 
 @pytest.mark.slow

@@ -245,3 +245,9 @@ def test_fp8_training_rejects_dimensions_te_cannot_run_in_fp8():
     assert "ffn_hidden_size per TP rank = 200 is not a multiple of 16" in message
     assert "q/k/v rows" not in message  # (4 + 2 x 2) x 18 = 144 = 9 x 16 fits
     validate(good_config("model.fp8=delayed"), world_size=1, arch=tiny_arch())  # 64/128 fit
+
+
+def test_hf_static_cache_is_an_option_of_the_hf_backend_only():
+    validate(good_config("rollout.hf_static_cache=true"), world_size=1)
+    message = validation_errors(good_config("rollout.hf_static_cache=true", "rollout.backend=sglang"))
+    assert "rollout.hf_static_cache=true" in message and "rollout.hf_static_cache=false" in message

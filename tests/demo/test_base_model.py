@@ -53,6 +53,7 @@ def test_training_loss_decreased_and_export_matches_megatron(built):
     assert sum(loss[-3:]) / 3 < loss[0] - 0.5
     assert log["held_out_nll"]["hf"] == pytest.approx(log["held_out_nll"]["megatron"], rel=1e-4)
     assert log["wall_time_s"]["total"] > 0 and log["tokens_per_s"] > 0
+    assert log["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # decides the bits
 
 
 def test_cache_hit_returns_without_rebuilding(built, monkeypatch):

@@ -248,3 +248,14 @@ def test_offload_during_rollout_frees_the_trainer_state_for_the_kv_pool(capsys, 
     resident = line(kept, "trainer state kept resident").gib
     assert resident > 1 and line(moved, "trainer state offloaded").gib == 0
     assert line(moved, "KV pool").gib == pytest.approx(line(kept, "KV pool").gib + resident)
+
+
+def test_fused_swiglu_keeps_two_ffn_wide_tensors_fewer_per_layer(archs):
+    cfg, arch, gpu = qwen7b(archs)
+    cpu = plan.resolve_kernels(cfg, arch, on_gpu=False, te_available=False)
+    assert gpu.fused_swiglu and not cpu.fused_swiglu
+    unfused = dataclasses.replace(gpu, fused_swiglu=False)
+    kept = {kernels.fused_swiglu: memory.layer_activation_bytes(
+        arch, kernels, tp=2, sequence_parallel=True, seq_len=4096, recompute="none")
+        for kernels in (gpu, unfused)}
+    assert kept[False] - kept[True] == 2 * gpu.param_bytes * arch.ffn_hidden_size / 2

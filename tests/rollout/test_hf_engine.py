@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
 from hf_tiny import make_tiny_model, make_tokenizer
 
 from sept_megatron.rollout import SamplingParams, build_engine
+from sept_megatron.rollout import hf
 from sept_megatron.rollout.hf import HFRolloutEngine
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
@@ -258,3 +260,56 @@ def test_hf_engine_refuses_a_multi_rank_group(tokenizer):
 
     with pytest.raises(ValueError, match="rollout.engine_tp=1"):
         engine_for(make_tiny_model("llama", tokenizer), tokenizer, group=EngineGroup(0, (0, 1)))
+
+
+class PerStepDrawSampler(hf._SeededSampler):
+    """The sampler as it was before the draws were taken up front: one ``torch.rand`` per row
+    and step, copied to the scores' device every step (the reference for the same tokens)."""
+
+    def __init__(self, seeds, sampling, prompt_width, device):
+        super().__init__(seeds, sampling, prompt_width, device)
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        probs = self.warpers(input_ids, scores).softmax(dim=-1, dtype=torch.float64)
+        cdf = probs.cumsum(dim=-1)
+        draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        totals = cdf[:, -1:].contiguous()
+        tokens = torch.searchsorted(cdf, draws.to(cdf.device)[:, None] * totals, right=True)
+        tokens = torch.minimum(tokens, torch.searchsorted(cdf, totals, right=False))
+        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(-1, 1.0), (5, 0.9)])
+def test_up_front_draws_sample_the_tokens_of_per_step_draws(top_k, top_p, tokenizer, prompts,
+                                                           monkeypatch):
+    engine = engine_for(make_tiny_model("qwen2", tokenizer), tokenizer, batch_size=3)
+    sampling = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=12,
+                              n=2, seed=11)
+    up_front = engine.generate(prompts, sampling)
+    monkeypatch.setattr(hf, "_SeededSampler", PerStepDrawSampler)
+    assert engine.generate(prompts, sampling) == up_front
+    assert len({tuple(g.token_ids) for row in up_front for g in row}) > 1  # really sampled
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_static_cache_gives_the_tokens_of_the_dynamic_cache(family, tokenizer, prompts):
+    model = make_tiny_model(family, tokenizer)
+    dynamic = engine_for(model, tokenizer, batch_size=3)
+    static = engine_for(model, tokenizer, batch_size=3, static_cache=True)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=20)
+    assert static.generate(prompts, greedy) == dynamic.generate(prompts, greedy)
+    sampled = SamplingParams(temperature=0.9, max_new_tokens=12, n=2, seed=5)
+    assert static.generate(prompts, sampled) == dynamic.generate(prompts, sampled)
+    config = static._call_config(greedy, prompt_width=300)
+    assert config.cache_implementation == "static" and config.max_cache_len == 512
+
+
+def test_backend_kwargs_pass_the_static_cache_option():
+    from sept_megatron.config import load_config
+    from sept_megatron.rollout import backend_kwargs
+
+    rollout = load_config(None, ["rollout.hf_static_cache=true"]).rollout
+    kwargs = backend_kwargs(rollout, tokenizer=None, seed=0, device="cpu", dtype=torch.float32,
+                            progress=False)
+    assert kwargs["static_cache"] is True

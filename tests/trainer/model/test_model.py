@@ -216,3 +216,14 @@ def test_transformer_engine_bf16_logits_match_hf(tmp_path, gpu_env):
         # reference must be of the order of transformers' own bf16 error.
         assert result["megatron_bf16_vs_fp32"] <= 3 * result["hf_bf16_vs_fp32"] + 2e-2, (
             family, result)
+
+
+def test_swiglu_fusion_on_cuda_only(monkeypatch):
+    """Megatron's SwiGLU function where the trainer computes on CUDA (fewer kept activations);
+    the CPU path keeps the unfused one (no inductor compile, the same numbers as before)."""
+    from sept_megatron.runtime import distributed
+
+    arch = arch_of("qwen2")
+    assert mdl.transformer_config(arch).bias_activation_fusion is False  # this suite: CPU
+    monkeypatch.setattr(distributed, "compute_device", lambda: torch.device("cuda", 0))
+    assert mdl.transformer_config(arch).bias_activation_fusion is True
