@@ -6,6 +6,7 @@ copy of the repository, with the tests that should catch it run against it.
     python tools/mutants.py --only skip-sync,temperature-ignored-hf
     python tools/mutants.py --list             # the table, nothing run
     python tools/mutants.py --baseline --quick # also run each test set unmutated first
+    python tools/mutants.py --only skip-sync --tests tests/loop/test_round_weights.py
 
 A mutant is *killed* when its tests fail (the first failing test is printed: ``-x``), *survived*
 when they pass. The scratch copy holds the tracked and untracked-but-not-ignored files of this
@@ -339,6 +340,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the table and exit")
     parser.add_argument("--baseline", action="store_true",
                         help="first run each mutant's tests on the unmutated copy (must pass)")
+    parser.add_argument("--tests", default="",
+                        help="comma-separated test paths / node ids to run instead of each mutant's "
+                             "own (to see one test kill a mutant)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant's test run")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (path printed)")
     return parser.parse_args(argv)
@@ -375,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         repo = scratch_copy(REPO_ROOT, scratch)
         for number, mutant in enumerate(mutants, 1):
             test_ids = mutant.quick if args.quick else mutant.quick + mutant.full
+            if args.tests:
+                test_ids = tuple(t.strip() for t in args.tests.split(",") if t.strip())
             if args.baseline:
                 check_baseline(repo, test_ids, args.timeout)
             verdict = judge(mutant, repo, test_ids, args.timeout)
