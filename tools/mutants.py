@@ -178,8 +178,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("fp8-scale-power-of-two", "FP8 scale rounding",
            "block scales rounded up to a power of two (the largest element no longer lands on 448)",
            "fp8_quantiser", (("torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))",
-                              "torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX))), "
-                              "torch.ones_like(amax))"),),
+                              ("torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX))), "
+                               "torch.ones_like(amax))")),),
            tests("fp8")),
     Mutant("no-generation-prompt", "generation prompt",
            "chat prompts rendered without the assistant turn's opening (add_generation_prompt=False)",
@@ -198,8 +198,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("skip-sync", "skipped sync",
            "the engine is refreshed only every other round",
            "round", (('            if cfg.train.mode != "offline":\n                sync_rollout_weights(',
-                      '            if cfg.train.mode != "offline" and round_index % 2 == 0:\n'
-                      '                sync_rollout_weights('),),
+                      ('            if cfg.train.mode != "offline" and round_index % 2 == 0:\n'
+                       '                sync_rollout_weights(')),),
            tests("round_weights")),
     Mutant("temperature-ignored-hf", "temperature ignored",
            "the hf engine samples at T = 1 whatever tau_s is",

@@ -9,10 +9,10 @@ parameters. A loop that skipped a sync, synced before the optimizer steps, or sa
 stale or different model fails here, whatever order its calls come in.
 """
 
+import itertools
 import json
 
 import pytest
-
 from mp import run_python
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_every_round_starts_with_the_engine_holding_the_trainers_weights(checked
         assert not stale, f"round {r['round']}: the engine's {stale[:3]} (of {len(stale)}) differ " \
                           "from the trainer's weights: the previous round's sync did not land"
     # Not vacuous: training moved the weights between every two rounds.
-    for before, after in zip(checked_rounds, checked_rounds[1:]):
+    for before, after in itertools.pairwise(checked_rounds):
         moved = [name for name in before["trainer"] if before["trainer"][name] != after["trainer"][name]]
         assert moved, f"round {after['round']}: the weights did not change"
 

@@ -10,8 +10,8 @@ checks each term exactly, for one GPU (no sharding) and for the distributed opti
 from __future__ import annotations
 
 import pytest
-
 from published import write_config
+
 from sept_megatron import memory, plan
 from sept_megatron.config import load_config
 from sept_megatron.model import arch_from_hf_config, load_hf_config, padded_vocab_size

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mp import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("mutants", REPO_ROOT / "tools" / "mutants.py")
