@@ -11,7 +11,7 @@ call bound to the installed ``sglang.Engine`` method's signature, the weight-upd
 rule enforced, each payload unpacked by SGLang's own receiving code). Everything else, the
 loop, placement, orchestration, reshard and our SGLang backend, runs unchanged. Each rank
 writes ``OUT_JSON.rank<r>``: the engines it started, their calls, and the tensors the last
-sync loaded (raw bytes, hex).
+sync loaded (raw bytes, hex), and the temperatures each generate call's requests carry.
 """
 
 import json
@@ -78,6 +78,8 @@ def main(out_path: str, *overrides: str) -> None:
                                         if name == "update_weights_from_tensor"}),
          "generated_prompts": sum(len(args["input_ids"]) for name, args in recorder.calls
                                   if name == "generate"),
+         "temperatures": [sorted({p["temperature"] for p in args["sampling_params"]})
+                          for name, args in recorder.calls if name == "generate"],
          "loaded": [{name: [d, list(s), b.hex()] for name, (d, s, b) in
                      ((n, as_bytes(t)) for n, t in loaded.items())} for loaded in recorder.loaded]}
         for kwargs, recorder in started]}

@@ -62,6 +62,11 @@ def test_one_engine_group_of_two_ranks(tiny_run_inputs, tmp_path):
     assert tags == [None, ["weights"], ["kv_cache", "cuda_graph"]] * ROUNDS
     assert engine["payloads_per_update"] == [2]  # one payload from each rank of the group
     assert engine["generated_prompts"] == ROUNDS * 4 * 2  # every prompt x n, on the one engine
+    # Each round's requests are sampled at that round's tau_s (0.6, then 0.6 + 0.4 * 0.5 / (2/3)).
+    taus = [json.loads(line)["rollout/tau_s"]
+            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert taus == pytest.approx([0.6, 0.9])
+    assert engine["temperatures"] == [[pytest.approx(tau)] for tau in taus]
     final = {}
     for path in sorted((tmp_path / "run" / "hf_final").glob("*.safetensors")):
         final |= load_file(str(path))

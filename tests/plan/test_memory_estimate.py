@@ -41,7 +41,10 @@ CPU_SHAPES = {
 CPU_CASES = [("llama-gqa-fp32", "sdpa", "none"), ("llama-gqa-fp32", "sdpa", "full"),
              ("qwen2-mha-bf16-long", "unfused", "none"),
              ("qwen2-mha-bf16-long", "unfused", "selective")]
-CPU_TOLERANCE = 0.25
+# fp32 on CPU: weights, grads and Adam state are counted exactly and the activations are the
+# formulas' (measured 0.998 and 1.000), so the bar is tight enough to see half an optimizer
+# term; the bf16 shape keeps more allocator slack (bf16 casts, fp32 softmax copies).
+CPU_TOLERANCE = {"llama-gqa-fp32": 0.03, "qwen2-mha-bf16-long": 0.25}
 GPU_TOLERANCE = 0.15
 
 
@@ -87,7 +90,7 @@ def test_estimate_matches_the_measured_cpu_peak(tmp_path, shape, attention, reco
     case = f"{shape} {attention}/{recompute}"
     print(f"{case}: estimated {estimated / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, "
           f"ratio {estimated / measured:.3f}")
-    assert abs(estimated / measured - 1) <= CPU_TOLERANCE, (estimated, measured)
+    assert abs(estimated / measured - 1) <= CPU_TOLERANCE[shape], (estimated, measured)
 
 
 @pytest.mark.gpu
