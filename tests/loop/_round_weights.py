@@ -3,7 +3,7 @@ engine generates from the trainer's current weights (run by tests/loop/test_roun
 
     python tests/loop/_round_weights.py OUT_JSON key=value ...
 
-Before each round's generation (``loop.generate_round``): the trainer's weights as HF tensors
+Before each round's generation (``loop.round.generate_round``, as the driver calls it): the trainer's weights as HF tensors
 (``reshard.stream_hf_buckets`` over the peer transport: the bucket export, not the CPU direct
 sync the loop uses) and the rollout engine's weights, a SHA-256 per tensor of each. After it:
 the same prompts answered by a fresh transformers model holding the trainer's weights, with the
@@ -17,9 +17,12 @@ import sys
 
 import torch
 
-from sept_megatron import cli, compat, loop
-from sept_megatron import model as mdl
-from sept_megatron.reshard import stream_hf_buckets
+from sept_megatron import cli
+from sept_megatron.loop import driver
+from sept_megatron.loop.round import rollout_sampling
+from sept_megatron.runtime import compat
+from sept_megatron.trainer import model as mdl
+from sept_megatron.weight_sync.gather import stream_hf_buckets
 from sept_megatron.rollout.hf import HFRolloutEngine
 
 built: dict = {}
@@ -49,8 +52,7 @@ def trainer_hf_weights() -> dict[str, torch.Tensor]:
     return weights
 
 
-def reference_samples(cfg, engine: HFRolloutEngine, weights, questions, prompt_ids, tau_s,
-                      round_index):
+def reference_samples(cfg, engine: HFRolloutEngine, weights, questions, prompt_ids, tau_s, seed):
     """The round's prompts answered by a fresh model holding ``weights`` (same sampling, same
     batch size, so the same batches and padding as the loop's engine)."""
     from transformers import AutoModelForCausalLM
@@ -61,29 +63,29 @@ def reference_samples(cfg, engine: HFRolloutEngine, weights, questions, prompt_i
         model.load_state_dict(weights, strict=True)
         reference = HFRolloutEngine(model=model, tokenizer=engine.tokenizer, progress=False,
                                     batch_size=engine.batch_size)
-        sampling = loop._rollout_sampling(cfg, tau_s, loop.round_seed(cfg.train.seed, round_index))
+        sampling = rollout_sampling(cfg, tau_s, seed)
         return reference.generate([prompt_ids[q.index] for q in questions], sampling)
 
 
 def check_rounds() -> None:
-    original = loop.generate_round
+    original = driver.generate_round
 
-    def checked(cfg, engines, questions, prompt_ids, tau_s, round_index, offline_answers=None):
-        engine = engines.local
+    def checked(cfg, fleet, questions, prompt_ids, tau_s, seed, answered=None):
+        engine = fleet.local
         trainer = trainer_hf_weights()
         engine_state = engine.model.state_dict()
-        batch = original(cfg, engines, questions, prompt_ids, tau_s, round_index, offline_answers)
-        expected = reference_samples(cfg, engine, trainer, questions, prompt_ids, tau_s, round_index)
+        batch = original(cfg, fleet, questions, prompt_ids, tau_s, seed, answered)
+        expected = reference_samples(cfg, engine, trainer, questions, prompt_ids, tau_s, seed)
         produced = [sample.response_ids for sample in batch.samples]
         rounds.append({
-            "round": round_index + 1, "tau_s": tau_s,
+            "round": len(rounds) + 1, "tau_s": tau_s,
             "trainer": {name: digest(t) for name, t in trainer.items()},
             "engine": {name: digest(engine_state[name]) for name in trainer if name in engine_state},
             "samples": produced,
             "reference": [list(g.token_ids) for gens in expected for g in gens]})
         return batch
 
-    loop.generate_round = checked
+    driver.generate_round = checked
 
 
 def main(out_path: str, *overrides: str) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from sept_megatron import loop
+from sept_megatron.loop.round import generate_round
+from sept_megatron.loop.schedule import Schedule, round_seed
 from sept_megatron.config import load_config
 from sept_megatron.data import Question
 from sept_megatron.rollout.base import Generation
@@ -51,8 +52,9 @@ def test_every_round_requests_its_own_tau_s(mode):
     engines = SGLangRequests()
     logged = []
     for round_index in range(ROUNDS):
-        tau_s = loop._tau_for_round(cfg, round_index, ROUNDS)
-        batch = loop.generate_round(cfg, engines, questions, prompt_ids, tau_s, round_index)
+        tau_s = Schedule(cfg.train, cfg.rollout, ROUNDS).tau_sample(round_index)
+        batch = generate_round(cfg, engines, questions, prompt_ids, tau_s,
+                               round_seed(cfg.train.seed, round_index))
         logged.append({row["tau_s"] for row in batch.rows})
     expected = [paper_tau(r, ROUNDS) if mode == "online" else 1.0 for r in range(ROUNDS)]
     assert len(set(expected)) > 1 or mode == "coupled"

@@ -12,9 +12,11 @@ from __future__ import annotations
 import pytest
 from published import write_config
 
-from sept_megatron import memory, plan
+from sept_megatron.plan import memory
+from sept_megatron.plan import planner as plan
 from sept_megatron.config import load_config
-from sept_megatron.model import arch_from_hf_config, load_hf_config, padded_vocab_size
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+from sept_megatron.trainer.model import padded_vocab_size
 
 # (params dtype, weights, gradients, optimizer) bytes per parameter
 BYTES_PER_PARAM = [("float32", 4, 4, 8), ("bfloat16", 2, 4, 12)]
