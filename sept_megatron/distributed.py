@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from sept_megatron import compat
+from sept_megatron.rollout.sglang_env import set_sglang_environment
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,18 @@ def compute_device() -> torch.device:
 def initialize(*, tensor_parallel: int, pipeline_parallel: int,
                virtual_pipeline: int | None = None, seed: int = 1234,
                backend: str = "auto", device: str = "auto",
-               timeout_minutes: float = 30) -> LaunchEnv:
+               timeout_minutes: float = 30, sglang_env: bool = False) -> LaunchEnv:
     """Create the default process group and Megatron's TP/PP/DP groups; seed every RNG.
 
     ``timeout_minutes`` bounds every collective of every group: a rank whose peer died or hung
-    raises (gloo) or is aborted by the NCCL watchdog after that long, instead of hanging."""
+    raises (gloo) or is aborted by the NCCL watchdog after that long, instead of hanging.
+    ``sglang_env`` (``rollout.backend=sglang``): every rank exports SGLang's process environment
+    before any communicator exists (:mod:`sept_megatron.rollout.sglang_env`)."""
     from megatron.core import parallel_state
 
     env = launch_env()
+    if sglang_env:
+        set_sglang_environment()
     on_gpu = resolve_device(device) == "cuda"
     if not on_gpu:
         compat.enable_cpu_megatron(force=True)

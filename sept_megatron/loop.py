@@ -71,7 +71,8 @@ def run(cfg: Config) -> dict[str, float]:
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
         virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend,
-        device=cfg.parallel.device, timeout_minutes=cfg.parallel.timeout_minutes)
+        device=cfg.parallel.device, timeout_minutes=cfg.parallel.timeout_minutes,
+        sglang_env=cfg.rollout.backend == "sglang")
     setup_console_logging(env.rank)
     logger = build_logger(cfg.logging, cfg.to_dict(), env.rank)
     try:

@@ -99,10 +99,12 @@ def engine_kwargs(model_path: str, *, engine_tp: int = 1, base_gpu_id: int = 0,
     checkpoint's generation_config.json (Qwen ships top_k=20, repetition_penalty=1.05), so
     rollouts would not sample the distribution SePT's tau_s asks for. ``deterministic`` turns on
     SGLang's deterministic inference, the only mode in which per-request ``sampling_seed`` is
-    honoured (it costs throughput).
+    honoured (it costs throughput). ``cuda_graph_backend_prefill="disabled"``: breakable
+    prefill graphs refuse memory-saver mode once SGLANG_MEMORY_SAVER_CUDA_GRAPH is on, which
+    :mod:`sept_megatron.rollout.sglang_env` sets so that CUDA-graph memory is released too.
     """
     return dict(model_path=model_path, tp_size=engine_tp, base_gpu_id=base_gpu_id,
-                enable_memory_saver=True, mem_fraction_static=mem_fraction_static,
+                enable_memory_saver=True, cuda_graph_backend_prefill="disabled", mem_fraction_static=mem_fraction_static,
                 skip_tokenizer_init=True, random_seed=seed, dtype=dtype,
                 load_format=load_format, sampling_defaults="openai",
                 enable_deterministic_inference=deterministic)
