@@ -292,7 +292,8 @@ def build_engines(cfg: Config, rank: int, tokenizer=None) -> DataParallelEngines
     with compat.suspended():
         engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
             cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
-            progress=cfg.logging.progress and rank == 0, placement=placement))
+            progress=cfg.logging.progress and rank == 0, placement=placement,
+            run_dir=cfg.logging.run_dir))
     return DataParallelEngines(placement, engine)
 
 

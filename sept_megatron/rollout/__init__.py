@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import Any, Callable
 
 from sept_megatron.rollout.base import Generation, RolloutEngine, SamplingParams, WeightBucket
@@ -44,13 +45,14 @@ _BACKENDS: dict[str, Callable[..., RolloutEngine]] = {"hf": _build_hf, "sglang":
 
 
 def backend_kwargs(rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
-                   placement=None) -> dict[str, Any]:
+                   placement=None, run_dir: str | None = None) -> dict[str, Any]:
     """Constructor arguments of the backend ``rollout.backend`` names, from the rollout section.
 
     ``device``/``dtype`` are the hf engine's; SGLang places itself (its engine group's GPUs)
     and runs in bf16 unless ``rollout.weights=fp8``. ``placement``
     (:class:`~sept_megatron.rollout.placement.Placement`, colocated engines): this rank's
-    engine group and its process group, as each backend takes them.
+    engine group and its process group, as each backend takes them. ``run_dir``
+    (``logging.run_dir``): where an FP8 SGLang engine's config-only model dir is written.
     """
     if rollout.backend == "hf":
         kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress)
@@ -65,6 +67,8 @@ def backend_kwargs(rollout, *, tokenizer, seed: int, device: str, dtype, progres
     kwargs = dict(tokenizer=tokenizer, engine_tp=rollout.engine_tp, seed=seed,
                   mem_fraction_static=rollout.mem_fraction_static, weights=rollout.weights,
                   progress=progress)
+    if rollout.weights == "fp8" and run_dir is not None:
+        kwargs["fp8_dir"] = os.path.join(run_dir, "sglang_fp8_model")
     if placement is not None:
         kwargs |= dict(ranks=placement.mine.ranks, process_group=placement.process_group)
     return kwargs

@@ -35,7 +35,7 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -124,10 +124,24 @@ def prepare_fp8_model_dir(hf_path: str, out_dir: str) -> str:
                          "rollout.weights=fp8 needs the unquantised checkpoint as model.hf_path")
     config["quantization_config"] = fp8_quantization_config()
     os.makedirs(out_dir, exist_ok=True)
-    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2))
+    _write_atomically(Path(out_dir) / "config.json", json.dumps(config, indent=2).encode())
     if (source / "generation_config.json").is_file():
-        shutil.copy(source / "generation_config.json", Path(out_dir) / "generation_config.json")
+        _write_atomically(Path(out_dir) / "generation_config.json",
+                          (source / "generation_config.json").read_bytes())
     return out_dir
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a private temporary file beside ``path`` and rename it into place: a reader
+    (SGLang starting on another rank) sees the old file or the whole new one, never a part."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def stop_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
@@ -310,8 +324,10 @@ class SGLangRolloutEngine:
                 raise ValueError("SGLangRolloutEngine needs model_path (a local HF directory) or engine=")
             start_path, load_format = model_path, "auto"
             if weights == "fp8":
-                start_path = prepare_fp8_model_dir(model_path, fp8_dir or os.path.join(
-                    os.path.dirname(os.path.abspath(model_path)), ".sept_fp8_engine"))
+                # Never beside the model (a read-only store, shared by other jobs): the run
+                # dir's (fp8_dir, see backend_kwargs) or a private temporary dir.
+                start_path = prepare_fp8_model_dir(
+                    model_path, fp8_dir or tempfile.mkdtemp(prefix="sept_fp8_engine_"))
                 load_format = "dummy"
             gpu = base_gpu_id if base_gpu_id is not None else (
                 self.device.index if self.device is not None else 0)
@@ -359,7 +375,9 @@ class SGLangRolloutEngine:
             self._owner_call("resume_memory_occupation", tags=[MEMORY_WEIGHTS])
             self._released.discard(MEMORY_WEIGHTS)
             self._weights_stale = True
-        self._owner_call("begin_weight_update")
+        # SGLang refuses a second session ((False, msg)); loading into someone else's session
+        # and then closing it would corrupt both, so stop here on every rank.
+        self._agree(self._owner_call("begin_weight_update"), "begin_weight_update")
         count = 0
         try:
             for bucket in buckets:

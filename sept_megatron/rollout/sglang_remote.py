@@ -25,6 +25,7 @@ import json
 import logging
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence
@@ -152,7 +153,7 @@ class SGLangRemoteEngine:
             return self._groups[group_name]
         from sglang.srt.utils import init_custom_process_group
 
-        address = master_address or socket.gethostbyname(socket.gethostname())
+        address = master_address or address_towards(self.clients[0].url)
         port = master_port or _free_port()
         sizes = [client.tp_size() for client in self.clients]
         world = 1 + sum(sizes)
@@ -207,6 +208,23 @@ class SGLangRemoteEngine:
 
 def _device() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def address_towards(url: str) -> str:
+    """This host's address on the interface that routes to ``url``'s host: what the servers
+    must dial to join the weight group. A UDP ``connect`` sends nothing, it only asks the
+    kernel for the route. ``gethostbyname(gethostname())`` is not used: /etc/hosts often maps
+    the hostname to 127.0.1.1, which a server on another node would dial as itself."""
+    parsed = urllib.parse.urlsplit(url)
+    if not parsed.hostname:
+        raise ValueError(f"rollout.server_urls entry {url!r}: expected http://host:port")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((parsed.hostname, parsed.port or 80))
+            return sock.getsockname()[0]
+    except OSError as error:
+        raise ServerError(f"no route from this host to {url} ({error}); check "
+                          "rollout.server_urls") from error
 
 
 def _free_port() -> int:

@@ -62,3 +62,20 @@ def test_two_servers_generate_in_order_and_receive_weights_bitwise(tmp_path):
         for process in servers:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_trainer_address_is_the_interface_that_routes_to_the_server(monkeypatch):
+    import socket
+
+    from sept_megatron.rollout.sglang_remote import address_towards
+
+    # /etc/hosts commonly maps the hostname to 127.0.1.1: a remote server would dial itself.
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    assert address_towards("http://127.0.0.1:30000") == "127.0.0.1"
+    try:
+        routed = address_towards("http://192.0.2.77:30000")  # TEST-NET-1: routed, never dialled
+    except Exception as error:  # a machine with no route but loopback
+        pytest.skip(f"no non-loopback route here: {error}")
+    assert not routed.startswith("127.")
+    with pytest.raises(ValueError, match="rollout.server_urls"):
+        address_towards("http://:30000")
