@@ -75,7 +75,9 @@ class RolloutConfig:
     """GPUs per rollout engine (the engine's own tensor parallelism, independent of Megatron's
     TP/PP). Colocated: the world is cut into world_size / engine_tp engines."""
     mem_fraction_static: float = 0.5
-    """SGLang: fraction of GPU memory for the engine's weights + KV cache."""
+    """SGLang: fraction of the GPU memory free when the engine starts (before Megatron
+    allocates) for its weights + KV pool; the trainer's resident state must fit in the rest
+    (``sept-megatron plan`` computes both, with SGLang 0.5.21's formula)."""
     server_urls: list[str] = field(default_factory=list)
     """Disaggregated placement: the SGLang servers' base URLs (http://host:port)."""
     weights: str = "native"

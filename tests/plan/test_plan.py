@@ -169,10 +169,20 @@ def test_model_attention_decides_the_score_terms(archs, attention, fused):
 
 
 def test_sglang_pool_too_small_is_a_problem_with_the_fix(archs):
-    cfg, arch, kernels = qwen7b(archs, "rollout.mem_fraction_static=0.4")
+    # SGLang 0.5.21: pool = fraction x free at engine start - weights (76 x 0.15 < 14.2 GiB).
+    cfg, arch, kernels = qwen7b(archs, "rollout.mem_fraction_static=0.15")
     result = plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels)
     assert not result.fits
-    assert any("raise rollout.mem_fraction_static to" in p for p in result.problems), result.problems
+    assert any("set rollout.mem_fraction_static=0.24" in p for p in result.problems), result.problems
+
+
+def test_sglang_fraction_that_crowds_out_the_trainer_is_a_problem_with_the_fix(archs):
+    # The pre-0.5.21 reading (fraction of the GPU, trainer included) gave 0.65 here.
+    cfg, arch, kernels = qwen7b(archs, "rollout.mem_fraction_static=0.65")
+    result = plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels)
+    assert not result.fits
+    assert any("static pool takes 49.4 of the 76.0 GiB" in p and
+               "set rollout.mem_fraction_static=0.24" in p for p in result.problems), result.problems
 
 
 def test_disaggregated_engines_are_checked_on_their_own_gpus(archs):
