@@ -102,6 +102,10 @@ class RolloutConfig:
     """Weight-sync bucket size."""
     device: str = "auto"
     """The hf engine's device: auto (the trainer's compute device on this rank), cpu, cuda:N."""
+    timeout_minutes: float = 30.0
+    """Longest wait of one rank on the rollout engines (a rollout, a weight load): the waits
+    run on the CPU (gloo), and a wait past this fails every rank with an error naming the
+    engine groups and what they were doing."""
 
 
 @dataclass(kw_only=True)
@@ -350,6 +354,9 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if not p.timeout_minutes > 0:
         err(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
             "may wait before the job fails)")
+    if not r.timeout_minutes > 0:
+        err(f"rollout.timeout_minutes={r.timeout_minutes}: must be > 0 (minutes a rank may wait "
+            "for the rollout engines)")
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
     if r.backend == "hf" and r.engine_tp != 1:

@@ -287,8 +287,8 @@ def build_engines(cfg: Config, rank: int, tokenizer=None) -> DataParallelEngines
             engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
                 cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device,
                 dtype=dtype, progress=False))
-        return DataParallelEngines(server_placement(), engine)
-    placement = build_placement(cfg.rollout.engine_tp)
+        return DataParallelEngines(server_placement(cfg.rollout.timeout_minutes), engine)
+    placement = build_placement(cfg.rollout.engine_tp, cfg.rollout.timeout_minutes)
     with compat.suspended():
         engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
             cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,

@@ -70,7 +70,9 @@ def backend_kwargs(rollout, *, tokenizer, seed: int, device: str, dtype, progres
     if rollout.weights == "fp8" and run_dir is not None:
         kwargs["fp8_dir"] = os.path.join(run_dir, "sglang_fp8_model")
     if placement is not None:
-        kwargs |= dict(ranks=placement.mine.ranks, process_group=placement.process_group)
+        # The group's object exchanges (payload handles, replies) and waits run over gloo.
+        kwargs |= dict(ranks=placement.mine.ranks,
+                       process_group=placement.cpu_group or placement.process_group)
     return kwargs
 
 

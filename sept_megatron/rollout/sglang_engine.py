@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -410,8 +411,20 @@ class SGLangRolloutEngine:
         if len(self.ranks) == 1:
             return [payload]
         gathered = [None] * len(self.ranks) if self.is_owner else None
-        dist.gather_object(payload, gathered, dst=self.owner, group=self.process_group)
+        with self._waiting("gathering the weight payloads"):
+            dist.gather_object(payload, gathered, dst=self.owner, group=self.process_group)
         return gathered if self.is_owner else []
+
+    @contextmanager
+    def _waiting(self, doing: str):
+        """A wait on the owner that fails (``rollout.timeout_minutes`` on the group's gloo
+        group, or a dead peer) names the engine group and what it was doing."""
+        try:
+            yield
+        except RuntimeError as error:
+            raise RuntimeError(f"rank {self.rank}: SGLang engine group {self.ranks} (owner "
+                               f"{self.owner}) failed while {doing}; if the owner is only slow, "
+                               f"raise rollout.timeout_minutes ({error})") from error
 
     def _agree(self, result, what: str) -> None:
         """The owner's ``(success, message)`` reaches every rank; all raise on failure. Also
@@ -421,7 +434,8 @@ class SGLangRolloutEngine:
             success, message = _success(result)
             status = [(success, message)]
         if len(self.ranks) > 1:
-            dist.broadcast_object_list(status, src=self.owner, group=self.process_group)
+            with self._waiting(f"waiting for {what}"):
+                dist.broadcast_object_list(status, src=self.owner, group=self.process_group)
         success, message = status[0]
         if not success:
             raise RuntimeError(f"SGLang {what} failed: {message}")
