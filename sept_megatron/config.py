@@ -371,6 +371,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         err("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
             "transformer_engine (and run on GPU), or model.fp8=null")
     _validate_fp8(cfg, arch, err)
+    _validate_weight_release(cfg, err)
     _validate_layout(cfg, world_size, arch, err)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
@@ -402,6 +403,20 @@ def _validate_fp8(cfg: Config, arch, err) -> None:
         for problem in sglang_block_problems(arch, r.engine_tp):
             err(f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or "
                 "rollout.weights=native")
+
+
+def _validate_weight_release(cfg: Config, err) -> None:
+    """A colocated SGLang engine's weights are released every round without a CPU copy (its
+    memory saver frees them) and come back only with the next sync. Offline mode never syncs
+    after the first rollout, so in-training validation would find an engine with no weights."""
+    r, t, e = cfg.rollout, cfg.train, cfg.eval
+    if (r.backend == "sglang" and r.placement == "colocated" and t.mode == "offline"
+            and e.every_n_rounds > 0):
+        err(f"train.mode=offline with a colocated SGLang engine and eval.every_n_rounds="
+            f"{e.every_n_rounds}: the engine's weights are released each round and never synced "
+            "again in offline mode, so validation would run on none; set eval.every_n_rounds=0 "
+            "(evaluate the exported model with `sept-megatron eval`), train.mode=online, or "
+            "rollout.placement=disaggregated")
 
 
 def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:

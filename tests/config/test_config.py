@@ -245,3 +245,21 @@ def test_fp8_training_rejects_dimensions_te_cannot_run_in_fp8():
     assert "ffn_hidden_size per TP rank = 200 is not a multiple of 16" in message
     assert "q/k/v rows" not in message  # (4 + 2 x 2) x 18 = 144 = 9 x 16 fits
     validate(good_config("model.fp8=delayed"), world_size=1, arch=tiny_arch())  # 64/128 fit
+
+
+def test_offline_sglang_validation_would_find_released_weights_and_is_refused():
+    from sept_megatron.config import ConfigError, load_config, validate
+
+    base = ["model.hf_path=/m", "rollout.backend=sglang", "train.mode=offline"]
+    with pytest.raises(ConfigError, match=r"train.mode=offline .*eval.every_n_rounds=2.*"
+                                          r"set eval.every_n_rounds=0"):
+        validate(load_config(None, base + ["eval.every_n_rounds=2"]), world_size=1)
+    validate(load_config(None, base + ["eval.every_n_rounds=0"]), world_size=1)
+    validate(load_config(None, base[:2] + ["eval.every_n_rounds=2"]), world_size=1)  # online syncs
+
+
+def test_rollout_timeout_must_be_positive():
+    from sept_megatron.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match=r"rollout.timeout_minutes=0.0: must be > 0"):
+        validate(load_config(None, ["model.hf_path=/m", "rollout.timeout_minutes=0"]), world_size=1)
