@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from published import write_config
+from plan.published import write_config
 from sglang_source import require_sglang, sglang_definitions
 
 from sept_megatron import plan
