@@ -156,7 +156,7 @@ def transformer_engine_runs() -> bool:
         inputs = torch.ones(8, 16, dtype=torch.bfloat16, device="cuda", requires_grad=True)
         layer(inputs).float().sum().backward()
         torch.cuda.synchronize()
-    except Exception as error:  # ImportError, OSError (the .so), RuntimeError (the kernel)
+    except Exception as error:  # noqa: BLE001  ImportError, OSError (the .so), RuntimeError
         logging.getLogger(__name__).warning(
             "model.transformer_impl=auto: Transformer Engine does not run here (%s: %s); using "
             "Megatron's local layers. Build TE against this torch (README, GPU install)",

@@ -40,10 +40,10 @@ import sys
 from dataclasses import dataclass, field
 
 from sept_megatron.config import Config, ConfigError
-from sept_megatron.rollout.sglang_memory import (engine_pool_gib, fraction_for_pool,
-                                                 largest_fraction)
 from sept_megatron.memory import (Kernels, backward_working_bytes, logits_bytes, param_counts,
                                   score_buffer_bytes, stage_activations, stage_params)
+from sept_megatron.rollout.sglang_memory import (engine_pool_gib, fraction_for_pool,
+                                                 largest_fraction)
 
 GIB = float(1 << 30)
 DEFAULT_RESERVE_GIB = 4.0

@@ -31,7 +31,7 @@ Why each variable, and where upstream (sglang 0.5.21, slime's ``backends/sglang_
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 SGLANG_PROCESS_ENV: dict[str, str] = {
     "NCCL_CUMEM_ENABLE": "0",

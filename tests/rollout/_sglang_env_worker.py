@@ -15,10 +15,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_recorder import RecordingEngine  # noqa: E402
+from sglang_recorder import RecordingEngine
 
-from sept_megatron import distributed  # noqa: E402
-from sept_megatron.rollout.sglang_env import SGLANG_PROCESS_ENV  # noqa: E402
+from sept_megatron import distributed
+from sept_megatron.rollout.sglang_env import SGLANG_PROCESS_ENV
 
 for name in SGLANG_PROCESS_ENV:
     os.environ.pop(name, None)

@@ -20,8 +20,12 @@ from sglang_source import require_sglang, sglang_definitions
 from sept_megatron import plan
 from sept_megatron.config import load_config
 from sept_megatron.model import arch_from_hf_config, load_hf_config
-from sept_megatron.rollout.sglang_memory import (engine_pool_gib, fraction_for_pool, kv_pool_gib,
-                                                 largest_fraction)
+from sept_megatron.rollout.sglang_memory import (
+    engine_pool_gib,
+    fraction_for_pool,
+    kv_pool_gib,
+    largest_fraction,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RECIPES = {"qwen2.5-math-7b": 1, "deepseek-math-7b": 1, "qwen2.5-32b": 2, "llama3-70b": 4}

@@ -67,14 +67,14 @@ def test_two_servers_generate_in_order_and_receive_weights_bitwise(tmp_path):
 def test_trainer_address_is_the_interface_that_routes_to_the_server(monkeypatch):
     import socket
 
-    from sept_megatron.rollout.sglang_remote import address_towards
+    from sept_megatron.rollout.sglang_remote import ServerError, address_towards
 
     # /etc/hosts commonly maps the hostname to 127.0.1.1: a remote server would dial itself.
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
     assert address_towards("http://127.0.0.1:30000") == "127.0.0.1"
     try:
         routed = address_towards("http://192.0.2.77:30000")  # TEST-NET-1: routed, never dialled
-    except Exception as error:  # a machine with no route but loopback
+    except ServerError as error:  # a machine with no route but loopback
         pytest.skip(f"no non-loopback route here: {error}")
     assert not routed.startswith("127.")
     with pytest.raises(ValueError, match="rollout.server_urls"):
@@ -102,7 +102,7 @@ def test_disaggregated_fp8_needs_servers_that_serve_fp8(tmp_path):
     from hf_tiny import make_tiny_model, make_tokenizer
 
     from sept_megatron.rollout.sglang_engine import prepare_fp8_model_dir
-    from sept_megatron.rollout.sglang_remote import SGLangRemoteEngine, ServerError
+    from sept_megatron.rollout.sglang_remote import ServerError, SGLangRemoteEngine
 
     tokenizer = make_tokenizer(tmp_path / "tok")
     make_tiny_model("qwen2", tokenizer).save_pretrained(tmp_path / "bf16")

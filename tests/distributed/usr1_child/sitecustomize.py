@@ -14,9 +14,9 @@ if (os.environ.get("SEPT_TEST_CHILD_DIR") and "SLURM_PROCID" in os.environ
     import sys
 
     _child = subprocess.Popen(
-        [sys.executable, "-c", "import signal, time\n"
-         "signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # the default: USR1 terminates\n"
-         "time.sleep(3600)"], env=dict(os.environ, SEPT_TEST_IS_CHILD="1"))
+        [sys.executable, "-c", ("import signal, time\n"
+                                "signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # USR1 ends it\n"
+                                "time.sleep(3600)")], env=dict(os.environ, SEPT_TEST_IS_CHILD="1"))
 
     def _record_child() -> None:
         code = _child.poll()
