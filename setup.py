@@ -43,7 +43,9 @@ setup(
         # (loading an exported FP8 checkpoint on CPU, tests/convert/test_fp8_export.py).
         "test": ["pytest==9.2.0", "datasets>=3.0", "accelerate==1.15.0"],
         # GPU only: import lazily, never required on CPU. (Never the PyPI package "apex".)
-        "gpu": ["transformer-engine[pytorch]>=2.4", "sglang==0.5.21"],
+        # TE: the range megatron-core 0.16.1 declares; its torch extension must be built
+        # against the installed torch (README: GPU install, --no-build-isolation).
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0", "sglang==0.5.21"],
     },
     entry_points={"console_scripts": ["sept-megatron=sept_megatron.cli:main"]},
 )

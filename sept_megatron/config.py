@@ -83,7 +83,9 @@ class RolloutConfig:
     """GPUs per rollout engine (the engine's own tensor parallelism, independent of Megatron's
     TP/PP). Colocated: the world is cut into world_size / engine_tp engines."""
     mem_fraction_static: float = 0.5
-    """SGLang: fraction of GPU memory for the engine's weights + KV cache."""
+    """SGLang: fraction of the GPU memory free when the engine starts (before Megatron
+    allocates) for its weights + KV pool; the trainer's resident state must fit in the rest
+    (``sept-megatron plan`` computes both, with SGLang 0.5.21's formula)."""
     server_urls: list[str] = field(default_factory=list)
     """Disaggregated placement: the SGLang servers' base URLs (http://host:port)."""
     weights: str = "native"
@@ -117,6 +119,10 @@ class RolloutConfig:
     rollout pays the compile). Same greedy tokens as the default dynamic cache. Leave it off on
     the CPU: nothing is compiled there and the static cache alone was slower (README,
     Performance)."""
+    timeout_minutes: float = 30.0
+    """Longest wait of one rank on the rollout engines (a rollout, a weight load): the waits
+    run on the CPU (gloo), and a wait past this fails every rank with an error naming the
+    engine groups and what they were doing."""
 
 
 @dataclass(kw_only=True)
@@ -453,6 +459,9 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if not p.timeout_minutes > 0:
         err(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
             "may wait before the job fails)")
+    if not r.timeout_minutes > 0:
+        err(f"rollout.timeout_minutes={r.timeout_minutes}: must be > 0 (minutes a rank may wait "
+            "for the rollout engines)")
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
     if t.lr <= 0 or t.epochs <= 0 or t.grad_clip < 0 or t.warmup_steps < 0:

@@ -25,6 +25,7 @@ from sept_megatron.loop.round import Timer, answer_once, fit, generate_round, ro
 from sept_megatron.loop.schedule import (Schedule, offline_settings, offline_temperature,
                                          round_seed, total_rounds)
 from sept_megatron.loop.validation import validate_round
+from sept_megatron.rollout.registry import backend_class
 from sept_megatron.runtime import distributed, preemption
 from sept_megatron.trainer.offload import offloaded
 from sept_megatron.trainer.sft import SFTTrainer
@@ -34,6 +35,7 @@ def run(cfg: Config) -> dict[str, float]:
     """Run SePT rounds end to end; returns the last round's metrics."""
     cfg = offline_settings(cfg)  # the offline ablation's own SFT settings, when asked for
     arch, questions = startup.check_run(cfg, distributed.world_size_from_env())
+    backend_class(cfg.rollout.backend).prepare_process(cfg.rollout)  # before any communicator
     env = distributed.initialize(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
         virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend,

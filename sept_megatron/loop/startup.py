@@ -175,13 +175,14 @@ def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool
             engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
                 cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device,
                 dtype=dtype, progress=False))
-        engines = DataParallelEngines(server_placement(), engine)
+        engines = DataParallelEngines(server_placement(cfg.rollout.timeout_minutes), engine)
     else:
-        placement = build_placement(cfg.rollout.engine_tp)
+        placement = build_placement(cfg.rollout.engine_tp, cfg.rollout.timeout_minutes)
         with compat.suspended():
             engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
                 cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
-                progress=cfg.logging.progress and rank == 0, placement=placement))
+                progress=cfg.logging.progress and rank == 0, placement=placement,
+                run_dir=cfg.logging.run_dir))
         engines = DataParallelEngines(placement, engine)
     return EngineFleet(engines, cfg.rollout, releases_memory=releases_memory)
 

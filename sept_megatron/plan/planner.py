@@ -20,9 +20,10 @@ allocated. Exit status: 0 fits, 1 does not fit, 2 config error.
 - **Rollout engine**: weights plus the KV cache of its share of the round's sequences at full
   length. Colocated, the engine's memory is released while Megatron trains, so the peak is the
   larger of the two phases; the trainer's weights, gradient buffer and optimizer state stay
-  resident in both. SGLang sizes its static pool so that the GPU's used memory reaches
-  ``mem_fraction_static x GPU memory`` (``rest = free_after_load - total x (1 - fraction)``),
-  i.e. trainer state + engine weights + KV cache <= fraction x memory. The hf backend holds a
+  resident in both. SGLang 0.5.21 sizes its static pool from the memory free when it starts
+  (:mod:`sept_megatron.rollout.sglang_memory`: ``pool = fraction x free_at_start - weights``);
+  the engines start before Megatron allocates anything, so the trainer's resident state and
+  SGLang's workspace must fit in ``(1 - fraction) x free_at_start``. The hf backend holds a
   full bf16 copy per engine GPU. Disaggregated engines are checked per engine GPU on their own.
 
 A fixed reserve (CUDA contexts, NCCL buffers, allocator slack) is added to every phase.
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 from sept_megatron.config import Config, ConfigError
 from sept_megatron.plan.memory import (Kernels, backward_working_bytes, logits_bytes, param_counts,
                                   score_buffer_bytes, stage_activations, stage_params)
+from sept_megatron.rollout.sglang_memory import (engine_pool_gib, fraction_for_pool,
+                                                 largest_fraction)
 
 GIB = float(1 << 30)
 DEFAULT_RESERVE_GIB = 4.0
@@ -301,36 +304,60 @@ def _hf_prefill_gib(cfg: Config, arch, sequences: int) -> float:
     return sequences * cfg.data.max_prompt_length * per_token * 2 / GIB
 
 
-def sglang_fraction_needed(resident: float, needs: EngineNeeds, gpu_mem: float) -> float:
-    """The smallest ``mem_fraction_static`` (2 decimals) whose pool holds every sequence."""
-    return math.ceil(100 * (resident + needs.weights + needs.kv) / gpu_mem + 1) / 100
+def sglang_fraction_needed(resident: float, needs: EngineNeeds, gpu_mem: float,
+                           reserve: float = DEFAULT_RESERVE_GIB) -> float:
+    """The ``mem_fraction_static`` to ask for: the smallest whose pool holds every sequence
+    (:func:`~sept_megatron.rollout.sglang_memory.fraction_for_pool`), capped by the largest
+    that leaves room for ``resident`` trainer state and SGLang's workspace."""
+    free = free_at_engine_start(gpu_mem, reserve)
+    needed = fraction_for_pool(free_at_start_gib=free, engine_weights_gib=needs.weights,
+                               pool_gib=needs.kv)
+    return min(needed, largest_fraction(free_at_start_gib=free,
+                                        beside_engine_gib=resident + SGLANG_WORKSPACE_GIB))
+
+
+def free_at_engine_start(gpu_mem: float, reserve: float) -> float:
+    """What SGLang measures as free when its scheduler starts: the engines start before
+    Megatron allocates anything, so the GPU less the reserve (CUDA contexts, NCCL)."""
+    return gpu_mem - reserve
 
 
 def _sglang_pool(mem: StageMemory, resident: float, needs: EngineNeeds, kv_label: str,
                  hardware: Hardware, layout: Layout, problems: list[str], notes: list[str]) -> None:
-    """SGLang fills the GPU up to ``fraction x memory``: what the trainer's resident state and
-    the engine's weights leave of it is the KV pool."""
+    """SGLang 0.5.21's pool (:mod:`sept_megatron.rollout.sglang_memory`): ``fraction`` of the
+    memory free at its start, less its weights; the trainer's resident state and SGLang's
+    workspace must fit in the rest."""
     fraction = layout.mem_fraction_static
-    pool = fraction * hardware.gpu_mem_gib - resident - needs.weights
+    free = free_at_engine_start(hardware.gpu_mem_gib, hardware.reserve_gib)
+    pool = engine_pool_gib(free_at_start_gib=free, engine_weights_gib=needs.weights,
+                           mem_fraction_static=fraction)
     mem.rollout += [Line(f"  ({kv_label})", needs.kv, counted=False),
-                    Line(f"KV pool: SGLang fills to mem_fraction_static {fraction:g} x "
-                         f"{hardware.gpu_mem_gib:g}", max(pool, 0.0)),
+                    Line(f"KV pool: mem_fraction_static {fraction:g} x {free:g} free at engine "
+                         "start, less its weights", max(pool, 0.0)),
                     Line("SGLang workspace outside its pool (CUDA graphs, prefill)",
                          SGLANG_WORKSPACE_GIB)]
-    wanted = sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib)
+    highest = largest_fraction(free_at_start_gib=free, beside_engine_gib=resident + SGLANG_WORKSPACE_GIB)
+    wanted = sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib, hardware.reserve_gib)
     where = "" if mem.name == "GPU" else f" ({mem.name})"
-    if pool < needs.one_sequence:
-        fix = (f"raise rollout.mem_fraction_static to {wanted:g}" if wanted <= SGLANG_MAX_FRACTION
-               else "shard the engine wider (rollout.engine_tp) or the trainer (more TP/PP)")
+    fits_one = engine_pool_gib(free_at_start_gib=free, engine_weights_gib=needs.weights,
+                               mem_fraction_static=highest) >= needs.one_sequence
+    fix = (f"set rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g}" if fits_one
+           else "offload the trainer during rollout, or shard the engine wider "
+                "(rollout.engine_tp) or the trainer (more TP/PP)")
+    if fraction > highest:
+        problems.append(f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's "
+                        f"static pool takes {fraction * free:.1f} of the {free:.1f} GiB free at its "
+                        f"start, leaving {(1 - fraction) * free:.1f} GiB for {resident:.1f} GiB of "
+                        f"trainer state and {SGLANG_WORKSPACE_GIB:g} GiB of SGLang workspace: {fix}")
+    elif pool < needs.one_sequence:
         problems.append(f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's KV "
-                        f"pool is {pool:.1f} GiB after {resident:.1f} GiB of trainer state and "
-                        f"{needs.weights:.1f} GiB of engine weights, less than one full-length "
-                        f"sequence ({needs.one_sequence:.2f} GiB): {fix}")
+                        f"pool is {pool:.1f} GiB after {needs.weights:.1f} GiB of engine weights, "
+                        f"less than one full-length sequence ({needs.one_sequence:.2f} GiB): {fix}")
     elif pool < needs.kv:
         notes.append(f"SGLang's KV pool{where} ({pool:.1f} GiB) holds {int(pool / needs.one_sequence)} "
                      f"of the engine's {needs.sequences} full-length sequences at once; the rest "
                      f"queue (rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g} "
-                     "would hold them all)")
+                     "holds the most that fits beside the trainer)")
 
 
 # --- proposals ------------------------------------------------------------------------------
@@ -399,8 +426,9 @@ def _with_fraction_raised(cfg, arch, hardware, kernels, layout: Layout) -> Estim
         return first
     needs = engine_needs(cfg, arch, hardware, layout)
     resident = max(s.resident_gib for s in first.stages)
-    fraction = min(SGLANG_MAX_FRACTION, sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib))
-    if fraction <= layout.mem_fraction_static:
+    fraction = min(SGLANG_MAX_FRACTION, sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib,
+                                                               hardware.reserve_gib))
+    if fraction == layout.mem_fraction_static or fraction <= 0:
         return first
     return estimate(cfg, arch, hardware, kernels, dataclasses.replace(layout, mem_fraction_static=fraction))
 

@@ -17,12 +17,12 @@ __all__ = ["Generation", "RolloutEngine", "SamplingParams", "WeightBucket", "bac
 
 
 def backend_kwargs(rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
-                   placement=None) -> dict[str, Any]:
+                   placement=None, run_dir: str | None = None) -> dict[str, Any]:
     """Constructor arguments of the backend ``rollout.backend`` names, from the rollout section
     (each backend's :meth:`~sept_megatron.rollout.base.RolloutBackend.config_kwargs`)."""
     return backend_class(rollout.backend).config_kwargs(
         rollout, tokenizer=tokenizer, seed=seed, device=device, dtype=dtype, progress=progress,
-        placement=placement)
+        placement=placement, run_dir=run_dir)
 
 
 def build_engine(backend: str, model_path: str | None = None, **kwargs: Any) -> RolloutEngine:

@@ -149,11 +149,18 @@ class RolloutBackend(Protocol):
         the fix; empty when it is fine."""
 
     @classmethod
+    def prepare_process(cls, rollout: Any) -> None:
+        """Run on every rank before any communicator exists (process-wide settings the
+        backend needs identical on every rank, e.g. NCCL's environment)."""
+
+    @classmethod
     def config_kwargs(cls, rollout: Any, *, tokenizer: Any, seed: int, device: str,
-                      dtype: torch.dtype, progress: bool, placement: Any = None) -> dict[str, Any]:
+                      dtype: torch.dtype, progress: bool, placement: Any = None,
+                      run_dir: str | None = None) -> dict[str, Any]:
         """:meth:`build`'s keyword arguments from the ``rollout`` section. ``placement``
         (:class:`~sept_megatron.rollout.placement.Placement`, colocated engines): this rank's
-        engine group and its process group."""
+        engine group and its process groups; ``run_dir`` (``logging.run_dir``): where the
+        engine may write files of its own."""
 
     @classmethod
     def build(cls, model_path: str | None = None, **kwargs: Any) -> RolloutEngine:

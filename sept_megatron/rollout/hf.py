@@ -112,11 +112,15 @@ class HFRolloutEngine:
         return problems
 
     @classmethod
+    def prepare_process(cls, rollout) -> None:
+        """Nothing process-wide: the engine is plain PyTorch in this process."""
+
+    @classmethod
     def config_kwargs(cls, rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
-                      placement=None) -> dict:
+                      placement=None, run_dir: str | None = None) -> dict:
         """The hf engine runs on ``device`` in ``dtype`` (the trainer's), in batches of
         ``rollout.batch_size`` sequences."""
-        del tokenizer, seed  # it loads its own; sampling seeds come with each call
+        del tokenizer, seed, run_dir  # it loads its own; sampling seeds come with each call
         kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress,
                       static_cache=rollout.hf_static_cache)
         if placement is not None:

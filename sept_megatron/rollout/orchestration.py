@@ -16,6 +16,8 @@ over the world (gloo on CPU, NCCL on GPU) -> every rank rebuilds the request's r
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -63,7 +65,8 @@ class DataParallelEngines:
         each generation on its owner before the exchange (e.g. to what grading needs); with
         ``dst`` only that rank receives the answers (others get None). Collective."""
         mine = self._answer_own_shards(requests, pack) if self.placement.is_owner else []
-        everyone = self._exchange(mine, dst)
+        with engine_wait(self.placement, _doing(requests)):
+            everyone = self._exchange(mine, dst)
         if everyone is None:
             return None
         rows: list[list[Any]] = [[None] * len(r.prompts) for r in requests]
@@ -97,13 +100,41 @@ class DataParallelEngines:
     def _exchange(self, mine: list[tuple], dst: int | None) -> list[list[tuple]] | None:
         if self.placement.world_size == 1:
             return [mine]
+        group = self.placement.wait_group  # gloo: ranks wait on the CPU (see Placement)
         if dst is None:
             everyone: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
+            dist.all_gather_object(everyone, mine, group=group)
             return everyone
         received = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-        dist.gather_object(mine, received, dst=dst)
+        dist.gather_object(mine, received, dst=dst, group=group)
         return received
+
+
+def _doing(requests: Sequence[Request]) -> str:
+    count = sum(len(r.prompts) * (1 if r.sampling.temperature == 0 else r.sampling.n)
+                for r in requests)
+    return f"generating {count} sequences ({len(requests)} request(s))"
+
+
+@contextmanager
+def engine_wait(placement: Placement, doing: str):
+    """Turn a wait on engines that ran past ``rollout.timeout_minutes`` (or a peer that died
+    meanwhile) into an error naming the engine groups waited for and what they were doing."""
+    start = time.monotonic()
+    try:
+        yield
+    except RuntimeError as error:  # gloo's timeout is a DistBackendError (a RuntimeError)
+        minutes = (time.monotonic() - start) / 60
+        limit = placement.timeout_minutes
+        late = limit is not None and minutes >= 0.9 * limit
+        others = [g.ranks for g in placement.groups if placement.rank not in g.ranks]
+        raise RuntimeError(
+            f"rank {placement.rank}: engine group(s) {others or [placement.mine.ranks]} "
+            f"(owners {[g.owner for g in placement.groups]}) "
+            + (f"did not finish {doing} within rollout.timeout_minutes={limit:g}"
+               if late else f"failed while {doing} after {minutes:.1f} min")
+            + f"; raise rollout.timeout_minutes if that much time is expected, else see the "
+            f"owners' logs ({error})") from error
 
 
 def _check_answers(engine, answers, num_prompts: int, n: int) -> None:

@@ -25,6 +25,7 @@ Everything here but :func:`build_placement` is a pure function of sizes and leng
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -91,11 +92,18 @@ def shard_positions(lengths: Sequence[int], copies: int, num_engines: int,
 @dataclass(frozen=True)
 class Placement:
     """This rank's view of the engine groups; ``process_group`` is its own group's
-    torch.distributed group (None in a world of one)."""
+    torch.distributed group (None in a world of one). ``cpu_group`` spans the same ranks over
+    gloo and ``wait_group`` the whole world over gloo, both with the rollout's timeout: the
+    waits of ranks that do not generate and the exchanges of pickled objects (answers, CUDA-IPC
+    handles) run there, on the CPU, instead of spinning NCCL kernels on the GPUs the engine
+    decodes on (slime waits on the CPU and gathers its IPC handles over gloo too)."""
 
     groups: tuple[EngineGroup, ...]
     rank: int
     process_group: Any = None
+    cpu_group: Any = None
+    wait_group: Any = None
+    timeout_minutes: float | None = None
 
     @property
     def mine(self) -> EngineGroup:
@@ -114,26 +122,37 @@ class Placement:
         return sum(len(group.ranks) for group in self.groups)
 
 
-def build_placement(engine_tp: int) -> Placement:
+def build_placement(engine_tp: int, timeout_minutes: float | None = None) -> Placement:
     """Engine groups of the running world; collective when the world is larger than one
-    (every rank creates every group's process group, in the same order, as torch requires)."""
+    (every rank creates every group's process group, in the same order, as torch requires).
+    ``timeout_minutes`` (``rollout.timeout_minutes``) bounds every wait on an engine."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return Placement(tuple(engine_groups(1, engine_tp)), 0)
+        return Placement(tuple(engine_groups(1, engine_tp)), 0, timeout_minutes=timeout_minutes)
     rank = dist.get_rank()
     groups = engine_groups(dist.get_world_size(), engine_tp)
-    own = None
+    timeout = _timeout(timeout_minutes)
+    own = own_cpu = None
     for group in groups:
         handle = dist.new_group(list(group.ranks))
+        cpu = dist.new_group(list(group.ranks), backend="gloo", timeout=timeout)
         if rank in group.ranks:
-            own = handle
-    return Placement(tuple(groups), rank, own)
+            own, own_cpu = handle, cpu
+    wait = dist.new_group(backend="gloo", timeout=timeout)
+    return Placement(tuple(groups), rank, own, own_cpu, wait, timeout_minutes)
 
 
-def server_placement() -> Placement:
+def _timeout(minutes: float | None) -> datetime.timedelta | None:
+    return None if minutes is None else datetime.timedelta(minutes=minutes)
+
+
+def server_placement(timeout_minutes: float | None = None) -> Placement:
     """Disaggregated rollout: the SGLang servers form one engine to the orchestration, owned by
     global rank 0 (its client spreads the prompts over the servers); every rank is in its
     group, so every rank receives the answers. No process group: the servers are reached over
     HTTP and their own weight-update groups."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Placement((EngineGroup(0, tuple(range(world))),), rank)
+    wait = (dist.new_group(backend="gloo", timeout=_timeout(timeout_minutes))
+            if world > 1 else None)
+    return Placement((EngineGroup(0, tuple(range(world))),), rank, wait_group=wait,
+                     timeout_minutes=timeout_minutes)

@@ -36,7 +36,8 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -102,10 +103,12 @@ def engine_kwargs(model_path: str, *, engine_tp: int = 1, base_gpu_id: int = 0,
     checkpoint's generation_config.json (Qwen ships top_k=20, repetition_penalty=1.05), so
     rollouts would not sample the distribution SePT's tau_s asks for. ``deterministic`` turns on
     SGLang's deterministic inference, the only mode in which per-request ``sampling_seed`` is
-    honoured (it costs throughput).
+    honoured (it costs throughput). ``cuda_graph_backend_prefill="disabled"``: breakable
+    prefill graphs refuse memory-saver mode once SGLANG_MEMORY_SAVER_CUDA_GRAPH is on, which
+    :mod:`sept_megatron.rollout.sglang_env` sets so that CUDA-graph memory is released too.
     """
     return dict(model_path=model_path, tp_size=engine_tp, base_gpu_id=base_gpu_id,
-                enable_memory_saver=True, mem_fraction_static=mem_fraction_static,
+                enable_memory_saver=True, cuda_graph_backend_prefill="disabled", mem_fraction_static=mem_fraction_static,
                 skip_tokenizer_init=True, random_seed=seed, dtype=dtype,
                 load_format=load_format, sampling_defaults="openai",
                 enable_deterministic_inference=deterministic)
@@ -125,10 +128,24 @@ def prepare_fp8_model_dir(hf_path: str, out_dir: str) -> str:
                          "rollout.weights=fp8 needs the unquantised checkpoint as model.hf_path")
     config["quantization_config"] = fp8_quantization_config()
     os.makedirs(out_dir, exist_ok=True)
-    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2))
+    _write_atomically(Path(out_dir) / "config.json", json.dumps(config, indent=2).encode())
     if (source / "generation_config.json").is_file():
-        shutil.copy(source / "generation_config.json", Path(out_dir) / "generation_config.json")
+        _write_atomically(Path(out_dir) / "generation_config.json",
+                          (source / "generation_config.json").read_bytes())
     return out_dir
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a private temporary file beside ``path`` and rename it into place: a reader
+    (SGLang starting on another rank) sees the old file or the whole new one, never a part."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def stop_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
@@ -265,8 +282,10 @@ class SGLangRolloutEngine:
                 raise ValueError("SGLangRolloutEngine needs model_path (a local HF directory) or engine=")
             start_path, load_format = model_path, "auto"
             if weights == "fp8":
-                start_path = prepare_fp8_model_dir(model_path, fp8_dir or os.path.join(
-                    os.path.dirname(os.path.abspath(model_path)), ".sept_fp8_engine"))
+                # Never beside the model (a read-only store, shared by other jobs): the run
+                # dir's (fp8_dir, see backend_kwargs) or a private temporary dir.
+                start_path = prepare_fp8_model_dir(
+                    model_path, fp8_dir or tempfile.mkdtemp(prefix="sept_fp8_engine_"))
                 load_format = "dummy"
             gpu = base_gpu_id if base_gpu_id is not None else (
                 self.device.index if self.device is not None else 0)
@@ -297,8 +316,17 @@ class SGLangRolloutEngine:
         return problems
 
     @classmethod
+    def prepare_process(cls, rollout) -> None:
+        """Every rank exports SGLang's process environment before any communicator exists
+        (:mod:`sept_megatron.rollout.sglang_env`): only engine owners construct
+        ``sglang.Engine``, which would otherwise set NCCL variables on them alone."""
+        from sept_megatron.rollout.sglang_env import set_sglang_environment
+
+        set_sglang_environment()
+
+    @classmethod
     def config_kwargs(cls, rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
-                      placement=None) -> dict:
+                      placement=None, run_dir: str | None = None) -> dict:
         """SGLang places itself (its engine group's GPUs) and runs in bf16 unless
         ``rollout.weights=fp8``; disaggregated, the servers in ``rollout.server_urls``."""
         del dtype
@@ -306,13 +334,17 @@ class SGLangRolloutEngine:
             # The weight broadcast to the servers runs over the trainer's device: NCCL on GPUs
             # (gloo only where the trainer computes on the CPU, i.e. tests).
             return dict(placement="disaggregated", server_urls=list(rollout.server_urls),
-                        tokenizer=tokenizer,
+                        tokenizer=tokenizer, weights=rollout.weights,
                         weight_backend="nccl" if device.startswith("cuda") else "gloo")
         kwargs = dict(tokenizer=tokenizer, engine_tp=rollout.engine_tp, seed=seed,
                       mem_fraction_static=rollout.mem_fraction_static, weights=rollout.weights,
                       progress=progress)
+        if rollout.weights == "fp8" and run_dir is not None:
+            kwargs["fp8_dir"] = os.path.join(run_dir, "sglang_fp8_model")
         if placement is not None:
-            kwargs |= dict(ranks=placement.mine.ranks, process_group=placement.process_group)
+            # The group's object exchanges (payload handles, replies) and waits run over gloo.
+            kwargs |= dict(ranks=placement.mine.ranks,
+                           process_group=placement.cpu_group or placement.process_group)
         return kwargs
 
     @classmethod

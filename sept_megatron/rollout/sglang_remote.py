@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import urllib.parse
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -63,6 +67,34 @@ class ServerClient:
     def tp_size(self) -> int:
         return int(self.request("get_server_info", method="GET")["tp_size"])
 
+    def quantization(self) -> tuple[str | None, str]:
+        """(quantization, model path) the server runs: ``/get_server_info`` (sglang 0.5.21's
+        ``server_info``: the resolved ServerArgs) says ``quantization`` when it was asked for;
+        otherwise the model's own config.json, where this host can read it, declares it
+        (``quantization_config.quant_method``, what SGLang's ModelConfig reads)."""
+        info = self.request("get_server_info", method="GET")
+        model_path = str(info.get("model_path") or "")
+        quantization = info.get("quantization")
+        config = os.path.join(model_path, "config.json")
+        if quantization is None and model_path and os.path.isfile(config):
+            with open(config) as f:
+                quantization = (json.load(f).get("quantization_config") or {}).get("quant_method")
+        return quantization, model_path
+
+
+def check_servers_serve_fp8(clients: Sequence[ServerClient]) -> None:
+    """``rollout.weights=fp8`` sends e4m3 weights and their scales; a server started from the
+    bf16 model would copy the e4m3 bytes into bf16 parameters (SGLang's loader only warns
+    about the scales) and generate garbage. Refuse at start unless every server runs FP8."""
+    for client in clients:
+        quantization, model_path = client.quantization()
+        if quantization != "fp8":
+            raise ServerError(
+                f"rollout.weights=fp8 but the SGLang server {client.url} serves {model_path!r} "
+                f"with quantization={quantization!r}: start the servers from the FP8 model "
+                "directory (`sept-megatron convert` FP8 export, or a config.json with the FP8 "
+                "quantization_config) or with --quantization fp8, or set rollout.weights=native")
+
 
 def in_threads(calls: Sequence) -> list:
     """Run zero-argument callables concurrently; re-raise the first error."""
@@ -84,11 +116,13 @@ class SGLangRemoteEngine:
 
     def __init__(self, server_urls: Sequence[str], *, tokenizer=None, model_path: str | None = None,
                  timeout_s: float = 3600.0, clients: Sequence[ServerClient] | None = None,
-                 weight_backend: str = "nccl") -> None:
+                 weight_backend: str = "nccl", weights: str = "native") -> None:
         if not server_urls and not clients:
             raise ValueError("rollout.placement=disaggregated needs rollout.server_urls")
         check_sglang_version()
         self.clients = list(clients) if clients else [ServerClient(u, timeout_s) for u in server_urls]
+        if weights == "fp8":
+            check_servers_serve_fp8(self.clients)
         if tokenizer is None and model_path is not None:
             tokenizer = load_tokenizer(model_path)
         self.tokenizer = tokenizer
@@ -126,3 +160,20 @@ class SGLangRemoteEngine:
     def end_update(self) -> None:
         in_threads([lambda c=c: c.checked("end_weight_update", {}) for c in self.clients])
         in_threads([lambda c=c: c.request("flush_cache") for c in self.clients])
+
+
+def address_towards(url: str) -> str:
+    """This host's address on the interface that routes to ``url``'s host: what the servers
+    must dial to join the weight group. A UDP ``connect`` sends nothing, it only asks the
+    kernel for the route. ``gethostbyname(gethostname())`` is not used: /etc/hosts often maps
+    the hostname to 127.0.1.1, which a server on another node would dial as itself."""
+    parsed = urllib.parse.urlsplit(url)
+    if not parsed.hostname:
+        raise ValueError(f"rollout.server_urls entry {url!r}: expected http://host:port")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((parsed.hostname, parsed.port or 80))
+            return sock.getsockname()[0]
+    except OSError as error:
+        raise ServerError(f"no route from this host to {url} ({error}); check "
+                          "rollout.server_urls") from error

@@ -68,8 +68,12 @@ def _te_version():
 
 
 def _te_verdict(recipe: str) -> tuple[bool, str]:
-    """TE's own check (the import path Megatron-Core 0.16 uses for FP8GlobalStateManager)."""
-    from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    """TE's own check. ``transformer_engine.pytorch.fp8`` is deprecated from TE 2.10 (it warns
+    and re-exports ``transformer_engine.pytorch.quantization``); 2.9 has only the old path."""
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except ImportError:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
 
     if recipe == "blockwise":
         return FP8GlobalStateManager.is_fp8_block_scaling_available()

@@ -49,9 +49,26 @@ def use_transformer_engine(impl: str) -> bool:
         return True
     if not torch.cuda.is_available():
         return False
+    return transformer_engine_runs()
+
+
+def transformer_engine_runs() -> bool:
+    """Does TE work here: ``transformer_engine.pytorch`` imports and a tiny TE layer runs a
+    forward and backward pass on the GPU? ``import transformer_engine`` alone proves nothing:
+    TE's ``__init__`` swallows the ImportError of a torch extension built against another
+    torch, and the failure would surface later, deep in model construction."""
     try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+        import transformer_engine.pytorch as te
+
+        layer = te.Linear(16, 16, params_dtype=torch.bfloat16, device="cuda")
+        inputs = torch.ones(8, 16, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        layer(inputs).float().sum().backward()
+        torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001  ImportError, OSError (the .so), RuntimeError
+        logging.getLogger(__name__).warning(
+            "model.transformer_impl=auto: Transformer Engine does not run here (%s: %s); using "
+            "Megatron's local layers. Build TE against this torch (README, GPU install)",
+            type(error).__name__, error)
         return False
     return True
 

@@ -19,7 +19,6 @@ while this process joins the collective.
 from __future__ import annotations
 
 import logging
-import socket
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from sept_megatron.convert.fp8 import rollout_bucket_transform
 from sept_megatron.rollout.base import ServerWeightEngine, WeightBucket
+from sept_megatron.rollout.sglang_remote import address_towards
 from sept_megatron.runtime.distributed import free_port
 from sept_megatron.weight_sync.gather import stream_hf_buckets
 
@@ -47,7 +47,7 @@ def connect(engine: ServerWeightEngine, group_name: str, *, master_address: str 
     from sglang.srt.utils import init_custom_process_group
 
     backend = engine.weight_backend
-    address = master_address or socket.gethostbyname(socket.gethostname())
+    address = master_address or address_towards(engine.clients[0].url)
     port = master_port or free_port()
     sizes = [client.tp_size() for client in engine.clients]
     world = 1 + sum(sizes)

@@ -18,6 +18,7 @@ lets the trainer's caching allocator reuse a buffer once SGLang has dropped its 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Iterable
 
 import torch
@@ -86,12 +87,27 @@ def load_buckets(engine: IPCWeightEngine, buckets: Iterable[WeightBucket]) -> in
 
 
 def gather_payloads(engine: IPCWeightEngine, payload: bytes) -> list[bytes]:
-    """Every rank's payload at the owner, in group-rank order (= SGLang TP rank order)."""
+    """Every rank's payload at the owner, in group-rank order (= SGLang TP rank order); over
+    the group's gloo group, so the other ranks wait on the CPU, not in a GPU kernel."""
     if len(engine.ranks) == 1:
         return [payload]
     gathered = [None] * len(engine.ranks) if engine.is_owner else None
-    dist.gather_object(payload, gathered, dst=engine.owner, group=engine.process_group)
+    with waiting(engine, "gathering the weight payloads"):
+        dist.gather_object(payload, gathered, dst=engine.owner, group=engine.process_group)
     return gathered if engine.is_owner else []
+
+
+@contextmanager
+def waiting(engine: IPCWeightEngine, doing: str):
+    """A wait on the owner that fails (``rollout.timeout_minutes`` on the group's gloo group,
+    or a dead peer) names the engine group and what it was doing."""
+    try:
+        yield
+    except RuntimeError as error:
+        rank = dist.get_rank() if dist.is_initialized() else engine.owner
+        raise RuntimeError(f"rank {rank}: SGLang engine group {engine.ranks} (owner "
+                           f"{engine.owner}) failed while {doing}; if the owner is only slow, "
+                           f"raise rollout.timeout_minutes ({error})") from error
 
 
 def agree(engine: IPCWeightEngine, result, what: str) -> None:
@@ -99,7 +115,8 @@ def agree(engine: IPCWeightEngine, result, what: str) -> None:
     point after which a rank may free its send buffer."""
     status = [success_of(result)] if engine.is_owner else [None]
     if len(engine.ranks) > 1:
-        dist.broadcast_object_list(status, src=engine.owner, group=engine.process_group)
+        with waiting(engine, f"waiting for {what}"):
+            dist.broadcast_object_list(status, src=engine.owner, group=engine.process_group)
     success, message = status[0]
     if not success:
         raise RuntimeError(f"SGLang {what} failed: {message}")

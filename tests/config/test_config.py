@@ -251,3 +251,10 @@ def test_hf_static_cache_is_an_option_of_the_hf_backend_only():
     validate(good_config("rollout.hf_static_cache=true"), world_size=1)
     message = validation_errors(good_config("rollout.hf_static_cache=true", "rollout.backend=sglang"))
     assert "rollout.hf_static_cache=true" in message and "rollout.hf_static_cache=false" in message
+
+
+def test_rollout_timeout_must_be_positive():
+    from sept_megatron.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match=r"rollout.timeout_minutes=0.0: must be > 0"):
+        validate(load_config(None, ["model.hf_path=/m", "rollout.timeout_minutes=0"]), world_size=1)

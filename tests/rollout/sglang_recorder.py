@@ -12,6 +12,7 @@ source (see sglang_source.py): ``Engine._serialize_tensors_per_rank`` ->
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -89,10 +90,26 @@ def receive(payloads: list[bytes], tp_rank: int, receiver: dict | None = None) -
     return model.loaded
 
 
+def set_envs_like_engine_construction(environ=None) -> None:
+    """The process-environment side effects of constructing ``sglang.Engine`` in sglang 0.5.21
+    with our arguments: ``srt/entrypoints/engine.py``, ``_set_envs_and_config`` (run by
+    ``Engine.__init__`` in the constructing process), with ``enable_symm_mem``,
+    ``enable_nccl_nvls`` and ``dcp_size > 1`` off and one node: NCCL_CUMEM_ENABLE and
+    NCCL_NVLS_ENABLE become "0" unless already set, CUDA_DEVICE_MAX_CONNECTIONS is always "8"."""
+    env = os.environ if environ is None else environ
+    if "NCCL_CUMEM_ENABLE" not in env:
+        env["NCCL_CUMEM_ENABLE"] = "0"
+    if "NCCL_NVLS_ENABLE" not in env:
+        env["NCCL_NVLS_ENABLE"] = "0"
+    env["CUDA_DEVICE_MAX_CONNECTIONS"] = "8"
+
+
 class RecordingEngine:
-    """Records ``sglang.Engine`` calls (validated against the real signatures)."""
+    """Records ``sglang.Engine`` calls (validated against the real signatures). Constructing
+    it has ``sglang.Engine``'s environment side effects (:func:`set_envs_like_engine_construction`)."""
 
     def __init__(self, tp_size: int = 1, outputs=None):
+        set_envs_like_engine_construction()
         self.calls: list[tuple[str, dict]] = []
         self.tp_size = tp_size
         self.loaded: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]

@@ -53,3 +53,16 @@ def test_an_engine_that_breaks_its_contract_is_named(engine):
 
     with pytest.raises(RuntimeError, match="Short.generate returned 2 prompts' worth"):
         DataParallelEngines.single(Short()).generate(prompts_of(engine, 2), SamplingParams(n=1))
+
+
+@pytest.mark.slow
+def test_a_rollout_past_the_timeout_fails_the_waiting_ranks_naming_the_engine():
+    from mp import run_torchrun
+
+    out = run_torchrun(2, "tests/rollout/_engine_timeout_worker.py", timeout=240).output
+    line = next(l for l in out.splitlines() if l.startswith("rank 1 "))
+    assert " ERROR " in line, out
+    seconds = float(line.split()[3])
+    assert seconds < 15, line  # the 3 s limit, not the 20 s the slow engine takes
+    assert "engine group(s) [(0,)]" in line and "generating 8 sequences" in line, line
+    assert "within rollout.timeout_minutes=0.05" in line, line

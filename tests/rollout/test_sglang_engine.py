@@ -287,6 +287,30 @@ def test_a_failed_load_raises_and_closes_the_session(tiny):
     assert recorder.names[-1] == "end_weight_update" and not recorder.session_open
 
 
+def test_a_refused_begin_stops_before_any_load_and_leaves_the_session(tiny):
+    recorder = RecordingEngine()
+    recorder.session_open = True  # another client's session (SGLang allows one)
+    engine = SGLangRolloutEngine(str(tiny[0]), engine=recorder)
+    with pytest.raises(RuntimeError, match="begin_weight_update failed: .*already open"):
+        load_buckets(engine, hf_buckets(tiny[2], 64))
+    assert recorder.names == ["begin_weight_update"] and recorder.session_open
+
+
+def test_fp8_engine_dir_goes_to_the_run_dir_and_is_replaced_atomically(tiny, tmp_path):
+    from sept_megatron.rollout import backend_kwargs
+
+    kwargs = backend_kwargs(RolloutConfig(backend="sglang", weights="fp8"), tokenizer=tiny[1],
+                            seed=0, device="cpu", dtype=torch.float32, progress=False,
+                            run_dir=str(tmp_path / "run"))
+    assert kwargs["fp8_dir"] == str(tmp_path / "run" / "sglang_fp8_model")
+    out = tmp_path / "run" / "sglang_fp8_model"
+    prepare_fp8_model_dir(str(tiny[0]), str(out))
+    before = (out / "config.json").stat().st_ino
+    prepare_fp8_model_dir(str(tiny[0]), str(out))  # a second job / restart: a new file, renamed
+    assert (out / "config.json").stat().st_ino != before
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json"]
+
+
 def test_stop_ids_union_generation_config(tiny, tmp_path):
     tokenizer = tiny[1]
     (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [{tokenizer.eos_token_id}, 7]}}')
@@ -298,7 +322,7 @@ def test_backend_kwargs_follow_the_rollout_section(tiny):
 
     common = dict(tokenizer=tiny[1], seed=3, device="cpu", dtype=torch.float32, progress=False)
     assert backend_kwargs(RolloutConfig(batch_size=8), **common) == dict(
-        device="cpu", dtype=torch.float32, batch_size=8, progress=False)
+        device="cpu", dtype=torch.float32, batch_size=8, progress=False, static_cache=False)
     colocated = backend_kwargs(RolloutConfig(backend="sglang", mem_fraction_static=0.4), **common)
     engine = build_engine("sglang", str(tiny[0]), **colocated, engine=RecordingEngine())
     assert isinstance(engine, SGLangRolloutEngine) and colocated["mem_fraction_static"] == 0.4

@@ -62,3 +62,54 @@ def test_two_servers_generate_in_order_and_receive_weights_bitwise(tmp_path):
         for process in servers:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_trainer_address_is_the_interface_that_routes_to_the_server(monkeypatch):
+    import socket
+
+    from sept_megatron.rollout.sglang_remote import ServerError, address_towards
+
+    # /etc/hosts commonly maps the hostname to 127.0.1.1: a remote server would dial itself.
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    assert address_towards("http://127.0.0.1:30000") == "127.0.0.1"
+    try:
+        routed = address_towards("http://192.0.2.77:30000")  # TEST-NET-1: routed, never dialled
+    except ServerError as error:  # a machine with no route but loopback
+        pytest.skip(f"no non-loopback route here: {error}")
+    assert not routed.startswith("127.")
+    with pytest.raises(ValueError, match="rollout.server_urls"):
+        address_towards("http://:30000")
+
+
+class _InfoClient:
+    """A server client answering ``/get_server_info`` with SGLang's own ``ServerArgs`` dict."""
+
+    def __init__(self, model_path: str, **server_args):
+        from sglang.srt.server_args import ServerArgs
+
+        from sept_megatron.rollout.sglang_remote import ServerClient
+
+        self.url = "http://node7:30000"
+        self.info = ServerArgs(model_path=model_path, **server_args).resolved_dict()
+        self.quantization = ServerClient.quantization.__get__(self)
+
+    def request(self, route, payload=None, method="POST"):
+        assert route == "get_server_info" and method == "GET"
+        return self.info
+
+
+def test_disaggregated_fp8_needs_servers_that_serve_fp8(tmp_path):
+    from hf_tiny import make_tiny_model, make_tokenizer
+
+    from sept_megatron.rollout.sglang_engine import prepare_fp8_model_dir
+    from sept_megatron.rollout.sglang_remote import ServerError, SGLangRemoteEngine
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    make_tiny_model("qwen2", tokenizer).save_pretrained(tmp_path / "bf16")
+    fp8_dir = prepare_fp8_model_dir(str(tmp_path / "bf16"), str(tmp_path / "fp8"))
+    with pytest.raises(ServerError, match=r"rollout.weights=fp8 .*node7:30000.*bf16.*"
+                                          r"quantization=None.*rollout.weights=native"):
+        SGLangRemoteEngine([], clients=[_InfoClient(str(tmp_path / "bf16"))], weights="fp8")
+    SGLangRemoteEngine([], clients=[_InfoClient(fp8_dir)], weights="fp8")  # its config says fp8
+    SGLangRemoteEngine([], clients=[_InfoClient("/elsewhere", quantization="fp8")], weights="fp8")
+    SGLangRemoteEngine([], clients=[_InfoClient(str(tmp_path / "bf16"))])  # native: no check

@@ -29,7 +29,12 @@ class ToyEngine:
         return []
 
     @classmethod
-    def config_kwargs(cls, rollout, *, tokenizer, seed, device, dtype, progress, placement=None):
+    def prepare_process(cls, rollout):
+        pass
+
+    @classmethod
+    def config_kwargs(cls, rollout, *, tokenizer, seed, device, dtype, progress, placement=None,
+                      run_dir=None):
         return {"tokenizer": tokenizer, "answers_end": tokenizer.eos_token_id}
 
     @classmethod

@@ -4,7 +4,8 @@
 - ``examples/sept.sbatch`` (srun, one task per rank) to completion;
 - the same job told to stop (USR1 to the batch shell, as ``--signal=B:USR1@300`` does before the
   time limit) at a known moment: it checkpoints after the round, requeues itself and the
-  requeued job finishes with the same prompts as the uninterrupted run;
+  requeued job finishes with the same prompts as the uninterrupted run; a child of each rank
+  that dies on USR1 (as SGLang's schedulers do) survives, the signal reaching the ranks only;
 - an endless job under a real 2-minute time limit, where Slurm's own timer sends the signal:
   stop, checkpoint, requeue, resume;
 - a bare ``srun --ntasks=2`` (ranks from SLURM_PROCID/SLURM_NTASKS, no torchrun);
@@ -33,6 +34,7 @@ INSTALL_VAR = "SEPT_TEST_INSTALL_SLURM"
 APT_PACKAGES = ("slurm-wlm", "munge")
 SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "sept.sbatch"
 JOB_TIMEOUT_S = 300
+CHILD_SPAWNER = Path(__file__).resolve().parent / "usr1_child"  # a sitecustomize for the ranks
 ROUNDS = 4  # a stop after round 1 or 2 leaves rounds for the requeued job; rounds are cheap
 
 
@@ -182,9 +184,14 @@ def test_sbatch_example_trains_to_completion(sbatch_run):
 def test_stop_signal_checkpoints_requeues_and_resumes(sbatch_run, cluster, tiny_run_inputs,
                                                       tmp_path):
     # What SLURM does at --signal=B:USR1@300 before the time limit, sent at a known moment:
-    # `scancel --batch` signals the batch shell only, as the B: prefix does.
+    # `scancel --batch` signals the batch shell only, as the B: prefix does. Each rank spawns a
+    # child that dies on USR1, as SGLang's schedulers do: the stop must reach the ranks only.
     run_dir = tmp_path / "run"
-    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()))
+    children = tmp_path / "children"
+    children.mkdir()
+    env = job_env(cluster, MASTER_PORT=str(slurm_cluster.free_port()),
+                  SEPT_TEST_CHILD_DIR=str(children),
+                  PYTHONPATH=os.pathsep.join([str(CHILD_SPAWNER), os.environ.get("PYTHONPATH", "")]))
     job_id = submit(env, tmp_path, tp2_config(tmp_path), fast_run_args(tiny_run_inputs, run_dir))
     out_file = tmp_path / f"sept-{job_id}.out"
     # Rank 0 logs the question bank after every rank has installed its handler, before round 1.
@@ -203,6 +210,9 @@ def test_stop_signal_checkpoints_requeues_and_resumes(sbatch_run, cluster, tiny_
     assert re.search(r"stopped early \(exit (75|143)\): requeueing job", output), output[-4000:]
     assert "restart 1" in output
     assert f"at round {stopped.group(1)}" in output, output[-4000:]
+    # Both ranks' children were alive when their rank stopped: USR1 never reached them.
+    assert {p.name: p.read_text() for p in children.glob("*restart0.txt")} == {
+        "rank0-restart0.txt": "alive", "rank1-restart0.txt": "alive"}, output[-4000:]
     rounds = [m["round"] for m in read_metrics(run_dir)]
     assert rounds == list(range(1, ROUNDS + 1)), rounds
     reference_dir = sbatch_run[0]
