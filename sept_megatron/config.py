@@ -168,6 +168,19 @@ class LoggingConfig:
     run_name: str | None = None
     save_samples: bool = True
     progress: bool = True
+    wandb_group: str | None = None
+    """W&B group of the experiment: give the base sweep, the training run and the final
+    evaluation the same value (``sept-megatron eval --wandb-group``). null: the name of
+    ``run_dir``."""
+    wandb_job_type: str = "train"
+    """W&B job type of this run within its group (eval uses eval, the demo train-offline ...)."""
+    samples_every: int = 10
+    """Log a W&B table of the round's samples (question, answer, length, finish reason,
+    tau_s) every this many rounds; 0: never. The JSONL files hold every round regardless."""
+    peak_tflops: float | None = None
+    """The device's peak dense bf16 TFLOP/s, for MFU. null: looked up from the GPU's name
+    (H100, H200, A100, B200, ...; see telemetry.PEAK_BF16_TFLOPS); on CPU or an unknown GPU
+    only TFLOP/s is logged."""
 
 
 @dataclass(kw_only=True)
@@ -363,6 +376,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
             "transformer_engine (and run on GPU), or model.fp8=null")
     _validate_fp8(cfg, arch, err)
     _validate_layout(cfg, world_size, arch, err)
+    _validate_logging(cfg.logging, err)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -393,6 +407,18 @@ def _validate_fp8(cfg: Config, arch, err) -> None:
         for problem in sglang_block_problems(arch, r.engine_tp):
             err(f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or "
                 "rollout.weights=native")
+
+
+def _validate_logging(logging: LoggingConfig, err) -> None:
+    if logging.samples_every < 0:
+        err(f"logging.samples_every={logging.samples_every}: must be >= 0 (0: no samples table)")
+    if logging.peak_tflops is not None and not logging.peak_tflops > 0:
+        err(f"logging.peak_tflops={logging.peak_tflops}: must be > 0 (the device's peak dense "
+            "bf16 TFLOP/s), or null to look it up from the GPU's name")
+    for dotted, value in (("logging.wandb_group", logging.wandb_group),
+                          ("logging.wandb_job_type", logging.wandb_job_type)):
+        if value is not None and not 0 < len(value) <= 128:
+            err(f"{dotted}={value!r}: must be 1 to 128 characters; shorten it")
 
 
 def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:

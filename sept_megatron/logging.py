@@ -3,6 +3,13 @@
 Non-zero ranks get :class:`NullRunLogger` (nanoGPT's trick): code calls ``logger.log(...)``
 everywhere without ``if rank == 0``. Nothing secret is ever logged: the config holds no
 credentials, and W&B reads its key from its own environment/netrc.
+
+W&B is imported only when ``logging.wandb_mode`` is not ``disabled``, so callers hand the
+logger plain data (rows, series, a PNG path) and it builds W&B's objects (``wandb.Table``,
+``wandb.plot.line_series``, ``wandb.Image``) itself. Every run of one experiment (the base
+sweep, the training run, the final evaluation, the demo's ablations) shares one W&B group,
+``logging.wandb_group`` (default: the run directory's name), and says what it is by its
+``job_type``.
 """
 
 from __future__ import annotations
@@ -28,10 +35,24 @@ def setup_console_logging(rank: int) -> None:
     std_logging.getLogger("megatron").setLevel(std_logging.WARNING)
 
 
+def wandb_group(cfg: LoggingConfig) -> str:
+    """The experiment's W&B group: ``logging.wandb_group``, else the run directory's name."""
+    return cfg.wandb_group or os.path.basename(os.path.abspath(cfg.run_dir))
+
+
+# What a samples table shows of each row of the round's samples JSONL, in column order.
+SAMPLE_COLUMNS = (("question", "prompt"), ("answer", "response"),
+                  ("response_tokens", "response_tokens"), ("finish_reason", "finish_reason"),
+                  ("tau_s", "tau_s"))
+
+
 class RunLogger:
     """Rank 0's logger: ``metrics.jsonl``, optional W&B, per-round sample files, progress."""
 
-    def __init__(self, cfg: LoggingConfig, run_config: dict[str, Any]):
+    def __init__(self, cfg: LoggingConfig, run_config: dict[str, Any], *,
+                 config_file: bool = True):
+        """``run_config`` (the resolved config tree) goes to W&B's config and, with
+        ``config_file``, to ``run_dir/config.json`` (``eval`` keeps its own record instead)."""
         self.cfg = cfg
         os.makedirs(cfg.run_dir, exist_ok=True)
         self.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
@@ -42,9 +63,11 @@ class RunLogger:
 
             self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name,
                                      mode=cfg.wandb_mode, dir=cfg.run_dir, config=run_config,
+                                     group=wandb_group(cfg), job_type=cfg.wandb_job_type,
                                      resume="allow")
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=1)
+        if config_file:
+            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+                json.dump(run_config, f, indent=1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"round": step, "time": time.time(), **metrics}
@@ -54,6 +77,14 @@ class RunLogger:
             self._wandb.log(metrics, step=step)
 
     def save_samples(self, round_index: int, rows: Iterable[dict[str, Any]]) -> None:
+        """The round's samples: ``samples/round_N.jsonl`` (``logging.save_samples``) and, every
+        ``logging.samples_every`` rounds, a W&B table ``rollout/samples`` at that round."""
+        rows = list(rows)
+        every = self.cfg.samples_every
+        if self._wandb is not None and every and round_index % every == 0:
+            self.log_table("rollout/samples", [column for column, _ in SAMPLE_COLUMNS],
+                           [[row[field] for _, field in SAMPLE_COLUMNS] for row in rows],
+                           step=round_index)
         if not self.cfg.save_samples:
             return
         os.makedirs(self.samples_dir, exist_ok=True)
@@ -62,6 +93,43 @@ class RunLogger:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         os.replace(path + ".tmp", path)
+
+    # --- W&B-only panels (no-ops without W&B: their data is in the run's files) ---------------
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]],
+                  step: int | None = None) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def log_line_plot(self, key: str, x: list[float], series: dict[str, list[float | None]],
+                      *, title: str, x_label: str, step: int | None = None) -> None:
+        """W&B's own line chart, one line per entry of ``series`` (values at ``x``; None
+        leaves that point out: pass@32 does not exist for a greedy cell)."""
+        if self._wandb is None or not series:
+            return
+        import wandb
+
+        xs, ys = [], []
+        for values in series.values():
+            points = [(t, v) for t, v in zip(x, values) if v is not None]
+            xs.append([t for t, _ in points])
+            ys.append([v for _, v in points])
+        chart = wandb.plot.line_series(xs=xs, ys=ys, keys=list(series), title=title,
+                                       xname=x_label)
+        self._wandb.log({key: chart}, step=step)
+
+    def log_image(self, key: str, path: str, caption: str | None = None,
+                  step: int | None = None) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(path, caption=caption)}, step=step)
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        """Run-level figures (best temperature, its AVG): one value each, not a curve."""
+        if self._wandb is not None:
+            self._wandb.summary.update(values)
 
     def progress(self, total: int, initial: int, desc: str):
         return tqdm(total=total, initial=initial, desc=desc, unit="round",
@@ -82,6 +150,20 @@ class NullRunLogger:
         pass
 
     def save_samples(self, round_index: int, rows) -> None:
+        pass
+
+    def log_table(self, key: str, columns, rows, step: int | None = None) -> None:
+        pass
+
+    def log_line_plot(self, key: str, x, series, *, title: str, x_label: str,
+                      step: int | None = None) -> None:
+        pass
+
+    def log_image(self, key: str, path: str, caption: str | None = None,
+                  step: int | None = None) -> None:
+        pass
+
+    def set_summary(self, values) -> None:
         pass
 
     def progress(self, total: int, initial: int, desc: str):
