@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,13 +78,28 @@ class OfflineRun:
         return {key for row in self.history.values() for key in row}
 
 
+def finished_records(log_file: Path, timeout_s: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The log's records once its ``exit`` record is on disk: ``run.finish()`` returns before
+    wandb's core process has written the log (measured: 7 bytes right after finish)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_records(log_file)
+        except Exception:  # caught mid-write: a record cut short; read again
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{log_file}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def read_offline_run(root: Path) -> OfflineRun:
     """The one offline run under ``root/wandb`` (``root`` is what ``wandb.init(dir=)`` got)."""
     runs = sorted((Path(root) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run under {root}, found {runs}"
     (log_file,) = runs[0].glob("run-*.wandb")
     run = OfflineRun(runs[0])
-    for record in read_records(log_file):
+    for record in finished_records(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.project, run.name = record.run.project, record.run.display_name
