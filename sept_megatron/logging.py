@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
+import queue
+import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
@@ -65,6 +67,7 @@ class RunLogger:
                                      mode=cfg.wandb_mode, dir=cfg.run_dir, config=run_config,
                                      group=wandb_group(cfg), job_type=cfg.wandb_job_type,
                                      resume="allow")
+            self._sender = _BackgroundSender()
         if config_file:
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
                 json.dump(run_config, f, indent=1)
@@ -74,7 +77,7 @@ class RunLogger:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._sender.submit(self._wandb.log, dict(metrics), step=step)
 
     def save_samples(self, round_index: int, rows: Iterable[dict[str, Any]]) -> None:
         """The round's samples: ``samples/round_N.jsonl`` (``logging.save_samples``) and, every
@@ -100,7 +103,8 @@ class RunLogger:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self._sender.submit(lambda: self._wandb.log(
+                {key: wandb.Table(columns=columns, data=rows)}, step=step))
 
     def log_line_plot(self, key: str, x: list[float], series: dict[str, list[float | None]],
                       *, title: str, x_label: str, step: int | None = None) -> None:
@@ -115,21 +119,21 @@ class RunLogger:
             points = [(t, v) for t, v in zip(x, values) if v is not None]
             xs.append([t for t, _ in points])
             ys.append([v for _, v in points])
-        chart = wandb.plot.line_series(xs=xs, ys=ys, keys=list(series), title=title,
-                                       xname=x_label)
-        self._wandb.log({key: chart}, step=step)
+        self._sender.submit(lambda: self._wandb.log({key: wandb.plot.line_series(
+            xs=xs, ys=ys, keys=list(series), title=title, xname=x_label)}, step=step))
 
     def log_image(self, key: str, path: str, caption: str | None = None,
                   step: int | None = None) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(path, caption=caption)}, step=step)
+            self._sender.submit(lambda: self._wandb.log(
+                {key: wandb.Image(path, caption=caption)}, step=step))
 
     def set_summary(self, values: dict[str, Any]) -> None:
         """Run-level figures (best temperature, its AVG): one value each, not a curve."""
         if self._wandb is not None:
-            self._wandb.summary.update(values)
+            self._sender.submit(self._wandb.summary.update, dict(values))
 
     def progress(self, total: int, initial: int, desc: str):
         return tqdm(total=total, initial=initial, desc=desc, unit="round",
@@ -140,7 +144,40 @@ class RunLogger:
 
     def finish(self) -> None:
         if self._wandb is not None:
+            self._sender.close()  # everything submitted reaches W&B before the run ends
             self._wandb.finish()
+
+
+class _BackgroundSender:
+    """Runs the W&B calls on one worker thread, in submission order.
+
+    ``wandb.log`` hands each record to wandb's core process over a socket; on a busy machine
+    that call waited tens to hundreds of milliseconds for the core process to be scheduled
+    (measured on the 2-core dev machine at load 40-50), and building a table or an image
+    serialises it to a media file. The loop hands over plain Python data and goes on; the
+    worker builds the W&B objects. A failed call is logged and skipped: a dashboard hiccup
+    must not end a training run (metrics.jsonl and the samples files have everything).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="wandb-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[..., Any], *args, **kwargs) -> None:
+        self._queue.put((call, args, kwargs))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            call, args, kwargs = item
+            try:
+                call(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                log.warning("W&B logging failed (%s: %s); the run goes on", type(exc).__name__, exc)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 class NullRunLogger:
