@@ -114,13 +114,13 @@ class RunLogger:
             return
         import wandb
 
-        xs, ys = [], []
+        keys, xs, ys = list(series), [], []
         for values in series.values():
             points = [(t, v) for t, v in zip(x, values) if v is not None]
             xs.append([t for t, _ in points])
             ys.append([v for _, v in points])
         self._sender.submit(lambda: self._wandb.log({key: wandb.plot.line_series(
-            xs=xs, ys=ys, keys=list(series), title=title, xname=x_label)}, step=step))
+            xs=xs, ys=ys, keys=keys, title=title, xname=x_label)}, step=step))
 
     def log_image(self, key: str, path: str, caption: str | None = None,
                   step: int | None = None) -> None:
