@@ -270,6 +270,19 @@ class LoggingConfig:
     """Write each round's prompts and answers to run_dir/samples/round_N.jsonl."""
     progress: bool = True
     """Progress bars on rank 0."""
+    wandb_group: str | None = None
+    """W&B group of the experiment: give the base sweep, the training run and the final
+    evaluation the same value (``sept-megatron eval --wandb-group``). null: the name of
+    ``run_dir``."""
+    wandb_job_type: str = "train"
+    """W&B job type of this run within its group (eval uses eval, the demo train-offline ...)."""
+    samples_every: int = 10
+    """Log a W&B table of the round's samples (question, answer, length, finish reason,
+    tau_s) every this many rounds; 0: never. The JSONL files hold every round regardless."""
+    peak_tflops: float | None = None
+    """The device's peak dense bf16 TFLOP/s, for MFU. null: looked up from the GPU's name
+    (H100, H200, A100, B200, ...; see telemetry.PEAK_BF16_TFLOPS); on CPU or an unknown GPU
+    only TFLOP/s is logged."""
 
 
 @dataclass(kw_only=True)
@@ -472,6 +485,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     _validate_schedule_fields(cfg, err)
     _validate_fp8(cfg, arch, err)
     _validate_layout(cfg, world_size, arch, err)
+    _validate_logging(cfg.logging, err)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -520,6 +534,18 @@ def _validate_fp8(cfg: Config, arch, err) -> None:
 
         for problem in fp8_shape_problems(arch, cfg.parallel.tensor_parallel):
             err(f"model.fp8={m.fp8}: {problem}; use a TP that keeps it a multiple, or model.fp8=null")
+
+
+def _validate_logging(logging: LoggingConfig, err) -> None:
+    if logging.samples_every < 0:
+        err(f"logging.samples_every={logging.samples_every}: must be >= 0 (0: no samples table)")
+    if logging.peak_tflops is not None and not logging.peak_tflops > 0:
+        err(f"logging.peak_tflops={logging.peak_tflops}: must be > 0 (the device's peak dense "
+            "bf16 TFLOP/s), or null to look it up from the GPU's name")
+    for dotted, value in (("logging.wandb_group", logging.wandb_group),
+                          ("logging.wandb_job_type", logging.wandb_job_type)):
+        if value is not None and not 0 < len(value) <= 128:
+            err(f"{dotted}={value!r}: must be 1 to 128 characters; shorten it")
 
 
 def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:

@@ -331,8 +331,9 @@ def check_baseline(repo: Path, test_ids: tuple[str, ...], timeout_s: int) -> Non
 
 
 # --- command line ------------------------------------------------------------------------------
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python tools/mutants.py",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="run each mutant's fast test subset only (under 10 minutes on 2 cores)")
@@ -345,7 +346,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "own (to see one test kill a mutant)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant's test run")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (path printed)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def select(only: str) -> list[Mutant]:

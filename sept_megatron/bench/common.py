@@ -85,9 +85,10 @@ def parameter_count(arch) -> int:
 
 
 def flops_per_token(arch, params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L H Dh S (PaLM, appendix B)."""
-    attention = 12 * arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_len
-    return 6.0 * params + attention
+    """Training FLOPs per token (:func:`sept_megatron.plan.memory.flops_per_token`)."""
+    from sept_megatron.plan.memory import flops_per_token as planner_flops
+
+    return planner_flops(arch, params, seq_len)
 
 
 # --- timing helpers ------------------------------------------------------------------------

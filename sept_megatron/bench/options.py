@@ -70,6 +70,7 @@ class BenchOptions:
     async_checkpoint: bool
     find_max_micro_batch: bool
     work_dir: str | None
+    wandb_mode: str = "disabled"  # the round benchmark's logging.wandb_mode
 
 
 # --- flags ---------------------------------------------------------------------------------
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--async-checkpoint", default="false",
                    help="checkpoint.async_save in the round benchmark: true or false "
                    "(default false, the config's default)")
+    p.add_argument("--wandb-mode", default="disabled", choices=("disabled", "offline"),
+                   help="logging.wandb_mode of the round benchmark (default disabled); offline "
+                   "logs the whole dashboard as configured by default (a samples table every "
+                   "10 rounds): its cost is the difference")
     p.add_argument("--no-max-micro-batch", action="store_true",
                    help="skip the GPU search for the largest micro-batch that fits")
     p.add_argument("--work-dir", help="keep the generated model, data and runs here "
@@ -125,7 +130,8 @@ def parse_options(argv: list[str]) -> tuple[BenchOptions, argparse.Namespace]:
         gen_new_tokens=_or(args.gen_new_tokens, shape.gen_new_tokens),
         round_prompts=_or(args.round_prompts, shape.round_prompts),
         async_checkpoint=_parse_bool("--async-checkpoint", args.async_checkpoint),
-        find_max_micro_batch=not args.no_max_micro_batch, work_dir=args.work_dir)
+        find_max_micro_batch=not args.no_max_micro_batch, work_dir=args.work_dir,
+        wandb_mode=args.wandb_mode)
     _check_numbers(opts, shape)
     return opts, args
 

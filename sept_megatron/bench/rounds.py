@@ -26,7 +26,7 @@ def round_config(opts: BenchOptions, inputs: Inputs, run_dir: str):
                           mini_batch_size=opts.round_prompts // 2,
                           micro_batch_size=_divisor_at_most(opts.round_prompts // 2, opts.micro_batch),
                           lr=1e-5, warmup_steps=0),
-        logging=LoggingConfig(run_dir=run_dir, progress=False),
+        logging=LoggingConfig(run_dir=run_dir, progress=False, wandb_mode=opts.wandb_mode),
         checkpoint=CheckpointConfig(save_every_n_rounds=1, keep_last=1, export_hf=False,
                                     async_save=opts.async_checkpoint))
 
@@ -67,4 +67,5 @@ def bench_round(opts: BenchOptions, inputs: Inputs) -> dict:
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # ~18 GB at 1.5b
     return {"bench": "round", "shape": opts.shape, "device": opts.device, "rounds": len(records),
             "prompts_per_round": opts.round_prompts, "max_new_tokens": opts.gen_new_tokens,
-            "async_checkpoint": opts.async_checkpoint, **round_shares(records)}
+            "async_checkpoint": opts.async_checkpoint, "wandb_mode": opts.wandb_mode,
+            **round_shares(records)}

@@ -15,6 +15,11 @@ Writes ``DIR/report.json``, ``DIR/report.md``, ``DIR/report.png`` and prints the
 several seeds, one such directory per seed (``DIR/seed-S``) and ``DIR/summary.{json,md,png}``
 (mean and spread across seeds).
 
+W&B (``--wandb``, offline by default): every phase is a run in one group, the name of
+``DIR``: ``sweep-base``, ``train``, ``sweep-sept``, ``train-offline`` / ``sweep-offline``,
+``train-coupled`` / ``sweep-coupled`` and ``report`` (report.png, the targets) per seed, named
+``seed<S>-<job type>``, and with several seeds one ``summary`` run (summary.png, the spread).
+
 What a seed varies: the SePT run's question order (``data.shuffle_seed``), its rollout
 sampling (``train.seed``) and the evaluation's sampling (the same seed for the base's and the
 SePT model's sweep, so within a seed both are scored on common random numbers). It does not
@@ -34,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean, stdev
+from typing import Any, Callable
 
 from sept_megatron.config import (
     CheckpointConfig, Config, DataConfig, LoggingConfig, ModelConfig, RolloutConfig, TrainConfig)
@@ -107,9 +113,42 @@ def _phase(timings: dict, name: str):
     return _Phase()
 
 
+@dataclass(frozen=True)
+class DemoWandb:
+    """Where the demo's runs go on W&B: one group for the whole experiment."""
+
+    mode: str = "offline"
+    group: str | None = None  # None: each run's directory name (a lone call of train_sept)
+    project: str = "sept_megatron-demo"
+
+    def logging(self, run_dir: str | Path, job_type: str, run_name: str, **fields) -> LoggingConfig:
+        return LoggingConfig(run_dir=str(run_dir), wandb_mode=self.mode, wandb_project=self.project,
+                             wandb_group=self.group, wandb_job_type=job_type, run_name=run_name,
+                             **fields)
+
+
+def log_demo_run(wandb: DemoWandb, run_dir: str | Path, job_type: str, run_name: str,
+                 record: Callable[[Any], None]) -> None:
+    """One short W&B run of the group (a sweep, a report): ``record(logger)`` fills it. With
+    ``--wandb disabled`` nothing is started (and wandb is not imported)."""
+    if wandb.mode == "disabled":
+        return
+    from sept_megatron.logging import RunLogger
+
+    logger = RunLogger(wandb.logging(run_dir, job_type, run_name, progress=False), {},
+                       config_file=False)
+    try:
+        record(logger)
+    finally:
+        logger.finish()
+
+
 def sept_config(base_dir: str, train_file: str, run_dir: str, recipe: DemoRecipe, seed: int,
-                mode: str = "online", wandb_mode: str = "offline", progress: bool = True) -> Config:
+                mode: str = "online", wandb_mode: str = "offline", progress: bool = True,
+                wandb: DemoWandb | None = None) -> Config:
     """The demo's run, as a user would write it in YAML."""
+    wandb = wandb or DemoWandb(wandb_mode)
+    job_type = "train" if mode == "online" else f"train-{mode}"
     return Config(
         model=ModelConfig(hf_path=base_dir, params_dtype="float32"),
         rollout=RolloutConfig(tau_start=recipe.tau_start, tau_end=recipe.tau_end,
@@ -121,8 +160,8 @@ def sept_config(base_dir: str, train_file: str, run_dir: str, recipe: DemoRecipe
                           prompts_per_round=recipe.prompts_per_round,
                           mini_batch_size=recipe.mini_batch_size, micro_batch_size=recipe.mini_batch_size,
                           lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=seed),
-        logging=LoggingConfig(run_dir=run_dir, wandb_mode=wandb_mode, wandb_project="sept_megatron-demo",
-                              run_name=f"demo-{mode}-seed{seed}", progress=progress),
+        logging=wandb.logging(run_dir, job_type, f"seed{seed}-{job_type}", progress=progress,
+                              samples_every=max(1, recipe.rounds // 4)),
         checkpoint=CheckpointConfig(save_every_n_rounds=0, keep_last=1, export_hf=True),
     )
 
@@ -139,19 +178,22 @@ def prepare_data(out: Path, base_recipe: BaseModelRecipe, recipe: DemoRecipe) ->
 
 
 def train_sept(base_dir: str, data_dir: Path, run_dir: Path, recipe: DemoRecipe, seed: int,
-               mode: str = "online", wandb_mode: str = "offline", progress: bool = True) -> str:
+               mode: str = "online", wandb_mode: str = "offline", progress: bool = True,
+               wandb: DemoWandb | None = None) -> str:
     """One SePT run through :func:`sept_megatron.loop.driver.run`; returns its exported HF dir."""
     from sept_megatron.loop.driver import run
 
     cfg = sept_config(base_dir, str(data_dir / "train.jsonl"), str(run_dir), recipe, seed, mode,
-                      wandb_mode, progress)
+                      wandb_mode, progress, wandb)
     run(cfg)
     return str(run_dir / "hf_final")
 
 
 def sweep(hf_dir: str, questions, out_dir: str, temperatures, recipe: DemoRecipe, seed: int,
-          progress: bool = True) -> dict:
-    """The evaluation sweep (``sept_megatron.eval.sweep``): resumable, one file per cell."""
+          progress: bool = True, wandb: DemoWandb | None = None, job_type: str = "sweep") -> dict:
+    """The evaluation sweep (``sept_megatron.eval.sweep``): resumable, one file per cell;
+    then, with ``wandb``, its table, charts and PNG as a run of the demo's group."""
+    from sept_megatron.eval.dashboard import log_sweep
     from sept_megatron.eval.sweep import run_sweep
     from sept_megatron.rollout import build_engine
 
@@ -159,9 +201,13 @@ def sweep(hf_dir: str, questions, out_dir: str, temperatures, recipe: DemoRecipe
 
     with compat.suspended():  # plain PyTorch: no need for Megatron's CPU redirect
         engine = build_engine("hf", hf_dir, batch_size=512, progress=False)
-        return run_sweep(engine, engine.tokenizer, {"arith": questions}, list(temperatures),
-                         recipe.eval_samples, out_dir, max_new_tokens=recipe.max_response_length,
-                         seed=seed, progress=progress)
+        summary = run_sweep(engine, engine.tokenizer, {"arith": questions}, list(temperatures),
+                            recipe.eval_samples, out_dir, max_new_tokens=recipe.max_response_length,
+                            seed=seed, progress=progress)
+    if wandb is not None:
+        log_demo_run(wandb, out_dir, job_type, f"seed{seed}-{job_type}",
+                     lambda logger: log_sweep(logger, summary, Path(out_dir) / "sweep.png"))
+    return summary
 
 
 def cell_counts(sweep_dir: str | Path, temperature: float) -> tuple[list[int], int]:
@@ -207,12 +253,14 @@ def _row(sweep_dir: Path, temperature: float) -> dict:
 # --- one seed -----------------------------------------------------------------------------
 def run_demo(out_dir: str, seed: int, ablations: bool, recipe: DemoRecipe = DemoRecipe(),
              base_recipe: BaseModelRecipe | None = None, cache_dir: str | None = None,
-             wandb_mode: str = "offline") -> dict:
+             wandb_mode: str = "offline", wandb_group: str | None = None) -> dict:
+    """One seed; its W&B runs join ``wandb_group`` (default: ``out_dir``'s name)."""
     from sept_megatron.data import load_questions
 
     recipe.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    wandb = DemoWandb(wandb_mode, wandb_group or out.resolve().name)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     base_recipe = base_recipe or BaseModelRecipe()
@@ -222,30 +270,42 @@ def run_demo(out_dir: str, seed: int, ablations: bool, recipe: DemoRecipe = Demo
     test = load_questions(data_dir / "test.jsonl")
 
     with _phase(timings, "baseline_sweep"):
-        base = sweep(base_dir, test, str(out / "sweep_base"), recipe.temperatures, recipe, seed)
+        base = sweep(base_dir, test, str(out / "sweep_base"), recipe.temperatures, recipe, seed,
+                     wandb=wandb, job_type="sweep-base")
     best_t = base["best_temperature"]
     report = {"seed": seed, "seed_varies": SEED_VARIES, "recipe": asdict(recipe),
               "base_recipe": asdict(base_recipe),
               "baseline": {**_row(out / "sweep_base", best_t), "t1": _row(out / "sweep_base", 1.0)}}
 
     with _phase(timings, "sept_train"):
-        sept_dir = train_sept(base_dir, data_dir, out / "sept", recipe, seed, "online", wandb_mode)
+        sept_dir = train_sept(base_dir, data_dir, out / "sept", recipe, seed, "online", wandb_mode,
+                              wandb=wandb)
     with _phase(timings, "sept_eval"):
-        sept = sweep(sept_dir, test, str(out / "sweep_sept"), recipe.temperatures, recipe, seed)
+        sept = sweep(sept_dir, test, str(out / "sweep_sept"), recipe.temperatures, recipe, seed,
+                     wandb=wandb, job_type="sweep-sept")
     report["sept"] = {**_row(out / "sweep_sept", 1.0),
                       "at_base_best_temperature": _row(out / "sweep_sept", best_t)}
 
     if ablations:
         for mode in ("offline", "coupled"):
             with _phase(timings, f"{mode}_train_eval"):
-                hf_dir = train_sept(base_dir, data_dir, out / mode, recipe, seed, mode, wandb_mode)
-                sweep(hf_dir, test, str(out / f"sweep_{mode}"), (1.0,), recipe, seed)
+                hf_dir = train_sept(base_dir, data_dir, out / mode, recipe, seed, mode, wandb_mode,
+                                    wandb=wandb)
+                sweep(hf_dir, test, str(out / f"sweep_{mode}"), (1.0,), recipe, seed, wandb=wandb,
+                      job_type=f"sweep-{mode}")
             report[mode] = _row(out / f"sweep_{mode}", 1.0)
     timings["total"] = round(time.perf_counter() - start, 1)
     report["wall_time_s"] = timings
     report["targets"] = targets(report)
     _write_report(out, report, base, sept)
+    log_demo_run(wandb, out, "report", f"seed{seed}-report",
+                 lambda logger: _log_report(logger, out / "report.png", report))
     return report
+
+
+def _log_report(logger, png: Path, report: dict) -> None:
+    logger.log_image("demo/report", str(png), caption=f"pass@k and AVG, seed {report['seed']}")
+    logger.set_summary({f"demo/{name}": float(value) for name, value in report["targets"].items()})
 
 
 def targets(report: dict) -> dict:
@@ -365,9 +425,10 @@ def run_seeds(out_dir: str, seeds: list[int], ablations: bool, recipe: DemoRecip
     out = Path(out_dir)
     start = time.perf_counter()
     base_recipe = base_recipe or BaseModelRecipe()
+    group = out.resolve().name  # every seed's runs and the summary: one W&B group
     reports = [_finished_report(out / f"seed-{s}", s, ablations, recipe, base_recipe)
                or run_demo(str(out / f"seed-{s}"), s, ablations, recipe, base_recipe, cache_dir,
-                           wandb_mode) for s in seeds]
+                           wandb_mode, group) for s in seeds]
     summary = summarise_seeds(reports)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -376,8 +437,17 @@ def run_seeds(out_dir: str, seeds: list[int], ablations: bool, recipe: DemoRecip
     mean_curves = {name: [fmean(c[k] for c in curves) for k in range(min(map(len, curves)))]
                    for name, curves in summary["curves"].items()}
     _plot(out / "summary.png", mean_curves, None, None, f"test split, mean of {len(seeds)} seeds")
+    log_demo_run(DemoWandb(wandb_mode, group), out, "summary", "summary",
+                 lambda logger: _log_summary(logger, out / "summary.png", summary))
     print("\n" + markdown)
     return summary
+
+
+def _log_summary(logger, png: Path, summary: dict) -> None:
+    logger.log_image("demo/summary", str(png), caption=f"mean pass@k curves, seeds {summary['seeds']}")
+    logger.set_summary({"demo/mechanism_holds_on": summary["mechanism_holds_on"],
+                        "demo/paper_claim_holds_on": summary["paper_claim_holds_on"],
+                        **{f"demo/{name}/mean": s["mean"] for name, s in summary["stats"].items()}})
 
 
 def _finished_report(run_dir: Path, seed: int, ablations: bool, recipe: DemoRecipe,

@@ -64,6 +64,11 @@ class EvalArgs:
     dtype: str
     grading_workers: int
     engine_tp: int
+    wandb_mode: str = "disabled"
+    wandb_project: str = "sept_megatron"
+    wandb_group: str | None = None  # None: the --out directory's name
+    wandb_job_type: str = "eval"
+    run_name: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: one per core, at most 8)")
     parser.add_argument("--engine-tp", type=int, default=1,
                         help="ranks per engine under torchrun (sglang; hf needs 1)")
+    wandb = parser.add_argument_group("W&B (rank 0 logs the finished sweep: table, charts, PNG)")
+    wandb.add_argument("--wandb-mode", default="disabled", choices=("online", "offline", "disabled"))
+    wandb.add_argument("--wandb-project", default="sept_megatron")
+    wandb.add_argument("--wandb-group", default=None,
+                       help="the experiment's group: the training run's logging.wandb_group "
+                            "(default: its run directory's name); default here: --out's name")
+    wandb.add_argument("--wandb-job-type", default="eval",
+                       help="e.g. eval-base for the base sweep, eval-final after training")
+    wandb.add_argument("--run-name", default=None, help="W&B run name (default: W&B's)")
     return parser
 
 
@@ -162,6 +176,9 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
                      "(give a local HF model directory or a sept_megatron checkpoint)")
     if ns.out.exists() and not ns.out.is_dir():
         parser.error(f"argument --out: {ns.out} exists and is not a directory")
+    for flag, value in (("--wandb-group", ns.wandb_group), ("--wandb-job-type", ns.wandb_job_type)):
+        if value is not None and not 0 < len(value) <= 128:
+            parser.error(f"argument {flag}: must be 1 to 128 characters, got {len(value)}")
     device = ns.device or _default_device()
     return EvalArgs(
         model=ns.model, benchmark_files=ns.benchmarks, temperatures=ns.temperatures, n=ns.n,
@@ -170,7 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
         device=device, dtype=ns.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
         grading_workers=(default_grading_workers() if ns.grading_workers is None
                          else ns.grading_workers),
-        engine_tp=ns.engine_tp,
+        engine_tp=ns.engine_tp, wandb_mode=ns.wandb_mode, wandb_project=ns.wandb_project,
+        wandb_group=ns.wandb_group, wandb_job_type=ns.wandb_job_type, run_name=ns.run_name,
     )
 
 
@@ -278,10 +296,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                         template=args.template, seed=args.seed, progress=rank == 0,
                         grading_workers=args.grading_workers)
     if rank == 0:
+        log_to_wandb(args, summary)
         print(f"best temperature (baseline): {summary['best_temperature']:g}  "
               f"AVG = {summary['best_avg']:.4f}\nresults: {args.out / 'results.md'}")
     _end_world()
     return 0
+
+
+def log_to_wandb(args: EvalArgs, summary: dict) -> None:
+    """The finished sweep as one W&B run (``--wandb-mode``), in the experiment's group."""
+    from sept_megatron.config import LoggingConfig
+    from sept_megatron.logging import RunLogger
+
+    from .dashboard import log_sweep
+
+    if args.wandb_mode == "disabled":
+        return
+    cfg = LoggingConfig(run_dir=str(args.out), wandb_mode=args.wandb_mode,
+                        wandb_project=args.wandb_project, run_name=args.run_name,
+                        wandb_group=args.wandb_group or args.out.resolve().name,
+                        wandb_job_type=args.wandb_job_type, save_samples=False, progress=False)
+    logger = RunLogger(cfg, {k: str(v) for k, v in asdict(args).items()}, config_file=False)
+    try:
+        logger.set_summary({"eval/model": args.model, "eval/n": args.n})
+        log_sweep(logger, summary, args.out / "sweep.png")
+    finally:
+        logger.finish()
 
 
 def _start_world(device: str) -> tuple[int, str]:

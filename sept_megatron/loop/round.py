@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sept_megatron.config import Config
 from sept_megatron.data import Question
 from sept_megatron.loop.fleet import EngineFleet
+from sept_megatron.loop.telemetry import token_stats
 from sept_megatron.rollout.base import Generation, SamplingParams
 from sept_megatron.trainer.sft import Sample
 
@@ -75,7 +76,8 @@ def round_payload(cfg: Config, questions, prompt_ids, generations, tau_s, second
     stats = {"rollout/response_length_mean": sum(lengths) / len(lengths),
              "rollout/response_length_max": float(max(lengths)),
              "rollout/truncation_rate": truncated / len(lengths),
-             "perf/gen_tokens_per_s": sum(lengths) / max(seconds, 1e-9)}
+             "perf/gen_tokens_per_s": sum(lengths) / max(seconds, 1e-9),
+             **token_stats(generations)}  # log-prob and entropy of the answers, when reported
     return RoundBatch(questions, samples, rows, stats)
 
 

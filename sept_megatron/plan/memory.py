@@ -64,6 +64,13 @@ def param_counts(arch, padded_vocab: int) -> ParamCounts:
     return ParamCounts(linear, norm, padded_vocab * h, arch.num_layers, h, arch.tie_word_embeddings)
 
 
+def flops_per_token(arch, params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N + 12 L H Dh S (PaLM, appendix B), the figure the bench's
+    TFLOP/s and the loop's MFU both use."""
+    attention = 12 * arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_len
+    return 6.0 * params + attention
+
+
 def stage_params(counts: ParamCounts, tp: int, pp: int, stage: int) -> tuple[int, int]:
     """(all params, transformer-layer linear params) held by one GPU of pipeline ``stage``."""
     layers = counts.num_layers // pp

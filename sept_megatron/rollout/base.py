@@ -92,7 +92,11 @@ class Generation:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS produced) or "length" (hit max_new_tokens)
-    logprobs: list[float] | None = field(default=None)
+    logprobs: Sequence[float] | None = field(default=None)
+    """Per token: its log-probability under the model's own distribution (T = 1, before
+    top-k/top-p), when the engine reports it (hf: always; a compact float32 array)."""
+    entropies: Sequence[float] | None = field(default=None)
+    """Per token: the entropy (nats) of that T = 1 distribution at its position."""
 
 
 # A bucket is a list of (hf_name, full tensor) pairs sent together.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from array import array
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -228,15 +229,20 @@ class HFRolloutEngine:
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
             attention_mask[row, width - len(prompt) :] = 1
+        stats = _TokenStats()  # first: it must see the model's raw logits
         output = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=config,
-            logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
+            logits_processor=LogitsProcessorList([stats] + ([sampler] if sampler is not None else [])),
         )
-        return [self._to_generation(row) for row in output[:, width:].tolist()]
+        new_tokens = output[:, width:]
+        logprobs, entropies = stats.finish(new_tokens)
+        return [self._to_generation(row, row_logprobs, row_entropies) for row, row_logprobs, row_entropies
+                in zip(new_tokens.tolist(), logprobs, entropies)]
 
-    def _to_generation(self, new_tokens: list[int]) -> Generation:
+    def _to_generation(self, new_tokens: list[int], logprobs: Sequence[float],
+                       entropies: Sequence[float]) -> Generation:
         """Cut after the first EOS. Padding only ever follows EOS (a batch runs until every
         row has stopped or hit the limit), so the cut also strips it; a row without EOS
         used its whole ``max_new_tokens`` budget."""
@@ -246,6 +252,8 @@ class HFRolloutEngine:
             token_ids=token_ids,
             text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
             finish_reason="length" if stop is None else "stop",
+            logprobs=array("f", logprobs[: len(token_ids)]),
+            entropies=array("f", entropies[: len(token_ids)]),
         )
 
     # --- weights -----------------------------------------------------------------------
@@ -409,11 +417,46 @@ class _SeededSampler(LogitsProcessor):
         return chosen.scatter_(1, tokens, 0.0)
 
 
+class _TokenStats(LogitsProcessor):
+    """Records, at every step, the entropy of the model's own next-token distribution (the raw
+    logits, T = 1) and, one step later, the log-probability of the token that was chosen.
+
+    It runs first in the processor list, before any sampling warper, and leaves the scores
+    unchanged. Only the last step's log-softmax is kept ([batch, vocab]), so memory does not
+    grow with the answer length; :meth:`finish` reads the last chosen tokens from the output.
+    """
+
+    def __init__(self) -> None:
+        self._entropies: list[torch.Tensor] = []
+        self._logprobs: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is not None:
+            self._logprobs.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        # entr(p) = -p log p, 0 at p = 0 (tokens masked to -inf add nothing, not NaN).
+        self._entropies.append(torch.special.entr(self._last.exp()).sum(dim=-1))
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> tuple[list[list[float]], list[list[float]]]:
+        """Per row, one value per generated position (padding after EOS included; the caller
+        cuts at EOS)."""
+        if self._last is None:
+            return [[] for _ in range(new_tokens.shape[0])], [[] for _ in range(new_tokens.shape[0])]
+        last_step = len(self._entropies) - 1
+        self._logprobs.append(self._last.gather(1, new_tokens[:, last_step:last_step + 1]).squeeze(1))
+        logprobs = torch.stack(self._logprobs, dim=1).cpu().tolist()
+        entropies = torch.stack(self._entropies, dim=1).cpu().tolist()
+        return logprobs, entropies
+
+
 def _copy(generation: Generation) -> Generation:
     """An independent copy, so callers may edit one sample without touching its siblings."""
     return Generation(
         token_ids=list(generation.token_ids),
         text=generation.text,
         finish_reason=generation.finish_reason,
-        logprobs=None if generation.logprobs is None else list(generation.logprobs),
+        logprobs=None if generation.logprobs is None else array("f", generation.logprobs),
+        entropies=None if generation.entropies is None else array("f", generation.entropies),
     )

@@ -6,22 +6,11 @@ import json
 import pytest
 
 from mp import run_python
+from toy_demo import toy_script
 from sept_megatron.demo.run import DemoRecipe, score_counts, summarise_seeds, targets
 from sept_megatron.eval.metrics import pass_at_k
 
-SCRIPT = '''
-import sys
-from sept_megatron.demo.base_model import BaseModelRecipe
-from sept_megatron.demo.run import DemoRecipe, run_seeds
-
-if __name__ == "__main__":
-    out, cache = sys.argv[1], sys.argv[2]
-    base = BaseModelRecipe(hidden_size=32, num_layers=2, ffn_hidden_size=64, n_train=400,
-                           steps=20, batch_size=16)
-    demo = DemoRecipe(rounds=2, prompts_per_round=16, mini_batch_size=8, temperatures=(0.0, 1.0),
-                      eval_samples=8, test_questions=16, val_questions=16, max_response_length=48)
-    run_seeds(out, [0, 1], True, demo, base, cache_dir=cache, wandb_mode="disabled")
-'''
+SCRIPT = toy_script('run_seeds(out, [0, 1], True, DEMO, BASE, cache_dir=cache, wandb_mode="disabled")')
 
 
 @pytest.mark.slow

@@ -164,6 +164,7 @@ def tool_parser(script: str) -> argparse.ArgumentParser:
     """A tool's ``build_parser()`` (every tool under tools/ has one), imported, not run."""
     spec = importlib.util.spec_from_file_location(f"_doc_tool_{Path(script).stem}", REPO / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module.build_parser()
 
