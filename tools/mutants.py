@@ -43,7 +43,7 @@ FILES = {
     "grading": "sept_megatron/eval/grading.py",
     "sft": "sept_megatron/trainer/sft.py",
     "hf_engine": "sept_megatron/rollout/hf.py",
-    "sglang_engine": "sept_megatron/rollout/sglang_engine.py",
+    "sglang_engine": "sept_megatron/rollout/sglang_requests.py",
     "schedule": "sept_megatron/loop/schedule.py",
     "driver": "sept_megatron/loop/driver.py",
     "checkpointer": "sept_megatron/loop/checkpointer.py",

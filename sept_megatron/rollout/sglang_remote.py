@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from sept_megatron.data import load_tokenizer
 from sept_megatron.rollout.base import Generation, SamplingParams, check_prompts
-from sept_megatron.rollout.sglang_engine import (
+from sept_megatron.rollout.sglang_requests import (
     check_sglang_version, group_generations, request_sampling_params, stop_token_ids)
 
 logger = logging.getLogger(__name__)

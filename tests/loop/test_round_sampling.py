@@ -16,7 +16,7 @@ from sept_megatron.loop.schedule import Schedule, round_seed
 from sept_megatron.config import load_config
 from sept_megatron.data import Question
 from sept_megatron.rollout.base import Generation
-from sept_megatron.rollout.sglang_engine import request_sampling_params
+from sept_megatron.rollout.sglang_requests import request_sampling_params
 
 ROUNDS = 6
 PROMPTS = 4

@@ -33,7 +33,7 @@ def require_sglang():
         import sglang.srt.utils  # noqa: F401  (MultiprocessingSerializer, needs triton etc.)
     except ImportError as error:
         pytest.skip(f"sglang is installed but does not import on this machine: {error}")
-    from sept_megatron.rollout.sglang_engine import check_sglang_version
+    from sept_megatron.rollout.sglang_requests import check_sglang_version
 
     check_sglang_version()  # a different version is a failure, not a skip
 

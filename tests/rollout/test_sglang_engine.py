@@ -25,9 +25,9 @@ from sept_megatron.convert.hf_config import arch_from_hf_config
 from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
 from sept_megatron.rollout import SamplingParams, build_engine
 from sept_megatron.weight_sync.sglang_ipc import load_buckets, pack_bucket
-from sept_megatron.rollout.sglang_engine import (
-    SGLANG_VERSION, SGLangRolloutEngine, check_sglang_version, engine_kwargs,
-    prepare_fp8_model_dir, request_sampling_params, stop_token_ids, to_generation)
+from sept_megatron.rollout.sglang_engine import SGLangRolloutEngine, engine_kwargs, prepare_fp8_model_dir
+from sept_megatron.rollout.sglang_requests import (
+    SGLANG_VERSION, check_sglang_version, request_sampling_params, stop_token_ids, to_generation)
 
 
 @pytest.fixture(scope="module", autouse=True)
