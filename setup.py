@@ -41,7 +41,8 @@ setup(
     extras_require={
         # datasets: the HF-datasets-dir loader test; accelerate: transformers' FP8 loader
         # (loading an exported FP8 checkpoint on CPU, tests/convert/test_fp8_export.py).
-        "test": ["pytest==9.2.0", "datasets>=3.0", "accelerate==1.15.0"],
+        # ruff: the lint and format check CI runs before the tests (pyproject.toml [tool.ruff]).
+        "test": ["pytest==9.2.0", "datasets>=3.0", "accelerate==1.15.0", "ruff==0.17.6"],
         # GPU only: import lazily, never required on CPU. (Never the PyPI package "apex".)
         # TE: the range megatron-core 0.16.1 declares; its torch extension must be built
         # against the installed torch (README: GPU install, --no-build-isolation).

@@ -3,6 +3,7 @@
 # pulls another torch), installs sept_megatron[test], then runs:
 #   bash tools/dev.sh demo [demo flags]   # the embedded SePT demo on this CPU
 #   bash tools/dev.sh test [pytest args]  # the test suite
+#   bash tools/dev.sh lint                # ruff: lint and format check (CI runs it first)
 #   bash tools/dev.sh setup               # only the set-up
 # Which torch build: whatever pip's own configuration resolves torch==2.13.0 to (on a default
 # Linux pip: PyPI's CUDA build, several GB). For the CPU build there, name PyTorch's CPU index:
@@ -41,5 +42,6 @@ case "$cmd" in
   setup) ;;
   demo) exec "$VENV/bin/sept-megatron" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: bash tools/dev.sh {demo|test|setup} [args]" >&2; exit 2 ;;
+  lint) "$VENV/bin/ruff" check . && exec "$VENV/bin/ruff" format --check . ;;
+  *) echo "usage: bash tools/dev.sh {demo|test|lint|setup} [args]" >&2; exit 2 ;;
 esac
