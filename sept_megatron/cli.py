@@ -6,9 +6,12 @@
     sept-megatron bench [--shape tiny|1.5b] [--only train,engine,sync,checkpoint,round] ...
     sept-megatron config [--config X.yaml] [key=value ...]  # print the resolved, validated tree
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
+    sept-megatron checkpoint verify DIR                     # one checkpoint or a run's; 1 on damage
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
-process group, model or accelerator is touched.
+process group, model or accelerator is touched. A fault during training that stops the run
+(a failed save, a damaged checkpoint, non-finite training, a dead engine) is one message, exit
+code 1.
 """
 
 from __future__ import annotations
@@ -36,7 +39,28 @@ def _train(argv: list[str]) -> int:
     except preemption.Preempted as stopped:
         print(f"sept-megatron train: {stopped}", file=sys.stderr)
         return preemption.EXIT_PREEMPTED
+    except _run_faults() as fault:
+        print(f"sept-megatron train: error: {fault}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_faults() -> tuple[type[BaseException], ...]:
+    """Faults that stop a run with their own clear message (no traceback)."""
+    from sept_megatron.integrity import CheckpointDamaged, CheckpointSaveFailed
+    from sept_megatron.rollout.watchdog import RolloutTimeout
+    from sept_megatron.train import NonFiniteTraining
+
+    return CheckpointDamaged, CheckpointSaveFailed, NonFiniteTraining, RolloutTimeout
+
+
+def _checkpoint(argv: list[str]) -> int:
+    if not argv or argv[0] != "verify":
+        print("usage: sept-megatron checkpoint verify DIR", file=sys.stderr)
+        return 2
+    from sept_megatron.integrity import verify_main
+
+    return verify_main(argv[1:])
 
 
 def _show_config(argv: list[str]) -> int:
@@ -75,7 +99,7 @@ def _plan(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "bench": _bench,
-            "config": _show_config, "plan": _plan}
+            "config": _show_config, "plan": _plan, "checkpoint": _checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

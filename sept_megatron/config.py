@@ -100,6 +100,10 @@ class RolloutConfig:
     """Weight-sync bucket size."""
     device: str = "auto"
     """The hf engine's device: auto (the trainer's compute device on this rank), cpu, cuda:N."""
+    timeout_minutes: float = 30.0
+    """Longest a rank waits on the rollout (its own engine, an SGLang server, or the engine
+    group answering its share): an engine that died or hangs mid-rollout ends every rank,
+    non-zero, with an error naming the engine group, after at most this long."""
 
 
 @dataclass(kw_only=True)
@@ -145,6 +149,10 @@ class TrainConfig:
     """Also log the loss on each round's own samples before and after its optimizer steps
     (two extra forward passes per round): does SFT fit what the model just wrote?"""
     seed: int = 1234
+    max_skipped_updates: int = 3
+    """Consecutive optimizer steps whose loss or gradient norm is not finite (the update is
+    skipped, counted in ``train/update_skipped``) before the run stops with the round, the step
+    and the last finite loss; no checkpoint of those weights is published."""
 
 
 @dataclass(kw_only=True)
@@ -178,12 +186,20 @@ class CheckpointConfig:
     resume: bool = True
     export_hf: bool = True
     """Write an HF checkpoint of the final model to run_dir/hf_final."""
-    async_save: bool = False
+    async_save: bool = True
     """Write training checkpoints in the background (dist_checkpointing's async save): training
     waits only while the tensors are staged in host memory, a forked process writes them, and
     the rename + ``latest`` pointer happen once every rank's writer is done (a job killed
     mid-save resumes from the previous checkpoint). At most one save is in flight; the run
-    waits for it before the next save and at the end."""
+    waits for it before the next save and at the end. false: the round waits for the disk."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save started (0: off);
+    rank 0's clock decides for every rank. Combines with save_every_n_rounds (either one)."""
+    on_save_error: str = "stop"
+    """A save that fails (full disk: less free space than the last save's size, or ENOSPC at
+    any write) is never published and the previous checkpoint stays the latest. stop: the run
+    ends with an error naming the path and the space needed; warn: it logs the error, counts
+    it in ``checkpoint/save_failures`` and tries again at the next save."""
 
 
 @dataclass(kw_only=True)
@@ -310,6 +326,7 @@ _CHOICES = {
     "data.chat_template": ("auto", "qwen-math", "qwen-instruct", "deepseek-math", "plain"),
     "train.mode": ("online", "offline", "coupled"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
+    "checkpoint.on_save_error": ("stop", "warn"),
 }
 
 
@@ -348,6 +365,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if not p.timeout_minutes > 0:
         err(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
             "may wait before the job fails)")
+    _validate_faults(cfg, err)
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
     if r.backend == "hf" and r.engine_tp != 1:
@@ -365,6 +383,18 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     _validate_layout(cfg, world_size, arch, err)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_faults(cfg: Config, err) -> None:
+    """Save cadence and the limits that turn a stuck or diverged run into a clear stop."""
+    if cfg.checkpoint.every_minutes < 0:
+        err(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: must be >= 0 (0: off)")
+    if cfg.train.max_skipped_updates < 1:
+        err(f"train.max_skipped_updates={cfg.train.max_skipped_updates}: must be >= 1 "
+            "(consecutive non-finite steps tolerated before the run stops)")
+    if not cfg.rollout.timeout_minutes > 0:
+        err(f"rollout.timeout_minutes={cfg.rollout.timeout_minutes}: must be > 0 (minutes a "
+            "rank waits on the rollout before the job fails)")
 
 
 def _validate_fp8(cfg: Config, arch, err) -> None:

@@ -70,6 +70,10 @@ class RunLogger:
     def info(self, message: str, *args) -> None:
         log.info(message, *args)
 
+    def warning(self, message: str, *args) -> None:
+        """Faults survived (a checkpoint fallback, a failed save): on the console, always."""
+        log.warning(message, *args)
+
     def finish(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
@@ -88,6 +92,9 @@ class NullRunLogger:
         return tqdm(total=total, initial=initial, disable=True)
 
     def info(self, message: str, *args) -> None:
+        pass
+
+    def warning(self, message: str, *args) -> None:
         pass
 
     def finish(self) -> None:

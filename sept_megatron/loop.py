@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sept_megatron import checkpoint as ckpt_io
-from sept_megatron import compat, distributed, plan, preemption
+from sept_megatron import compat, distributed, integrity, plan, preemption
 from sept_megatron import model as mdl
 from sept_megatron.config import Config, RolloutConfig, ConfigError, validate
 from sept_megatron.data import Question, QuestionSampler, filter_by_prompt_length, load_questions, render_prompts
@@ -33,7 +33,8 @@ from sept_megatron.reshard import sync_weights
 from sept_megatron.rollout import SamplingParams, backend_kwargs, build_engine
 from sept_megatron.rollout.orchestration import DataParallelEngines
 from sept_megatron.rollout.placement import build_placement, server_placement
-from sept_megatron.train import SFTTrainer, Sample, load_trainer_state, trainer_sharded_state_dict
+from sept_megatron.checkpoint_cadence import SaveCadence
+from sept_megatron.train import SFTTrainer, Sample, load_trainer_state, train_steps, trainer_sharded_state_dict
 
 
 # --- the schedule -----------------------------------------------------------------------
@@ -89,8 +90,12 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
     steps_per_round = cfg.train.prompts_per_round * cfg.rollout.n // cfg.train.mini_batch_size
     sampler = QuestionSampler(bank, seed=cfg.data.shuffle_seed)
     ckpt_root = os.path.join(cfg.logging.run_dir, "checkpoints")
-    resume_from = ckpt_io.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-    saver = ckpt_io.CheckpointSaver(cfg.checkpoint.async_save, cfg.checkpoint.keep_last)
+    resume = integrity.resume_checkpoint(ckpt_root, logger.warning) if cfg.checkpoint.resume \
+        else integrity.ResumeChoice(None)
+    resume_from = resume.path
+    saver = ckpt_io.CheckpointSaver(cfg.checkpoint.async_save, cfg.checkpoint.keep_last,
+                                    cfg.checkpoint.on_save_error, warn=logger.warning)
+    cadence = SaveCadence(cfg.checkpoint)
 
     model = build_model(cfg, arch, resume_from)
     trainer = SFTTrainer(model, cfg.train, total_steps=rounds * steps_per_round,
@@ -127,7 +132,7 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         # 2. Plain SFT on those answers, one optimizer step per mini-batch.
         with _timer(timings, "train"):
             fit_before = trainer.evaluate_loss(batch.samples) if cfg.train.measure_round_fit else None
-            step_logs = [trainer.step(mb) for mb in mini_batches(batch.samples, cfg.train)]
+            step_logs = train_steps(trainer, mini_batches(batch.samples, cfg.train), round_index + 1)
             if fit_before is not None:
                 batch.stats |= {"train/round_fit_before": fit_before,
                                 "train/round_fit_after": trainer.evaluate_loss(batch.samples)}
@@ -141,8 +146,10 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         metrics |= _maybe_validate(cfg, engines, tokenizer, round_index)
         with _timer(timings, "checkpoint"):
             saved = _maybe_checkpoint(cfg, trainer, sampler, round_index + 1, rounds, ckpt_root,
-                                      arch, saver)
+                                      arch, saver, cadence=cadence)
         metrics["timing/checkpoint"] = timings["checkpoint"]
+        metrics |= {"checkpoint/save_failures": saver.failures,
+                    "checkpoint/fallbacks": len(resume.passed_over)}
         logger.save_samples(round_index + 1, batch.rows)
         # The whole round up to its log record: what generate/train/sync/checkpoint leave out
         # (payload, metrics, samples file) is the loop's own overhead.
@@ -196,12 +203,18 @@ def check_config(cfg: Config) -> tuple[mdl.ModelArch, list[Question]]:
                 questions += loaded
     resume_root = os.path.join(cfg.logging.run_dir, "checkpoints")
     starts = [("model.megatron_ckpt", cfg.model.megatron_ckpt)]
-    if cfg.checkpoint.resume and ckpt_io.latest_checkpoint(resume_root):
-        starts.append(("logging.run_dir (resuming)", resume_root))
+    if cfg.checkpoint.resume and os.path.isdir(resume_root):
+        # Sizes only here (no reading before the process group); CRC32s once resuming.
+        try:
+            starts.append(("logging.run_dir (resuming)", integrity.choose_resume_checkpoint(
+                resume_root, checksums=False).path))
+        except integrity.CheckpointDamaged as exc:
+            raise ConfigError(f"logging.run_dir={cfg.logging.run_dir!r}: {exc}") from None
     for field_name, path in starts:
         if not path:
             continue
         try:
+            ckpt_io.check_intact(path)
             ckpt_io.check_compatible(ckpt_io.read_meta(path), arch, cfg.parallel.tensor_parallel)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{field_name}={path!r}: {exc}") from None
@@ -286,13 +299,13 @@ def build_engines(cfg: Config, rank: int, tokenizer=None) -> DataParallelEngines
             engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
                 cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device,
                 dtype=dtype, progress=False))
-        return DataParallelEngines(server_placement(), engine)
+        return DataParallelEngines(server_placement(), engine, cfg.rollout.timeout_minutes)
     placement = build_placement(cfg.rollout.engine_tp)
     with compat.suspended():
         engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
             cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
             progress=cfg.logging.progress and rank == 0, placement=placement))
-    return DataParallelEngines(placement, engine)
+    return DataParallelEngines(placement, engine, cfg.rollout.timeout_minutes)
 
 
 def _leads_its_stage() -> bool:
@@ -392,6 +405,7 @@ def round_metrics(step_logs, batch: RoundBatch, timings, tau_s, round_index, rou
         "train/grad_norm": sum(s["train/grad_norm"] for s in step_logs) / len(step_logs),
         "train/lr": step_logs[-1]["train/lr"],
         "train/optimizer_steps": len(step_logs),
+        "train/update_skipped": sum(s["train/update_skipped"] for s in step_logs),
         "rollout/tau_s": tau_s,
         "perf/train_tokens_per_s": tokens / max(timings["train"], 1e-9),
         "progress/round": round_index + 1, "progress/rounds": rounds,
@@ -452,12 +466,14 @@ def _maybe_validate(cfg: Config, engines: DataParallelEngines, tokenizer,
 
 def _maybe_checkpoint(cfg: Config, trainer: SFTTrainer, sampler, rounds_done: int,
                       rounds: int, ckpt_root: str, arch, saver: ckpt_io.CheckpointSaver,
-                      force: bool = False) -> bool:
-    """Checkpoint when the schedule (or ``force``) says so; True when one was started."""
+                      force: bool = False, cadence: SaveCadence | None = None) -> bool:
+    """Checkpoint when the cadence (rounds, minutes; or ``force``) says so; True when one was
+    started."""
     saver.poll()  # publish a finished background save as soon as every rank is done
-    every = cfg.checkpoint.save_every_n_rounds
-    if not force and rounds_done != rounds and (not every or rounds_done % every):
+    cadence = cadence or SaveCadence(cfg.checkpoint)
+    if not force and not cadence.due(rounds_done, rounds):
         return False
+    cadence.started()
     meta = ckpt_io.CheckpointMeta(
         arch, trainer.model.padded_vocab, ckpt_io.torch_dtype_name(trainer.model.config.params_dtype),
         cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
