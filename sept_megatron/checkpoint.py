@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from sept_megatron import integrity
 from sept_megatron.model import ModelArch
@@ -254,7 +255,7 @@ class CheckpointSaver:
             else:
                 save_checkpoint(root, name, sharded_state_dict, meta, hf_side_dir)
                 self._published(root, final)
-        except Exception as exc:  # raised on every rank alike (see _on_rank0_agreed)
+        except (Exception, CheckpointException) as exc:  # every rank alike (_on_rank0_agreed)
             self._failed(integrity.describe_save_error(exc, final, self._last_size),
                          _temp_dir_of(final))
         return time.perf_counter() - start
@@ -286,7 +287,7 @@ class CheckpointSaver:
             return
         try:
             self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except Exception as exc:  # Megatron's finalize raises a write failure on every rank
+        except (Exception, CheckpointException) as exc:  # on every rank (Megatron's finalize)
             tmp, self._in_flight = self._in_flight, None
             final = _final_dir_of(tmp) if tmp else "?"
             self._failed(integrity.describe_save_error(exc, final, self._last_size), tmp)

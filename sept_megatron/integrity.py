@@ -271,29 +271,32 @@ def space_problem(root: str, needed: int | None) -> str | None:
 
 def describe_save_error(exc: BaseException, path: str, needed: int | None) -> str:
     """One line naming the path, the cause and, for a full disk, the space needed."""
-    if _is_no_space(exc):
+    if any(isinstance(c, OSError) and c.errno == errno.ENOSPC or "No space left on device" in str(c)
+           for c in _causes(exc)):
         need = f"about {needed / 2**20:.1f} MiB (the last save's size)" if needed else \
             "at least one checkpoint's size"
+        parent = os.path.dirname(os.path.abspath(path))
         return (f"checkpoint save to {path} failed: no space left on the device "
-                f"({free_bytes(os.path.dirname(path) or '.') / 2**20:.1f} MiB free, it needs "
+                f"({free_bytes(parent) / 2**20:.1f} MiB free under {parent}, a checkpoint needs "
                 f"{need}); free space or point logging.run_dir elsewhere")
-    return f"checkpoint save to {path} failed: {type(exc).__name__}: {exc}"
+    root_cause = list(_causes(exc))[-1]
+    return f"checkpoint save to {path} failed: {type(root_cause).__name__}: {root_cause}"
 
 
-def _is_no_space(exc: BaseException) -> bool:
-    seen = set()
-    stack = [exc]
+def _causes(exc: BaseException):
+    """The exception, what it wraps (``__cause__``, ``__context__``) and, for torch's
+    ``CheckpointException`` (a BaseException), each rank's wrapped failure."""
+    seen, stack = set(), [exc]
     while stack:
         current = stack.pop()
-        if id(current) in seen or current is None:
+        if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(current) or "ENOSPC" in str(current):
-            return True
-        stack += [current.__cause__, current.__context__]
-    return False
+        yield current
+        stack += [current.__context__, current.__cause__]
+        failures = getattr(current, "failures", None)  # CheckpointException: rank -> (exc, tb)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
 
 
 # --- `sept-megatron checkpoint verify DIR` ----------------------------------------------------
