@@ -173,7 +173,7 @@ def _on_rank0_agreed(fn, path: str) -> None:
         try:
             fn()
         except OSError as exc:
-            error = integrity.describe_save_error(exc, path, None)
+            error = f"{path}: {type(exc).__name__}: {exc}"
     error = _agree(error)
     if error:
         raise integrity.CheckpointSaveFailed(error)
@@ -327,10 +327,14 @@ def _final_dir_of(tmp: str) -> str:
 
 def _write_pointer(root: str, name: str) -> None:
     tmp = os.path.join(root, f".{LATEST_FILE}.tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        os.remove(tmp)  # the old pointer stays; no half-written one is left behind
+        raise
     os.replace(tmp, os.path.join(root, LATEST_FILE))
 
 

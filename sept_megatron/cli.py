@@ -48,10 +48,10 @@ def _train(argv: list[str]) -> int:
 def _run_faults() -> tuple[type[BaseException], ...]:
     """Faults that stop a run with their own clear message (no traceback)."""
     from sept_megatron.integrity import CheckpointDamaged, CheckpointSaveFailed
-    from sept_megatron.rollout.watchdog import RolloutTimeout
+    from sept_megatron.rollout.watchdog import EngineDied
     from sept_megatron.train import NonFiniteTraining
 
-    return CheckpointDamaged, CheckpointSaveFailed, NonFiniteTraining, RolloutTimeout
+    return CheckpointDamaged, CheckpointSaveFailed, NonFiniteTraining, EngineDied
 
 
 def _checkpoint(argv: list[str]) -> int:

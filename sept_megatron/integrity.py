@@ -280,6 +280,8 @@ def describe_save_error(exc: BaseException, path: str, needed: int | None) -> st
                 f"({free_bytes(parent) / 2**20:.1f} MiB free under {parent}, a checkpoint needs "
                 f"{need}); free space or point logging.run_dir elsewhere")
     root_cause = list(_causes(exc))[-1]
+    if isinstance(root_cause, CheckpointSaveFailed):
+        return f"checkpoint save to {path} failed: {root_cause}"
     return f"checkpoint save to {path} failed: {type(root_cause).__name__}: {root_cause}"
 
 

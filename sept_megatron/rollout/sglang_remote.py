@@ -33,14 +33,16 @@ import torch
 import torch.distributed as dist
 
 from sept_megatron.rollout.base import Generation, SamplingParams, WeightBucket, check_prompts
+from sept_megatron.rollout.watchdog import EngineDied
 from sept_megatron.rollout.sglang_engine import (
     check_sglang_version, group_generations, request_sampling_params, stop_token_ids)
 
 logger = logging.getLogger(__name__)
 
 
-class ServerError(RuntimeError):
-    """An SGLang server refused a request or could not be reached."""
+class ServerError(EngineDied):
+    """An SGLang server refused a request or could not be reached (died, or no answer within
+    rollout.timeout_minutes: the socket timeout)."""
 
 
 class ServerClient:

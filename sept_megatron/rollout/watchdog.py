@@ -8,8 +8,8 @@ timer thread that prints which engine group the rank was waiting on and ends the
 srun --kill-on-bad-exit) then ends the other ranks, and the rerun resumes from the last
 checkpoint. Every rank arms the same deadline, so each one fails within
 ``rollout.timeout_minutes`` even without a launcher. An SGLang HTTP server that dies or hangs
-is an error of the request itself (:class:`RolloutTimeout` / the client's ``ServerError``,
-socket timeout ``rollout.timeout_minutes``).
+is an error of the request itself (the client's ``ServerError``, an :class:`EngineDied`
+naming the server; socket timeout ``rollout.timeout_minutes``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from typing import Iterator
 EXIT_ROLLOUT_TIMEOUT = 1
 
 
-class RolloutTimeout(RuntimeError):
-    """An engine gave no answer within ``rollout.timeout_minutes``."""
+class EngineDied(RuntimeError):
+    """A rollout engine (an SGLang server, ...) is gone or gave no answer in time; the message
+    names it. The run stops; rerunning it resumes from the last checkpoint."""
+
 
 
 def timeout_message(waiting_on: str, minutes: float) -> str:

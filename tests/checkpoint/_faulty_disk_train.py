@@ -9,7 +9,8 @@ Environment:
   write calls (default 0: the first write fails). Covers Megatron's shard writer (in its
   forked writer processes, which inherit the patch), torch DCP's ``.metadata``, and our
   metadata, manifest and pointer files.
-- ``FAULT_ENOSPC_ROUNDS``: comma-separated round numbers whose save is faulty (default: all).
+- ``FAULT_ENOSPC_ROUNDS``: comma-separated round numbers whose save is faulty (default: all;
+  for the pointer: the n-th pointer written, i.e. round n with a save every round).
 - ``FAULT_FREE_MIB``: ``shutil.disk_usage`` reports this much free space (the pre-save check).
 
 Everything else (the CLI, the loop, Megatron's dist_checkpointing) runs unchanged.
@@ -51,11 +52,15 @@ class FullDiskFile:
         return getattr(self._real, name)
 
 
+POINTER_WRITES = [0]  # the pointer is written in the main process, once per published save
+
+
 def _faulty(path: str) -> bool:
     if not TARGET or not path.endswith(TARGET):
         return False
     if os.path.basename(path).startswith(".latest"):
-        return True
+        POINTER_WRITES[0] += 1
+        return not ROUNDS or str(POINTER_WRITES[0]) in ROUNDS
     in_temp = [part for part in path.split(os.sep) if part.startswith(".tmp-round_")]
     return bool(in_temp) and (not ROUNDS or any(in_temp[0].endswith(f"_{int(r):06d}") for r in ROUNDS))
 
