@@ -86,7 +86,13 @@ def write_after(write_fn, model_dir: str, rank: int, *args, **kwargs) -> None:
     """An async save's background function: Megatron's writer, then this rank's digests (still
     in the forked writer process, so training never waits for them). A failed write is
     reported by Megatron's finalize step; its partial files are then never published."""
-    write_fn(*args, **kwargs)
+    try:
+        write_fn(*args, **kwargs)
+    except (OSError, EOFError):
+        # Megatron's writer reports write errors through its results queue; what escapes is
+        # the queue itself gone: the training process is exiting (a fault stopped the run).
+        # Nobody is left to report to, and this save is never published: end quietly.
+        os._exit(1)
     digest_rank_shards(model_dir, rank)
 
 

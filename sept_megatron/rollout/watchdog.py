@@ -14,6 +14,7 @@ naming the server; socket timeout ``rollout.timeout_minutes``).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import threading
@@ -54,4 +55,8 @@ def _expire(waiting_on: str, minutes: float) -> None:
     rank = os.environ.get("RANK", "0")
     print(f"sept-megatron train: error (rank {rank}): {timeout_message(waiting_on, minutes)}",
           file=sys.stderr, flush=True)
+    # Our own helpers (a background checkpoint writer, its queue's manager) would outlive an
+    # os._exit and keep the job's output open: end them first. The save is never published.
+    for child in multiprocessing.active_children():
+        child.kill()
     os._exit(EXIT_ROLLOUT_TIMEOUT)
