@@ -1,10 +1,11 @@
 """An engine that dies or hangs mid-rollout, through the real CLI (rollout.placement=
 disaggregated on CPU: an SGLang-shaped HTTP server, tests/rollout/_sglang_http_server.py, that
-dies, or stops answering, on its second /generate request, i.e. during round 2's rollout).
+dies, or stops answering, on its third /generate request, i.e. during round 3's rollout).
 
 The run exits non-zero with an error naming the server (dead: at once; hanging: within
-rollout.timeout_minutes), and rerunning it against a healthy server resumes from round 1's
-checkpoint."""
+rollout.timeout_minutes), and rerunning it against a healthy server resumes from its last
+published checkpoint: round 1's (round 2's background save was still in flight and is never
+published)."""
 
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def start_server(**fault: str) -> tuple[subprocess.Popen, str]:
 
 
 def args(inputs, run_dir, url: str) -> list[str]:
-    return base_args(inputs, run_dir, rounds=3) + [
+    return base_args(inputs, run_dir, rounds=4) + [
         "train.prompts_per_round=4", "data.max_response_length=8", "checkpoint.export_hf=false",
         "rollout.backend=sglang", "rollout.placement=disaggregated",
         f"rollout.server_urls=[{url}]", f"rollout.timeout_minutes={TIMEOUT_MINUTES}"]
@@ -53,7 +54,7 @@ def test_engine_death_mid_rollout_stops_the_run_and_the_rerun_resumes(tiny_run_i
                                                                       fault):
     require_sglang()
     run_dir = tmp_path / "run"
-    server, url = start_server(FAKE_SGLANG_FAULT=fault, FAKE_SGLANG_FAULT_AT="2")
+    server, url = start_server(FAKE_SGLANG_FAULT=fault, FAKE_SGLANG_FAULT_AT="3")
     try:
         start = time.monotonic()
         rc, output = run_train(args(tiny_run_inputs, run_dir, url), expect_ok=False)
@@ -77,4 +78,4 @@ def test_engine_death_mid_rollout_stops_the_run_and_the_rerun_resumes(tiny_run_i
         server.kill()
         server.wait(timeout=30)
     assert "at round 1" in output
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "round_000003"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "round_000004"
