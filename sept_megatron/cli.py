@@ -9,9 +9,12 @@
     sept-megatron plan --config X.yaml --nodes N --gpus-per-node G --gpu-mem-gb M [--hf-config PATH]
     sept-megatron paper-table BASE_SWEEP [NAME=]SWEEP ...  # the paper's Table 1/4/5 layout
     sept-megatron eval-general --model HF_DIR --out DIR    # IFEval/BBH/GPQA/MuSR/MMLU-Pro (lm-eval)
+    sept-megatron checkpoint verify DIR                     # one checkpoint or a run's; 1 on damage
 
 Errors in the config or the data are printed as one clear message (exit code 2) before any
-process group, model or accelerator is touched.
+process group, model or accelerator is touched. A fault during training that stops the run
+(a failed save, a damaged checkpoint, non-finite training, a dead engine) is one message, exit
+code 1.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def _train(argv: list[str]) -> int:
     except preemption.Preempted as stopped:
         print(f"sept-megatron train: {stopped}", file=sys.stderr)
         return preemption.EXIT_PREEMPTED
+    except _run_faults() as fault:
+        print(f"sept-megatron train: error: {fault}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -72,8 +78,27 @@ def build_subcommand_parser(name: str) -> argparse.ArgumentParser:
     modules = {"eval": "sept_megatron.eval.cli", "demo": "sept_megatron.demo.run",
                "bench": "sept_megatron.bench.options", "plan": "sept_megatron.plan.planner",
                "paper-table": "sept_megatron.eval.paper_table",
-               "eval-general": "sept_megatron.eval.general"}
+               "eval-general": "sept_megatron.eval.general",
+               "checkpoint": "sept_megatron.trainer.integrity"}
     return importlib.import_module(modules[name]).build_parser()
+
+
+def _run_faults() -> tuple[type[BaseException], ...]:
+    """Faults that stop a run with their own clear message (no traceback)."""
+    from sept_megatron.trainer.integrity import CheckpointDamaged, CheckpointSaveFailed
+    from sept_megatron.rollout.watchdog import EngineDied
+    from sept_megatron.trainer.sft import NonFiniteTraining
+
+    return CheckpointDamaged, CheckpointSaveFailed, NonFiniteTraining, EngineDied
+
+
+def _checkpoint(argv: list[str]) -> int:
+    if not argv or argv[0] != "verify":
+        print("usage: sept-megatron checkpoint verify DIR", file=sys.stderr)
+        return 2
+    from sept_megatron.trainer.integrity import verify_main
+
+    return verify_main(argv[1:])
 
 
 def _show_config(argv: list[str]) -> int:
@@ -127,7 +152,7 @@ def _eval_general(argv: list[str]) -> int:
 
 COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "bench": _bench,
             "config": _show_config, "plan": _plan, "paper-table": _paper_table,
-            "eval-general": _eval_general}
+            "eval-general": _eval_general, "checkpoint": _checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,9 +120,10 @@ class RolloutConfig:
     the CPU: nothing is compiled there and the static cache alone was slower (README,
     Performance)."""
     timeout_minutes: float = 30.0
-    """Longest wait of one rank on the rollout engines (a rollout, a weight load): the waits
-    run on the CPU (gloo), and a wait past this fails every rank with an error naming the
-    engine groups and what they were doing."""
+    """Longest a rank waits on the rollout engines (its own engine generating, an SGLang server,
+    another group's answers, a weight load): the waits run on the CPU (gloo), and past this an
+    engine that died or hangs ends every rank, non-zero, with an error naming the engine group
+    and what it was doing."""
 
 
 @dataclass(kw_only=True)
@@ -206,6 +207,10 @@ class TrainConfig:
     (two extra forward passes per round): does SFT fit what the model just wrote?"""
     seed: int = 1234
     """Seed of model-parallel RNGs and of the rollout's sampling streams."""
+    max_skipped_updates: int = 3
+    """Consecutive optimizer steps whose loss or gradient norm is not finite (the update is
+    skipped, counted in ``train/update_skipped``) before the run stops with the round, the step
+    and the last finite loss; no checkpoint of those weights is published."""
 
 
 @dataclass(kw_only=True)
@@ -295,12 +300,20 @@ class CheckpointConfig:
     """Resume from run_dir/checkpoints/latest when it exists."""
     export_hf: bool = True
     """Write an HF checkpoint of the final model to run_dir/hf_final."""
-    async_save: bool = False
+    async_save: bool = True
     """Write training checkpoints in the background (dist_checkpointing's async save): training
     waits only while the tensors are staged in host memory, a forked process writes them, and
     the rename + ``latest`` pointer happen once every rank's writer is done (a job killed
     mid-save resumes from the previous checkpoint). At most one save is in flight; the run
-    waits for it before the next save and at the end."""
+    waits for it before the next save and at the end. false: the round waits for the disk."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save started (0: off);
+    rank 0's clock decides for every rank. Combines with save_every_n_rounds (either one)."""
+    on_save_error: str = "stop"
+    """A save that fails (full disk: less free space than the last save's size, or ENOSPC at
+    any write) is never published and the previous checkpoint stays the latest. stop: the run
+    ends with an error naming the path and the space needed; warn: it logs the error, counts
+    it in ``checkpoint/save_failures`` and tries again at the next save."""
 
 
 @dataclass(kw_only=True)
@@ -433,6 +446,7 @@ _CHOICES = {
     "offline.hyperparameters": ("train", "sft"),
     "offline.lr_decay_style": ("constant", "cosine"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
+    "checkpoint.on_save_error": ("stop", "warn"),
 }
 
 
@@ -472,9 +486,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if not p.timeout_minutes > 0:
         err(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
             "may wait before the job fails)")
-    if not r.timeout_minutes > 0:
-        err(f"rollout.timeout_minutes={r.timeout_minutes}: must be > 0 (minutes a rank may wait "
-            "for the rollout engines)")
+    _validate_faults(cfg, err)
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
     if t.lr <= 0 or t.epochs <= 0 or t.grad_clip < 0 or t.warmup_steps < 0:
@@ -519,6 +531,18 @@ def _validate_schedule_fields(cfg: Config, err) -> None:
     if not (o.lr > 0 and o.epochs > 0 and o.sequences_per_step >= 1):
         err(f"offline.lr={o.lr}, offline.epochs={o.epochs}, offline.sequences_per_step="
             f"{o.sequences_per_step}: must be > 0 (sequences_per_step >= 1)")
+
+
+def _validate_faults(cfg: Config, err) -> None:
+    """Save cadence and the limits that turn a stuck or diverged run into a clear stop."""
+    if cfg.checkpoint.every_minutes < 0:
+        err(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: must be >= 0 (0: off)")
+    if cfg.train.max_skipped_updates < 1:
+        err(f"train.max_skipped_updates={cfg.train.max_skipped_updates}: must be >= 1 "
+            "(consecutive non-finite steps tolerated before the run stops)")
+    if not cfg.rollout.timeout_minutes > 0:
+        err(f"rollout.timeout_minutes={cfg.rollout.timeout_minutes}: must be > 0 (minutes a "
+            "rank waits on the rollout before the job fails)")
 
 
 def _validate_fp8(cfg: Config, arch, err) -> None:

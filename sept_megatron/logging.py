@@ -142,6 +142,10 @@ class RunLogger:
     def info(self, message: str, *args) -> None:
         log.info(message, *args)
 
+    def warning(self, message: str, *args) -> None:
+        """Faults survived (a checkpoint fallback, a failed save): on the console, always."""
+        log.warning(message, *args)
+
     def finish(self) -> None:
         if self._wandb is not None:
             self._sender.close()  # everything submitted reaches W&B before the run ends
@@ -207,6 +211,9 @@ class NullRunLogger:
         return tqdm(total=total, initial=initial, disable=True)
 
     def info(self, message: str, *args) -> None:
+        pass
+
+    def warning(self, message: str, *args) -> None:
         pass
 
     def finish(self) -> None:

@@ -10,11 +10,14 @@ mid-save resumes from the previous checkpoint.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from sept_megatron.config import CheckpointConfig
 from sept_megatron.data import QuestionSampler
+from sept_megatron.loop.cadence import SaveCadence
 from sept_megatron.runtime import compat
 from sept_megatron.trainer import checkpoint as ckpt_io
+from sept_megatron.trainer.integrity import ResumeChoice, resume_checkpoint
 from sept_megatron.trainer.sft import SFTTrainer, load_trainer_state, trainer_sharded_state_dict
 
 
@@ -22,18 +25,32 @@ class RoundCheckpointer:
     """Saves of one run under ``run_dir/checkpoints`` on the schedule of ``checkpoint``."""
 
     def __init__(self, checkpoint: CheckpointConfig, run_dir: str, *, tensor_parallel: int,
-                 pipeline_parallel: int, hf_path: str | None, rounds: int) -> None:
+                 pipeline_parallel: int, hf_path: str | None, rounds: int,
+                 warn: Callable[[str], None]) -> None:
         self.cfg = checkpoint
         self.run_dir = run_dir
         self.root = os.path.join(run_dir, "checkpoints")
         self.layout = (tensor_parallel, pipeline_parallel)
         self.hf_path = hf_path
         self.rounds = rounds
-        self.saver = ckpt_io.CheckpointSaver(checkpoint.async_save, checkpoint.keep_last)
+        self.warn = warn
+        self.saver = ckpt_io.CheckpointSaver(checkpoint.async_save, checkpoint.keep_last,
+                                             checkpoint.on_save_error, warn=warn)
+        self.cadence = SaveCadence(checkpoint)
+        self.resumed = ResumeChoice(None)
 
     def latest(self) -> str | None:
-        """The checkpoint to resume from (None: a fresh start, or ``checkpoint.resume=false``)."""
-        return ckpt_io.latest_checkpoint(self.root) if self.cfg.resume else None
+        """The newest complete checkpoint to resume from, every file's checksum verified
+        (collective); a damaged newer one is passed over and reported. None: a fresh start, or
+        ``checkpoint.resume=false``."""
+        if self.cfg.resume:
+            self.resumed = resume_checkpoint(self.root, self.warn)
+        return self.resumed.path
+
+    def health(self) -> dict[str, float]:
+        """Save failures so far and the damaged checkpoints passed over at resume."""
+        return {"checkpoint/save_failures": self.saver.failures,
+                "checkpoint/fallbacks": len(self.resumed.passed_over)}
 
     def resume(self, trainer: SFTTrainer, sampler: QuestionSampler, ckpt_dir: str) -> int:
         """Trainer and sampler back as saved; returns the number of rounds already done."""
@@ -42,16 +59,13 @@ class RoundCheckpointer:
         sampler.load_state_dict(state["sampler"])
         return int(state["round"])
 
-    def due(self, rounds_done: int) -> bool:
-        every = self.cfg.save_every_n_rounds
-        return rounds_done == self.rounds or bool(every and rounds_done % every == 0)
-
     def maybe_save(self, trainer: SFTTrainer, sampler: QuestionSampler, rounds_done: int,
                    *, force: bool = False) -> bool:
         """Save when the schedule (or ``force``) says so; True when a save was started."""
         self.saver.poll()  # publish a finished background save as soon as every rank is done
-        if not (force or self.due(rounds_done)):
+        if not (force or self.cadence.due(rounds_done, self.rounds)):
             return False
+        self.cadence.started()
         model = trainer.model
         meta = ckpt_io.CheckpointMeta(
             model.arch, model.padded_vocab, ckpt_io.torch_dtype_name(model.config.params_dtype),

@@ -12,7 +12,7 @@ from sept_megatron.data import Question
 from sept_megatron.loop.fleet import EngineFleet
 from sept_megatron.loop.telemetry import token_stats
 from sept_megatron.rollout.base import Generation, SamplingParams
-from sept_megatron.trainer.sft import Sample
+from sept_megatron.trainer.sft import Sample, train_steps
 
 
 @dataclass
@@ -87,11 +87,11 @@ def mini_batches(samples: list[Sample], train_cfg) -> list[list[Sample]]:
     return [samples[i: i + size] for i in range(0, len(samples) - size + 1, size)]
 
 
-def fit(trainer, batch: RoundBatch, train_cfg) -> list[dict]:
+def fit(trainer, batch: RoundBatch, train_cfg, round_number: int) -> list[dict]:
     """Plain SFT on the round's answers, one optimizer step per mini-batch; with
     ``train.measure_round_fit``, the loss on the round's own samples before and after."""
     before = trainer.evaluate_loss(batch.samples) if train_cfg.measure_round_fit else None
-    step_logs = [trainer.step(mb) for mb in mini_batches(batch.samples, train_cfg)]
+    step_logs = train_steps(trainer, mini_batches(batch.samples, train_cfg), round_number)
     trainer.end_round()  # an LR schedule counted in rounds (the reference's) steps here
     if before is not None:
         batch.stats |= {"train/round_fit_before": before,
@@ -108,6 +108,7 @@ def round_metrics(step_logs, batch: RoundBatch, timings, tau_s, round_index, rou
         "train/grad_norm": sum(s["train/grad_norm"] for s in step_logs) / len(step_logs),
         "train/lr": step_logs[-1]["train/lr"],
         "train/optimizer_steps": len(step_logs),
+        "train/update_skipped": sum(s["train/update_skipped"] for s in step_logs),
         "rollout/tau_s": tau_s,
         "perf/train_tokens_per_s": tokens / max(timings["train"], 1e-9),
         "progress/round": round_index + 1, "progress/rounds": rounds,

@@ -24,6 +24,7 @@ from sept_megatron.runtime import compat, distributed
 from sept_megatron.trainer import checkpoint as ckpt_io
 from sept_megatron.trainer import model as mdl
 from sept_megatron.trainer.arch import ModelArch
+from sept_megatron.trainer.integrity import CheckpointDamaged, choose_resume_checkpoint
 
 
 def check_run(cfg: Config, world: int, hf_config: str | None = None
@@ -90,12 +91,18 @@ def _check_data(cfg: Config, problems: list[str]) -> list[Question]:
 def _check_checkpoints(cfg: Config, arch, problems: list[str]) -> None:
     resume_root = os.path.join(cfg.logging.run_dir, "checkpoints")
     starts = [("model.megatron_ckpt", cfg.model.megatron_ckpt)]
-    if cfg.checkpoint.resume and ckpt_io.latest_checkpoint(resume_root):
-        starts.append(("logging.run_dir (resuming)", resume_root))
+    if cfg.checkpoint.resume and os.path.isdir(resume_root):
+        # Sizes only here (no reading before the process group); CRC32s once resuming.
+        try:
+            starts.append(("logging.run_dir (resuming)",
+                           choose_resume_checkpoint(resume_root, checksums=False).path))
+        except CheckpointDamaged as exc:
+            problems.append(f"logging.run_dir={cfg.logging.run_dir!r}: {exc}")
     for field_name, path in starts:
         if not path:
             continue
         try:
+            ckpt_io.check_intact(path)
             ckpt_io.check_compatible(ckpt_io.read_meta(path), arch, cfg.parallel.tensor_parallel)
         except (OSError, ValueError) as exc:
             problems.append(f"{field_name}={path!r}: {exc}")
@@ -175,7 +182,8 @@ def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool
             engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
                 cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device,
                 dtype=dtype, progress=False))
-        engines = DataParallelEngines(server_placement(cfg.rollout.timeout_minutes), engine)
+        engines = DataParallelEngines(server_placement(cfg.rollout.timeout_minutes), engine,
+                                      cfg.rollout.timeout_minutes)
     else:
         placement = build_placement(cfg.rollout.engine_tp, cfg.rollout.timeout_minutes)
         with compat.suspended():
@@ -183,7 +191,7 @@ def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool
                 cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
                 progress=cfg.logging.progress and rank == 0, placement=placement,
                 run_dir=cfg.logging.run_dir))
-        engines = DataParallelEngines(placement, engine)
+        engines = DataParallelEngines(placement, engine, cfg.rollout.timeout_minutes)
     return EngineFleet(engines, cfg.rollout, releases_memory=releases_memory)
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from sept_megatron.rollout.base import Generation, RolloutEngine, SamplingParams
 from sept_megatron.rollout.placement import EngineGroup, Placement, shard_positions
+from sept_megatron.rollout.watchdog import rollout_deadline
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,14 @@ class Request:
 class DataParallelEngines:
     """This rank's engine (``local``; None on a rank without one) and the placement of all."""
 
-    def __init__(self, placement: Placement, local: RolloutEngine | None) -> None:
+    def __init__(self, placement: Placement, local: RolloutEngine | None,
+                 timeout_minutes: float | None = None) -> None:
         if placement.is_owner and local is None:
             raise ValueError(f"rank {placement.rank} owns engine {placement.mine.index} but "
                              "was given no engine")
         self.placement = placement
         self.local = local
+        self.timeout_minutes = timeout_minutes  # rollout.timeout_minutes (None: no deadline)
 
     @classmethod
     def single(cls, engine: RolloutEngine) -> "DataParallelEngines":
@@ -64,9 +67,10 @@ class DataParallelEngines:
         """Answer several requests at once (their shards in one exchange). ``pack`` shrinks
         each generation on its owner before the exchange (e.g. to what grading needs); with
         ``dst`` only that rank receives the answers (others get None). Collective."""
-        mine = self._answer_own_shards(requests, pack) if self.placement.is_owner else []
-        with engine_wait(self.placement, _doing(requests)):
-            everyone = self._exchange(mine, dst)
+        with rollout_deadline(self.timeout_minutes, self._waiting_on()):
+            mine = self._answer_own_shards(requests, pack) if self.placement.is_owner else []
+            with engine_wait(self.placement, _doing(requests)):
+                everyone = self._exchange(mine, dst)
         if everyone is None:
             return None
         rows: list[list[Any]] = [[None] * len(r.prompts) for r in requests]
@@ -77,6 +81,15 @@ class DataParallelEngines:
         return rows
 
     # --- internals ------------------------------------------------------------------------
+    def _waiting_on(self) -> str:
+        """The engine groups this rank waits on during a rollout, for the timeout's message."""
+        def name(group: EngineGroup) -> str:
+            return f"engine group {group.index} (ranks {', '.join(map(str, group.ranks))})"
+        mine = self.placement.mine
+        others = [name(g) for g in self.placement.groups if g.index != mine.index]
+        text = f"{name(mine)}, this rank's own"
+        return text + (f", or the answers of {', '.join(others)}" if others else "")
+
     def _answer_own_shards(self, requests: Sequence[Request], pack) -> list[tuple]:
         unit = getattr(self.local, "shard_sequences", 1)
         engine_index = self.placement.mine.index

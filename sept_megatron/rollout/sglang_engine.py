@@ -222,7 +222,8 @@ class SGLangRolloutEngine:
             # (gloo only where the trainer computes on the CPU, i.e. tests).
             return dict(placement="disaggregated", server_urls=list(rollout.server_urls),
                         tokenizer=tokenizer, weights=rollout.weights,
-                        weight_backend="nccl" if device.startswith("cuda") else "gloo")
+                        weight_backend="nccl" if device.startswith("cuda") else "gloo",
+                        timeout_s=rollout.timeout_minutes * 60.0)
         kwargs = dict(tokenizer=tokenizer, engine_tp=rollout.engine_tp, seed=seed,
                       mem_fraction_static=rollout.mem_fraction_static, weights=rollout.weights,
                       progress=progress)

@@ -22,14 +22,16 @@ from typing import Any, Sequence
 
 from sept_megatron.data import load_tokenizer
 from sept_megatron.rollout.base import Generation, SamplingParams, check_prompts
+from sept_megatron.rollout.watchdog import EngineDied
 from sept_megatron.rollout.sglang_requests import (
     check_sglang_version, group_generations, request_sampling_params, stop_token_ids)
 
 logger = logging.getLogger(__name__)
 
 
-class ServerError(RuntimeError):
-    """An SGLang server refused a request or could not be reached."""
+class ServerError(EngineDied):
+    """An SGLang server refused a request or could not be reached (died, or no answer within
+    rollout.timeout_minutes: the socket timeout)."""
 
 
 class ServerClient:

@@ -17,12 +17,18 @@ TP/PP, so a checkpoint is not tied to the layout that wrote it.
 ``checkpoint.async_save`` (:class:`CheckpointSaver`) writes the shards in a background process
 and does the rename + pointer in dist_checkpointing's finalize step, so the same guarantee
 holds while training only waits for the staging of the tensors.
+
+Every published checkpoint carries ``manifest.json`` (each file's size and CRC32, see
+:mod:`sept_megatron.trainer.integrity`), written last before the rename; loads check it first.
+A save that fails (a full disk, at any write) is never published: its temp directory is
+removed and the previous checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -32,7 +38,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from sept_megatron.trainer import integrity
 from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.trainer.model import unwrap_module
 
@@ -126,9 +134,10 @@ def save_checkpoint(root_or_dir: str, name: str | None, sharded_state_dict: dict
 
     final, tmp = _prepare_temp_dir(root_or_dir, name, hf_side_dir)
     dist_checkpointing.save(sharded_state_dict, os.path.join(tmp, "model"))
+    # Synchronous: this rank digests its own shards now (still in the page cache).
+    integrity.digest_rank_shards(os.path.join(tmp, "model"), _rank())
     _barrier()
-    _publish(tmp, final, root_or_dir, name, meta)
-    _barrier()
+    _publish_agreed(tmp, final, root_or_dir, name, meta)
     return final
 
 
@@ -138,13 +147,42 @@ def _prepare_temp_dir(root_or_dir: str, name: str | None, hf_side_dir: str) -> t
     parent, base = os.path.split(os.path.abspath(final))
     # A fixed temp name: what a killed job left half-written is simply replaced here.
     tmp = os.path.join(parent, f".tmp-{base}")
-    if _rank() == 0:
+
+    def fresh_temp_dir():
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, "model"))
         copy_hf_side_files(hf_side_dir, os.path.join(tmp, "hf"))
-    _barrier()
+    _on_rank0_agreed(fresh_temp_dir, tmp)
     return final, tmp
+
+
+def _agree(error: str | None) -> str | None:
+    """Every rank learns the first rank's error (collective), so all fail or go on together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def _on_rank0_agreed(fn, path: str) -> None:
+    """Run ``fn`` on rank 0; an OSError there (a full disk) is raised on every rank as
+    :class:`~sept_megatron.trainer.integrity.CheckpointSaveFailed` naming ``path`` (collective)."""
+    error = None
+    if _rank() == 0:
+        try:
+            fn()
+        except OSError as exc:
+            error = f"{path}: {type(exc).__name__}: {exc}"
+    error = _agree(error)
+    if error:
+        raise integrity.CheckpointSaveFailed(error)
+
+
+def _publish_agreed(tmp: str, final: str, root: str, name: str | None,
+                    meta: CheckpointMeta) -> None:
+    _on_rank0_agreed(partial(_publish, tmp, final, root, name, meta), final)
 
 
 def _publish(tmp: str, final: str, root: str, name: str | None, meta: CheckpointMeta) -> None:
@@ -154,6 +192,7 @@ def _publish(tmp: str, final: str, root: str, name: str | None, meta: Checkpoint
         return
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(meta.to_json(), f, indent=1)
+    integrity.write_manifest(tmp)  # last: every file, the metadata included, is in it
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -169,65 +208,134 @@ class CheckpointSaver:
     ``async_save=True``: dist_checkpointing's async save. The call blocks only while the
     shards are planned and staged in host memory (a GPU->CPU copy on GPU; on the CPU the
     writer is a forked process whose copy-on-write view is the snapshot); a background
-    process writes them into ``ROOT/.tmp-<name>`` while training goes on. Renaming into
-    place, the ``latest`` pointer and pruning happen in the finalize callback, run on every
-    rank (:class:`AsyncCallsQueue`) only after every rank's writer has finished, so a job
-    killed mid-save still resumes from the previous checkpoint. At most one save is in
-    flight: :meth:`save` first finishes the outstanding one, and :meth:`finish` (end of
-    training) waits for it. Every method is collective: all ranks call it, in the same order.
+    process writes them into ``ROOT/.tmp-<name>`` and digests them for the manifest while
+    training goes on. Renaming into place, the ``latest`` pointer and pruning happen in the
+    finalize callback, run on every rank (:class:`AsyncCallsQueue`) only after every rank's
+    writer has finished, so a job killed mid-save still resumes from the previous checkpoint.
+    At most one save is in flight: :meth:`save` first finishes the outstanding one, and
+    :meth:`finish` (end of training) waits for it. Every method is collective: all ranks call
+    it, in the same order.
+
+    A save that fails (before it starts: less free space than the last save's size; or at any
+    write) is never published: its temp directory is removed and ``latest`` keeps naming the
+    previous checkpoint. ``on_save_error="stop"`` raises
+    :class:`~sept_megatron.trainer.integrity.CheckpointSaveFailed` on every rank, naming the path and
+    the space needed; ``"warn"`` logs it, counts it (:attr:`failures`) and the next save
+    tries again.
     """
 
-    def __init__(self, async_save: bool, keep_last: int):
+    def __init__(self, async_save: bool, keep_last: int, on_save_error: str = "stop",
+                 warn=None):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-        self.async_save, self.keep_last = async_save, keep_last
+        self.async_save, self.keep_last, self.on_save_error = async_save, keep_last, on_save_error
+        self._warn = warn or (lambda message: print(message, flush=True))
         # persistent=False: a forked writer per save. The persistent (spawned) worker would
         # receive CPU tensors by pickling, which megatron-core does not support yet.
         self._queue = AsyncCallsQueue(persistent=False) if async_save else None
+        self._in_flight: str | None = None  # temp dir of the outstanding background save
+        self._last_size: int | None = None  # bytes of the last published save
+        self.failures = 0  # saves that failed and were survived (on_save_error=warn)
 
     def save(self, root: str, name: str, sharded_state_dict: dict, meta: CheckpointMeta,
              hf_side_dir: str) -> float:
         """Save ``root/name``; returns the seconds this call blocked the caller."""
         start = time.perf_counter()
-        if not self.async_save:
-            save_checkpoint(root, name, sharded_state_dict, meta, hf_side_dir)
-            prune_checkpoints(root, self.keep_last)
+        self._finalize_outstanding(blocking=True)  # one save in flight at most
+        if self._last_size is None and latest_checkpoint(root):
+            self._last_size = integrity.checkpoint_size(latest_checkpoint(root))
+        final = os.path.join(root, name)
+        problem = _agree(integrity.space_problem(root, self._last_size))
+        if problem:
+            self._failed(f"checkpoint save to {final} not started: {problem}; free space or "
+                         "point logging.run_dir elsewhere", None)
             return time.perf_counter() - start
-        from megatron.core import dist_checkpointing
-
-        self._queue.maybe_finalize_async_calls(blocking=True)  # one save in flight at most
-        final, tmp = _prepare_temp_dir(root, name, hf_side_dir)
-        request = dist_checkpointing.save(sharded_state_dict, os.path.join(tmp, "model"),
-                                          async_sharded_save=True)
-        request.add_finalize_fn(partial(self._finalize, tmp, final, root, name, meta))
-        self._queue.schedule_async_request(request)
+        try:
+            if self.async_save:
+                self._start_background_save(root, name, sharded_state_dict, meta, hf_side_dir)
+            else:
+                save_checkpoint(root, name, sharded_state_dict, meta, hf_side_dir)
+                self._published(root, final)
+        except (Exception, CheckpointException) as exc:  # every rank alike (_on_rank0_agreed)
+            self._failed(integrity.describe_save_error(exc, final, self._last_size),
+                         _temp_dir_of(final))
         return time.perf_counter() - start
 
+    def _start_background_save(self, root, name, sharded_state_dict, meta, hf_side_dir) -> None:
+        from megatron.core import dist_checkpointing
+
+        final, tmp = _prepare_temp_dir(root, name, hf_side_dir)
+        model_dir = os.path.join(tmp, "model")
+        request = dist_checkpointing.save(sharded_state_dict, model_dir, async_sharded_save=True)
+        # The writer process digests this rank's shards after writing them (manifest parts).
+        request = request._replace(async_fn=partial(integrity.write_after, request.async_fn,
+                                                    model_dir, _rank()))
+        request.add_finalize_fn(partial(self._finalize, tmp, final, root, name, meta))
+        self._in_flight = tmp
+        self._queue.schedule_async_request(request)
+
     def _finalize(self, tmp: str, final: str, root: str, name: str, meta: CheckpointMeta) -> None:
-        _publish(tmp, final, root, name, meta)
+        _publish_agreed(tmp, final, root, name, meta)
+        self._published(root, final)
+
+    def _published(self, root: str, final: str) -> None:
+        self._in_flight = None
+        self._last_size = integrity.checkpoint_size(final)
         prune_checkpoints(root, self.keep_last)
+
+    def _finalize_outstanding(self, blocking: bool) -> None:
+        if self._queue is None:
+            return
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as exc:  # on every rank (Megatron's finalize)
+            tmp, self._in_flight = self._in_flight, None
+            final = _final_dir_of(tmp) if tmp else "?"
+            self._failed(integrity.describe_save_error(exc, final, self._last_size), tmp)
+
+    def _failed(self, message: str, tmp: str | None) -> None:
+        """The save is dropped (its temp dir removed); stop, or warn and go on."""
+        if tmp and _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.on_save_error == "stop":
+            raise integrity.CheckpointSaveFailed(message)
+        self.failures += 1
+        self._warn(f"{message}; training goes on (checkpoint.on_save_error=warn), the next "
+                   "save tries again")
 
     def poll(self) -> None:
         """Publish a background save that has finished on every rank (never waits)."""
-        if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=False)
+        self._finalize_outstanding(blocking=False)
 
     def finish(self) -> None:
         """Wait for the outstanding background save and publish it."""
-        if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=True)
+        self._finalize_outstanding(blocking=True)
 
     @property
     def pending(self) -> int:
         return self._queue.get_num_unfinalized_calls() if self._queue is not None else 0
 
 
+def _temp_dir_of(final: str) -> str:
+    parent, base = os.path.split(os.path.abspath(final))
+    return os.path.join(parent, f".tmp-{base}")
+
+
+def _final_dir_of(tmp: str) -> str:
+    parent, base = os.path.split(tmp)
+    return os.path.join(parent, base.removeprefix(".tmp-"))
+
+
 def _write_pointer(root: str, name: str) -> None:
     tmp = os.path.join(root, f".{LATEST_FILE}.tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        os.remove(tmp)  # the old pointer stays; no half-written one is left behind
+        raise
     os.replace(tmp, os.path.join(root, LATEST_FILE))
 
 
@@ -248,6 +356,17 @@ def prune_checkpoints(root: str, keep: int) -> None:
 _EXTRA_STATE_KEY = re.compile(r"_extra_state\d*$")
 
 
+def check_intact(path: str) -> None:
+    """Every file a checkpoint's manifest lists is there at its size (no reading): a damaged
+    checkpoint is an error naming the file before anything loads it."""
+    ckpt_dir = resolve_checkpoint(path)
+    problems = integrity.verify_checkpoint(ckpt_dir, checksums=False)
+    if problems:
+        raise integrity.CheckpointDamaged(
+            f"{ckpt_dir} is damaged:\n  " + "\n  ".join(problems) + "\n  restore it, or check "
+            f"it with `sept-megatron checkpoint verify {ckpt_dir}`")
+
+
 def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
     """Load tensors (any TP/PP layout) into the given sharded state dict.
 
@@ -259,9 +378,16 @@ def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    loaded, _, absent = dist_checkpointing.load(
-        sharded_state_dict, os.path.join(ckpt_dir, "model"),
-        strict=StrictHandling.RETURN_UNEXPECTED)  # "unexpected": asked for, not in the checkpoint
+    check_intact(ckpt_dir)
+    try:
+        loaded, _, absent = dist_checkpointing.load(
+            sharded_state_dict, os.path.join(ckpt_dir, "model"),
+            strict=StrictHandling.RETURN_UNEXPECTED)  # "unexpected": asked for, not in it
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
+        # A damaged file the manifest could not catch (none, or an older checkpoint).
+        raise integrity.CheckpointDamaged(
+            f"{ckpt_dir}: cannot be read ({type(exc).__name__}: {exc}); check it with "
+            f"`sept-megatron checkpoint verify {ckpt_dir}`") from exc
     missing = sorted(key for key in absent if not _EXTRA_STATE_KEY.search(key))
     if missing:
         raise ValueError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "

@@ -144,6 +144,7 @@ class SFTTrainer:
                                           scheduler_steps(train_cfg, total_steps, total_rounds))
         _install_schedule_hooks(model.config, self.chunks, self.optimizer)
         self.steps = 0
+        self.skips = SkippedUpdates(train_cfg.max_skipped_updates)
 
     # -- data layout -------------------------------------------------------------------------
     def _micro_batches(self, mini_batch: Sequence[Sample]) -> tuple[list[MicroBatch], int]:
@@ -176,11 +177,14 @@ class SFTTrainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run_schedule(mini_batch, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if self.cfg.lr_schedule_interval == "optimizer_step":
+        loss, tokens = _reduce_losses(losses)
+        ok, grad_norm = step_if_finite(self.optimizer, loss)
+        # As Megatron-LM, a skipped update does not advance the LR schedule; a schedule counted
+        # in rounds steps in end_round instead.
+        if ok and self.cfg.lr_schedule_interval == "optimizer_step":
             self.scheduler.step(increment=1)
         self.steps += 1
-        loss, tokens = _reduce_losses(losses)
+        self.skips.record(ok, loss, self.steps)
         return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
                 "train/lr": self.optimizer.param_groups[0]["lr"],
                 "train/response_tokens": tokens, "train/update_skipped": float(not ok)}
@@ -198,6 +202,69 @@ class SFTTrainer:
             chunk.eval()
         loss, _ = _reduce_losses(self._run_schedule(samples, forward_only=True))
         return loss
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient norm."""
+
+
+class SkippedUpdates:
+    """Consecutive skipped updates; past ``limit`` the run stops rather than train on."""
+
+    def __init__(self, limit: int):
+        self.limit, self.consecutive, self.last_finite_loss = limit, 0, None
+
+    def record(self, updated: bool, loss: float, step: int) -> None:
+        if updated:
+            self.consecutive = 0
+            self.last_finite_loss = loss
+            return
+        self.consecutive += 1
+        if math.isfinite(loss):
+            self.last_finite_loss = loss
+        if self.consecutive >= self.limit:
+            raise NonFiniteTraining(
+                f"step {step}: {self.consecutive} consecutive optimizer steps had a non-finite "
+                f"loss or gradient norm (last loss {loss}) and were skipped "
+                f"(train.max_skipped_updates={self.limit}); last finite loss "
+                f"{self.last_finite_loss}. Lower train.lr, check the data, or resume from an "
+                "earlier checkpoint")
+
+
+def train_steps(trainer: "SFTTrainer", mini_batches, round_number: int) -> list[dict]:
+    """One optimizer step per mini-batch; a non-finite stop names the round as well."""
+    try:
+        return [trainer.step(mb) for mb in mini_batches]
+    except NonFiniteTraining as exc:
+        raise NonFiniteTraining(f"round {round_number}, {exc}") from None
+
+
+@torch.no_grad()
+def step_if_finite(optimizer, loss: float) -> tuple[bool, float]:
+    """Megatron's optimizer step (``ChainedOptimizer.step``: prepare grads, global grad norm,
+    clip, step), skipped when the loss or the grad norm is not finite. Megatron itself skips
+    only on the fp16 loss scaler's inf check; in fp32/bf16 a NaN norm would turn the clip
+    coefficient, and with it every weight, into NaN. Every rank decides alike: the loss is
+    reduced over DP and PP, the norm over the model-parallel group, found_inf over all."""
+    from megatron.core.optimizer import ChainedOptimizer
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = optimizer.prepare_grads()
+    if found_inf:
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not (math.isfinite(grad_norm) and math.isfinite(loss)):
+        return False, grad_norm
+    parts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    for part in parts:
+        parameters = part.get_parameters()
+        if getattr(part, "is_stub_optimizer", False) or not parameters:
+            continue
+        if part.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                parameters, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), grad_norm
 
 
 def _reduce_losses(losses: list[dict]) -> tuple[float, float]:

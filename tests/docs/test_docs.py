@@ -69,7 +69,7 @@ def test_commands_are_found_in_every_source(commands):
     ("sbatch --nodes=1 --gres=gpu:8 examples/sept.sbatch examples/llama3-70b.yaml",
      "world size 8 is not divisible"),
     ("bash tools/dev.sh demo --no-such-flag", "no option --no-such-flag"),
-    ("bash tools/dev.sh {demo|test}", "its case has demo|setup|test"),
+    ("bash tools/dev.sh {demo|test}", "its case has demo|lint|setup|test"),
     ("pytest tests/no_such_test.py", "tests/no_such_test.py: no such file"),
     ("sept-megatron train --config examples/no-such.yaml", "no such"),
 ])

@@ -12,6 +12,7 @@ sglang/srt/entrypoints/http_server.py; ``/dump`` (test only) returns what was lo
 import json
 import os
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,9 @@ ns = sglang_definitions(
      "init_custom_process_group": init_custom_process_group,
      "logger": __import__("logging").getLogger("fake_sglang")})
 updater = SimpleNamespace(tp_rank=0, device="cpu", _model_update_group={})
+# FAKE_SGLANG_FAULT=die|hang at the FAKE_SGLANG_FAULT_AT-th /generate request (1-based).
+FAULT = os.environ.get("FAKE_SGLANG_FAULT")
+FAULT_AT_GENERATE = int(os.environ.get("FAKE_SGLANG_FAULT_AT", "0")) if FAULT else -1
 state = {"session": False, "loaded": {}, "log": []}
 
 
@@ -81,6 +85,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._reply({"success": True, "message": "Succeeded to update parameter online."})
         if route == "flush_cache":
             return self._reply("Cache flushed.")
+        if route == "generate" and state["log"].count("generate") == FAULT_AT_GENERATE:
+            # Engine death mid-rollout (tests/loop/test_engine_death.py): the request is in flight.
+            if FAULT == "die":
+                os._exit(1)
+            threading.Event().wait()  # "hang": never answer
         if route == "generate":  # every request: its first three prompt ids reversed, length-capped
             return self._reply([{"output_ids": list(reversed(ids))[:3],
                                  "meta_info": {"id": f"{os.getpid()}-{i}",
