@@ -115,7 +115,10 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     mode: str = "online"
-    """online (SePT), offline (answers generated once by the base model), coupled (tau_s = tau_t)."""
+    """online (SePT), offline (answers generated once by the base model), coupled (tau_s = tau_t);
+    the paper's baselines on the same backend (see sept_megatron/modes.py): em (EM-FT, entropy
+    minimisation on the model's own answers) and grpo (RL on the grader's 0/1 reward against
+    the ground truth, rollout.n answers per question); both sample at tau_s = tau_t."""
     epochs: float = 3.0
     rounds: int | None = None
     """Stop after this many rounds (default: epochs x bank size / prompts_per_round)."""
@@ -308,7 +311,7 @@ _CHOICES = {
     "train.recompute": ("none", "selective", "full"),
     "rollout.anneal": ("constant", "linear", "cosine"),
     "data.chat_template": ("auto", "qwen-math", "qwen-instruct", "deepseek-math", "plain"),
-    "train.mode": ("online", "offline", "coupled"),
+    "train.mode": ("online", "offline", "coupled", "em", "grpo"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
 
@@ -362,9 +365,23 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         err("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
             "transformer_engine (and run on GPU), or model.fp8=null")
     _validate_fp8(cfg, arch, err)
+    _validate_grpo(cfg, err)
     _validate_layout(cfg, world_size, arch, err)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_grpo(cfg: Config, err) -> None:
+    """GRPO compares the answers of one question with each other: it needs a group of them,
+    all of them (a truncated answer is graded wrong, not dropped, as in verl)."""
+    if cfg.train.mode != "grpo":
+        return
+    if cfg.rollout.n < 2:
+        err(f"rollout.n={cfg.rollout.n}: train.mode=grpo normalises rewards within each "
+            "question's answers; set rollout.n >= 2 (the reference uses 8)")
+    if cfg.train.drop_truncated:
+        err("train.drop_truncated=true: train.mode=grpo keeps every answer of a group (a "
+            "truncated one scores 0); set train.drop_truncated=false")
 
 
 def _validate_fp8(cfg: Config, arch, err) -> None:

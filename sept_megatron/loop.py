@@ -9,7 +9,8 @@ questions are spread over all engines and the answers come back to every rank in
 (:mod:`sept_megatron.rollout.orchestration`), each data-parallel rank trains on its share, and
 the resharder streams the updated weights into every engine. Modes (``train.mode``): ``online``
 (SePT), ``offline`` (the base model answers the whole bank once, then only training),
-``coupled`` (tau_s = tau_t, the paper's zero-expected-gradient control).
+``coupled`` (tau_s = tau_t, the paper's zero-expected-gradient control), and the paper's
+baselines ``em`` and ``grpo`` (:mod:`sept_megatron.modes`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from sept_megatron import checkpoint as ckpt_io
-from sept_megatron import compat, distributed, plan, preemption
+from sept_megatron import compat, distributed, modes, plan, preemption
 from sept_megatron import model as mdl
 from sept_megatron.config import Config, RolloutConfig, ConfigError, validate
 from sept_megatron.data import Question, QuestionSampler, filter_by_prompt_length, load_questions, render_prompts
@@ -122,12 +123,15 @@ def _run(cfg: Config, arch: mdl.ModelArch, questions: list[Question], env,
         with _timer(timings, "generate"):
             batch = generate_round(cfg, engines, questions, prompt_ids, tau_s, round_index,
                                    offline_answers)
+            batch = modes.prepare_round(cfg.train.mode, batch, cfg.rollout.n)  # GRPO: rewards
             if engine is not None and cfg.rollout.placement == "colocated":
                 engine.release_memory()  # the engine's GPU memory goes to Megatron's steps
         # 2. Plain SFT on those answers, one optimizer step per mini-batch.
         with _timer(timings, "train"):
             fit_before = trainer.evaluate_loss(batch.samples) if cfg.train.measure_round_fit else None
-            step_logs = [trainer.step(mb) for mb in mini_batches(batch.samples, cfg.train)]
+            step_logs, mode_stats = modes.train_round(
+                trainer, mini_batches(batch.samples, cfg.train), cfg.train.mode)
+            batch.stats |= mode_stats
             if fit_before is not None:
                 batch.stats |= {"train/round_fit_before": fit_before,
                                 "train/round_fit_after": trainer.evaluate_loss(batch.samples)}
@@ -193,6 +197,7 @@ def check_config(cfg: Config) -> tuple[mdl.ModelArch, list[Question]]:
             except ValueError as exc:
                 raise ConfigError(f"{field_name}: {exc}") from None
             if field_name == "data.train_files":
+                modes.check_train_questions(cfg.train.mode, loaded, path)
                 questions += loaded
     resume_root = os.path.join(cfg.logging.run_dir, "checkpoints")
     starts = [("model.megatron_ckpt", cfg.model.megatron_ckpt)]
@@ -324,7 +329,7 @@ def _resume(trainer: SFTTrainer, sampler: QuestionSampler, ckpt_dir: str) -> int
 
 # --- one round -----------------------------------------------------------------------------
 def _tau_for_round(cfg: Config, round_index: int, rounds: int) -> float:
-    if cfg.train.mode == "coupled":
+    if cfg.train.mode in modes.SAMPLE_AT_TRAIN_TEMPERATURE:
         return cfg.train.tau_train
     return sampling_temperature(cfg.rollout, round_index / rounds)
 
