@@ -70,15 +70,16 @@ def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int,
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
     scaled = masked_vocab_padding(logits.float() / tau_train, vocab_size)
+    group = ps.get_tensor_model_parallel_group()
     row_max = scaled.detach().max(dim=-1, keepdim=True).values
     if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     shifted = scaled - row_max
     exp = shifted.exp()  # padding rows: exp(-inf) = 0
     # 0 x (-inf) is NaN: padding contributes nothing to the weighted sum.
     weighted = exp * shifted.masked_fill(torch.isinf(shifted), 0.0)
     sums = torch.stack([exp.sum(dim=-1), weighted.sum(dim=-1)])
-    sums = reduce_from_tensor_model_parallel_region(sums)
+    sums = reduce_from_tensor_model_parallel_region(sums, group=group)
     return sums[0].log() - sums[1] / sums[0]
 
 
