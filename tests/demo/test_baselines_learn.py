@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from mp import run_python
-from test_train_cli import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +40,7 @@ def run_mode(demo_inputs, run_dir: Path, mode: str, *extra: str) -> list[dict]:
             "data.shuffle_seed=0", "train.seed=0", f"logging.run_dir={run_dir}",
             "logging.progress=false", "checkpoint.export_hf=false", *extra]
     run_python("sept_megatron.cli", "train", *args, timeout=1800)
-    return read_metrics(run_dir)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_grpo_raises_the_mean_reward(demo_inputs, tmp_path):
