@@ -18,8 +18,8 @@ after generation and :func:`train_round` for the optimizer steps; the SFT modes 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from statistics import fmean
-from typing import Sequence
 
 SAMPLE_AT_TRAIN_TEMPERATURE = ("coupled", "em", "grpo")
 """Modes whose answers are drawn at tau_s = tau_t: the coupled ablation, and the baselines,
