@@ -82,8 +82,11 @@ class DemoRecipe:
     grpo_n: int = 8
     """GRPO's answers per question (the reference's rollout.n); its questions per round are
     prompts_per_round / grpo_n, so it generates and trains on as many answers per round as SePT."""
-    grpo_lr_factor: float = 5.0
-    """GRPO's lr over SePT's: the reference runs GRPO at 5e-7 beside SePT and EM-FT at 1e-7."""
+    grpo_lr_factor: float = 2.0
+    """GRPO's lr over SePT's. The reference runs GRPO at 5x (5e-7 beside SePT's and EM-FT's
+    1e-7). On this tiny model, a 16-round probe of the training reward (train split, seed 0;
+    test split untouched) against a frozen control rose most at 2x (+5.8 points over rounds
+    9-16), less at 5x (+3.9), fell below the control at 10x and collapsed at 20x."""
 
     @property
     def steps_per_round(self) -> int:
