@@ -75,7 +75,7 @@ def build_subcommand_parser(name: str) -> argparse.ArgumentParser:
     own = {"train": build_train_parser, "config": build_config_parser}
     if name in own:
         return own[name]()
-    modules = {"eval": "sept_megatron.eval.cli", "demo": "sept_megatron.demo.run",
+    modules = {"eval": "sept_megatron.eval.cli", "demo": "sept_megatron.demo.cli",
                "bench": "sept_megatron.bench.options", "plan": "sept_megatron.plan.planner",
                "paper-table": "sept_megatron.eval.paper_table",
                "eval-general": "sept_megatron.eval.general",
@@ -121,7 +121,7 @@ def _eval(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from sept_megatron.demo.run import main as demo_main
+    from sept_megatron.demo.cli import main as demo_main
 
     return demo_main(argv)
 

@@ -145,7 +145,10 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     mode: str = "online"
-    """online (SePT), offline (answers generated once by the base model), coupled (tau_s = tau_t)."""
+    """online (SePT), offline (answers generated once by the base model), coupled (tau_s = tau_t);
+    the paper's baselines on the same backend (see sept_megatron/loop/modes.py): em (EM-FT, entropy
+    minimisation on the model's own answers) and grpo (RL on the grader's 0/1 reward against
+    the ground truth, rollout.n answers per question); both sample at tau_s = tau_t."""
     epochs: float = 3.0
     """Passes over the offline answers."""
     """Passes over the question bank (sets the round count unless train.rounds is given)."""
@@ -439,7 +442,7 @@ _CHOICES = {
     "rollout.anneal": ("constant", "linear", "cosine"),
     "data.chat_template": ("auto", "qwen-math", "qwen-base", "qwen-instruct", "deepseek-math",
                            "qwen-instruct-legacy", "deepseek-math-legacy", "plain"),
-    "train.mode": ("online", "offline", "coupled"),
+    "train.mode": ("online", "offline", "coupled", "em", "grpo"),
     "train.lr_schedule_interval": ("optimizer_step", "round"),
     "train.lr_decay_style": ("constant", "cosine"),
     "train.loss_aggregation": ("minibatch_token_mean", "microbatch_mean"),
@@ -496,6 +499,7 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
             "transformer_engine (and run on GPU), or model.fp8=null")
     _validate_schedule_fields(cfg, err)
     _validate_fp8(cfg, arch, err)
+    _validate_grpo(cfg, err)
     _validate_layout(cfg, world_size, arch, err)
     _validate_logging(cfg.logging, err)
     if errors:
@@ -543,6 +547,19 @@ def _validate_faults(cfg: Config, err) -> None:
     if not cfg.rollout.timeout_minutes > 0:
         err(f"rollout.timeout_minutes={cfg.rollout.timeout_minutes}: must be > 0 (minutes a "
             "rank waits on the rollout before the job fails)")
+
+
+def _validate_grpo(cfg: Config, err) -> None:
+    """GRPO compares the answers of one question with each other: it needs a group of them,
+    all of them (a truncated answer is graded wrong, not dropped, as in verl)."""
+    if cfg.train.mode != "grpo":
+        return
+    if cfg.rollout.n < 2:
+        err(f"rollout.n={cfg.rollout.n}: train.mode=grpo normalises rewards within each "
+            "question's answers; set rollout.n >= 2 (the reference uses 8)")
+    if cfg.train.drop_truncated:
+        err("train.drop_truncated=true: train.mode=grpo keeps every answer of a group (a "
+            "truncated one scores 0); set train.drop_truncated=false")
 
 
 def _validate_fp8(cfg: Config, arch, err) -> None:

@@ -9,7 +9,8 @@
 3. SePT: rounds through the same ``train`` code path as a 70B run (Megatron trainer, hf
    rollout engine, weight resync every round), tau_s annealed, tau_t = 1;
 4. evaluation of the result on the test split (the same sweep);
-5. with ``--ablations``: the offline and coupled variants, evaluated at T = 1.
+5. with ``--ablations``: the offline and coupled variants and the paper's baselines EM-FT and
+   GRPO (``train.mode`` em / grpo, the same engines, sync and checkpoints), evaluated at T = 1.
 
 Writes ``DIR/report.json``, ``DIR/report.md``, ``DIR/report.png`` and prints the table; with
 several seeds, one such directory per seed (``DIR/seed-S``) and ``DIR/summary.{json,md,png}``
@@ -32,7 +33,6 @@ split (the schedule by :mod:`sept_megatron.demo.search`); the test split is only
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -55,6 +55,8 @@ MECHANISM_MAX_FALL = 0.02
 """... and at the base's best temperature no more than this below the base there."""
 PAPER_MARGIN = 0.01
 """Target 2 (the paper's claim): SePT AVG at T=1 at least this much above the base's best AVG."""
+ABLATIONS = {"offline": "offline", "coupled": "coupled", "em": "EM-FT", "grpo": "GRPO"}
+"""``--ablations``: train.mode -> the name in the report."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,14 @@ class DemoRecipe:
     eval_samples: int = 32  # n per question: pass@1, pass@8, pass@32 -> AVG
     test_questions: int = 200
     val_questions: int = 200
+    grpo_n: int = 8
+    """GRPO's answers per question (the reference's rollout.n); its questions per round are
+    prompts_per_round / grpo_n, so it generates and trains on as many answers per round as SePT."""
+    grpo_lr_factor: float = 2.0
+    """GRPO's lr over SePT's. The reference runs GRPO at 5x (5e-7 beside SePT's and EM-FT's
+    1e-7). On this tiny model, a 16-round probe of the training reward (train split, seed 0;
+    test split untouched) against a frozen control rose most at 2x (+5.8 points over rounds
+    9-16), less at 5x (+3.9), fell below the control at 10x and collapsed at 20x."""
 
     @property
     def steps_per_round(self) -> int:
@@ -93,6 +103,9 @@ class DemoRecipe:
                      "test_questions", "val_questions", "max_response_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoRecipe.{name}={getattr(self, name)} must be >= 1")
+        if self.grpo_n < 2 or self.prompts_per_round % self.grpo_n:
+            raise ValueError(f"DemoRecipe.grpo_n={self.grpo_n} must be >= 2 and divide "
+                             f"prompts_per_round={self.prompts_per_round}")
         if self.prompts_per_round % self.mini_batch_size:
             raise ValueError(f"DemoRecipe.prompts_per_round={self.prompts_per_round} is not a "
                              f"multiple of mini_batch_size={self.mini_batch_size}")
@@ -149,17 +162,19 @@ def sept_config(base_dir: str, train_file: str, run_dir: str, recipe: DemoRecipe
     """The demo's run, as a user would write it in YAML."""
     wandb = wandb or DemoWandb(wandb_mode)
     job_type = "train" if mode == "online" else f"train-{mode}"
+    n = recipe.grpo_n if mode == "grpo" else 1
+    lr = recipe.lr * (recipe.grpo_lr_factor if mode == "grpo" else 1.0)
     return Config(
         model=ModelConfig(hf_path=base_dir, params_dtype="float32"),
         rollout=RolloutConfig(tau_start=recipe.tau_start, tau_end=recipe.tau_end,
                               anneal_fraction=recipe.anneal_fraction, batch_size=128,
-                              device="cpu"),
+                              device="cpu", n=n),
         data=DataConfig(train_files=[train_file], max_prompt_length=128,
                         max_response_length=recipe.max_response_length, shuffle_seed=seed),
         train=TrainConfig(mode=mode, rounds=recipe.rounds,
-                          prompts_per_round=recipe.prompts_per_round,
+                          prompts_per_round=recipe.prompts_per_round // n,
                           mini_batch_size=recipe.mini_batch_size, micro_batch_size=recipe.mini_batch_size,
-                          lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=seed),
+                          lr=lr, warmup_steps=recipe.warmup_steps, seed=seed),
         logging=wandb.logging(run_dir, job_type, f"seed{seed}-{job_type}", progress=progress,
                               samples_every=max(1, recipe.rounds // 4)),
         checkpoint=CheckpointConfig(save_every_n_rounds=0, keep_last=1, export_hf=True),
@@ -287,7 +302,7 @@ def run_demo(out_dir: str, seed: int, ablations: bool, recipe: DemoRecipe = Demo
                       "at_base_best_temperature": _row(out / "sweep_sept", best_t)}
 
     if ablations:
-        for mode in ("offline", "coupled"):
+        for mode in ABLATIONS:
             with _phase(timings, f"{mode}_train_eval"):
                 hf_dir = train_sept(base_dir, data_dir, out / mode, recipe, seed, mode, wandb_mode,
                                     wandb=wandb)
@@ -334,7 +349,7 @@ def report_markdown(report: dict) -> str:
             ("SePT, T = 1.0", report["sept"]),
             ("SePT, T = %.1f" % report["baseline"]["temperature"],
              report["sept"]["at_base_best_temperature"])]
-    rows += [(f"{mode}, T = 1.0", report[mode]) for mode in ("offline", "coupled") if mode in report]
+    rows += [(f"{name}, T = 1.0", report[mode]) for mode, name in ABLATIONS.items() if mode in report]
     lines = ["| model | pass@1 | pass@8 | pass@32 | AVG |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(r['pass@1'])} | {_fmt(r['pass@8'])} | {_fmt(r['pass@32'])} | "
               f"{_fmt(r['avg'])} |" for name, r in rows]
@@ -414,6 +429,10 @@ _SUMMARY_FIELDS = {
     "mechanism: pass@1 fall at base's best T": lambda r: r["targets"]["mechanism_pass1_fall_at_base_best_T"],
     "paper: SePT T=1 AVG - base best AVG": lambda r: r["targets"]["paper_claim_avg_T1_vs_best_base"],
 }
+# With --ablations, each variant's figures at T = 1 beside SePT's (absent without: skipped).
+_SUMMARY_FIELDS |= {f"{name} T=1 {figure}": (lambda r, m=mode, k=key: r.get(m, {}).get(k))
+                    for mode, name in ABLATIONS.items()
+                    for figure, key in (("pass@1", "pass@1"), ("AVG", "avg"))}
 
 
 def run_seeds(out_dir: str, seeds: list[int], ablations: bool, recipe: DemoRecipe = DemoRecipe(),
@@ -458,7 +477,7 @@ def _finished_report(run_dir: Path, seed: int, ablations: bool, recipe: DemoReci
     report = json.loads(path.read_text())
     same = (report["seed"] == seed and report["recipe"] == _as_json(asdict(recipe))
             and report["base_recipe"] == _as_json(asdict(base_recipe)))
-    if same and (not ablations or "offline" in report):
+    if same and (not ablations or set(ABLATIONS) <= set(report)):
         print(f"seed {seed}: reusing the finished {path}", flush=True)
         return report
     return None
@@ -518,53 +537,3 @@ def summary_markdown(summary: dict) -> str:
 
 def default_cache() -> str:
     return os.environ.get("SEPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sept_megatron"))
-
-
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds={text!r}: expected integers, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds={text!r}: give distinct integers, e.g. 0,1,2")
-    return seeds
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sept-megatron demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None,
-                        help="output directory (default runs/demo, or runs/demo-search with --search)")
-    seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0), written to --out")
-    seeds.add_argument("--seeds", type=_seed_list, default=None,
-                       help="several seeds, e.g. 0,1,2: --out/seed-S each, plus summary.{md,json,png}")
-    parser.add_argument("--ablations", action="store_true", help="also run offline and coupled")
-    parser.add_argument("--search", action="store_true",
-                        help="search the SePT schedule on the validation split instead (see "
-                             "sept_megatron/demo/search.py); writes search.{md,csv,json}")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="--search only: schedules run side by side, one process each (the "
-                             "table does not depend on it)")
-    parser.add_argument("--cache-dir", default=None, help="base-model cache (default ~/.cache/sept_megatron)")
-    parser.add_argument("--wandb", default="offline", choices=("online", "offline", "disabled"))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.search:
-        from sept_megatron.demo.search import run_search
-
-        if args.seed is not None or args.seeds is not None or args.ablations:
-            parser.error("--search takes no --seed/--seeds/--ablations: its seeds are part of "
-                         "SearchBudget, so the same command gives the same table")
-        run_search(args.out or "runs/demo-search", cache_dir=args.cache_dir, jobs=args.jobs)
-    elif args.seeds is not None and len(args.seeds) > 1:
-        run_seeds(args.out or "runs/demo", args.seeds, args.ablations, cache_dir=args.cache_dir,
-                  wandb_mode=args.wandb)
-    else:
-        seed = args.seeds[0] if args.seeds else (args.seed or 0)
-        run_demo(args.out or "runs/demo", seed, args.ablations, cache_dir=args.cache_dir,
-                 wandb_mode=args.wandb)
-    return 0

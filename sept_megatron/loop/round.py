@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from sept_megatron.config import Config
 from sept_megatron.data import Question
+from sept_megatron.loop import modes
 from sept_megatron.loop.fleet import EngineFleet
 from sept_megatron.loop.telemetry import token_stats
 from sept_megatron.rollout.base import Generation, SamplingParams
-from sept_megatron.trainer.sft import Sample, train_steps
+from sept_megatron.trainer.sft import NonFiniteTraining, Sample
 
 
 @dataclass
@@ -41,8 +42,9 @@ def generate_round(cfg: Config, fleet: EngineFleet, questions: list[Question],
     else:
         generations = fleet.generate([prompt_ids[q.index] for q in questions],
                                      rollout_sampling(cfg, tau_s, seed))
-    return round_payload(cfg, questions, prompt_ids, generations, tau_s,
-                         time.perf_counter() - start)
+    batch = round_payload(cfg, questions, prompt_ids, generations, tau_s,
+                          time.perf_counter() - start)
+    return modes.prepare_round(cfg.train.mode, batch, cfg.rollout.n)  # GRPO: graded rewards
 
 
 def answer_once(cfg: Config, fleet: EngineFleet, bank: list[Question],
@@ -88,10 +90,16 @@ def mini_batches(samples: list[Sample], train_cfg) -> list[list[Sample]]:
 
 
 def fit(trainer, batch: RoundBatch, train_cfg, round_number: int) -> list[dict]:
-    """Plain SFT on the round's answers, one optimizer step per mini-batch; with
+    """One optimizer step per mini-batch on the round's answers (plain SFT; EM-FT's and GRPO's
+    own losses in those modes, :mod:`~sept_megatron.loop.modes`); with
     ``train.measure_round_fit``, the loss on the round's own samples before and after."""
     before = trainer.evaluate_loss(batch.samples) if train_cfg.measure_round_fit else None
-    step_logs = train_steps(trainer, mini_batches(batch.samples, train_cfg), round_number)
+    try:
+        step_logs, mode_stats = modes.train_round(trainer, mini_batches(batch.samples, train_cfg),
+                                                  train_cfg.mode)
+    except NonFiniteTraining as exc:
+        raise NonFiniteTraining(f"round {round_number}, {exc}") from None
+    batch.stats |= mode_stats
     trainer.end_round()  # an LR schedule counted in rounds (the reference's) steps here
     if before is not None:
         batch.stats |= {"train/round_fit_before": before,

@@ -12,7 +12,9 @@ Modes (``train.mode``), all decided here so the loop has no mode branches of its
   offline row is two scripts, the base model answering the training set once at tau 0.6
   (``generate_solutions.sh``), then verl's SFT trainer (lr 1e-5, AdamW betas (0.9, 0.95),
   cosine decay after a 1% warmup, one step per 128 sequences, 3 epochs);
-- ``coupled``: tau_s = tau_t every round, the paper's zero-expected-gradient control.
+- ``coupled``: tau_s = tau_t every round, the paper's zero-expected-gradient control;
+- ``em`` and ``grpo``: the paper's baselines (EM-FT, GRPO), sampled at tau_t and trained with
+  their own losses and rewards (:mod:`~sept_megatron.loop.modes`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import math
 from dataclasses import dataclass
 
 from sept_megatron.config import Config, RolloutConfig, TrainConfig
+from sept_megatron.loop.modes import SAMPLE_AT_TRAIN_TEMPERATURE
 
-MODES = ("online", "offline", "coupled")
+MODES = ("online", "offline", "coupled", "em", "grpo")
 
 
 def sampling_temperature(rollout: RolloutConfig, progress: float) -> float:
@@ -72,8 +75,8 @@ class Schedule:
         return self.train.prompts_per_round * self.rollout.n // self.train.mini_batch_size
 
     def tau_sample(self, round_index: int) -> float:
-        """tau_s of round ``round_index`` (coupled: tau_t)."""
-        if self.train.mode == "coupled":
+        """tau_s of round ``round_index`` (coupled, em, grpo: tau_t)."""
+        if self.train.mode in SAMPLE_AT_TRAIN_TEMPERATURE:
             return self.train.tau_train
         return sampling_temperature(self.rollout, round_index / self.rounds)
 

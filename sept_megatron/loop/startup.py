@@ -15,6 +15,7 @@ import torch
 from sept_megatron.config import Config, ConfigError, validate
 from sept_megatron.data import (Question, filter_by_prompt_length, load_questions,
                                 load_tokenizer, render_prompts)
+from sept_megatron.loop import modes
 from sept_megatron.loop.fleet import EngineFleet
 from sept_megatron.plan import planner
 from sept_megatron.rollout import backend_kwargs, build_engine
@@ -84,6 +85,10 @@ def _check_data(cfg: Config, problems: list[str]) -> list[Question]:
                 problems.append(f"{field_name}: {exc}")
                 continue
             if field_name == "data.train_files":
+                try:
+                    modes.check_train_questions(cfg.train.mode, loaded, path)
+                except ConfigError as exc:
+                    problems.append(str(exc))
                 questions += loaded
     return questions
 

@@ -196,10 +196,12 @@ def estimate(cfg: Config, arch, hardware: Hardware, kernels: Kernels,
                      else f"  (kept with recompute={recompute})")
             mem.training.append(Line(label, act / GIB, counted=used))
         mem.training += _working_set(cfg, arch, kernels, layout, padded, stage)
+        mem.training += mode_lines(cfg, layout, padded, stage)
         stages.append(mem)
     problems: list[str] = []
     notes: list[str] = []
     engine_gpu, engines = _rollout(cfg, arch, hardware, layout, stages, problems, notes)
+    notes += mode_notes(cfg)
     for mem in stages + ([engine_gpu] if engine_gpu else []):
         for phase, gib in (("training", mem.training_gib), ("rollout", mem.rollout_gib)):
             if gib + hardware.reserve_gib > hardware.gpu_mem_gib:
@@ -228,6 +230,37 @@ def _working_set(cfg: Config, arch, kernels: Kernels, layout: Layout, padded_voc
     if buffer:
         lines.append(Line("unfused attention's score buffer (a s^2 b)", tokens * buffer / GIB))
     return lines
+
+
+def mode_lines(cfg: Config, layout: Layout, padded_vocab: int, stage: int) -> list[Line]:
+    """What train.mode em / grpo add on the last stage (sept_megatron.trainer.losses): the entropy's
+    fp32 copies of the vocab-parallel logits (shifted, exp, weighted: ~4 alive at once), and
+    for GRPO the old log-probs of this DP rank's share of the round (fp32 per token)."""
+    mode = cfg.train.mode
+    if mode not in ("em", "grpo") or stage != layout.pipeline_parallel - 1:
+        return []
+    seq_len = cfg.data.max_prompt_length + cfg.data.max_response_length
+    tokens = cfg.train.micro_batch_size * seq_len
+    lines = [Line(f"{mode}: entropy's fp32 copies of the logits", tokens * 16 * padded_vocab
+                  / layout.tensor_parallel / GIB)]
+    if mode == "grpo":
+        sequences = math.ceil(cfg.train.prompts_per_round * cfg.rollout.n / layout.data_parallel)
+        lines.append(Line(f"grpo: old log-probs, {sequences} sequences x {seq_len} tokens",
+                          sequences * seq_len * 4 / GIB))
+    return lines
+
+
+def mode_notes(cfg: Config) -> list[str]:
+    """The compute a mode adds (time, not memory): GRPO's n-fold rollout and its extra forward."""
+    t, n = cfg.train, cfg.rollout.n
+    if t.mode != "grpo":
+        return []
+    sequences = t.prompts_per_round * n
+    extra = ("one extra forward pass over them before the first update (old log-probs, about "
+             "a third of a training step's compute)" if sequences > t.mini_batch_size else
+             "no extra forward (one update per rollout: the ratio is 1)")
+    return [f"grpo: {t.prompts_per_round} questions x rollout.n={n} = {sequences} sequences "
+            f"generated and trained per round; {extra}"]
 
 
 # --- rollout --------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The SFT step of SePT, through Megatron-Core's own schedule, DDP and optimizer.
 
 Loss (the paper's, and plain SFT): token-mean negative log-likelihood of the response tokens,
-prompt masked, the first EOS included, logits divided by the training temperature tau_t. Which
-tokens share one mean is ``train.loss_aggregation``:
+prompt masked, the first EOS included, logits divided by the training temperature tau_t
+(``train.mode`` em and grpo swap in their own per-token loss, :mod:`sept_megatron.trainer.losses`).
+Which tokens share one mean is ``train.loss_aggregation``:
 
 * ``minibatch_token_mean``: every response token of the mini-batch, across micro-batches and
   data-parallel ranks: the loss function returns (sum, token count) and Megatron's
@@ -32,6 +33,7 @@ from sept_megatron.config import TrainConfig
 from sept_megatron.runtime.distributed import compute_device
 from sept_megatron.trainer.fp8 import token_multiple
 from sept_megatron.trainer.fused_adam import use_fused_adam
+from sept_megatron.trainer.losses import LogProbCollector, TokenLoss, loss_for_mode
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Sample:
 
     prompt_ids: list[int]
     response_ids: list[int]
+    advantage: float = 0.0
+    """GRPO: the answer's group-normalised advantage, the same for all its tokens."""
 
 
 @dataclass
@@ -49,6 +53,8 @@ class MicroBatch:
     loss_mask: torch.Tensor  # [b, s] 1 where the label is a response token
     positions: torch.Tensor
     attention_mask: torch.Tensor
+    advantages: torch.Tensor | None = None  # [b, 1] per-sequence advantage (GRPO)
+    old_log_probs: torch.Tensor | None = None  # [b, s] log-probs before the round's updates
 
 
 def make_micro_batch(samples: Sequence[Sample], seq_len: int, pad_id: int) -> MicroBatch:
@@ -61,8 +67,9 @@ def make_micro_batch(samples: Sequence[Sample], seq_len: int, pad_id: int) -> Mi
         # Position t predicts token t+1: response token j sits at len(prompt) + j.
         mask[row, len(s.prompt_ids): len(ids)] = 1.0
     positions = torch.arange(seq_len).unsqueeze(0).expand(len(samples), -1)
+    advantages = torch.tensor([[s.advantage] for s in samples], dtype=torch.float)
     return MicroBatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
-                      mask[:, 1:].contiguous(), positions, mdl.causal_mask(seq_len))
+                      mask[:, 1:].contiguous(), positions, mdl.causal_mask(seq_len), advantages)
 
 
 def padded_length(samples: Sequence[Sample], multiple: int = 8) -> int:
@@ -72,32 +79,9 @@ def padded_length(samples: Sequence[Sample], multiple: int = 8) -> int:
 
 
 def _to_device(mb: MicroBatch, device) -> MicroBatch:
-    return MicroBatch(*(t.to(device) for t in (mb.tokens, mb.labels, mb.loss_mask, mb.positions,
-                                               mb.attention_mask)))
-
-
-def masked_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Rows added to pad the vocab for TP are not tokens: take them out of the softmax."""
-    from megatron.core import parallel_state as ps
-
-    width = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * width
-    if start + width <= vocab_size:
-        return logits
-    keep = torch.arange(start, start + width, device=logits.device) < vocab_size
-    return logits.masked_fill(~keep, float("-inf"))
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-              tau_train: float) -> torch.Tensor:
-    """Per-token NLL of vocab-parallel logits at temperature tau_t (no gather of the vocab)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    scaled = logits.float()
-    if tau_train != 1.0:  # the cast's own copy (bf16 logits) is divided in place: one fp32 copy less
-        scaled = scaled.div_(tau_train) if scaled is not logits else scaled / tau_train
-    scaled = masked_vocab_padding(scaled, vocab_size)
-    return vocab_parallel_cross_entropy(scaled, labels)
+    return MicroBatch(*(None if t is None else t.to(device)
+                        for t in (mb.tokens, mb.labels, mb.loss_mask, mb.positions,
+                                  mb.attention_mask, mb.advantages, mb.old_log_probs)))
 
 
 def scheduler_steps(cfg: TrainConfig, total_steps: int, total_rounds: int | None) -> int:
@@ -109,18 +93,10 @@ def scheduler_steps(cfg: TrainConfig, total_steps: int, total_rounds: int | None
     return total_rounds
 
 
-def _loss_func(mb: MicroBatch, vocab_size: int, tau_train: float, output: torch.Tensor):
-    nll = token_nll(output, mb.labels, vocab_size, tau_train)
-    loss_sum = (nll * mb.loss_mask).sum()
-    num_tokens = mb.loss_mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
-    return loss_sum, num_tokens, {"lm loss": report}
-
-
-def _forward_step(vocab_size: int, tau_train: float, data_iterator, chunk):
+def _forward_step(loss: TokenLoss, data_iterator, chunk):
     mb = next(data_iterator)
     output = chunk(mb.tokens, mb.positions, mb.attention_mask)
-    return output, partial(_loss_func, mb, vocab_size, tau_train)
+    return output, partial(loss, mb)
 
 
 class SFTTrainer:
@@ -143,40 +119,46 @@ class SFTTrainer:
         self.scheduler = _build_scheduler(self.optimizer, train_cfg,
                                           scheduler_steps(train_cfg, total_steps, total_rounds))
         _install_schedule_hooks(model.config, self.chunks, self.optimizer)
+        self.loss = loss_for_mode(train_cfg.mode, model.arch.vocab_size, train_cfg.tau_train)
         self.steps = 0
         self.skips = SkippedUpdates(train_cfg.max_skipped_updates)
 
     # -- data layout -------------------------------------------------------------------------
-    def _micro_batches(self, mini_batch: Sequence[Sample]) -> tuple[list[MicroBatch], int]:
-        """This DP rank's share of a mini-batch, cut into micro-batches of one length."""
+    def _micro_batches(self, mini_batch: Sequence[Sample],
+                       old_log_probs=None) -> tuple[list[MicroBatch], int]:
+        """This DP rank's share of a mini-batch, cut into micro-batches of one length (with
+        their old log-probs from :meth:`log_probs`, which cut the mini-batch the same way)."""
         seq_len = padded_length(mini_batch, token_multiple(self.model.config))
         mine = list(mini_batch[self.dp_rank:: self.dp_size])
         size = self.cfg.micro_batch_size
         mbs = [_to_device(make_micro_batch(mine[i: i + size], seq_len, self.pad_id), self.device)
                for i in range(0, len(mine), size)]
+        for mb, old in zip(mbs, old_log_probs or ()):
+            mb.old_log_probs = old
         return mbs, seq_len
 
-    def _run_schedule(self, mini_batch: Sequence[Sample], forward_only: bool) -> list[dict]:
+    def _run_schedule(self, mini_batch: Sequence[Sample], forward_only: bool,
+                      loss: TokenLoss | None = None, old_log_probs=None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        mbs, seq_len = self._micro_batches(mini_batch)
+        mbs, seq_len = self._micro_batches(mini_batch, old_log_probs)
         iterators = [iter(mbs) for _ in self.chunks]
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, self.model.arch.vocab_size,
-                                      self.cfg.tau_train),
+            forward_step_func=partial(_forward_step, loss or self.loss),
             data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(mbs), seq_length=seq_len,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
 
     # -- steps ---------------------------------------------------------------------------------
-    def step(self, mini_batch: Sequence[Sample]) -> dict[str, float]:
-        """One optimizer step on one mini-batch; returns loss, grad norm, lr, token count."""
+    def step(self, mini_batch: Sequence[Sample], old_log_probs=None) -> dict[str, float]:
+        """One optimizer step on one mini-batch; returns loss, grad norm, lr, token count (and
+        the loss's extra reports, e.g. GRPO's ``train/clip_fraction``, ``train/entropy``)."""
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run_schedule(mini_batch, forward_only=False)
+        losses = self._run_schedule(mini_batch, forward_only=False, old_log_probs=old_log_probs)
         loss, tokens = _reduce_losses(losses)
         ok, grad_norm = step_if_finite(self.optimizer, loss)
         # As Megatron-LM, a skipped update does not advance the LR schedule; a schedule counted
@@ -185,9 +167,22 @@ class SFTTrainer:
             self.scheduler.step(increment=1)
         self.steps += 1
         self.skips.record(ok, loss, self.steps)
+        extras = {f"train/{key}": value for key, value in
+                  _reduce_extra_reports(losses, self.loss.report_keys[1:]).items()}
         return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
                 "train/lr": self.optimizer.param_groups[0]["lr"],
-                "train/response_tokens": tokens, "train/update_skipped": float(not ok)}
+                "train/response_tokens": tokens, "train/update_skipped": float(not ok), **extras}
+
+    @torch.no_grad()
+    def log_probs(self, mini_batch: Sequence[Sample]) -> list:
+        """Per-token log-probs of this rank's micro-batches of ``mini_batch`` under the current
+        weights (GRPO's old policy, one forward pass); ``None`` each on stages without a head.
+        Pass the result to :meth:`step` with the same ``mini_batch``."""
+        for chunk in self.chunks:
+            chunk.eval()
+        collector = LogProbCollector(self.model.arch.vocab_size, self.cfg.tau_train)
+        reports = self._run_schedule(mini_batch, forward_only=True, loss=collector)
+        return [r["log_probs"] for r in reports] or None
 
     def end_round(self) -> None:
         """Called once after each round's optimizer steps: the scheduler's step when it counts
@@ -229,14 +224,6 @@ class SkippedUpdates:
                 f"(train.max_skipped_updates={self.limit}); last finite loss "
                 f"{self.last_finite_loss}. Lower train.lr, check the data, or resume from an "
                 "earlier checkpoint")
-
-
-def train_steps(trainer: "SFTTrainer", mini_batches, round_number: int) -> list[dict]:
-    """One optimizer step per mini-batch; a non-finite stop names the round as well."""
-    try:
-        return [trainer.step(mb) for mb in mini_batches]
-    except NonFiniteTraining as exc:
-        raise NonFiniteTraining(f"round {round_number}, {exc}") from None
 
 
 @torch.no_grad()
@@ -283,6 +270,25 @@ def _reduce_losses(losses: list[dict]) -> tuple[float, float]:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
     return float(total[0] / max(total[1], 1.0)), float(total[1])
+
+
+def _reduce_extra_reports(losses: list[dict], keys: Sequence[str]) -> dict[str, float]:
+    """Token means of the loss's extra reports, over micro-batches and DP ranks, the same on
+    every rank (``keys`` come from the loss, so stages without a head issue the same calls)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not keys:
+        return {}
+    total = torch.zeros(len(keys), 2, dtype=torch.float64, device=compute_device())
+    for item in losses:
+        total += torch.stack([item[key].detach().double() for key in keys])
+    if dist.is_initialized():
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
+    return {key: float(row[0] / max(row[1], 1.0)) for key, row in zip(keys, total)}
 
 
 def _wrap_ddp(model: mdl.MegatronModel, distributed_optimizer: bool) -> list:

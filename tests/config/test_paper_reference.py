@@ -15,7 +15,8 @@ from sept_megatron.trainer.sft import _build_scheduler, scheduler_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 SEPT_RECIPES = sorted(ROOT.glob("examples/*.yaml")) + [
-    p for p in sorted(ROOT.glob("examples/paper/*.yaml")) if "offline" not in p.name]
+    p for p in sorted(ROOT.glob("examples/paper/*.yaml"))
+    if not any(other in p.name for other in ("offline", "em-ft", "grpo"))]  # the other methods' own
 BENCHMARKS = {"math500", "amc23", "aime", "aime25", "olympiadbench", "minerva"}
 
 

@@ -28,7 +28,11 @@ def test_demo_writes_report_table_and_plot_per_seed_and_a_summary(tmp_path):
         assert len(report["sept"]["curve"]) == 8 and len(report["baseline"]["t1"]["curve"]) == 8
         assert report["sept"]["curve"][0] == pytest.approx(report["sept"]["pass@1"])
         assert set(report["sept"]) >= {"pass@1", "pass@8", "avg", "at_base_best_temperature"}
-        assert {"offline", "coupled"} <= set(report)
+        assert {"offline", "coupled", "em", "grpo"} <= set(report)
+        assert "| GRPO, T = 1.0 |" in (run / "report.md").read_text()
+        # GRPO: grpo_n = 8 answers to each of 16 / 8 questions per round, graded.
+        grpo_rows = (run / "grpo" / "samples" / "round_000001.jsonl").read_text().splitlines()
+        assert len(grpo_rows) == 16 and '"reward"' in grpo_rows[0]
         assert set(report["wall_time_s"]) >= {"base_model", "baseline_sweep", "sept_train",
                                               "sept_eval", "total"}
         assert {"mechanism_holds", "paper_claim_holds"} <= set(report["targets"])
