@@ -45,8 +45,9 @@ def _train(argv: list[str]) -> int:
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sept-megatron train",
-                                     description="Run SePT rounds (launch with torchrun for N > 1).")
+    parser = argparse.ArgumentParser(
+        prog="sept-megatron train", description="Run SePT rounds (launch with torchrun for N > 1)."
+    )
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
     return parser
@@ -56,13 +57,19 @@ def build_config_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sept-megatron config",
         description="Print the resolved config tree after train's start-up checks (exit 2 with "
-                    "every problem listed when any fails).")
+        "every problem listed when any fails).",
+    )
     parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="ranks the job will run on (default: tensor_parallel x "
-                             "pipeline_parallel, i.e. DP = 1)")
-    parser.add_argument("--hf-config", help="config.json (or its dir) to check the model's shapes "
-                        "against instead of model.hf_path's")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks the job will run on (default: tensor_parallel x pipeline_parallel, i.e. DP = 1)",
+    )
+    parser.add_argument(
+        "--hf-config",
+        help="config.json (or its dir) to check the model's shapes against instead of model.hf_path's",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-7")
     return parser
 
@@ -75,18 +82,22 @@ def build_subcommand_parser(name: str) -> argparse.ArgumentParser:
     own = {"train": build_train_parser, "config": build_config_parser}
     if name in own:
         return own[name]()
-    modules = {"eval": "sept_megatron.eval.cli", "demo": "sept_megatron.demo.cli",
-               "bench": "sept_megatron.bench.options", "plan": "sept_megatron.plan.planner",
-               "paper-table": "sept_megatron.eval.paper_table",
-               "eval-general": "sept_megatron.eval.general",
-               "checkpoint": "sept_megatron.trainer.integrity"}
+    modules = {
+        "eval": "sept_megatron.eval.cli",
+        "demo": "sept_megatron.demo.cli",
+        "bench": "sept_megatron.bench.options",
+        "plan": "sept_megatron.plan.planner",
+        "paper-table": "sept_megatron.eval.paper_table",
+        "eval-general": "sept_megatron.eval.general",
+        "checkpoint": "sept_megatron.trainer.integrity",
+    }
     return importlib.import_module(modules[name]).build_parser()
 
 
 def _run_faults() -> tuple[type[BaseException], ...]:
     """Faults that stop a run with their own clear message (no traceback)."""
-    from sept_megatron.trainer.integrity import CheckpointDamaged, CheckpointSaveFailed
     from sept_megatron.rollout.watchdog import EngineDied
+    from sept_megatron.trainer.integrity import CheckpointDamaged, CheckpointSaveFailed
     from sept_megatron.trainer.sft import NonFiniteTraining
 
     return CheckpointDamaged, CheckpointSaveFailed, NonFiniteTraining, EngineDied
@@ -150,9 +161,17 @@ def _eval_general(argv: list[str]) -> int:
     return general_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "demo": _demo, "bench": _bench,
-            "config": _show_config, "plan": _plan, "paper-table": _paper_table,
-            "eval-general": _eval_general, "checkpoint": _checkpoint}
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "demo": _demo,
+    "bench": _bench,
+    "config": _show_config,
+    "plan": _plan,
+    "paper-table": _paper_table,
+    "eval-general": _eval_general,
+    "checkpoint": _checkpoint,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

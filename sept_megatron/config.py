@@ -347,8 +347,10 @@ def _from_dict(cls, data: dict[str, Any], prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; valid fields of "
-                          f"{prefix.rstrip('.') or 'config'}: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown field; valid fields of "
+            f"{prefix.rstrip('.') or 'config'}: {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
@@ -440,8 +442,16 @@ _CHOICES = {
     "rollout.weights": ("native", "fp8"),
     "train.recompute": ("none", "selective", "full"),
     "rollout.anneal": ("constant", "linear", "cosine"),
-    "data.chat_template": ("auto", "qwen-math", "qwen-base", "qwen-instruct", "deepseek-math",
-                           "qwen-instruct-legacy", "deepseek-math-legacy", "plain"),
+    "data.chat_template": (
+        "auto",
+        "qwen-math",
+        "qwen-base",
+        "qwen-instruct",
+        "deepseek-math",
+        "qwen-instruct-legacy",
+        "deepseek-math-legacy",
+        "plain",
+    ),
     "train.mode": ("online", "offline", "coupled", "em", "grpo"),
     "train.lr_schedule_interval": ("optimizer_step", "round"),
     "train.lr_decay_style": ("constant", "cosine"),
@@ -466,20 +476,31 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
         if _get(cfg, dotted) not in choices:
             err(f"{dotted}={_get(cfg, dotted)!r}: choose one of {', '.join(map(str, choices))}")
     _validate_backend(cfg.rollout, arch, err)
-    m, p, r, d, t = cfg.model, cfg.parallel, cfg.rollout, cfg.data, cfg.train
+    m, p, r, t = cfg.model, cfg.parallel, cfg.rollout, cfg.train
     if not m.hf_path:
         err("model.hf_path is not set: point it at an HF checkpoint dir (config + tokenizer)")
-    for dotted in ("parallel.tensor_parallel", "parallel.pipeline_parallel", "train.prompts_per_round",
-                   "train.mini_batch_size", "train.micro_batch_size", "rollout.n",
-                   "rollout.batch_size", "rollout.bucket_size_mb", "rollout.engine_tp",
-                   "data.max_prompt_length",
-                   "data.max_response_length", "model.make_vocab_size_divisible_by"):
+    for dotted in (
+        "parallel.tensor_parallel",
+        "parallel.pipeline_parallel",
+        "train.prompts_per_round",
+        "train.mini_batch_size",
+        "train.micro_batch_size",
+        "rollout.n",
+        "rollout.batch_size",
+        "rollout.bucket_size_mb",
+        "rollout.engine_tp",
+        "data.max_prompt_length",
+        "data.max_response_length",
+        "model.make_vocab_size_divisible_by",
+    ):
         if _get(cfg, dotted) < 1:
             err(f"{dotted}={_get(cfg, dotted)}: must be >= 1")
     for dotted in ("rollout.tau_start", "rollout.tau_end", "train.tau_train"):
         if not _get(cfg, dotted) > 0:
-            err(f"{dotted}={_get(cfg, dotted)}: temperatures must be > 0 (greedy is not a "
-                "training distribution)")
+            err(
+                f"{dotted}={_get(cfg, dotted)}: temperatures must be > 0 (greedy is not a "
+                "training distribution)"
+            )
     if not 0 < r.anneal_fraction <= 1:
         err(f"rollout.anneal_fraction={r.anneal_fraction}: must be in (0, 1]")
     if not 0 < r.top_p <= 1:
@@ -487,16 +508,20 @@ def validate(cfg: Config, world_size: int, arch=None) -> None:
     if p.gpu_mem_gb is not None and p.gpu_mem_gb <= 0:
         err(f"parallel.gpu_mem_gb={p.gpu_mem_gb}: must be > 0 GiB, or null (the device's own)")
     if not p.timeout_minutes > 0:
-        err(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
-            "may wait before the job fails)")
+        err(
+            f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0 (minutes a collective "
+            "may wait before the job fails)"
+        )
     _validate_faults(cfg, err)
     if not 0 < r.mem_fraction_static < 1:
         err(f"rollout.mem_fraction_static={r.mem_fraction_static}: must be in (0, 1)")
     if t.lr <= 0 or t.epochs <= 0 or t.grad_clip < 0 or t.warmup_steps < 0:
         err("train.lr and train.epochs must be > 0, train.grad_clip and train.warmup_steps >= 0")
     if m.fp8 and m.transformer_impl == "local":
-        err("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
-            "transformer_engine (and run on GPU), or model.fp8=null")
+        err(
+            "model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
+            "transformer_engine (and run on GPU), or model.fp8=null"
+        )
     _validate_schedule_fields(cfg, err)
     _validate_fp8(cfg, arch, err)
     _validate_grpo(cfg, err)
@@ -528,13 +553,21 @@ def _validate_schedule_fields(cfg: Config, err) -> None:
         err(f"offline.warmup_ratio={o.warmup_ratio}: must be in [0, 1)")
     if o.temperature is not None and not o.temperature > 0:
         err(f"offline.temperature={o.temperature}: must be > 0, or null (rollout.tau_start)")
-    if (t.mode == "offline" and o.hyperparameters == "sft" and cfg.rollout.n >= 1
-            and o.sequences_per_step % cfg.rollout.n):
-        err(f"offline.sequences_per_step={o.sequences_per_step} is not a multiple of rollout.n="
-            f"{cfg.rollout.n}: a round takes whole questions; change either")
+    if (
+        t.mode == "offline"
+        and o.hyperparameters == "sft"
+        and cfg.rollout.n >= 1
+        and o.sequences_per_step % cfg.rollout.n
+    ):
+        err(
+            f"offline.sequences_per_step={o.sequences_per_step} is not a multiple of rollout.n="
+            f"{cfg.rollout.n}: a round takes whole questions; change either"
+        )
     if not (o.lr > 0 and o.epochs > 0 and o.sequences_per_step >= 1):
-        err(f"offline.lr={o.lr}, offline.epochs={o.epochs}, offline.sequences_per_step="
-            f"{o.sequences_per_step}: must be > 0 (sequences_per_step >= 1)")
+        err(
+            f"offline.lr={o.lr}, offline.epochs={o.epochs}, offline.sequences_per_step="
+            f"{o.sequences_per_step}: must be > 0 (sequences_per_step >= 1)"
+        )
 
 
 def _validate_faults(cfg: Config, err) -> None:
@@ -542,11 +575,15 @@ def _validate_faults(cfg: Config, err) -> None:
     if cfg.checkpoint.every_minutes < 0:
         err(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: must be >= 0 (0: off)")
     if cfg.train.max_skipped_updates < 1:
-        err(f"train.max_skipped_updates={cfg.train.max_skipped_updates}: must be >= 1 "
-            "(consecutive non-finite steps tolerated before the run stops)")
+        err(
+            f"train.max_skipped_updates={cfg.train.max_skipped_updates}: must be >= 1 "
+            "(consecutive non-finite steps tolerated before the run stops)"
+        )
     if not cfg.rollout.timeout_minutes > 0:
-        err(f"rollout.timeout_minutes={cfg.rollout.timeout_minutes}: must be > 0 (minutes a "
-            "rank waits on the rollout before the job fails)")
+        err(
+            f"rollout.timeout_minutes={cfg.rollout.timeout_minutes}: must be > 0 (minutes a "
+            "rank waits on the rollout before the job fails)"
+        )
 
 
 def _validate_grpo(cfg: Config, err) -> None:
@@ -555,19 +592,25 @@ def _validate_grpo(cfg: Config, err) -> None:
     if cfg.train.mode != "grpo":
         return
     if cfg.rollout.n < 2:
-        err(f"rollout.n={cfg.rollout.n}: train.mode=grpo normalises rewards within each "
-            "question's answers; set rollout.n >= 2 (the reference uses 8)")
+        err(
+            f"rollout.n={cfg.rollout.n}: train.mode=grpo normalises rewards within each "
+            "question's answers; set rollout.n >= 2 (the reference uses 8)"
+        )
     if cfg.train.drop_truncated:
-        err("train.drop_truncated=true: train.mode=grpo keeps every answer of a group (a "
-            "truncated one scores 0); set train.drop_truncated=false")
+        err(
+            "train.drop_truncated=true: train.mode=grpo keeps every answer of a group (a "
+            "truncated one scores 0); set train.drop_truncated=false"
+        )
 
 
 def _validate_fp8(cfg: Config, arch, err) -> None:
     """FP8 training (TE): what the config alone can rule out."""
     m = cfg.model
     if m.fp8 and cfg.parallel.device == "cpu":
-        err(f"model.fp8={m.fp8} needs a Hopper GPU but parallel.device=cpu; set "
-            "parallel.device=auto (or cuda), or model.fp8=null")
+        err(
+            f"model.fp8={m.fp8} needs a Hopper GPU but parallel.device=cpu; set "
+            "parallel.device=auto (or cuda), or model.fp8=null"
+        )
     if arch is None:
         return
     if m.fp8 and cfg.parallel.tensor_parallel >= 1:
@@ -581,10 +624,14 @@ def _validate_logging(logging: LoggingConfig, err) -> None:
     if logging.samples_every < 0:
         err(f"logging.samples_every={logging.samples_every}: must be >= 0 (0: no samples table)")
     if logging.peak_tflops is not None and not logging.peak_tflops > 0:
-        err(f"logging.peak_tflops={logging.peak_tflops}: must be > 0 (the device's peak dense "
-            "bf16 TFLOP/s), or null to look it up from the GPU's name")
-    for dotted, value in (("logging.wandb_group", logging.wandb_group),
-                          ("logging.wandb_job_type", logging.wandb_job_type)):
+        err(
+            f"logging.peak_tflops={logging.peak_tflops}: must be > 0 (the device's peak dense "
+            "bf16 TFLOP/s), or null to look it up from the GPU's name"
+        )
+    for dotted, value in (
+        ("logging.wandb_group", logging.wandb_group),
+        ("logging.wandb_job_type", logging.wandb_job_type),
+    ):
         if value is not None and not 0 < len(value) <= 128:
             err(f"{dotted}={value!r}: must be 1 to 128 characters; shorten it")
 
@@ -599,11 +646,15 @@ def _validate_layout(cfg: Config, world_size: int, arch, err) -> None:
     dp = world_size // (tp * pp)
     samples = t.prompts_per_round * cfg.rollout.n
     if t.mini_batch_size >= 1 and samples % t.mini_batch_size:
-        err(f"train.prompts_per_round x rollout.n = {samples} is not divisible by "
-            f"train.mini_batch_size={t.mini_batch_size}")
+        err(
+            f"train.prompts_per_round x rollout.n = {samples} is not divisible by "
+            f"train.mini_batch_size={t.mini_batch_size}"
+        )
     if t.micro_batch_size >= 1 and t.mini_batch_size % (dp * t.micro_batch_size):
-        err(f"train.mini_batch_size={t.mini_batch_size} is not divisible by data-parallel size "
-            f"{dp} x train.micro_batch_size={t.micro_batch_size}; change either")
+        err(
+            f"train.mini_batch_size={t.mini_batch_size} is not divisible by data-parallel size "
+            f"{dp} x train.micro_batch_size={t.micro_batch_size}; change either"
+        )
     for problem in layout_problems(p, world_size, arch):
         err(problem)
 
@@ -617,9 +668,11 @@ def layout_problems(p: ParallelConfig, world_size: int, arch=None) -> list[str]:
     if tp < 1 or pp < 1:
         return problems
     if world_size % (tp * pp):
-        err(f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} x "
+        err(
+            f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} x "
             f"parallel.pipeline_parallel={pp} = {tp * pp}; launch a multiple of {tp * pp} "
-            "processes")
+            "processes"
+        )
         return problems
     vpp = p.virtual_pipeline
     if vpp is not None and (vpp < 2 or pp < 2):
@@ -629,17 +682,26 @@ def layout_problems(p: ParallelConfig, world_size: int, arch=None) -> list[str]:
     if arch is None:
         return problems
     if arch.num_attention_heads % tp:
-        err(f"parallel.tensor_parallel={tp} does not divide the model's "
-            f"{arch.num_attention_heads} attention heads")
+        err(
+            f"parallel.tensor_parallel={tp} does not divide the model's "
+            f"{arch.num_attention_heads} attention heads"
+        )
     if arch.num_query_groups % tp:
-        err(f"parallel.tensor_parallel={tp} does not divide the model's {arch.num_query_groups} "
-            "key/value heads (query groups); use a TP that divides both head counts")
+        err(
+            f"parallel.tensor_parallel={tp} does not divide the model's {arch.num_query_groups} "
+            "key/value heads (query groups); use a TP that divides both head counts"
+        )
     if arch.ffn_hidden_size % tp:
         err(f"parallel.tensor_parallel={tp} does not divide ffn size {arch.ffn_hidden_size}")
     stages = pp * (vpp or 1)
     if arch.num_layers % stages:
-        layout = (f"parallel.pipeline_parallel={pp} x parallel.virtual_pipeline={vpp} = "
-                  f"{stages} stages" if vpp else f"parallel.pipeline_parallel={pp}")
-        err(f"{layout} does not divide the model's {arch.num_layers} layers; choose a "
-            "pipeline size (x virtual stages) that divides the layer count")
+        layout = (
+            f"parallel.pipeline_parallel={pp} x parallel.virtual_pipeline={vpp} = {stages} stages"
+            if vpp
+            else f"parallel.pipeline_parallel={pp}"
+        )
+        err(
+            f"{layout} does not divide the model's {arch.num_layers} layers; choose a "
+            "pipeline size (x virtual stages) that divides the layer count"
+        )
     return problems

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,8 +77,7 @@ def load_questions(path: str | Path, *, split: str | None = None) -> list[Questi
         )
     default_source = path.stem if path.is_file() else path.name
     questions = [
-        _to_question(record, index, default_source, where)
-        for index, (where, record) in enumerate(records)
+        _to_question(record, index, default_source, where) for index, (where, record) in enumerate(records)
     ]
     if not questions:
         raise ValueError(f"{path}: no questions in file (it is empty)")
@@ -187,9 +187,7 @@ def _ground_truth(record: Mapping, where: str) -> str | None:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue  # parquet stores a missing answer as NaN
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(
-                f"{where}: the answer must be a string or number, got {type(value).__name__}"
-            )
+            raise ValueError(f"{where}: the answer must be a string or number, got {type(value).__name__}")
         return str(value)
     return None
 
@@ -198,9 +196,7 @@ def _ground_truth(record: Mapping, where: str) -> str | None:
 # Prompt rendering
 
 _QWEN_CHAT = (
-    "<|im_start|>system\n{system}<|im_end|>\n"
-    "<|im_start|>user\n{q}<|im_end|>\n"
-    "<|im_start|>assistant\n"
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 )
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # Named templates (everything except "auto"): the question text in a fixed wrapper. The first
@@ -216,8 +212,7 @@ TEMPLATES: dict[str, str | None] = {
     "auto": None,  # the tokenizer's own chat template, applied to the prompt messages as-is
     "qwen-math": _QWEN_CHAT.replace("{system}", BOXED_INSTRUCTION),
     "qwen-base": _QWEN_CHAT.replace("{system}", BOXED_INSTRUCTION),
-    "qwen-instruct": _QWEN_CHAT.replace("{system}", QWEN_SYSTEM).replace(
-        "{q}", "{q}\n" + BOXED_INSTRUCTION),
+    "qwen-instruct": _QWEN_CHAT.replace("{system}", QWEN_SYSTEM).replace("{q}", "{q}\n" + BOXED_INSTRUCTION),
     "deepseek-math": BOXED_INSTRUCTION + "\n\nUser: {q}\n\nAssistant:",
     "qwen-instruct-legacy": _QWEN_CHAT.replace("{system}", "You are a helpful assistant."),
     "deepseek-math-legacy": "User: {q}\n" + BOXED_INSTRUCTION + "\n\nAssistant:",
@@ -228,9 +223,7 @@ TEMPLATES: dict[str, str | None] = {
 def check_template(template: str) -> None:
     """Raise a ValueError listing the valid names unless ``template`` is one of them."""
     if template not in TEMPLATES:
-        raise ValueError(
-            f"unknown chat template {template!r}; valid templates: {', '.join(TEMPLATES)}"
-        )
+        raise ValueError(f"unknown chat template {template!r}; valid templates: {', '.join(TEMPLATES)}")
 
 
 def prompt_text(question: Question, tokenizer: Any, template: str) -> str:
@@ -249,9 +242,7 @@ def prompt_text(question: Question, tokenizer: Any, template: str) -> str:
             "template 'auto' needs a tokenizer with a chat template, and this one has none; "
             f"pick a named template instead: {', '.join(t for t in TEMPLATES if t != 'auto')}"
         )
-    return tokenizer.apply_chat_template(
-        question.prompt_messages, tokenize=False, add_generation_prompt=True
-    )
+    return tokenizer.apply_chat_template(question.prompt_messages, tokenize=False, add_generation_prompt=True)
 
 
 def render_prompt(question: Question, tokenizer: Any, template: str) -> list[int]:
@@ -289,7 +280,9 @@ def filter_by_prompt_length(
     if dropped:
         logger.warning(
             "dropped %d of %d questions whose prompts exceed %d tokens",
-            dropped, len(questions), max_len,
+            dropped,
+            len(questions),
+            max_len,
         )
     return [q for q, _ in kept], [ids for _, ids in kept], dropped
 

@@ -20,7 +20,8 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -31,8 +32,9 @@ log = std_logging.getLogger("sept_megatron")
 
 def setup_console_logging(rank: int) -> None:
     level = std_logging.INFO if rank == 0 else std_logging.WARNING
-    std_logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+    std_logging.basicConfig(
+        level=level, format=f"[%(asctime)s r{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     # Megatron logs every parameter name and its full optimizer config at INFO.
     std_logging.getLogger("megatron").setLevel(std_logging.WARNING)
 
@@ -43,16 +45,19 @@ def wandb_group(cfg: LoggingConfig) -> str:
 
 
 # What a samples table shows of each row of the round's samples JSONL, in column order.
-SAMPLE_COLUMNS = (("question", "prompt"), ("answer", "response"),
-                  ("response_tokens", "response_tokens"), ("finish_reason", "finish_reason"),
-                  ("tau_s", "tau_s"))
+SAMPLE_COLUMNS = (
+    ("question", "prompt"),
+    ("answer", "response"),
+    ("response_tokens", "response_tokens"),
+    ("finish_reason", "finish_reason"),
+    ("tau_s", "tau_s"),
+)
 
 
 class RunLogger:
     """Rank 0's logger: ``metrics.jsonl``, optional W&B, per-round sample files, progress."""
 
-    def __init__(self, cfg: LoggingConfig, run_config: dict[str, Any], *,
-                 config_file: bool = True):
+    def __init__(self, cfg: LoggingConfig, run_config: dict[str, Any], *, config_file: bool = True):
         """``run_config`` (the resolved config tree) goes to W&B's config and, with
         ``config_file``, to ``run_dir/config.json`` (``eval`` keeps its own record instead)."""
         self.cfg = cfg
@@ -63,10 +68,16 @@ class RunLogger:
         if cfg.wandb_mode != "disabled":
             import wandb
 
-            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name,
-                                     mode=cfg.wandb_mode, dir=cfg.run_dir, config=run_config,
-                                     group=wandb_group(cfg), job_type=cfg.wandb_job_type,
-                                     resume="allow")
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.run_name,
+                mode=cfg.wandb_mode,
+                dir=cfg.run_dir,
+                config=run_config,
+                group=wandb_group(cfg),
+                job_type=cfg.wandb_job_type,
+                resume="allow",
+            )
             self._sender = _BackgroundSender()
         if config_file:
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
@@ -85,9 +96,12 @@ class RunLogger:
         rows = list(rows)
         every = self.cfg.samples_every
         if self._wandb is not None and every and round_index % every == 0:
-            self.log_table("rollout/samples", [column for column, _ in SAMPLE_COLUMNS],
-                           [[row[field] for _, field in SAMPLE_COLUMNS] for row in rows],
-                           step=round_index)
+            self.log_table(
+                "rollout/samples",
+                [column for column, _ in SAMPLE_COLUMNS],
+                [[row[field] for _, field in SAMPLE_COLUMNS] for row in rows],
+                step=round_index,
+            )
         if not self.cfg.save_samples:
             return
         os.makedirs(self.samples_dir, exist_ok=True)
@@ -98,16 +112,24 @@ class RunLogger:
         os.replace(path + ".tmp", path)
 
     # --- W&B-only panels (no-ops without W&B: their data is in the run's files) ---------------
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]],
-                  step: int | None = None) -> None:
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._sender.submit(lambda: self._wandb.log(
-                {key: wandb.Table(columns=columns, data=rows)}, step=step))
+            self._sender.submit(
+                lambda: self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            )
 
-    def log_line_plot(self, key: str, x: list[float], series: dict[str, list[float | None]],
-                      *, title: str, x_label: str, step: int | None = None) -> None:
+    def log_line_plot(
+        self,
+        key: str,
+        x: list[float],
+        series: dict[str, list[float | None]],
+        *,
+        title: str,
+        x_label: str,
+        step: int | None = None,
+    ) -> None:
         """W&B's own line chart, one line per entry of ``series`` (values at ``x``; None
         leaves that point out: pass@32 does not exist for a greedy cell)."""
         if self._wandb is None or not series:
@@ -119,16 +141,17 @@ class RunLogger:
             points = [(t, v) for t, v in zip(x, values) if v is not None]
             xs.append([t for t, _ in points])
             ys.append([v for _, v in points])
-        self._sender.submit(lambda: self._wandb.log({key: wandb.plot.line_series(
-            xs=xs, ys=ys, keys=keys, title=title, xname=x_label)}, step=step))
+        self._sender.submit(
+            lambda: self._wandb.log(
+                {key: wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname=x_label)}, step=step
+            )
+        )
 
-    def log_image(self, key: str, path: str, caption: str | None = None,
-                  step: int | None = None) -> None:
+    def log_image(self, key: str, path: str, caption: str | None = None, step: int | None = None) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._sender.submit(lambda: self._wandb.log(
-                {key: wandb.Image(path, caption=caption)}, step=step))
+            self._sender.submit(lambda: self._wandb.log({key: wandb.Image(path, caption=caption)}, step=step))
 
     def set_summary(self, values: dict[str, Any]) -> None:
         """Run-level figures (best temperature, its AVG): one value each, not a curve."""
@@ -136,8 +159,14 @@ class RunLogger:
             self._sender.submit(self._wandb.summary.update, dict(values))
 
     def progress(self, total: int, initial: int, desc: str):
-        return tqdm(total=total, initial=initial, desc=desc, unit="round",
-                    disable=not self.cfg.progress, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit="round",
+            disable=not self.cfg.progress,
+            dynamic_ncols=True,
+        )
 
     def info(self, message: str, *args) -> None:
         log.info(message, *args)
@@ -196,12 +225,12 @@ class NullRunLogger:
     def log_table(self, key: str, columns, rows, step: int | None = None) -> None:
         pass
 
-    def log_line_plot(self, key: str, x, series, *, title: str, x_label: str,
-                      step: int | None = None) -> None:
+    def log_line_plot(
+        self, key: str, x, series, *, title: str, x_label: str, step: int | None = None
+    ) -> None:
         pass
 
-    def log_image(self, key: str, path: str, caption: str | None = None,
-                  step: int | None = None) -> None:
+    def log_image(self, key: str, path: str, caption: str | None = None, step: int | None = None) -> None:
         pass
 
     def set_summary(self, values) -> None:

@@ -34,6 +34,7 @@ def benchmark_dir() -> Path:
 def tiny_run_inputs(tmp_path_factory):
     # Imported here so that collecting the fast unit tests does not import transformers.
     from hf_tiny import make_tiny_model, make_tokenizer
+
     from sept_megatron.demo.task import build_splits, write_jsonl
 
     root = tmp_path_factory.mktemp("loop_inputs")
@@ -75,7 +76,8 @@ _GPU_LOCK = None  # this process's ModuleGpuLock, made on the first gpu test
 def _runs_on_the_gpu(item) -> bool:
     """A gpu test that will run (not one skipped at collection for want of CUDA)."""
     return item.get_closest_marker("gpu") is not None and not any(
-        mark.name == "skip" for mark in item.iter_markers())
+        mark.name == "skip" for mark in item.iter_markers()
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

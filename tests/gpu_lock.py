@@ -19,13 +19,14 @@ import fcntl
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def gpu_lock_path() -> Path:
-    return Path(os.environ.get("SEPT_GPU_TEST_LOCK")
-                or Path(tempfile.gettempdir()) / "sept-megatron-gpu-tests.lock")
+    return Path(
+        os.environ.get("SEPT_GPU_TEST_LOCK") or Path(tempfile.gettempdir()) / "sept-megatron-gpu-tests.lock"
+    )
 
 
 def _release_cached_cuda_memory() -> None:

@@ -55,8 +55,14 @@ def _target(script_or_module: str) -> list[str]:
 
 
 def _env(port: int, extra: dict[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TOKENIZERS_PARALLELISM="false",
+    )
     # A plain run must be a world of one even when pytest itself runs under a launcher.
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(name, None)
@@ -64,38 +70,64 @@ def _env(port: int, extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _run(command: list[str], env: dict[str, str], timeout: float, check: bool,
-         what: str) -> LaunchResult:
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _run(command: list[str], env: dict[str, str], timeout: float, check: bool, what: str) -> LaunchResult:
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
         output, _ = proc.communicate()
-        raise LaunchError(f"{what} timed out after {timeout:.0f} s; output tail:\n"
-                          f"{output[-TAIL_CHARS:]}") from None
+        raise LaunchError(
+            f"{what} timed out after {timeout:.0f} s; output tail:\n{output[-TAIL_CHARS:]}"
+        ) from None
     if check and proc.returncode != 0:
-        raise LaunchError(f"{what} failed (exit code {proc.returncode}); output tail:\n"
-                          f"{output[-TAIL_CHARS:]}")
+        raise LaunchError(
+            f"{what} failed (exit code {proc.returncode}); output tail:\n{output[-TAIL_CHARS:]}"
+        )
     return LaunchResult(proc.returncode, output)
 
 
-def run_torchrun(nproc: int, script_or_module: str, *args: str,
-                 timeout: float = DEFAULT_TIMEOUT_S, check: bool = True,
-                 env: dict[str, str] | None = None) -> LaunchResult:
+def run_torchrun(
+    nproc: int,
+    script_or_module: str,
+    *args: str,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> LaunchResult:
     """``torchrun --nproc-per-node=nproc`` on a free port; raises :class:`LaunchError` on a
     non-zero exit (unless ``check=False``) or a timeout."""
     port = free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={port}",
-               *_target(script_or_module), *map(str, args)]
-    return _run(command, _env(port, env), timeout, check,
-                f"torchrun --nproc-per-node={nproc} {script_or_module}")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        *_target(script_or_module),
+        *map(str, args),
+    ]
+    return _run(
+        command, _env(port, env), timeout, check, f"torchrun --nproc-per-node={nproc} {script_or_module}"
+    )
 
 
-def run_python(script_or_module: str, *args: str, timeout: float = DEFAULT_TIMEOUT_S,
-               check: bool = True, env: dict[str, str] | None = None) -> LaunchResult:
+def run_python(
+    script_or_module: str,
+    *args: str,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> LaunchResult:
     """A plain ``python`` run (a world of one; MASTER_PORT set to a free port in case it
     creates a process group)."""
     command = [sys.executable, *_target(script_or_module), *map(str, args)]

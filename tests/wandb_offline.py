@@ -36,11 +36,11 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
         if BLOCK - offset % BLOCK < HEADER:  # block tail: padding
             offset += BLOCK - offset % BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + HEADER])
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
         if kind == 0:  # zero-filled end of a block
             offset += BLOCK - offset % BLOCK
             continue
-        pending += data[offset + HEADER:offset + HEADER + length]
+        pending += data[offset + HEADER : offset + HEADER + length]
         offset += HEADER + length
         if kind in (FULL, LAST):
             record = wandb_internal_pb2.Record()

@@ -18,16 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output checkpoint directory")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--dtype", default="auto",
-                        help="params dtype: auto (config.json's dtype), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", default="auto", help="params dtype: auto (config.json's dtype), float32, bfloat16, float16"
+    )
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                           vocab_divisible_by=args.make_vocab_size_divisible_by)
+    convert_hf_to_megatron(
+        args.hf_dir,
+        args.out,
+        tp=args.tp,
+        pp=args.pp,
+        dtype=args.dtype,
+        vocab_divisible_by=args.make_vocab_size_divisible_by,
+    )
     return 0
 
 

@@ -22,15 +22,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="sept_megatron checkpoint directory")
     parser.add_argument("--out", required=True, help="output HF directory")
     parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
-    parser.add_argument("--fp8", choices=EXPORT_RECIPES, default=None,
-                        help="write linear weights as FP8 (blockwise: 128x128 blocks, e4m3)")
+    parser.add_argument(
+        "--fp8",
+        choices=EXPORT_RECIPES,
+        default=None,
+        help="write linear weights as FP8 (blockwise: 128x128 blocks, e4m3)",
+    )
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    export_megatron_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-                          fp8=args.fp8)
+    export_megatron_to_hf(
+        args.ckpt, args.out, max_shard_bytes=int(args.max_shard_size_gb * 2**30), fp8=args.fp8
+    )
     return 0
 
 

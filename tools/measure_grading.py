@@ -25,8 +25,11 @@ def responses_for(truths: list[str]) -> tuple[list[str], list[str]]:
     for truth in truths:
         bare = truth.strip().strip("$").strip().rstrip(".")
         digit = re.search(r"\d", bare)
-        wrong = (bare[: digit.start()] + str((int(bare[digit.start()]) + 1) % 10)
-                 + bare[digit.start() + 1:]) if digit else bare + "+1"
+        wrong = (
+            (bare[: digit.start()] + str((int(bare[digit.start()]) + 1) % 10) + bare[digit.start() + 1 :])
+            if digit
+            else bare + "+1"
+        )
         for answer in (bare, wrong, rf"\left({bare}\right)", rf"\left({wrong}\right)"):
             responses.append(f"Working it out step by step, the answer is \\boxed{{{answer}}}.")
             targets.append(truth)
@@ -46,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmarks", type=Path, required=True, help="directory of .parquet files")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=None,
-                        help="grade only this many responses (spread evenly over all of them)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="grade only this many responses (spread evenly over all of them)",
+    )
     return parser
 
 
@@ -76,17 +83,23 @@ def main(argv=None) -> int:
     with GradingPool(args.workers) as pool:
         pooled, pool_times = _timed_halves(pool, responses, targets, half)
     count = len(responses)
-    print(json.dumps({
-        "gradings": count, "workers": args.workers, "agree": pooled == single,
-        "disagreements": sum(a != b for a, b in zip(pooled, single)),
-        "correct": sum(single),
-        "one_process_per_s": count / sum(single_times),
-        "pool_per_s_with_startup": count / sum(pool_times),
-        "speedup_with_startup": sum(single_times) / sum(pool_times),
-        "one_process_warm_per_s": (count - half) / single_times[1],
-        "pool_warm_per_s": (count - half) / pool_times[1],
-        "speedup_warm": single_times[1] / pool_times[1],
-    }))
+    print(
+        json.dumps(
+            {
+                "gradings": count,
+                "workers": args.workers,
+                "agree": pooled == single,
+                "disagreements": sum(a != b for a, b in zip(pooled, single)),
+                "correct": sum(single),
+                "one_process_per_s": count / sum(single_times),
+                "pool_per_s_with_startup": count / sum(pool_times),
+                "speedup_with_startup": sum(single_times) / sum(pool_times),
+                "one_process_warm_per_s": (count - half) / single_times[1],
+                "pool_warm_per_s": (count - half) / pool_times[1],
+                "speedup_warm": single_times[1] / pool_times[1],
+            }
+        )
+    )
     return 0
 
 

@@ -42,6 +42,7 @@ FILES = {
     "metrics": "sept_megatron/eval/metrics.py",
     "grading": "sept_megatron/eval/grading.py",
     "sft": "sept_megatron/trainer/sft.py",
+    "losses": "sept_megatron/trainer/losses.py",
     "hf_engine": "sept_megatron/rollout/hf.py",
     "sglang_engine": "sept_megatron/rollout/sglang_requests.py",
     "schedule": "sept_megatron/loop/schedule.py",
@@ -100,117 +101,280 @@ def tests(*names: str) -> tuple[str, ...]:
 
 
 MUTANTS: tuple[Mutant, ...] = (
-    Mutant("pass-at-k-off-by-one", "pass@k off by one",
-           "the unbiased estimator's product starts one term early (n - c instead of n - c + 1)",
-           "metrics", (("for i in range(n - c + 1, n + 1):", "for i in range(n - c, n + 1):"),),
-           tests("metrics")),
-    Mutant("avg-definition", "AVG definition",
-           "AVG averages every reported pass@k (1, 2, 4, 8, 16, 32) instead of pass@1, 8, 32",
-           "metrics", (("AVG_KS: tuple[int, ...] = (1, 8, 32)", "AVG_KS: tuple[int, ...] = KS"),),
-           tests("metrics")),
-    Mutant("grading-text-unwrap", "grading normalisation",
-           r"normalise_answer no longer unwraps \text{...} (only \textbf, \mathrm)",
-           "grading", ((r'r"\\(?:text|textbf|mathrm)\{"', r'r"\\(?:textbf|mathrm)\{"'),),
-           tests("grading_tolerance"), tests("grading")),
-    Mutant("grading-exact-numbers", "grading tolerance",
-           "decimals compared with exact equality instead of a 1e-6 relative tolerance",
-           "grading", (("return math.isclose(expected, actual, rel_tol=1e-6, abs_tol=0.0)",
-                        "return expected == actual"),),
-           tests("grading_tolerance"), tests("grading")),
-    Mutant("grading-loose-tolerance", "grading tolerance",
-           "decimals compared with a 1e-5 relative tolerance (ten times too loose)",
-           "grading", (("rel_tol=1e-6, abs_tol=0.0", "rel_tol=1e-5, abs_tol=0.0"),),
-           tests("grading_tolerance"), tests("grading")),
-    Mutant("loss-mask-drops-eos", "loss mask and EOS",
-           "the loss mask stops one token early: the EOS is never trained on",
-           "sft", (("mask[row, len(s.prompt_ids): len(ids)] = 1.0",
-                            "mask[row, len(s.prompt_ids): len(ids) - 1] = 1.0"),),
-           tests("micro_batch"), tests("sft_trainer")),
-    Mutant("loss-mask-includes-prompt", "loss mask and EOS",
-           "the loss mask starts one token early: the last prompt token is trained on",
-           "sft", (("mask[row, len(s.prompt_ids): len(ids)] = 1.0",
-                            "mask[row, len(s.prompt_ids) - 1: len(ids)] = 1.0"),),
-           tests("micro_batch"), tests("sft_trainer")),
-    Mutant("engine-drops-eos", "loss mask and EOS",
-           "the hf engine cuts the answer before its EOS, so SFT never learns to stop",
-           "hf_engine", (("token_ids = new_tokens if stop is None else new_tokens[: stop + 1]",
-                          "token_ids = new_tokens if stop is None else new_tokens[: stop]"),),
-           tests("hf_engine::test_cut_after_first_eos"), tests("hf_engine")),
-    Mutant("loss-per-sequence", "loss normalisation",
-           "the loss is divided by the number of sequences instead of the number of response tokens",
-           "sft", (("num_tokens = mb.loss_mask.sum().to(torch.int)",
-                            "num_tokens = (mb.loss_mask.sum(dim=-1) > 0).sum().to(torch.int)"),),
-           tests("sft_trainer::test_loss_is_the_token_mean_nll_of_response_tokens")),
-    Mutant("tau-schedule-anneal-fraction", "tau_s schedule",
-           "the anneal runs over progress * fraction instead of progress / fraction",
-           "schedule", (("x = min(1.0, max(0.0, progress / rollout.anneal_fraction))",
-                         "x = min(1.0, max(0.0, progress * rollout.anneal_fraction))"),),
-           tests("schedule", "round_sampling")),
-    Mutant("tau-schedule-next-round", "tau_s schedule",
-           "round r is sampled at the temperature of round r + 1",
-           "schedule", (("return sampling_temperature(self.rollout, round_index / self.rounds)",
-                         "return sampling_temperature(self.rollout, (round_index + 1) / self.rounds)"),),
-           tests("round_sampling"), tests("train_cli::test_single_process_run_logs_every_metric")),
-    Mutant("gate-up-order", "gate/up and QKV split order",
-           "linear_fc1 fused as cat(up, gate) (and split back the same way)",
-           "adapters", (("        return torch.cat(hf, dim=0)\n", "        return torch.cat(hf[::-1], dim=0)\n"),
-                        ("        return list(full.chunk(2, dim=0))\n",
-                         "        return list(full.chunk(2, dim=0))[::-1]\n")),
-           tests("adapters"), tests("conversion")),
-    Mutant("qkv-order", "gate/up and QKV split order",
-           "each query group fused as [q; v; k] (and split back the same way)",
-           "adapters", (("k.reshape(groups, d, *tail),\n                       v.reshape(groups, d, *tail)]",
-                         "v.reshape(groups, d, *tail),\n                       k.reshape(groups, d, *tail)]"),
-                        ("for t in (q, k, v)]", "for t in (q, v, k)]")),
-           tests("adapters"), tests("conversion")),
-    Mutant("vocab-padding-exported", "vocab padding on export",
-           "the export keeps Megatron's padded vocab rows",
-           "adapters", (("return [full[: arch.vocab_size]]", "return [full]"),),
-           tests("adapters"), tests("conversion")),
-    Mutant("resume-round", "resume round and sampler position",
-           "a checkpoint records the round after the one it ends (the resumed run skips a round)",
-           "checkpointer", (('train_state={"round": rounds_done, "sampler"',
-                      'train_state={"round": rounds_done + 1, "sampler"'),),
-           tests("train_cli::test_kill_and_resume_continues_with_the_same_prompts")),
-    Mutant("resume-sampler-position", "resume round and sampler position",
-           "the question sampler forgets its position within the epoch when saved",
-           "sampler", (('"position": self.position,', '"position": 0,'),),
-           tests("data"), tests("train_cli::test_kill_and_resume_continues_with_the_same_prompts")),
-    Mutant("fp8-scale-power-of-two", "FP8 scale rounding",
-           "block scales rounded up to a power of two (the largest element no longer lands on 448)",
-           "fp8_quantiser", (("torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))",
-                              ("torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX))), "
-                               "torch.ones_like(amax))")),),
-           tests("fp8")),
-    Mutant("no-generation-prompt", "generation prompt",
-           "chat prompts rendered without the assistant turn's opening (add_generation_prompt=False)",
-           "prompts", (("tokenize=False, add_generation_prompt=True", "tokenize=False, add_generation_prompt=False"),),
-           tests("data")),
-    Mutant("planner-fp32-optimizer-halved", "planner terms",
-           "the planner counts 4 instead of 8 optimizer bytes per fp32 parameter",
-           "planner", (("opt_bytes = 12 if kernels.param_bytes < 4 else 8",
-                        "opt_bytes = 12 if kernels.param_bytes < 4 else 4"),),
-           tests("state_bytes"), tests("plan", "memory_estimate")),
-    Mutant("planner-bf16-optimizer-no-master", "planner terms",
-           "the planner forgets the fp32 master copy of bf16 weights (8 bytes, not 12)",
-           "planner", (("opt_bytes = 12 if kernels.param_bytes < 4 else 8",
-                        "opt_bytes = 8 if kernels.param_bytes < 4 else 8"),),
-           tests("state_bytes"), tests("plan")),
-    Mutant("skip-sync", "skipped sync",
-           "the engine is refreshed only every other round",
-           "driver", (("fleet.sync(model, refresh=schedule.refreshes_engine)",
-                       "fleet.sync(model, refresh=schedule.refreshes_engine and round_index % 2 == 0)"),),
-           tests("round_weights")),
-    Mutant("temperature-ignored-hf", "temperature ignored",
-           "the hf engine samples at T = 1 whatever tau_s is",
-           "hf_engine", (("TemperatureLogitsWarper(sampling.temperature)", "TemperatureLogitsWarper(1.0)"),),
-           tests("sampling_temperature"), tests("hf_engine")),
-    Mutant("temperature-ignored-sglang", "temperature ignored",
-           "SGLang requests carry T = 1 whatever tau_s is",
-           "sglang_engine", (('"temperature": 0.0 if greedy else float(sampling.temperature),',
-                              '"temperature": 0.0 if greedy else 1.0,'),),
-           tests("round_sampling"),
-           tests("sglang_engine", "sglang_loop::test_one_engine_group_of_two_ranks")),
+    Mutant(
+        "pass-at-k-off-by-one",
+        "pass@k off by one",
+        "the unbiased estimator's product starts one term early (n - c instead of n - c + 1)",
+        "metrics",
+        (("for i in range(n - c + 1, n + 1):", "for i in range(n - c, n + 1):"),),
+        tests("metrics"),
+    ),
+    Mutant(
+        "avg-definition",
+        "AVG definition",
+        "AVG averages every reported pass@k (1, 2, 4, 8, 16, 32) instead of pass@1, 8, 32",
+        "metrics",
+        (("AVG_KS: tuple[int, ...] = (1, 8, 32)", "AVG_KS: tuple[int, ...] = KS"),),
+        tests("metrics"),
+    ),
+    Mutant(
+        "grading-text-unwrap",
+        "grading normalisation",
+        r"normalise_answer no longer unwraps \text{...} (only \textbf, \mathrm)",
+        "grading",
+        ((r'r"\\(?:text|textbf|mathrm)\{"', r'r"\\(?:textbf|mathrm)\{"'),),
+        tests("grading_tolerance"),
+        tests("grading"),
+    ),
+    Mutant(
+        "grading-exact-numbers",
+        "grading tolerance",
+        "decimals compared with exact equality instead of a 1e-6 relative tolerance",
+        "grading",
+        (("return math.isclose(expected, actual, rel_tol=1e-6, abs_tol=0.0)", "return expected == actual"),),
+        tests("grading_tolerance"),
+        tests("grading"),
+    ),
+    Mutant(
+        "grading-loose-tolerance",
+        "grading tolerance",
+        "decimals compared with a 1e-5 relative tolerance (ten times too loose)",
+        "grading",
+        (("rel_tol=1e-6, abs_tol=0.0", "rel_tol=1e-5, abs_tol=0.0"),),
+        tests("grading_tolerance"),
+        tests("grading"),
+    ),
+    Mutant(
+        "loss-mask-drops-eos",
+        "loss mask and EOS",
+        "the loss mask stops one token early: the EOS is never trained on",
+        "sft",
+        (
+            (
+                "mask[row, len(s.prompt_ids) : len(ids)] = 1.0",
+                "mask[row, len(s.prompt_ids) : len(ids) - 1] = 1.0",
+            ),
+        ),
+        tests("micro_batch"),
+        tests("sft_trainer"),
+    ),
+    Mutant(
+        "loss-mask-includes-prompt",
+        "loss mask and EOS",
+        "the loss mask starts one token early: the last prompt token is trained on",
+        "sft",
+        (
+            (
+                "mask[row, len(s.prompt_ids) : len(ids)] = 1.0",
+                "mask[row, len(s.prompt_ids) - 1 : len(ids)] = 1.0",
+            ),
+        ),
+        tests("micro_batch"),
+        tests("sft_trainer"),
+    ),
+    Mutant(
+        "engine-drops-eos",
+        "loss mask and EOS",
+        "the hf engine cuts the answer before its EOS, so SFT never learns to stop",
+        "hf_engine",
+        (
+            (
+                "token_ids = new_tokens if stop is None else new_tokens[: stop + 1]",
+                "token_ids = new_tokens if stop is None else new_tokens[: stop]",
+            ),
+        ),
+        tests("hf_engine::test_cut_after_first_eos"),
+        tests("hf_engine"),
+    ),
+    Mutant(
+        "loss-per-sequence",
+        "loss normalisation",
+        "the loss is divided by the number of sequences instead of the number of response tokens",
+        "losses",
+        (
+            (
+                "count = mask.sum()",
+                "count = (mask.sum(dim=-1) > 0).sum()",
+            ),
+        ),
+        tests("sft_trainer::test_loss_is_the_token_mean_nll_of_response_tokens"),
+    ),
+    Mutant(
+        "tau-schedule-anneal-fraction",
+        "tau_s schedule",
+        "the anneal runs over progress * fraction instead of progress / fraction",
+        "schedule",
+        (
+            (
+                "x = min(1.0, max(0.0, progress / rollout.anneal_fraction))",
+                "x = min(1.0, max(0.0, progress * rollout.anneal_fraction))",
+            ),
+        ),
+        tests("schedule", "round_sampling"),
+    ),
+    Mutant(
+        "tau-schedule-next-round",
+        "tau_s schedule",
+        "round r is sampled at the temperature of round r + 1",
+        "schedule",
+        (
+            (
+                "return sampling_temperature(self.rollout, round_index / self.rounds)",
+                "return sampling_temperature(self.rollout, (round_index + 1) / self.rounds)",
+            ),
+        ),
+        tests("round_sampling"),
+        tests("train_cli::test_single_process_run_logs_every_metric"),
+    ),
+    Mutant(
+        "gate-up-order",
+        "gate/up and QKV split order",
+        "linear_fc1 fused as cat(up, gate) (and split back the same way)",
+        "adapters",
+        (
+            ("        return torch.cat(hf, dim=0)\n", "        return torch.cat(hf[::-1], dim=0)\n"),
+            (
+                "        return list(full.chunk(2, dim=0))\n",
+                "        return list(full.chunk(2, dim=0))[::-1]\n",
+            ),
+        ),
+        tests("adapters"),
+        tests("conversion"),
+    ),
+    Mutant(
+        "qkv-order",
+        "gate/up and QKV split order",
+        "each query group fused as [q; v; k] (and split back the same way)",
+        "adapters",
+        (
+            (
+                "k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)]",
+                "v.reshape(groups, d, *tail), k.reshape(groups, d, *tail)]",
+            ),
+            ("for t in (q, k, v)]", "for t in (q, v, k)]"),
+        ),
+        tests("adapters"),
+        tests("conversion"),
+    ),
+    Mutant(
+        "vocab-padding-exported",
+        "vocab padding on export",
+        "the export keeps Megatron's padded vocab rows",
+        "adapters",
+        (("return [full[: arch.vocab_size]]", "return [full]"),),
+        tests("adapters"),
+        tests("conversion"),
+    ),
+    Mutant(
+        "resume-round",
+        "resume round and sampler position",
+        "a checkpoint records the round after the one it ends (the resumed run skips a round)",
+        "checkpointer",
+        (
+            (
+                '"round": rounds_done,',
+                '"round": rounds_done + 1,',
+            ),
+        ),
+        tests("train_cli::test_kill_and_resume_continues_with_the_same_prompts"),
+    ),
+    Mutant(
+        "resume-sampler-position",
+        "resume round and sampler position",
+        "the question sampler forgets its position within the epoch when saved",
+        "sampler",
+        (('"position": self.position,', '"position": 0,'),),
+        tests("data"),
+        tests("train_cli::test_kill_and_resume_continues_with_the_same_prompts"),
+    ),
+    Mutant(
+        "fp8-scale-power-of-two",
+        "FP8 scale rounding",
+        "block scales rounded up to a power of two (the largest element no longer lands on 448)",
+        "fp8_quantiser",
+        (
+            (
+                "torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))",
+                (
+                    "torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX))), "
+                    "torch.ones_like(amax))"
+                ),
+            ),
+        ),
+        tests("fp8"),
+    ),
+    Mutant(
+        "no-generation-prompt",
+        "generation prompt",
+        "chat prompts rendered without the assistant turn's opening (add_generation_prompt=False)",
+        "prompts",
+        (("tokenize=False, add_generation_prompt=True", "tokenize=False, add_generation_prompt=False"),),
+        tests("data"),
+    ),
+    Mutant(
+        "planner-fp32-optimizer-halved",
+        "planner terms",
+        "the planner counts 4 instead of 8 optimizer bytes per fp32 parameter",
+        "planner",
+        (
+            (
+                "opt_bytes = 12 if kernels.param_bytes < 4 else 8",
+                "opt_bytes = 12 if kernels.param_bytes < 4 else 4",
+            ),
+        ),
+        tests("state_bytes"),
+        tests("plan", "memory_estimate"),
+    ),
+    Mutant(
+        "planner-bf16-optimizer-no-master",
+        "planner terms",
+        "the planner forgets the fp32 master copy of bf16 weights (8 bytes, not 12)",
+        "planner",
+        (
+            (
+                "opt_bytes = 12 if kernels.param_bytes < 4 else 8",
+                "opt_bytes = 8 if kernels.param_bytes < 4 else 8",
+            ),
+        ),
+        tests("state_bytes"),
+        tests("plan"),
+    ),
+    Mutant(
+        "skip-sync",
+        "skipped sync",
+        "the engine is refreshed only every other round",
+        "driver",
+        (
+            (
+                "fleet.sync(model, refresh=schedule.refreshes_engine)",
+                "fleet.sync(model, refresh=schedule.refreshes_engine and round_index % 2 == 0)",
+            ),
+        ),
+        tests("round_weights"),
+    ),
+    Mutant(
+        "temperature-ignored-hf",
+        "temperature ignored",
+        "the hf engine samples at T = 1 whatever tau_s is",
+        "hf_engine",
+        (("TemperatureLogitsWarper(sampling.temperature)", "TemperatureLogitsWarper(1.0)"),),
+        tests("sampling_temperature"),
+        tests("hf_engine"),
+    ),
+    Mutant(
+        "temperature-ignored-sglang",
+        "temperature ignored",
+        "SGLang requests carry T = 1 whatever tau_s is",
+        "sglang_engine",
+        (
+            (
+                '"temperature": 0.0 if greedy else float(sampling.temperature),',
+                '"temperature": 0.0 if greedy else 1.0,',
+            ),
+        ),
+        tests("round_sampling"),
+        tests("sglang_engine", "sglang_loop::test_one_engine_group_of_two_ranks"),
+    ),
 )
 
 
@@ -231,14 +395,18 @@ def check_table(mutants, root: Path) -> None:
         for find, _ in mutant.edits:
             count = source.count(find)
             if count != 1:
-                problems.append(f"{mutant.id}: the text {find!r} occurs {count} times in "
-                                f"{FILES[mutant.file]} (need exactly once)")
+                problems.append(
+                    f"{mutant.id}: the text {find!r} occurs {count} times in "
+                    f"{FILES[mutant.file]} (need exactly once)"
+                )
         for test in mutant.quick + mutant.full:
             if not (root / test.split("::")[0]).is_file():
                 problems.append(f"{mutant.id}: test file {test.split('::')[0]} is missing")
     if problems:
-        raise TableError("the mutant table does not match the code; update FILES / TESTS / the "
-                         "mutant's text in tools/mutants.py:\n  " + "\n  ".join(problems))
+        raise TableError(
+            "the mutant table does not match the code; update FILES / TESTS / the "
+            "mutant's text in tools/mutants.py:\n  " + "\n  ".join(problems)
+        )
 
 
 def mutated_source(source: str, mutant: Mutant) -> str:
@@ -250,8 +418,16 @@ def mutated_source(source: str, mutant: Mutant) -> str:
 def scratch_copy(root: Path, into: Path) -> Path:
     """The checkout's tracked and untracked-but-not-ignored files, copied under ``into/repo``;
     ``into/shared`` links to the checkout's ``../shared`` (benchmarks) when there is one."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=root, check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     repo = into / "repo"
     for name in filter(None, listed):
         source = root / name
@@ -278,12 +454,35 @@ FAILED_RE = re.compile(r"^(FAILED|ERROR) (\S+)", re.MULTILINE)
 
 
 def run_tests(repo: Path, test_ids: tuple[str, ...], timeout_s: int) -> tuple[int | None, str]:
-    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}", OMP_NUM_THREADS="1",
-               SEPT_DEVICE="cpu", PYTHONDONTWRITEBYTECODE="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider",
-               "--no-header", *test_ids]
-    proc = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}",
+        OMP_NUM_THREADS="1",
+        SEPT_DEVICE="cpu",
+        PYTHONDONTWRITEBYTECODE="1",
+        PYTHONWARNINGS="ignore",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "--no-header",
+        *test_ids,
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -326,24 +525,37 @@ def children_cpu_seconds() -> float:
 def check_baseline(repo: Path, test_ids: tuple[str, ...], timeout_s: int) -> None:
     rc, output = run_tests(repo, test_ids, timeout_s)
     if rc != 0:
-        raise TableError(f"the unmutated code fails {' '.join(test_ids)} (rc={rc}); fix that first:\n"
-                         + "\n".join(output.strip().splitlines()[-15:]))
+        raise TableError(
+            f"the unmutated code fails {' '.join(test_ids)} (rc={rc}); fix that first:\n"
+            + "\n".join(output.strip().splitlines()[-15:])
+        )
 
 
 # --- command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python tools/mutants.py",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="run each mutant's fast test subset only (under 10 minutes on 2 cores)")
+    parser = argparse.ArgumentParser(
+        prog="python tools/mutants.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="run each mutant's fast test subset only (under 10 minutes on 2 cores)",
+    )
     parser.add_argument("--only", default="", help="comma-separated mutant ids")
     parser.add_argument("--list", action="store_true", help="print the table and exit")
-    parser.add_argument("--baseline", action="store_true",
-                        help="first run each mutant's tests on the unmutated copy (must pass)")
-    parser.add_argument("--tests", default="",
-                        help="comma-separated test paths / node ids to run instead of each mutant's "
-                             "own (to see one test kill a mutant)")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first run each mutant's tests on the unmutated copy (must pass)",
+    )
+    parser.add_argument(
+        "--tests",
+        default="",
+        help="comma-separated test paths / node ids to run instead of each mutant's "
+        "own (to see one test kill a mutant)",
+    )
     parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant's test run")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (path printed)")
     return parser
@@ -369,8 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     mutants = select(args.only)
     if args.list:
         for m in mutants:
-            print(f"{m.id:34s} [{m.kind}] {m.description}\n{'':34s} {FILES[m.file]}; quick: "
-                  f"{' '.join(m.quick)}" + (f"; full adds: {' '.join(m.full)}" if m.full else ""))
+            print(
+                f"{m.id:34s} [{m.kind}] {m.description}\n{'':34s} {FILES[m.file]}; quick: "
+                f"{' '.join(m.quick)}" + (f"; full adds: {' '.join(m.full)}" if m.full else "")
+            )
         return 0
     try:
         check_table(mutants, REPO_ROOT)
@@ -391,9 +605,12 @@ def main(argv: list[str] | None = None) -> int:
             verdict = judge(mutant, repo, test_ids, args.timeout)
             verdicts.append(verdict)
             status = "killed  " if verdict.killed else "SURVIVED"
-            print(f"[{number:2d}/{len(mutants)}] {status} {mutant.id:34s} {verdict.seconds:6.1f} s "
-                  f"(cpu {verdict.cpu_seconds:5.1f} s)  "
-                  f"{verdict.caught_by or '(tests: ' + ' '.join(test_ids) + ')'}", flush=True)
+            print(
+                f"[{number:2d}/{len(mutants)}] {status} {mutant.id:34s} {verdict.seconds:6.1f} s "
+                f"(cpu {verdict.cpu_seconds:5.1f} s)  "
+                f"{verdict.caught_by or '(tests: ' + ' '.join(test_ids) + ')'}",
+                flush=True,
+            )
     except TableError as exc:
         print(f"mutants: {exc}", file=sys.stderr)
         return 2
@@ -404,9 +621,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     killed = sum(v.killed for v in verdicts)
     cpu = sum(v.cpu_seconds for v in verdicts)
-    print(f"\n{killed}/{len(verdicts)} mutants killed ({killed / len(verdicts):.0%}) in "
-          f"{time.perf_counter() - started:.0f} s wall, {cpu:.0f} s cpu"
-          f"{' (--quick)' if args.quick else ''}")
+    print(
+        f"\n{killed}/{len(verdicts)} mutants killed ({killed / len(verdicts):.0%}) in "
+        f"{time.perf_counter() - started:.0f} s wall, {cpu:.0f} s cpu"
+        f"{' (--quick)' if args.quick else ''}"
+    )
     survivors = [v.mutant.id for v in verdicts if not v.killed]
     if survivors:
         print("survived: " + ", ".join(survivors))

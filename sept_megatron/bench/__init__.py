@@ -51,14 +51,35 @@ per benchmark (``train``, ``engine``, ``sync``, ``checkpoint``, ``rounds``) and 
 (``main``; ``python -m sept_megatron.bench`` also runs the torchrun sync workers).
 """
 
-from sept_megatron.bench.common import (
-    best, flops_per_token, parameter_count, side_by_side)
+from sept_megatron.bench.common import best, flops_per_token, parameter_count, side_by_side
 from sept_megatron.bench.driver import main, run_benchmarks
 from sept_megatron.bench.options import (
-    BENCHMARKS, SHAPES, BenchError, BenchOptions, Shape, build_parser, parse_options)
+    BENCHMARKS,
+    SHAPES,
+    BenchError,
+    BenchOptions,
+    Shape,
+    build_parser,
+    parse_options,
+)
 from sept_megatron.bench.rounds import PHASES, round_shares
 from sept_megatron.bench.train import largest_fitting
 
-__all__ = ["BENCHMARKS", "PHASES", "SHAPES", "BenchError", "BenchOptions", "Shape", "best",
-           "build_parser", "flops_per_token", "largest_fitting", "main", "parameter_count",
-           "parse_options", "round_shares", "run_benchmarks", "side_by_side"]
+__all__ = [
+    "BENCHMARKS",
+    "PHASES",
+    "SHAPES",
+    "BenchError",
+    "BenchOptions",
+    "Shape",
+    "best",
+    "build_parser",
+    "flops_per_token",
+    "largest_fitting",
+    "main",
+    "parameter_count",
+    "parse_options",
+    "round_shares",
+    "run_benchmarks",
+    "side_by_side",
+]

@@ -7,13 +7,13 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from sept_megatron.bench.options import BenchOptions, Shape, SHAPES
+from sept_megatron.bench.options import SHAPES, BenchOptions, Shape
 
 
 # --- inputs: tokenizer, random-init HF model, task prompts ---------------------------------
@@ -33,8 +33,7 @@ def prepare_inputs(opts: BenchOptions, work_dir: str) -> Inputs:
     shape = SHAPES[opts.shape]
     hf_dir = os.path.join(work_dir, f"hf-{opts.shape}")
     train_jsonl = os.path.join(work_dir, "questions.jsonl")
-    splits = build_splits(0, n_train=max(256, opts.round_prompts * opts.rounds), n_val=0,
-                          n_test=0)
+    splits = build_splits(0, n_train=max(256, opts.round_prompts * opts.rounds), n_val=0, n_test=0)
     if not os.path.isfile(train_jsonl):
         write_jsonl(splits["train"], train_jsonl)
     marker = os.path.join(hf_dir, "BENCH_COMPLETE")
@@ -53,13 +52,20 @@ def _build_hf_model(shape: Shape, hf_dir: str, problems, device: str) -> None:
     corpus = [text for p in problems[:300] for text in (p.question, p.solution)]
     tokenizer = train_tokenizer(corpus, hf_dir, vocab_size=shape.vocab or 512)
     config = transformers.Qwen2Config(
-        vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden,
-        intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.max_positions, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        vocab_size=shape.vocab or len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):  # 1.31B parameters initialise in seconds on a GPU
@@ -70,8 +76,7 @@ def _build_hf_model(shape: Shape, hf_dir: str, problems, device: str) -> None:
 
 
 def arch_of(hf_dir: str):
-    from sept_megatron.convert.hf_config import arch_from_hf_config
-    from sept_megatron.convert.hf_config import load_hf_config
+    from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 
     return arch_from_hf_config(load_hf_config(hf_dir))
 
@@ -112,8 +117,9 @@ def timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def side_by_side(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
-                 device: torch.device, interleave: bool) -> dict[str, list[float]]:
+def side_by_side(
+    fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int, device: torch.device, interleave: bool
+) -> dict[str, list[float]]:
     """Seconds of each call of each function. ``interleave`` alternates them call by call
     (in A B B A order, so neither side always goes first), so a noisy machine slows both sides
     alike; otherwise each runs its calls in a block."""
@@ -142,6 +148,7 @@ def best(times) -> float:
 
 def ratio_of(ours_s: float, theirs_s: float) -> float:
     return theirs_s / ours_s if ours_s > 0 else float("nan")
+
 
 def free_memory() -> None:
     gc.collect()

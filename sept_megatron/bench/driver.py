@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from sept_megatron.bench.checkpoint import bench_checkpoint
 from sept_megatron.bench.common import Inputs, prepare_inputs
@@ -18,12 +18,15 @@ from sept_megatron.bench.rounds import bench_round
 from sept_megatron.bench.sync import bench_sync, run_sync_worker
 from sept_megatron.bench.train import bench_train
 
-
 NEEDS_PROCESS_GROUP = ("train", "checkpoint")
 
 RUNNERS: dict[str, Callable[[BenchOptions, Inputs], dict]] = {
-    "train": bench_train, "engine": bench_engine, "sync": bench_sync,
-    "checkpoint": bench_checkpoint, "round": bench_round}
+    "train": bench_train,
+    "engine": bench_engine,
+    "sync": bench_sync,
+    "checkpoint": bench_checkpoint,
+    "round": bench_round,
+}
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -61,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts, args = parse_options(argv)
         if args.sync_worker is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise BenchError("run `sept-megatron bench` as one plain process: it launches "
-                             "torchrun itself for the TP sync benchmark (--sync-tp)")
+            raise BenchError(
+                "run `sept-megatron bench` as one plain process: it launches "
+                "torchrun itself for the TP sync benchmark (--sync-tp)"
+            )
     except BenchError as exc:
         print(f"sept-megatron bench: error: {exc}", file=sys.stderr)
         return 2

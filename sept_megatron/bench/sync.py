@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from sept_megatron.bench.common import (
-    arch_of, best, Inputs, log_progress, ratio_of, side_by_side, timed_call)
+from sept_megatron.bench.common import Inputs, arch_of, best, log_progress, ratio_of, side_by_side, timed_call
 from sept_megatron.bench.options import BenchOptions
 
 
@@ -26,25 +25,45 @@ def bench_sync(opts: BenchOptions, inputs: Inputs) -> dict:
         return run_sync_worker(opts, inputs.hf_dir, result_path)
     from sept_megatron.runtime.distributed import free_port
 
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.sync_tp}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-               "-m", "sept_megatron.bench", *_worker_flags(opts),
-               "--sync-worker", inputs.hf_dir, result_path]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={opts.sync_tp}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "sept_megatron.bench",
+        *_worker_flags(opts),
+        "--sync-worker",
+        inputs.hf_dir,
+        result_path,
+    ]
     log_progress(f"sync: launching {opts.sync_tp} ranks: torchrun --nproc-per-node={opts.sync_tp}")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               SEPT_DEVICE=opts.device)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), SEPT_DEVICE=opts.device)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(name, None)
     proc = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, env=env)
     if proc.returncode != 0 or not os.path.isfile(result_path):
-        raise RuntimeError(f"the sync benchmark's torchrun launch failed (exit code "
-                           f"{proc.returncode}); its output is above")
+        raise RuntimeError(
+            f"the sync benchmark's torchrun launch failed (exit code {proc.returncode}); its output is above"
+        )
     return json.loads(Path(result_path).read_text())
 
 
 def _worker_flags(opts: BenchOptions) -> list[str]:
-    return ["--shape", opts.shape, "--device", opts.device, "--repeats", str(opts.repeats),
-            "--sync-tp", str(opts.sync_tp), "--only", "sync"]
+    return [
+        "--shape",
+        opts.shape,
+        "--device",
+        opts.device,
+        "--repeats",
+        str(opts.repeats),
+        "--sync-tp",
+        str(opts.sync_tp),
+        "--only",
+        "sync",
+    ]
 
 
 def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
@@ -52,10 +71,9 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
     an engine on rank 0, ``repeats`` timed syncs, then the same-device copy baseline."""
     import torch.distributed as dist
 
-    from sept_megatron.runtime import compat
-    from sept_megatron.runtime import distributed
-    from sept_megatron.trainer import model as mdl
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
+    from sept_megatron.runtime import compat, distributed
+    from sept_megatron.trainer import model as mdl
     from sept_megatron.weight_sync import sync
     from sept_megatron.weight_sync.plan import sync_plan
 
@@ -66,13 +84,20 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
     arch = arch_of(hf_dir)
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, tp)
     params_dtype = mdl.resolve_dtype("auto")
-    model = mdl.build_megatron_model(arch, tensor_parallel=tp, pipeline_parallel=1,
-                                     params_dtype=params_dtype, padded_vocab=padded)
+    model = mdl.build_megatron_model(
+        arch, tensor_parallel=tp, pipeline_parallel=1, params_dtype=params_dtype, padded_vocab=padded
+    )
     from megatron.core import parallel_state as ps
 
     reader = HFTensorReader(hf_dir)
-    load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
-                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    load_hf_into_model(
+        model.chunks,
+        reader,
+        arch,
+        padded_vocab=padded,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+    )
     reader.close()
     engine = None
     if rank == 0:  # the engine lives on rank 0 only (other ranks need not import transformers)
@@ -90,7 +115,6 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
     # the time is the sync's own, not a wait for a rank still busy with the previous call.
     times = _aligned_times(one_sync, warmup=1, repeats=opts.repeats, device=device)
     from sept_megatron.weight_sync.direct import engine_weights_of
-
     from sept_megatron.weight_sync.same_device import can_sync_in_place
 
     path = "buckets"
@@ -100,7 +124,10 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
         path = "same_device"  # one GPU: trainer tensors copied straight into the engine's
     bucket_times = _aligned_times(  # the bucket stream, side by side (the GPU path)
         lambda: sync(model, engine, bucket_bytes=bucket_bytes, direct=False),
-        warmup=1, repeats=opts.repeats, device=device)
+        warmup=1,
+        repeats=opts.repeats,
+        device=device,
+    )
     barrier_s = best(_aligned_times(dist.barrier, warmup=1, repeats=opts.repeats, device=device))
     dist.barrier()
     profile = _profile_sync(one_sync) if rank == 0 else None
@@ -111,16 +138,27 @@ def run_sync_worker(opts: BenchOptions, hf_dir: str, result_path: str) -> dict:
         sync_s = best(times)
         copy_s, tensor_copy_s = _copy_baselines(engine, arch, nbytes, device, opts.repeats)
         result = {
-            "bench": "sync", "shape": opts.shape, "device": str(device),
-            "tensor_parallel": tp, "backend": dist.get_backend(),
-            "dtype": str(params_dtype).removeprefix("torch."), "bytes": nbytes,
-            "tensors": sum(len(item.hf_names) for item in sync_plan(arch, 1)), "repeats": opts.repeats,
-            "path": path, "sync_s": sync_s, "gb_per_s": nbytes / sync_s / 1e9, "copy_s": copy_s,
-            "copy_gb_per_s": nbytes / copy_s / 1e9, "ratio_to_copy": ratio_of(sync_s, copy_s),
-            "tensor_copy_s": tensor_copy_s, "ratio_to_tensor_copy": ratio_of(sync_s, tensor_copy_s),
+            "bench": "sync",
+            "shape": opts.shape,
+            "device": str(device),
+            "tensor_parallel": tp,
+            "backend": dist.get_backend(),
+            "dtype": str(params_dtype).removeprefix("torch."),
+            "bytes": nbytes,
+            "tensors": sum(len(item.hf_names) for item in sync_plan(arch, 1)),
+            "repeats": opts.repeats,
+            "path": path,
+            "sync_s": sync_s,
+            "gb_per_s": nbytes / sync_s / 1e9,
+            "copy_s": copy_s,
+            "copy_gb_per_s": nbytes / copy_s / 1e9,
+            "ratio_to_copy": ratio_of(sync_s, copy_s),
+            "tensor_copy_s": tensor_copy_s,
+            "ratio_to_tensor_copy": ratio_of(sync_s, tensor_copy_s),
             "bucket_sync_s": best(bucket_times),
             "ratio_bucket_to_copy": ratio_of(best(bucket_times), copy_s),
-            "barrier_s": barrier_s, "profile": profile,
+            "barrier_s": barrier_s,
+            "profile": profile,
         }
         Path(result_path).write_text(json.dumps(result))
     dist.barrier()
@@ -149,11 +187,14 @@ def _copy_baselines(engine, arch, nbytes: int, device, repeats: int) -> tuple[fl
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     names = {name for item in sync_plan(arch, 1) for name in item.hf_names}
-    tensors = [(name, t.detach().clone()) for name, t in engine._named_tensors().items()
-               if name in names]
-    times = side_by_side({"copy": lambda: dst.copy_(src),
-                          "tensors": lambda: engine.update_weights([tensors])},
-                         warmup=1, repeats=repeats, device=device, interleave=True)
+    tensors = [(name, t.detach().clone()) for name, t in engine._named_tensors().items() if name in names]
+    times = side_by_side(
+        {"copy": lambda: dst.copy_(src), "tensors": lambda: engine.update_weights([tensors])},
+        warmup=1,
+        repeats=repeats,
+        device=device,
+        interleave=True,
+    )
     return best(times["copy"]), best(times["tensors"])
 
 
@@ -181,9 +222,13 @@ def _profile_sync(one_sync: Callable[[], object], top: int = 10) -> dict:
         return {"fn": label(key), "calls": value[1], "own_s": value[2], "cumulative_s": value[3]}
 
     by_own = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    ours = [(k, v) for k, v in stats.items()
-            if any(part in k[0] for part in ("sept_megatron/weight_sync", "sept_megatron/rollout",
-                                             "sept_megatron/convert"))]
+    ours = [
+        (k, v)
+        for k, v in stats.items()
+        if any(
+            part in k[0]
+            for part in ("sept_megatron/weight_sync", "sept_megatron/rollout", "sept_megatron/convert")
+        )
+    ]
     within = sorted(ours, key=lambda kv: kv[1][3], reverse=True)[:top]
-    return {"wall_s": wall, "own": [row(k, v) for k, v in by_own],
-            "within": [row(k, v) for k, v in within]}
+    return {"wall_s": wall, "own": [row(k, v) for k, v in by_own], "within": [row(k, v) for k, v in within]}

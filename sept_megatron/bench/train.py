@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from sept_megatron.bench.common import (
-    arch_of, best, flops_per_token, free_memory, Inputs, log_progress, ratio_of, side_by_side)
+    Inputs,
+    arch_of,
+    best,
+    flops_per_token,
+    free_memory,
+    log_progress,
+    ratio_of,
+    side_by_side,
+)
 from sept_megatron.bench.options import BenchOptions
 from sept_megatron.trainer.fp8 import FP8_RECIPES
 
@@ -24,26 +32,35 @@ def random_samples(vocab: int, count: int, seq_len: int, seed: int):
     return [Sample(row[:prompt], row[prompt:]) for row in ids]
 
 
-def build_trainer(hf_dir: str, micro_batch: int, *, transformer_impl: str = "auto",
-                   fp8: str | None = None):
+def build_trainer(hf_dir: str, micro_batch: int, *, transformer_impl: str = "auto", fp8: str | None = None):
     """The SFT trainer of a ``sept-megatron train`` run (world of one), HF weights loaded."""
-    from sept_megatron.trainer import model as mdl
     from sept_megatron.config import TrainConfig
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
+    from sept_megatron.trainer import model as mdl
     from sept_megatron.trainer.sft import SFTTrainer
 
     arch = arch_of(hf_dir)
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, 1)
     model = mdl.build_megatron_model(
-        arch, tensor_parallel=1, pipeline_parallel=1, params_dtype=mdl.resolve_dtype("auto"),
-        transformer_impl=transformer_impl, fp8=fp8, padded_vocab=padded)
+        arch,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        params_dtype=mdl.resolve_dtype("auto"),
+        transformer_impl=transformer_impl,
+        fp8=fp8,
+        padded_vocab=padded,
+    )
     reader = HFTensorReader(hf_dir)
     load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded, tp_rank=0, tp_size=1)
     reader.close()
-    train_cfg = TrainConfig(micro_batch_size=micro_batch, mini_batch_size=micro_batch,
-                            prompts_per_round=micro_batch, lr=1e-5, warmup_steps=0)
-    return SFTTrainer(model, train_cfg, total_steps=10**6, use_distributed_optimizer=False,
-                      pad_id=0)
+    train_cfg = TrainConfig(
+        micro_batch_size=micro_batch,
+        mini_batch_size=micro_batch,
+        prompts_per_round=micro_batch,
+        lr=1e-5,
+        warmup_steps=0,
+    )
+    return SFTTrainer(model, train_cfg, total_steps=10**6, use_distributed_optimizer=False, pad_id=0)
 
 
 def _megatron_step(trainer, samples) -> Callable[[], object]:
@@ -57,10 +74,14 @@ def _transformers_step(hf_dir: str, samples, device: torch.device) -> Callable[[
     from sept_megatron.trainer import model as mdl
 
     dtype = mdl.resolve_dtype("auto")
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa",
-                                                 local_files_only=True).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01,
-                                  fused=device.type == "cuda")
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        )
+        .to(device)
+        .train()
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
     tokens = torch.tensor([s.prompt_ids + s.response_ids for s in samples], device=device)
     input_ids = tokens[:, :-1].contiguous()
     labels = input_ids.clone()
@@ -76,11 +97,9 @@ def _transformers_step(hf_dir: str, samples, device: torch.device) -> Callable[[
     return step
 
 
-
-
 def bench_train(opts: BenchOptions, inputs: Inputs) -> dict:
-    from sept_megatron.trainer import model as mdl
     from sept_megatron.runtime.distributed import compute_device
+    from sept_megatron.trainer import model as mdl
 
     device = compute_device()
     arch = arch_of(inputs.hf_dir)
@@ -94,17 +113,26 @@ def bench_train(opts: BenchOptions, inputs: Inputs) -> dict:
     tokens = mb * seq
     per_token = flops_per_token(arch, inputs.params, seq)
     result = {
-        "bench": "train", "shape": opts.shape, "device": str(device),
+        "bench": "train",
+        "shape": opts.shape,
+        "device": str(device),
         "dtype": str(mdl.resolve_dtype("auto")).removeprefix("torch."),
         "transformer_impl": "transformer_engine" if mdl.use_transformer_engine("auto") else "local",
-        "seq_len": seq, "micro_batch": mb, "params": inputs.params, "steps": opts.steps,
-        "flops_per_token": per_token, "flops_formula": "6*N + 12*L*H*Dh*S (PaLM appendix B)",
+        "seq_len": seq,
+        "micro_batch": mb,
+        "params": inputs.params,
+        "steps": opts.steps,
+        "flops_per_token": per_token,
+        "flops_formula": "6*N + 12*L*H*Dh*S (PaLM appendix B)",
         **_throughput("", times["ours"], tokens, per_token, inputs.params),
         **_throughput("transformers_", times["transformers"], tokens, per_token, inputs.params),
-        "ratio_to_transformers": (ratio_of(best(times["ours"]),
-                                         best(times["transformers"]))
-                                  if times["ours"] and times["transformers"] else None),
-        "peak_memory_gb": peaks["ours"], "transformers_peak_memory_gb": peaks["transformers"],
+        "ratio_to_transformers": (
+            ratio_of(best(times["ours"]), best(times["transformers"]))
+            if times["ours"] and times["transformers"]
+            else None
+        ),
+        "peak_memory_gb": peaks["ours"],
+        "transformers_peak_memory_gb": peaks["transformers"],
     }
     if device.type == "cpu":
         result["max_micro_batch"] = None
@@ -112,22 +140,25 @@ def bench_train(opts: BenchOptions, inputs: Inputs) -> dict:
     elif opts.find_max_micro_batch:
         log_progress("train: searching the largest micro-batch that fits")
         result["max_micro_batch"] = largest_fitting(
-            lambda m: _fits(trainer, arch.vocab_size, m, seq), start=mb, limit=4096)
-    del trainer
+            lambda m: _fits(trainer, arch.vocab_size, m, seq), start=mb, limit=4096
+        )
+    trainer = None  # free it (the lambda above holds the name) before the baseline runs
     free_memory()
     result["fp8"] = _fp8_side_by_side(opts, inputs, samples, device)
     return result
 
 
-def _throughput(prefix: str, times: list[float] | None, tokens: int, per_token: float,
-                params: int) -> dict:
+def _throughput(prefix: str, times: list[float] | None, tokens: int, per_token: float, params: int) -> dict:
     """Step seconds (best of the timed steps), tokens/s and TFLOP/s of one side; nulls and ``oom`` if it did
     not fit."""
     if not times:
         return {f"{prefix}step_s": None, f"{prefix}tokens_per_s": None, f"{prefix}oom": True}
     step_s = best(times)
-    row = {f"{prefix}step_s": step_s, f"{prefix}tokens_per_s": tokens / step_s,
-           f"{prefix}tflops": per_token * tokens / step_s / 1e12}
+    row = {
+        f"{prefix}step_s": step_s,
+        f"{prefix}tokens_per_s": tokens / step_s,
+        f"{prefix}tflops": per_token * tokens / step_s / 1e12,
+    }
     if not prefix:
         row["tflops_6n"] = 6.0 * params * tokens / step_s / 1e12
     return row
@@ -146,8 +177,13 @@ def _train_times_cpu(opts: BenchOptions, inputs: Inputs, samples, device):
             theirs()
 
     trainer = build_trainer(inputs.hf_dir, opts.micro_batch)
-    times = side_by_side({"ours": _megatron_step(trainer, samples), "transformers": theirs_plain},
-                         warmup=opts.warmup, repeats=opts.steps, device=device, interleave=True)
+    times = side_by_side(
+        {"ours": _megatron_step(trainer, samples), "transformers": theirs_plain},
+        warmup=opts.warmup,
+        repeats=opts.steps,
+        device=device,
+        interleave=True,
+    )
     return trainer, times, {"ours": None, "transformers": None}
 
 
@@ -172,8 +208,9 @@ def _train_times_gpu(opts: BenchOptions, inputs: Inputs, samples, device):
 def _times_unless_oom(step: Callable[[], object], opts: BenchOptions, device) -> list[float] | None:
     out_of_memory = False
     try:
-        return side_by_side({"x": step}, warmup=opts.warmup, repeats=opts.steps, device=device,
-                            interleave=False)["x"]
+        return side_by_side(
+            {"x": step}, warmup=opts.warmup, repeats=opts.steps, device=device, interleave=False
+        )["x"]
     except torch.cuda.OutOfMemoryError:
         out_of_memory = True
     if out_of_memory:  # outside the handler: the traceback's tensors are released
@@ -221,8 +258,7 @@ def largest_fitting(fits: Callable[[int], bool], *, start: int, limit: int) -> i
 
 def _fits(trainer, vocab: int, micro_batch: int, seq_len: int) -> bool:
     """One training step at ``micro_batch``; False on CUDA out-of-memory."""
-    trainer.cfg = dataclasses.replace(trainer.cfg, micro_batch_size=micro_batch,
-                                      mini_batch_size=micro_batch)
+    trainer.cfg = dataclasses.replace(trainer.cfg, micro_batch_size=micro_batch, mini_batch_size=micro_batch)
     out_of_memory = False
     try:
         trainer.step(random_samples(vocab, micro_batch, seq_len, seed=micro_batch))
@@ -244,8 +280,10 @@ def _fp8_side_by_side(opts: BenchOptions, inputs: Inputs, samples, device) -> di
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        return {"skipped": True, "reason": "Transformer Engine is not installed "
-                "(pip install 'sept_megatron[gpu]')"}
+        return {
+            "skipped": True,
+            "reason": "Transformer Engine is not installed (pip install 'sept_megatron[gpu]')",
+        }
     rows: dict[str, dict] = {}
     for recipe in (None, *FP8_RECIPES):
         label = recipe or "bf16"
@@ -256,13 +294,16 @@ def _fp8_side_by_side(opts: BenchOptions, inputs: Inputs, samples, device) -> di
             continue
         log_progress(f"train: Transformer Engine {label}")
         try:
-            trainer = build_trainer(inputs.hf_dir, opts.micro_batch,
-                                     transformer_impl="transformer_engine", fp8=recipe)
+            trainer = build_trainer(
+                inputs.hf_dir, opts.micro_batch, transformer_impl="transformer_engine", fp8=recipe
+            )
             times = _times_unless_oom(_megatron_step(trainer, samples), opts, device)
             del trainer
-            rows[label] = ({"step_s": best(times),
-                            "tokens_per_s": opts.micro_batch * opts.seq_len / best(times)}
-                           if times else {"oom": True})
+            rows[label] = (
+                {"step_s": best(times), "tokens_per_s": opts.micro_batch * opts.seq_len / best(times)}
+                if times
+                else {"oom": True}
+            )
         except Exception as exc:  # reported in the JSON line; the BF16 figures above stand
             rows[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             log_progress(f"train: Transformer Engine {label} failed: {rows[label]['error']}")

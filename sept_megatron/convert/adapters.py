@@ -70,38 +70,60 @@ class LlamaAdapter:
     def layer_rules(self) -> list[TensorRule]:
         a = _HF_LAYER + "self_attn."
         return [
-            TensorRule(_LAYER + "self_attention.linear_qkv.layer_norm_weight",
-                       (_HF_LAYER + "input_layernorm.weight",), Kind.REPLICATED),
-            TensorRule(_LAYER + "self_attention.linear_qkv.weight",
-                       (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), Kind.QKV,
-                       fp8=True),
-            TensorRule(_LAYER + "self_attention.linear_proj.weight",
-                       (a + "o_proj.weight",), Kind.ROW_PARALLEL, fp8=True),
-            TensorRule(_LAYER + "mlp.linear_fc1.layer_norm_weight",
-                       (_HF_LAYER + "post_attention_layernorm.weight",), Kind.REPLICATED),
-            TensorRule(_LAYER + "mlp.linear_fc1.weight",
-                       (_HF_LAYER + "mlp.gate_proj.weight", _HF_LAYER + "mlp.up_proj.weight"),
-                       Kind.GATE_UP, fp8=True),
-            TensorRule(_LAYER + "mlp.linear_fc2.weight",
-                       (_HF_LAYER + "mlp.down_proj.weight",), Kind.ROW_PARALLEL, fp8=True),
+            TensorRule(
+                _LAYER + "self_attention.linear_qkv.layer_norm_weight",
+                (_HF_LAYER + "input_layernorm.weight",),
+                Kind.REPLICATED,
+            ),
+            TensorRule(
+                _LAYER + "self_attention.linear_qkv.weight",
+                (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                Kind.QKV,
+                fp8=True,
+            ),
+            TensorRule(
+                _LAYER + "self_attention.linear_proj.weight",
+                (a + "o_proj.weight",),
+                Kind.ROW_PARALLEL,
+                fp8=True,
+            ),
+            TensorRule(
+                _LAYER + "mlp.linear_fc1.layer_norm_weight",
+                (_HF_LAYER + "post_attention_layernorm.weight",),
+                Kind.REPLICATED,
+            ),
+            TensorRule(
+                _LAYER + "mlp.linear_fc1.weight",
+                (_HF_LAYER + "mlp.gate_proj.weight", _HF_LAYER + "mlp.up_proj.weight"),
+                Kind.GATE_UP,
+                fp8=True,
+            ),
+            TensorRule(
+                _LAYER + "mlp.linear_fc2.weight",
+                (_HF_LAYER + "mlp.down_proj.weight",),
+                Kind.ROW_PARALLEL,
+                fp8=True,
+            ),
         ] + self._extra_layer_rules()
 
     def _extra_layer_rules(self) -> list[TensorRule]:
         rules = []
         if self.arch.qkv_bias:
             a = _HF_LAYER + "self_attn."
-            rules.append(TensorRule(_LAYER + "self_attention.linear_qkv.bias",
-                                    (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
-                                    Kind.QKV))
+            rules.append(
+                TensorRule(
+                    _LAYER + "self_attention.linear_qkv.bias",
+                    (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+                    Kind.QKV,
+                )
+            )
         return rules
 
     def pre_rules(self) -> list[TensorRule]:
-        return [TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
-                           Kind.VOCAB)]
+        return [TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Kind.VOCAB)]
 
     def post_rules(self) -> list[TensorRule]:
-        rules = [TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",),
-                            Kind.REPLICATED)]
+        rules = [TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), Kind.REPLICATED)]
         if not self.arch.tie_word_embeddings:
             rules.append(TensorRule("output_layer.weight", ("lm_head.weight",), Kind.VOCAB))
         return rules
@@ -119,8 +141,13 @@ class LlamaAdapter:
     def fp8_hf_names(self) -> frozenset[str]:
         """The HF tensors blockwise FP8 quantises (from the rules' ``fp8`` flags)."""
         names = {n for r in self.pre_rules() + self.post_rules() if r.fp8 for n in r.hf}
-        names |= {n.format(i=i) for i in range(self.arch.num_layers)
-                  for r in self.layer_rules() if r.fp8 for n in r.hf}
+        names |= {
+            n.format(i=i)
+            for i in range(self.arch.num_layers)
+            for r in self.layer_rules()
+            if r.fp8
+            for n in r.hf
+        }
         return frozenset(names)
 
 
@@ -144,15 +171,17 @@ class Qwen3Adapter(LlamaAdapter):
     def _extra_layer_rules(self) -> list[TensorRule]:
         a = _HF_LAYER + "self_attn."
         return super()._extra_layer_rules() + [
-            TensorRule(_LAYER + "self_attention.q_layernorm.weight", (a + "q_norm.weight",),
-                       Kind.REPLICATED),
-            TensorRule(_LAYER + "self_attention.k_layernorm.weight", (a + "k_norm.weight",),
-                       Kind.REPLICATED),
+            TensorRule(_LAYER + "self_attention.q_layernorm.weight", (a + "q_norm.weight",), Kind.REPLICATED),
+            TensorRule(_LAYER + "self_attention.k_layernorm.weight", (a + "k_norm.weight",), Kind.REPLICATED),
         ]
 
 
 ADAPTERS: dict[str, type[LlamaAdapter]] = {
-    "llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter, "qwen3": Qwen3Adapter}
+    "llama": LlamaAdapter,
+    "mistral": MistralAdapter,
+    "qwen2": Qwen2Adapter,
+    "qwen3": Qwen3Adapter,
+}
 """HF ``model_type`` -> its family: the one registry of supported model families."""
 
 
@@ -162,7 +191,8 @@ def family_for(model_type: str | None) -> type[LlamaAdapter]:
     if model_type not in ADAPTERS:
         raise ValueError(
             f"model: architecture {model_type!r} is not supported; supported model_type values: "
-            f"{', '.join(ADAPTERS)} (DeepSeek-Math is 'llama')")
+            f"{', '.join(ADAPTERS)} (DeepSeek-Math is 'llama')"
+        )
     return ADAPTERS[model_type]
 
 
@@ -204,8 +234,7 @@ def rule_index(adapter: LlamaAdapter) -> dict[str, tuple[TensorRule, int | None]
 
 
 # --- full-tensor transforms (TP=1 layout <-> HF) -----------------------------------------
-def hf_to_full(rule: TensorRule, hf: list[torch.Tensor], arch: ModelArch,
-               padded_vocab: int) -> torch.Tensor:
+def hf_to_full(rule: TensorRule, hf: list[torch.Tensor], arch: ModelArch, padded_vocab: int) -> torch.Tensor:
     """Fuse HF tensors into the full Megatron tensor."""
     if rule.kind is Kind.QKV:
         return _merge_qkv(*hf, arch)
@@ -239,8 +268,10 @@ def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArc
     groups, d = arch.num_query_groups, arch.head_dim
     per_group = arch.num_attention_heads // groups
     tail = q.shape[1:]
-    fused = torch.cat([q.reshape(groups, per_group * d, *tail), k.reshape(groups, d, *tail),
-                       v.reshape(groups, d, *tail)], dim=1)
+    fused = torch.cat(
+        [q.reshape(groups, per_group * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)],
+        dim=1,
+    )
     return fused.reshape(-1, *tail)
 
 

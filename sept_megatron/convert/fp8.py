@@ -25,7 +25,7 @@ tensors in the same dtype, so they produce the same bytes.
 from __future__ import annotations
 
 import math
-from typing import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,17 +72,23 @@ def quantize_blockwise(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.
     return quantized.contiguous(), scale_inv.contiguous()
 
 
-def dequantize_blockwise(quantized: torch.Tensor, scale_inv: torch.Tensor, *,
-                         block: int = BLOCK, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_blockwise(
+    quantized: torch.Tensor,
+    scale_inv: torch.Tensor,
+    *,
+    block: int = BLOCK,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``fp8 * scale_inv`` per block, computed in fp32."""
     if quantized.ndim != 2 or quantized.dtype != FP8_DTYPE:
-        raise ValueError(f"expected a 2-D {FP8_DTYPE} weight; got {quantized.dtype} "
-                         f"{tuple(quantized.shape)}")
+        raise ValueError(f"expected a 2-D {FP8_DTYPE} weight; got {quantized.dtype} {tuple(quantized.shape)}")
     rows, cols = quantized.shape
     if tuple(scale_inv.shape) != scale_grid((rows, cols), block):
-        raise ValueError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not fit a "
-                         f"{rows}x{cols} weight in {block}x{block} blocks; expected "
-                         f"{scale_grid((rows, cols), block)}")
+        raise ValueError(
+            f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not fit a "
+            f"{rows}x{cols} weight in {block}x{block} blocks; expected "
+            f"{scale_grid((rows, cols), block)}"
+        )
     per_element = scale_inv.float().repeat_interleave(block, 0).repeat_interleave(block, 1)
     return (quantized.float() * per_element[:rows, :cols]).to(dtype)
 
@@ -94,8 +100,7 @@ def scale_name(weight_name: str) -> str:
     return weight_name + "_scale_inv"
 
 
-def quantize_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]],
-                        quantized: Collection[str]) -> HFTensors:
+def quantize_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], quantized: Collection[str]) -> HFTensors:
     """The bucket transform: HF (name, tensor) pairs in, the same pairs out with every name in
     ``quantized`` replaced by its e4m3 weight followed by its ``weight_scale_inv``. Everything
     else passes through untouched (same tensor object, training dtype)."""
@@ -108,7 +113,8 @@ def quantize_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]],
             raise ValueError(
                 f"{name} is declared FP8-quantised by the model adapter but has shape "
                 f"{tuple(tensor.shape)}; only 2-D linear weights can be blockwise-quantised "
-                "(fix the TensorRule's fp8 flag in sept_megatron/convert/adapters.py)")
+                "(fix the TensorRule's fp8 flag in sept_megatron/convert/adapters.py)"
+            )
         weight, scales = quantize_blockwise(tensor)
         out += [(name, weight), (scale_name(name), scales)]
     return out
@@ -120,15 +126,21 @@ def hf_quantization_config() -> dict:
     three loaders only quantise linear layers, and each keeps the LM head unquantised by
     itself (SGLang/vLLM: the LM head is not a LinearBase; transformers: its default skip list
     holds the output embedding)."""
-    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            "weight_block_size": [BLOCK, BLOCK]}
+    return {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [BLOCK, BLOCK],
+    }
 
 
 def check_export_recipe(recipe: str | None) -> None:
     if recipe is not None and recipe not in EXPORT_RECIPES:
-        raise ValueError(f"--fp8 {recipe!r}: unknown FP8 export recipe; choose one of "
-                         f"{', '.join(EXPORT_RECIPES)} (128x128 blocks, e4m3, as SGLang/vLLM "
-                         "load), or leave --fp8 out for the training dtype")
+        raise ValueError(
+            f"--fp8 {recipe!r}: unknown FP8 export recipe; choose one of "
+            f"{', '.join(EXPORT_RECIPES)} (128x128 blocks, e4m3, as SGLang/vLLM "
+            "load), or leave --fp8 out for the training dtype"
+        )
 
 
 # --- the rollout sync ---------------------------------------------------------------------
@@ -159,11 +171,19 @@ def sglang_block_problems(arch, engine_tp: int) -> list[str]:
     """
     d, ffn = arch.head_dim, arch.ffn_hidden_size
     kv_heads_per_gpu = max(1, arch.num_query_groups // engine_tp)  # SGLang replicates KV heads
-    partitions = {"q_proj output (heads x head_dim)": arch.num_attention_heads * d // engine_tp,
-                  "k/v_proj output (kv heads x head_dim)": kv_heads_per_gpu * d,
-                  "gate/up_proj output (ffn size)": ffn // engine_tp}
+    partitions = {
+        "q_proj output (heads x head_dim)": arch.num_attention_heads * d // engine_tp,
+        "k/v_proj output (kv heads x head_dim)": kv_heads_per_gpu * d,
+        "gate/up_proj output (ffn size)": ffn // engine_tp,
+    }
     if engine_tp > 1:
-        partitions |= {"o_proj input (heads x head_dim)": arch.num_attention_heads * d // engine_tp,
-                       "down_proj input (ffn size)": ffn // engine_tp}
-    return [f"{what} per engine GPU is {size} at rollout.engine_tp={engine_tp}, not a multiple "
-            f"of the {BLOCK}-wide FP8 block" for what, size in partitions.items() if size % BLOCK]
+        partitions |= {
+            "o_proj input (heads x head_dim)": arch.num_attention_heads * d // engine_tp,
+            "down_proj input (ffn size)": ffn // engine_tp,
+        }
+    return [
+        f"{what} per engine GPU is {size} at rollout.engine_tp={engine_tp}, not a multiple "
+        f"of the {BLOCK}-wide FP8 block"
+        for what, size in partitions.items()
+        if size % BLOCK
+    ]

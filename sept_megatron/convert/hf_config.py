@@ -15,8 +15,11 @@ from sept_megatron.trainer.arch import ModelArch
 log = logging.getLogger(__name__)
 
 # Megatron's llama3 rope scaling hard-codes these (rotary_pos_embedding.py, 0.16.x).
-_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}
+_MEGATRON_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def load_hf_config(hf_dir: str):
@@ -26,8 +29,9 @@ def load_hf_config(hf_dir: str):
     from transformers import AutoConfig
 
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise FileNotFoundError(f"{hf_dir}: no config.json; model.hf_path must be a local HF "
-                                "checkpoint directory")
+        raise FileNotFoundError(
+            f"{hf_dir}: no config.json; model.hf_path must be a local HF checkpoint directory"
+        )
     return AutoConfig.from_pretrained(hf_dir, local_files_only=True)
 
 
@@ -49,12 +53,14 @@ def _rope_scaling_factor(model_type: str, rope: dict[str, Any]) -> float | None:
     if rope_type != "llama3":
         raise ValueError(
             f"model: rope scaling type {rope_type!r} of this {model_type} checkpoint is not "
-            "supported; supported: none, 'llama3'")
+            "supported; supported: none, 'llama3'"
+        )
     for key, expected in _MEGATRON_LLAMA3_ROPE.items():
         if float(rope.get(key, expected)) != expected:
             raise ValueError(
                 f"model: rope_scaling.{key}={rope.get(key)} differs from Megatron-Core's fixed "
-                f"llama3 value {expected}; such a checkpoint cannot be represented exactly")
+                f"llama3 value {expected}; such a checkpoint cannot be represented exactly"
+            )
     return float(rope["factor"])
 
 
@@ -65,8 +71,12 @@ def arch_from_hf_config(hf_config) -> ModelArch:
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"model: hidden_act={hf_config.hidden_act!r}; only 'silu' (SwiGLU) is supported")
     if family.warns_on_sliding_window and getattr(hf_config, "sliding_window", None):
-        log.warning("%s sliding_window=%s is not applied: attention is full-causal; exact for "
-                    "sequences shorter than the window", model_type, hf_config.sliding_window)
+        log.warning(
+            "%s sliding_window=%s is not applied: attention is full-causal; exact for "
+            "sequences shorter than the window",
+            model_type,
+            hf_config.sliding_window,
+        )
     heads = hf_config.num_attention_heads
     rope = _rope_parameters(hf_config)
     return ModelArch(

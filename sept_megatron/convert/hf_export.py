@@ -27,11 +27,10 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
-from sept_megatron.trainer import checkpoint as ckpt_io
 from sept_megatron.convert.adapters import TensorRule, adapter_for, full_to_hf
-from sept_megatron.convert.fp8 import (
-    BLOCK, check_export_recipe, hf_quantization_config, quantize_hf_tensors)
+from sept_megatron.convert.fp8 import BLOCK, check_export_recipe, hf_quantization_config, quantize_hf_tensors
 from sept_megatron.convert.hf_import import expected_hf_shapes
+from sept_megatron.trainer import checkpoint as ckpt_io
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,9 @@ class ShardedSafetensorsWriter:
         from safetensors.torch import save_file
 
         index = len(self.shard_files)
-        save_file(self.pending, os.path.join(self.out_dir, f".shard-{index}.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            self.pending, os.path.join(self.out_dir, f".shard-{index}.safetensors"), metadata={"format": "pt"}
+        )
         self.shard_files.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -71,12 +71,12 @@ class ShardedSafetensorsWriter:
         weight_map = {}
         for i, names in enumerate(self.shard_files):
             final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, f".shard-{i}.safetensors"),
-                       os.path.join(self.out_dir, final))
+            os.replace(
+                os.path.join(self.out_dir, f".shard-{i}.safetensors"), os.path.join(self.out_dir, final)
+            )
             weight_map.update({n: final for n in names})
         with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
-                      f, indent=1)
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=1)
 
 
 class _SliceLoadPlanner(DefaultLoadPlanner):
@@ -95,15 +95,17 @@ class _SliceLoadPlanner(DefaultLoadPlanner):
         items = []
         for fqn in self.state_dict:
             items += create_read_items_for_chunk_list(
-                fqn, self.metadata.state_dict_metadata[fqn], [self.chunks[fqn]])
+                fqn, self.metadata.state_dict_metadata[fqn], [self.chunks[fqn]]
+            )
         return LoadPlan(items)
 
     def lookup_tensor(self, index) -> torch.Tensor:
         return self.state_dict[index.fqn]
 
 
-def _load_slices(model_dir: str, wanted: list[tuple[TensorRule, int | None]], meta_shapes,
-                 dtype: torch.dtype) -> list[torch.Tensor]:
+def _load_slices(
+    model_dir: str, wanted: list[tuple[TensorRule, int | None]], meta_shapes, dtype: torch.dtype
+) -> list[torch.Tensor]:
     """Load whole tensors (layer None) or one layer's row of layer-stacked [L, ...] tensors."""
     buffers, chunks = {}, {}
     for rule, layer in wanted:
@@ -115,14 +117,26 @@ def _load_slices(model_dir: str, wanted: list[tuple[TensorRule, int | None]], me
             offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:])
         buffers[key] = torch.empty(sizes, dtype=dtype)
         chunks[key] = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-    dcp.load(buffers, storage_reader=dcp.FileSystemReader(model_dir),
-             planner=_SliceLoadPlanner(chunks), no_dist=True)
-    return [buffers[r.megatron.replace("{i}.", "")].squeeze(0) if layer is not None
-            else buffers[r.megatron] for r, layer in wanted]
+    dcp.load(
+        buffers,
+        storage_reader=dcp.FileSystemReader(model_dir),
+        planner=_SliceLoadPlanner(chunks),
+        no_dist=True,
+    )
+    return [
+        buffers[r.megatron.replace("{i}.", "")].squeeze(0) if layer is not None else buffers[r.megatron]
+        for r, layer in wanted
+    ]
 
 
-def export_megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_bytes: int = 5 * 2**30,
-                          progress: bool = True, fp8: str | None = None) -> str:
+def export_megatron_to_hf(
+    ckpt_dir: str,
+    out_dir: str,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    progress: bool = True,
+    fp8: str | None = None,
+) -> str:
     """Write an HF checkpoint from a sept_megatron checkpoint (or a root with ``latest``);
     ``fp8="blockwise"`` writes the linear weights as blockwise FP8 (see the module doc)."""
     check_export_recipe(fp8)
@@ -142,13 +156,16 @@ def export_megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_bytes: int =
     for group in tqdm(groups, desc="export to HF", unit="layer", disable=not progress):
         tensors = []
         for (rule, layer), full in zip(group, _load_slices(model_dir, group, shapes, dtype)):
-            tensors += [(name.format(i=layer) if layer is not None else name, tensor)
-                        for name, tensor in zip(rule.hf, full_to_hf(rule, full, arch))]
+            tensors += [
+                (name.format(i=layer) if layer is not None else name, tensor)
+                for name, tensor in zip(rule.hf, full_to_hf(rule, full, arch))
+            ]
         for name, tensor in quantize_hf_tensors(tensors, quantized):
             writer.add(name, tensor)
     writer.finish()
-    _write_hf_config(os.path.join(ckpt_dir, "hf"), out_dir, meta.params_dtype,
-                     hf_quantization_config() if fp8 else None)
+    _write_hf_config(
+        os.path.join(ckpt_dir, "hf"), out_dir, meta.params_dtype, hf_quantization_config() if fp8 else None
+    )
     if fp8:
         _warn_partial_blocks(expected_hf_shapes(arch), quantized)
     log.info("exported %s -> %s%s", ckpt_dir, out_dir, f" ({fp8} FP8)" if fp8 else "")
@@ -162,13 +179,18 @@ def _warn_partial_blocks(shapes: dict[str, tuple[int, ...]], quantized) -> None:
     dimension with a partial edge block (192 // 2 = 96), so warn about exactly those."""
     misread = sorted(n for n in quantized if any(d > BLOCK and d % BLOCK for d in shapes[n]))
     if misread:
-        log.warning("%d FP8 weights (e.g. %s %s) have a dimension above %d that is not a multiple "
-                    "of it: SGLang and vLLM load them, transformers' CPU dequantisation misreads "
-                    "their blocks", len(misread), misread[0], shapes[misread[0]], BLOCK)
+        log.warning(
+            "%d FP8 weights (e.g. %s %s) have a dimension above %d that is not a multiple "
+            "of it: SGLang and vLLM load them, transformers' CPU dequantisation misreads "
+            "their blocks",
+            len(misread),
+            misread[0],
+            shapes[misread[0]],
+            BLOCK,
+        )
 
 
-def _write_hf_config(side_dir: str, out_dir: str, dtype_name: str,
-                     quantization_config: dict | None) -> None:
+def _write_hf_config(side_dir: str, out_dir: str, dtype_name: str, quantization_config: dict | None) -> None:
     for name in os.listdir(side_dir):
         shutil.copy2(os.path.join(side_dir, name), os.path.join(out_dir, name))
     config_path = os.path.join(out_dir, "config.json")

@@ -16,7 +16,15 @@ from contextlib import ExitStack
 import torch
 
 from sept_megatron.convert.adapters import (
-    Kind, LlamaAdapter, TensorRule, adapter_for, canonical_name, hf_to_full, rule_index, tp_shard)
+    Kind,
+    LlamaAdapter,
+    TensorRule,
+    adapter_for,
+    canonical_name,
+    hf_to_full,
+    rule_index,
+    tp_shard,
+)
 from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.trainer.model import unwrap_module
 
@@ -44,7 +52,8 @@ class HFTensorReader:
         else:
             raise FileNotFoundError(
                 f"{hf_dir}: no model.safetensors or model.safetensors.index.json; convert "
-                "PyTorch .bin weights to safetensors first (we never unpickle checkpoints)")
+                "PyTorch .bin weights to safetensors first (we never unpickle checkpoints)"
+            )
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
 
@@ -77,12 +86,18 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     h, d = arch.hidden_size, arch.head_dim
     q_out, kv_out = arch.num_attention_heads * d, arch.num_query_groups * d
     per_layer = {
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q_out, h), "self_attn.k_proj.weight": (kv_out, h),
-        "self_attn.v_proj.weight": (kv_out, h), "self_attn.o_proj.weight": (h, q_out),
-        "self_attn.q_proj.bias": (q_out,), "self_attn.k_proj.bias": (kv_out,),
-        "self_attn.v_proj.bias": (kv_out,), "self_attn.q_norm.weight": (d,),
-        "self_attn.k_norm.weight": (d,), "mlp.gate_proj.weight": (arch.ffn_hidden_size, h),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q_out, h),
+        "self_attn.k_proj.weight": (kv_out, h),
+        "self_attn.v_proj.weight": (kv_out, h),
+        "self_attn.o_proj.weight": (h, q_out),
+        "self_attn.q_proj.bias": (q_out,),
+        "self_attn.k_proj.bias": (kv_out,),
+        "self_attn.v_proj.bias": (kv_out,),
+        "self_attn.q_norm.weight": (d,),
+        "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (arch.ffn_hidden_size, h),
         "mlp.up_proj.weight": (arch.ffn_hidden_size, h),
         "mlp.down_proj.weight": (h, arch.ffn_hidden_size),
     }
@@ -100,8 +115,9 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def validate_hf_checkpoint(reader: HFTensorReader, arch: ModelArch,
-                           declared_dtype: torch.dtype | None = None) -> None:
+def validate_hf_checkpoint(
+    reader: HFTensorReader, arch: ModelArch, declared_dtype: torch.dtype | None = None
+) -> None:
     """Check names, shapes and dtypes before any weight is copied."""
     expected = expected_hf_shapes(arch)
     present = reader.names()
@@ -110,20 +126,28 @@ def validate_hf_checkpoint(reader: HFTensorReader, arch: ModelArch,
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
     if missing:
-        raise ValueError(f"HF checkpoint {reader.hf_dir}: missing tensor(s) {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} for a {arch.model_type} model")
+        raise ValueError(
+            f"HF checkpoint {reader.hf_dir}: missing tensor(s) {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} for a {arch.model_type} model"
+        )
     if unexpected:
-        raise ValueError(f"HF checkpoint {reader.hf_dir}: unexpected tensor(s) {unexpected[:5]}; "
-                         "does config.json match these weights?")
+        raise ValueError(
+            f"HF checkpoint {reader.hf_dir}: unexpected tensor(s) {unexpected[:5]}; "
+            "does config.json match these weights?"
+        )
     for name, shape in expected.items():
         found_shape, found_dtype = reader.shape_and_dtype(name)
         if found_shape != shape:
-            raise ValueError(f"HF checkpoint: tensor {name} has shape {found_shape}, the config "
-                             f"implies {shape} (vocab_size / heads / head_dim mismatch?)")
+            raise ValueError(
+                f"HF checkpoint: tensor {name} has shape {found_shape}, the config "
+                f"implies {shape} (vocab_size / heads / head_dim mismatch?)"
+            )
         found = _SAFETENSORS_DTYPES.get(found_dtype)
         if declared_dtype is not None and found is not None and found != declared_dtype:
-            raise ValueError(f"HF checkpoint: tensor {name} is {found_dtype} but config.json "
-                             f"declares {declared_dtype}; fix config.json's dtype")
+            raise ValueError(
+                f"HF checkpoint: tensor {name} is {found_dtype} but config.json "
+                f"declares {declared_dtype}; fix config.json's dtype"
+            )
 
 
 def layer_offset(model_chunk) -> int:
@@ -137,13 +161,15 @@ def _rule_for_live_name(index: dict, adapter: LlamaAdapter, canonical: str):
         # PP>1 with tied embeddings: the last stage keeps its own copy of the embedding.
         return index["embedding.word_embeddings.weight"]
     if canonical not in index:
-        raise ValueError(f"Megatron parameter {canonical} has no HF counterpart in the "
-                         f"{adapter.arch.model_type} adapter")
+        raise ValueError(
+            f"Megatron parameter {canonical} has no HF counterpart in the {adapter.arch.model_type} adapter"
+        )
     return index[canonical]
 
 
-def load_hf_into_model(model_chunks, reader: HFTensorReader, arch: ModelArch, *,
-                       padded_vocab: int, tp_rank: int, tp_size: int) -> int:
+def load_hf_into_model(
+    model_chunks, reader: HFTensorReader, arch: ModelArch, *, padded_vocab: int, tp_rank: int, tp_size: int
+) -> int:
     """Copy HF weights into this rank's model stage(s); returns the number of tensors set."""
     adapter = adapter_for(arch)
     index = rule_index(adapter)
@@ -155,12 +181,13 @@ def load_hf_into_model(model_chunks, reader: HFTensorReader, arch: ModelArch, *,
             if canonical is None:
                 continue
             rule, layer = _rule_for_live_name(index, adapter, canonical)
-            full = hf_to_full(rule, [reader.get(_fmt(n, layer)) for n in rule.hf], arch,
-                              padded_vocab)
+            full = hf_to_full(rule, [reader.get(_fmt(n, layer)) for n in rule.hf], arch, padded_vocab)
             shard = tp_shard(rule.kind, full, tp_rank, tp_size)
             if shard.shape != param.shape:
-                raise ValueError(f"{canonical}: HF-derived shard {tuple(shard.shape)} does not fit "
-                                 f"the Megatron parameter {tuple(param.shape)}")
+                raise ValueError(
+                    f"{canonical}: HF-derived shard {tuple(shard.shape)} does not fit "
+                    f"the Megatron parameter {tuple(param.shape)}"
+                )
             with torch.no_grad():
                 param.copy_(shard.to(param.dtype))
             copied += 1
@@ -176,5 +203,12 @@ def _fmt(name: str, layer: int | None) -> str:
     return name.format(i=layer) if layer is not None else name
 
 
-__all__ = ["HFTensorReader", "expected_hf_shapes", "validate_hf_checkpoint",
-           "load_hf_into_model", "layer_offset", "Kind", "TensorRule"]
+__all__ = [
+    "HFTensorReader",
+    "expected_hf_shapes",
+    "validate_hf_checkpoint",
+    "load_hf_into_model",
+    "layer_offset",
+    "Kind",
+    "TensorRule",
+]

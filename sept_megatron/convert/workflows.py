@@ -15,14 +15,12 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from sept_megatron.trainer import checkpoint as ckpt_io
-from sept_megatron.runtime import compat
-from sept_megatron.runtime import distributed
-from sept_megatron.trainer import model as mdl
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.convert.hf_config import load_hf_config
-from sept_megatron.trainer.arch import ModelArch
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 from sept_megatron.convert.hf_import import HFTensorReader, load_hf_into_model, validate_hf_checkpoint
+from sept_megatron.runtime import compat, distributed
+from sept_megatron.trainer import checkpoint as ckpt_io
+from sept_megatron.trainer import model as mdl
+from sept_megatron.trainer.arch import ModelArch
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +35,10 @@ def launch_problems(tp: int, pp: int, world_size: int) -> list[str]:
     """The conversion runs one rank per model shard: exactly tp x pp processes."""
     if world_size == tp * pp:
         return []
-    return [f"--tp x --pp = {tp * pp} but {world_size} processes were launched; use torchrun "
-            f"--nproc-per-node={tp * pp}"]
+    return [
+        f"--tp x --pp = {tp * pp} but {world_size} processes were launched; use torchrun "
+        f"--nproc-per-node={tp * pp}"
+    ]
 
 
 def _check_layout(arch: ModelArch, tp: int, pp: int) -> None:
@@ -52,8 +52,9 @@ def _check_layout(arch: ModelArch, tp: int, pp: int) -> None:
         raise ConfigError("invalid layout:\n  " + "\n  ".join(errors))
 
 
-def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, dtype: str = "auto",
-                           vocab_divisible_by: int = 128) -> str:
+def convert_hf_to_megatron(
+    hf_dir: str, out_dir: str, *, tp: int, pp: int, dtype: str = "auto", vocab_divisible_by: int = 128
+) -> str:
     """Every rank: build its stage, fill it from HF, write its shards; atomic on disk."""
     hf_config = load_hf_config(hf_dir)
     arch = arch_from_hf_config(hf_config)
@@ -67,14 +68,24 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, dtype
         from megatron.core import parallel_state as ps
 
         padded = mdl.padded_vocab_size(arch.vocab_size, vocab_divisible_by, tp)
-        model = mdl.build_megatron_model(arch, tensor_parallel=tp, pipeline_parallel=pp,
-                                         params_dtype=params_dtype, transformer_impl="local",
-                                         padded_vocab=padded)
-        load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
-                           tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+        model = mdl.build_megatron_model(
+            arch,
+            tensor_parallel=tp,
+            pipeline_parallel=pp,
+            params_dtype=params_dtype,
+            transformer_impl="local",
+            padded_vocab=padded,
+        )
+        load_hf_into_model(
+            model.chunks,
+            reader,
+            arch,
+            padded_vocab=padded,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=tp,
+        )
         meta = ckpt_io.CheckpointMeta(arch, padded, ckpt_io.torch_dtype_name(params_dtype), tp, pp)
-        ckpt_io.save_checkpoint(out_dir, None, ckpt_io.model_sharded_state_dict(model.chunks),
-                                meta, hf_dir)
+        ckpt_io.save_checkpoint(out_dir, None, ckpt_io.model_sharded_state_dict(model.chunks), meta, hf_dir)
     finally:
         reader.close()
         distributed.shutdown(keep_process_group=caller_owns_group)
@@ -83,18 +94,22 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int, pp: int, dtype
     return out_dir
 
 
-def load_megatron_checkpoint(ckpt_dir: str, *, tp: int, pp: int,
-                             transformer_impl: str = "local") -> mdl.MegatronModel:
+def load_megatron_checkpoint(
+    ckpt_dir: str, *, tp: int, pp: int, transformer_impl: str = "local"
+) -> mdl.MegatronModel:
     """Build this rank's stage at (tp, pp) and load a checkpoint written at any layout."""
     meta = ckpt_io.read_meta(ckpt_dir)
     if meta.padded_vocab % tp:
         raise ValueError(f"checkpoint padded vocab {meta.padded_vocab} is not divisible by TP={tp}")
     model = mdl.build_megatron_model(
-        meta.arch, tensor_parallel=tp, pipeline_parallel=pp,
-        params_dtype=getattr(torch, meta.params_dtype), transformer_impl=transformer_impl,
-        padded_vocab=meta.padded_vocab)
-    ckpt_io.load_sharded(ckpt_io.resolve_checkpoint(ckpt_dir),
-                         ckpt_io.model_sharded_state_dict(model.chunks))
+        meta.arch,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        params_dtype=getattr(torch, meta.params_dtype),
+        transformer_impl=transformer_impl,
+        padded_vocab=meta.padded_vocab,
+    )
+    ckpt_io.load_sharded(ckpt_io.resolve_checkpoint(ckpt_dir), ckpt_io.model_sharded_state_dict(model.chunks))
     return model
 
 
@@ -113,11 +128,15 @@ def forward_logits(model: mdl.MegatronModel, tokens: torch.Tensor) -> torch.Tens
         return output, partial(_collect_logits, model.arch.vocab_size)
 
     out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=[iter([tokens]) for _ in model.chunks]
-        if len(model.chunks) > 1 else iter([tokens]),
+        forward_step_func=forward_step,
+        data_iterator=[iter([tokens]) for _ in model.chunks] if len(model.chunks) > 1 else iter([tokens]),
         model=model.chunks if len(model.chunks) > 1 else model.chunks[0],
-        num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
-        collect_non_loss_data=True)
+        num_microbatches=1,
+        seq_length=seq,
+        micro_batch_size=batch,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
     return out[0] if out else None
 
 
@@ -125,8 +144,9 @@ def _collect_logits(vocab_size: int, output: torch.Tensor, non_loss_data: bool =
     return mdl.gather_vocab_logits(output)[..., :vocab_size].float()
 
 
-def check_logits(hf_dir: str, ckpt_dir: str, *, tp: int | None = None, pp: int | None = None,
-                 seq_len: int = 32) -> LogitCheck | None:
+def check_logits(
+    hf_dir: str, ckpt_dir: str, *, tp: int | None = None, pp: int | None = None, seq_len: int = 32
+) -> LogitCheck | None:
     """Compare transformers' and Megatron's logits on the compute device (rank 0 gets the
     result, other ranks None). Megatron's stages are freed before the HF reference is loaded
     on the last stage's device, so the check needs no more memory than either model alone."""
@@ -156,8 +176,9 @@ def check_logits(hf_dir: str, ckpt_dir: str, *, tp: int | None = None, pp: int |
     return LogitCheck(max_abs_diff=float(stats[0]), max_abs_logit=float(stats[1]), dtype=dtype)
 
 
-def _compare_with_hf(hf_dir: str, dtype: torch.dtype, tokens: torch.Tensor,
-                     megatron_logits: torch.Tensor) -> torch.Tensor:
+def _compare_with_hf(
+    hf_dir: str, dtype: torch.dtype, tokens: torch.Tensor, megatron_logits: torch.Tensor
+) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     with compat.suspended():  # plain transformers: no Megatron redirect needed
@@ -196,14 +217,18 @@ class LogitCheck:
         return (self.max_abs_diff if kind == "absolute" else self.relative_diff) <= bar
 
 
-PROBE_PROMPTS = ("What is 12 + 35? Let's think step by step.",
-                 "Solve for x: 2x + 3 = 11.", "The derivative of x^2 is")
+PROBE_PROMPTS = (
+    "What is 12 + 35? Let's think step by step.",
+    "Solve for x: 2x + 3 = 11.",
+    "The derivative of x^2 is",
+)
 
 
 def probe_tokens(hf_dir: str, vocab_size: int, seq_len: int) -> torch.Tensor:
     """Tokenized prompts (same length) when the checkpoint has a tokenizer, random ids otherwise."""
-    has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f))
-                        for f in ("tokenizer.json", "tokenizer.model"))
+    has_tokenizer = any(
+        os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer.model")
+    )
     if has_tokenizer:
         from sept_megatron.data import load_tokenizer
 
@@ -211,5 +236,6 @@ def probe_tokens(hf_dir: str, vocab_size: int, seq_len: int) -> torch.Tensor:
         ids = [tok(p)["input_ids"] for p in PROBE_PROMPTS]
         length = min(seq_len, min(len(i) for i in ids))
         return torch.tensor([i[:length] for i in ids])
-    return torch.randint(0, vocab_size, (len(PROBE_PROMPTS), seq_len),
-                         generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        0, vocab_size, (len(PROBE_PROMPTS), seq_len), generator=torch.Generator().manual_seed(0)
+    )

@@ -40,9 +40,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -104,11 +104,14 @@ class BaseModelRecipe:
         if self.family not in FAMILIES:
             raise ValueError(f"BaseModelRecipe.family={self.family!r}; choose one of {FAMILIES}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"BaseModelRecipe.hidden_size={self.hidden_size} is not divisible by "
-                             f"num_heads={self.num_heads}")
+            raise ValueError(
+                f"BaseModelRecipe.hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"BaseModelRecipe.num_kv_heads={self.num_kv_heads} must divide "
-                             f"num_heads={self.num_heads}")
+            raise ValueError(
+                f"BaseModelRecipe.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
+            )
         if self.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"BaseModelRecipe.lr_decay={self.lr_decay!r}; choose 'cosine' or 'constant'")
         for name in ("steps", "batch_size", "n_train", "num_layers", "length_group"):
@@ -132,8 +135,9 @@ def is_complete(hf_dir: str | Path) -> bool:
     return (Path(hf_dir) / MARKER).is_file()
 
 
-def build_base_model(cache_dir: str, recipe: BaseModelRecipe = BaseModelRecipe(), *,
-                     progress: bool = True) -> str:
+def build_base_model(
+    cache_dir: str, recipe: BaseModelRecipe = BaseModelRecipe(), *, progress: bool = True
+) -> str:
     """Return ``cache_dir/base-<key>``, building it first unless a complete build is there.
 
     Deterministic for a given recipe on a given machine and thread count. Must run in a
@@ -167,16 +171,15 @@ def build_base_model(cache_dir: str, recipe: BaseModelRecipe = BaseModelRecipe()
 
 # --- the build ---------------------------------------------------------------------------
 def _build_into(out: Path, recipe: BaseModelRecipe, key: str, progress: bool) -> None:
-    from sept_megatron.runtime import compat
     from sept_megatron.rollout.hf import HFRolloutEngine
+    from sept_megatron.runtime import compat
 
     start = time.perf_counter()
     wall: dict[str, float] = {}
     splits = task_module.build_splits(recipe.seed, n_train=recipe.n_train)
     corpus = task_module.base_corpus(splits["train"], recipe.slip_rate, random.Random(recipe.seed))
     # Held-out examples for the export check (val problems; never test).
-    held_out = task_module.base_corpus(splits["val"][:64], recipe.slip_rate,
-                                       random.Random(recipe.seed + 1))
+    held_out = task_module.base_corpus(splits["val"][:64], recipe.slip_rate, random.Random(recipe.seed + 1))
     texts = [text for example in corpus for text in (example.question, example.response)]
     tokenizer = tokenizer_module.train_tokenizer(texts, out, vocab_size=recipe.vocab_size)
     samples = [_sample(example, tokenizer) for example in corpus]
@@ -200,35 +203,62 @@ def _build_into(out: Path, recipe: BaseModelRecipe, key: str, progress: bool) ->
     with compat.suspended():
         hf_loss = _hf_response_nll(engine.model, held_out_samples, tokenizer.pad_token_id)
         if abs(hf_loss - megatron_loss) > 1e-3 * max(1.0, megatron_loss):
-            raise RuntimeError(f"exported HF model disagrees with Megatron on held-out NLL: "
-                               f"{hf_loss:.6f} vs {megatron_loss:.6f}")
+            raise RuntimeError(
+                f"exported HF model disagrees with Megatron on held-out NLL: "
+                f"{hf_loss:.6f} vs {megatron_loss:.6f}"
+            )
         engine.model.save_pretrained(out)
     wall["total"] = time.perf_counter() - start
 
     n_params = sum(p.numel() for p in hf_model.parameters())
-    _write_json(out / "recipe.json", {
-        "recipe": asdict(recipe), "key": key, "build_version": BUILD_VERSION,
-        "vocab_size": len(tokenizer), "n_params": n_params})
-    _write_json(out / "train_log.json", {
-        "loss": [round(x, 5) for x in curve["loss"]], "lr": curve["lr"],
-        "grad_norm": [round(x, 4) for x in curve["grad_norm"]],
-        "held_out_nll": {"megatron": megatron_loss, "hf": hf_loss},
-        "tokens_per_s": tokens / wall["train"], "response_tokens": tokens,
-        "sync_buckets": sync_buckets, "torch_threads": torch.get_num_threads(),
-        # The bits depend on the CPU kernels' instruction set, not on the thread count (README).
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "wall_time_s": {k: round(v, 2) for k, v in wall.items()}})
+    _write_json(
+        out / "recipe.json",
+        {
+            "recipe": asdict(recipe),
+            "key": key,
+            "build_version": BUILD_VERSION,
+            "vocab_size": len(tokenizer),
+            "n_params": n_params,
+        },
+    )
+    _write_json(
+        out / "train_log.json",
+        {
+            "loss": [round(x, 5) for x in curve["loss"]],
+            "lr": curve["lr"],
+            "grad_norm": [round(x, 4) for x in curve["grad_norm"]],
+            "held_out_nll": {"megatron": megatron_loss, "hf": hf_loss},
+            "tokens_per_s": tokens / wall["train"],
+            "response_tokens": tokens,
+            "sync_buckets": sync_buckets,
+            "torch_threads": torch.get_num_threads(),
+            # The bits depend on the CPU kernels' instruction set, not on the thread count (README).
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "wall_time_s": {k: round(v, 2) for k, v in wall.items()},
+        },
+    )
     (out / MARKER).write_text(key + "\n")
-    log.info("built base model %s (%d params) in %.0f s: loss %.3f -> %.3f", out.name, n_params,
-             wall["total"], curve["loss"][0], curve["loss"][-1])
+    log.info(
+        "built base model %s (%d params) in %.0f s: loss %.3f -> %.3f",
+        out.name,
+        n_params,
+        wall["total"],
+        curve["loss"][0],
+        curve["loss"][-1],
+    )
 
 
 def _sample(example, tokenizer):
     from sept_megatron.data import Question, render_prompt
     from sept_megatron.trainer.sft import Sample
 
-    question = Question(prompt_messages=example.messages()[:1], question_text=example.question,
-                        ground_truth=None, source=task_module.DATA_SOURCE, index=0)
+    question = Question(
+        prompt_messages=example.messages()[:1],
+        question_text=example.question,
+        ground_truth=None,
+        source=task_module.DATA_SOURCE,
+        index=0,
+    )
     response = tokenizer.encode(example.response, add_special_tokens=False)
     return Sample(render_prompt(question, tokenizer, "auto"), response + [tokenizer.eos_token_id])
 
@@ -241,14 +271,21 @@ def _random_hf_model(recipe: BaseModelRecipe, tokenizer):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[recipe.family]
     config = config_class(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.ffn_hidden_size, num_hidden_layers=recipe.num_layers,
-        num_attention_heads=recipe.num_heads, num_key_value_heads=recipe.num_kv_heads,
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.ffn_hidden_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
         head_dim=recipe.hidden_size // recipe.num_heads,
         max_position_embeddings=recipe.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
-        tie_word_embeddings=recipe.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=recipe.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(recipe.seed)  # HF's init draws from the global generator
     return model_class(config).float().eval()
 
@@ -264,8 +301,7 @@ def _world_of_one(seed: int) -> Iterator[None]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from sept_megatron.runtime import compat
-    from sept_megatron.runtime import distributed
+    from sept_megatron.runtime import compat, distributed
 
     device = distributed.resolve_device("auto")
     if device == "cpu":
@@ -275,11 +311,14 @@ def _world_of_one(seed: int) -> Iterator[None]:
         backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     elif dist.get_world_size() != 1:
-        raise RuntimeError(f"build_base_model runs in one process; this world has "
-                           f"{dist.get_world_size()} ranks: build the base model before launching")
+        raise RuntimeError(
+            f"build_base_model runs in one process; this world has "
+            f"{dist.get_world_size()} ranks: build the base model before launching"
+        )
     made_parallel = not ps.model_parallel_is_initialized()
-    if not made_parallel and (ps.get_tensor_model_parallel_world_size() != 1
-                              or ps.get_pipeline_model_parallel_world_size() != 1):
+    if not made_parallel and (
+        ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1
+    ):
         raise RuntimeError("build_base_model needs TP = PP = 1; Megatron is initialised otherwise")
     try:
         distributed.initialize(tensor_parallel=1, pipeline_parallel=1, seed=seed, device=device)
@@ -292,16 +331,20 @@ def _world_of_one(seed: int) -> Iterator[None]:
 
 
 def _megatron_from_hf(hf_dir: str):
-    from sept_megatron.trainer import model as mdl
-    from sept_megatron.convert.hf_config import arch_from_hf_config
-    from sept_megatron.convert.hf_config import load_hf_config
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
+    from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+    from sept_megatron.trainer import model as mdl
 
     arch = arch_from_hf_config(load_hf_config(hf_dir))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, 1)
-    model = mdl.build_megatron_model(arch, tensor_parallel=1, pipeline_parallel=1,
-                                     params_dtype=torch.float32, transformer_impl="local",
-                                     padded_vocab=padded)
+    model = mdl.build_megatron_model(
+        arch,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        params_dtype=torch.float32,
+        transformer_impl="local",
+        padded_vocab=padded,
+    )
     reader = HFTensorReader(hf_dir)
     try:
         load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded, tp_rank=0, tp_size=1)
@@ -316,19 +359,33 @@ def _trainer(model, recipe: BaseModelRecipe, pad_id: int):
     from sept_megatron.config import TrainConfig
     from sept_megatron.trainer.sft import SFTTrainer
 
-    train_cfg = TrainConfig(lr=recipe.lr, warmup_steps=recipe.warmup_steps,
-                            weight_decay=recipe.weight_decay, adam_beta2=recipe.adam_beta2,
-                            mini_batch_size=recipe.batch_size,
-                            micro_batch_size=recipe.batch_size, seed=recipe.seed)
-    trainer = SFTTrainer(model, train_cfg, total_steps=recipe.steps,
-                         use_distributed_optimizer=False, pad_id=pad_id)
+    train_cfg = TrainConfig(
+        lr=recipe.lr,
+        warmup_steps=recipe.warmup_steps,
+        weight_decay=recipe.weight_decay,
+        adam_beta2=recipe.adam_beta2,
+        mini_batch_size=recipe.batch_size,
+        micro_batch_size=recipe.batch_size,
+        seed=recipe.seed,
+    )
+    trainer = SFTTrainer(
+        model, train_cfg, total_steps=recipe.steps, use_distributed_optimizer=False, pad_id=pad_id
+    )
     if recipe.lr_decay == "cosine":
         # Megatron's own scheduler, decaying after warmup instead of staying constant.
         trainer.scheduler = OptimizerParamScheduler(
-            trainer.optimizer, init_lr=0.0, max_lr=recipe.lr, min_lr=recipe.lr * recipe.min_lr_ratio,
-            lr_warmup_steps=recipe.warmup_steps, lr_decay_steps=max(recipe.steps, recipe.warmup_steps + 1),
-            lr_decay_style="cosine", start_wd=recipe.weight_decay, end_wd=recipe.weight_decay,
-            wd_incr_steps=recipe.steps, wd_incr_style="constant")
+            trainer.optimizer,
+            init_lr=0.0,
+            max_lr=recipe.lr,
+            min_lr=recipe.lr * recipe.min_lr_ratio,
+            lr_warmup_steps=recipe.warmup_steps,
+            lr_decay_steps=max(recipe.steps, recipe.warmup_steps + 1),
+            lr_decay_style="cosine",
+            start_wd=recipe.weight_decay,
+            end_wd=recipe.weight_decay,
+            wd_incr_steps=recipe.steps,
+            wd_incr_style="constant",
+        )
     return trainer
 
 
@@ -349,10 +406,10 @@ def _batches(samples: Sequence, recipe: BaseModelRecipe) -> Iterator[list]:
             epoch = list(range(len(samples)))
             rng.shuffle(epoch)
             order += epoch
-        pool, order = order[:count * size], order[count * size:]
+        pool, order = order[: count * size], order[count * size :]
         if count > 1:
             pool.sort(key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
-        batches = [pool[k * size:(k + 1) * size] for k in range(count)]
+        batches = [pool[k * size : (k + 1) * size] for k in range(count)]
         rng.shuffle(batches)
         for batch in batches:
             yield [samples[i] for i in batch]
@@ -399,34 +456,57 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 # --- evaluation --------------------------------------------------------------------------
-def quick_eval(hf_dir: str, problems: Sequence[task_module.Problem], temperature: float = 1.0,
-               n: int = 8, seed: int = 0, *, max_new_tokens: int = 64, batch_size: int = 256,
-               progress: bool = False) -> dict[str, float]:
+def quick_eval(
+    hf_dir: str,
+    problems: Sequence[task_module.Problem],
+    temperature: float = 1.0,
+    n: int = 8,
+    seed: int = 0,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, float]:
     """Greedy accuracy and pass@1 (and pass@8 when ``n >= 8``) at ``temperature``.
 
     For checking the base is imperfect, not for reporting: the demo's numbers come from the
     evaluation sweep. Runs without the CPU-Megatron redirect (plain PyTorch generation).
     """
-    from sept_megatron.runtime import compat
     from sept_megatron.data import Question, render_prompt
     from sept_megatron.eval.grading import is_correct
     from sept_megatron.eval.metrics import pass_at_k
     from sept_megatron.rollout.base import SamplingParams
     from sept_megatron.rollout.hf import HFRolloutEngine
+    from sept_megatron.runtime import compat
 
     with compat.suspended():
         engine = HFRolloutEngine(hf_dir, batch_size=batch_size, progress=progress)
         tokenizer = engine.tokenizer
-        prompts = [render_prompt(Question([{"role": "user", "content": p.question}], p.question,
-                                          p.answer, task_module.DATA_SOURCE, i), tokenizer, "auto")
-                   for i, p in enumerate(problems)]
-        greedy = engine.generate(prompts, SamplingParams(temperature=0.0, n=1,
-                                                         max_new_tokens=max_new_tokens, seed=seed))
-        sampled = engine.generate(prompts, SamplingParams(temperature=temperature, n=n,
-                                                          max_new_tokens=max_new_tokens, seed=seed))
+        prompts = [
+            render_prompt(
+                Question(
+                    [{"role": "user", "content": p.question}],
+                    p.question,
+                    p.answer,
+                    task_module.DATA_SOURCE,
+                    i,
+                ),
+                tokenizer,
+                "auto",
+            )
+            for i, p in enumerate(problems)
+        ]
+        greedy = engine.generate(
+            prompts, SamplingParams(temperature=0.0, n=1, max_new_tokens=max_new_tokens, seed=seed)
+        )
+        sampled = engine.generate(
+            prompts, SamplingParams(temperature=temperature, n=n, max_new_tokens=max_new_tokens, seed=seed)
+        )
     correct = [sum(is_correct(g.text, p.answer) for g in gens) for p, gens in zip(problems, sampled)]
     result = {
-        "questions": len(problems), "temperature": temperature, "n": n,
+        "questions": len(problems),
+        "temperature": temperature,
+        "n": n,
         "greedy": sum(is_correct(g[0].text, p.answer) for p, g in zip(problems, greedy)) / len(problems),
         "pass@1": sum(pass_at_k(n, c, 1) for c in correct) / len(problems),
         "truncated": sum(g.finish_reason == "length" for gens in sampled for g in gens) / (n * len(problems)),

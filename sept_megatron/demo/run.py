@@ -36,18 +36,28 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean, stdev
-from typing import Any, Callable
+from typing import Any
 
 from sept_megatron.config import (
-    CheckpointConfig, Config, DataConfig, LoggingConfig, ModelConfig, RolloutConfig, TrainConfig)
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    RolloutConfig,
+    TrainConfig,
+)
 from sept_megatron.demo.base_model import BaseModelRecipe, build_base_model
 from sept_megatron.demo.task import build_splits, write_jsonl
 
-SEED_VARIES = ("the SePT run's question order and rollout sampling, and the evaluation's sampling "
-               "(base and SePT alike); not the base model")
+SEED_VARIES = (
+    "the SePT run's question order and rollout sampling, and the evaluation's sampling "
+    "(base and SePT alike); not the base model"
+)
 
 MECHANISM_GAIN = 0.05
 """Target 1: SePT pass@1 at T=1 at least this much above the base's pass@1 at T=1 ..."""
@@ -99,19 +109,31 @@ class DemoRecipe:
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and the fix, before any work."""
-        for name in ("rounds", "prompts_per_round", "mini_batch_size", "eval_samples",
-                     "test_questions", "val_questions", "max_response_length"):
+        for name in (
+            "rounds",
+            "prompts_per_round",
+            "mini_batch_size",
+            "eval_samples",
+            "test_questions",
+            "val_questions",
+            "max_response_length",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoRecipe.{name}={getattr(self, name)} must be >= 1")
         if self.grpo_n < 2 or self.prompts_per_round % self.grpo_n:
-            raise ValueError(f"DemoRecipe.grpo_n={self.grpo_n} must be >= 2 and divide "
-                             f"prompts_per_round={self.prompts_per_round}")
+            raise ValueError(
+                f"DemoRecipe.grpo_n={self.grpo_n} must be >= 2 and divide "
+                f"prompts_per_round={self.prompts_per_round}"
+            )
         if self.prompts_per_round % self.mini_batch_size:
-            raise ValueError(f"DemoRecipe.prompts_per_round={self.prompts_per_round} is not a "
-                             f"multiple of mini_batch_size={self.mini_batch_size}")
+            raise ValueError(
+                f"DemoRecipe.prompts_per_round={self.prompts_per_round} is not a "
+                f"multiple of mini_batch_size={self.mini_batch_size}"
+            )
         if 1.0 not in self.temperatures:
-            raise ValueError(f"DemoRecipe.temperatures={self.temperatures} must include 1.0 "
-                             "(SePT is scored at T = 1)")
+            raise ValueError(
+                f"DemoRecipe.temperatures={self.temperatures} must include 1.0 (SePT is scored at T = 1)"
+            )
 
 
 def _phase(timings: dict, name: str):
@@ -135,30 +157,44 @@ class DemoWandb:
     project: str = "sept_megatron-demo"
 
     def logging(self, run_dir: str | Path, job_type: str, run_name: str, **fields) -> LoggingConfig:
-        return LoggingConfig(run_dir=str(run_dir), wandb_mode=self.mode, wandb_project=self.project,
-                             wandb_group=self.group, wandb_job_type=job_type, run_name=run_name,
-                             **fields)
+        return LoggingConfig(
+            run_dir=str(run_dir),
+            wandb_mode=self.mode,
+            wandb_project=self.project,
+            wandb_group=self.group,
+            wandb_job_type=job_type,
+            run_name=run_name,
+            **fields,
+        )
 
 
-def log_demo_run(wandb: DemoWandb, run_dir: str | Path, job_type: str, run_name: str,
-                 record: Callable[[Any], None]) -> None:
+def log_demo_run(
+    wandb: DemoWandb, run_dir: str | Path, job_type: str, run_name: str, record: Callable[[Any], None]
+) -> None:
     """One short W&B run of the group (a sweep, a report): ``record(logger)`` fills it. With
     ``--wandb disabled`` nothing is started (and wandb is not imported)."""
     if wandb.mode == "disabled":
         return
     from sept_megatron.logging import RunLogger
 
-    logger = RunLogger(wandb.logging(run_dir, job_type, run_name, progress=False), {},
-                       config_file=False)
+    logger = RunLogger(wandb.logging(run_dir, job_type, run_name, progress=False), {}, config_file=False)
     try:
         record(logger)
     finally:
         logger.finish()
 
 
-def sept_config(base_dir: str, train_file: str, run_dir: str, recipe: DemoRecipe, seed: int,
-                mode: str = "online", wandb_mode: str = "offline", progress: bool = True,
-                wandb: DemoWandb | None = None) -> Config:
+def sept_config(
+    base_dir: str,
+    train_file: str,
+    run_dir: str,
+    recipe: DemoRecipe,
+    seed: int,
+    mode: str = "online",
+    wandb_mode: str = "offline",
+    progress: bool = True,
+    wandb: DemoWandb | None = None,
+) -> Config:
     """The demo's run, as a user would write it in YAML."""
     wandb = wandb or DemoWandb(wandb_mode)
     job_type = "train" if mode == "online" else f"train-{mode}"
@@ -166,17 +202,37 @@ def sept_config(base_dir: str, train_file: str, run_dir: str, recipe: DemoRecipe
     lr = recipe.lr * (recipe.grpo_lr_factor if mode == "grpo" else 1.0)
     return Config(
         model=ModelConfig(hf_path=base_dir, params_dtype="float32"),
-        rollout=RolloutConfig(tau_start=recipe.tau_start, tau_end=recipe.tau_end,
-                              anneal_fraction=recipe.anneal_fraction, batch_size=128,
-                              device="cpu", n=n),
-        data=DataConfig(train_files=[train_file], max_prompt_length=128,
-                        max_response_length=recipe.max_response_length, shuffle_seed=seed),
-        train=TrainConfig(mode=mode, rounds=recipe.rounds,
-                          prompts_per_round=recipe.prompts_per_round // n,
-                          mini_batch_size=recipe.mini_batch_size, micro_batch_size=recipe.mini_batch_size,
-                          lr=lr, warmup_steps=recipe.warmup_steps, seed=seed),
-        logging=wandb.logging(run_dir, job_type, f"seed{seed}-{job_type}", progress=progress,
-                              samples_every=max(1, recipe.rounds // 4)),
+        rollout=RolloutConfig(
+            tau_start=recipe.tau_start,
+            tau_end=recipe.tau_end,
+            anneal_fraction=recipe.anneal_fraction,
+            batch_size=128,
+            device="cpu",
+            n=n,
+        ),
+        data=DataConfig(
+            train_files=[train_file],
+            max_prompt_length=128,
+            max_response_length=recipe.max_response_length,
+            shuffle_seed=seed,
+        ),
+        train=TrainConfig(
+            mode=mode,
+            rounds=recipe.rounds,
+            prompts_per_round=recipe.prompts_per_round // n,
+            mini_batch_size=recipe.mini_batch_size,
+            micro_batch_size=recipe.mini_batch_size,
+            lr=lr,
+            warmup_steps=recipe.warmup_steps,
+            seed=seed,
+        ),
+        logging=wandb.logging(
+            run_dir,
+            job_type,
+            f"seed{seed}-{job_type}",
+            progress=progress,
+            samples_every=max(1, recipe.rounds // 4),
+        ),
         checkpoint=CheckpointConfig(save_every_n_rounds=0, keep_last=1, export_hf=True),
     )
 
@@ -184,44 +240,78 @@ def sept_config(base_dir: str, train_file: str, run_dir: str, recipe: DemoRecipe
 # --- data, training, evaluation -----------------------------------------------------------
 def prepare_data(out: Path, base_recipe: BaseModelRecipe, recipe: DemoRecipe) -> Path:
     """Write the train/val/test JSONL files (the base model's own splits) under ``out/data``."""
-    splits = build_splits(base_recipe.seed, n_train=base_recipe.n_train,
-                          n_val=recipe.val_questions, n_test=recipe.test_questions)
+    splits = build_splits(
+        base_recipe.seed,
+        n_train=base_recipe.n_train,
+        n_val=recipe.val_questions,
+        n_test=recipe.test_questions,
+    )
     data_dir = out / "data"
     for name in ("train", "val", "test"):
         write_jsonl(splits[name], data_dir / f"{name}.jsonl")
     return data_dir
 
 
-def train_sept(base_dir: str, data_dir: Path, run_dir: Path, recipe: DemoRecipe, seed: int,
-               mode: str = "online", wandb_mode: str = "offline", progress: bool = True,
-               wandb: DemoWandb | None = None) -> str:
+def train_sept(
+    base_dir: str,
+    data_dir: Path,
+    run_dir: Path,
+    recipe: DemoRecipe,
+    seed: int,
+    mode: str = "online",
+    wandb_mode: str = "offline",
+    progress: bool = True,
+    wandb: DemoWandb | None = None,
+) -> str:
     """One SePT run through :func:`sept_megatron.loop.driver.run`; returns its exported HF dir."""
     from sept_megatron.loop.driver import run
 
-    cfg = sept_config(base_dir, str(data_dir / "train.jsonl"), str(run_dir), recipe, seed, mode,
-                      wandb_mode, progress, wandb)
+    cfg = sept_config(
+        base_dir, str(data_dir / "train.jsonl"), str(run_dir), recipe, seed, mode, wandb_mode, progress, wandb
+    )
     run(cfg)
     return str(run_dir / "hf_final")
 
 
-def sweep(hf_dir: str, questions, out_dir: str, temperatures, recipe: DemoRecipe, seed: int,
-          progress: bool = True, wandb: DemoWandb | None = None, job_type: str = "sweep") -> dict:
+def sweep(
+    hf_dir: str,
+    questions,
+    out_dir: str,
+    temperatures,
+    recipe: DemoRecipe,
+    seed: int,
+    progress: bool = True,
+    wandb: DemoWandb | None = None,
+    job_type: str = "sweep",
+) -> dict:
     """The evaluation sweep (``sept_megatron.eval.sweep``): resumable, one file per cell;
     then, with ``wandb``, its table, charts and PNG as a run of the demo's group."""
     from sept_megatron.eval.dashboard import log_sweep
     from sept_megatron.eval.sweep import run_sweep
     from sept_megatron.rollout import build_engine
-
     from sept_megatron.runtime import compat
 
     with compat.suspended():  # plain PyTorch: no need for Megatron's CPU redirect
         engine = build_engine("hf", hf_dir, batch_size=512, progress=False)
-        summary = run_sweep(engine, engine.tokenizer, {"arith": questions}, list(temperatures),
-                            recipe.eval_samples, out_dir, max_new_tokens=recipe.max_response_length,
-                            seed=seed, progress=progress)
+        summary = run_sweep(
+            engine,
+            engine.tokenizer,
+            {"arith": questions},
+            list(temperatures),
+            recipe.eval_samples,
+            out_dir,
+            max_new_tokens=recipe.max_response_length,
+            seed=seed,
+            progress=progress,
+        )
     if wandb is not None:
-        log_demo_run(wandb, out_dir, job_type, f"seed{seed}-{job_type}",
-                     lambda logger: log_sweep(logger, summary, Path(out_dir) / "sweep.png"))
+        log_demo_run(
+            wandb,
+            out_dir,
+            job_type,
+            f"seed{seed}-{job_type}",
+            lambda logger: log_sweep(logger, summary, Path(out_dir) / "sweep.png"),
+        )
     return summary
 
 
@@ -230,8 +320,9 @@ def cell_counts(sweep_dir: str | Path, temperature: float) -> tuple[list[int], i
     (``cells/arith_T<label>.json``, the sweep's documented layout)."""
     from sept_megatron.eval.sweep import temperature_label
 
-    cell = json.loads((Path(sweep_dir) / "cells" / f"arith_T{temperature_label(temperature)}.json")
-                      .read_text())
+    cell = json.loads(
+        (Path(sweep_dir) / "cells" / f"arith_T{temperature_label(temperature)}.json").read_text()
+    )
     return cell["correct_counts"], cell["settings"]["n"]
 
 
@@ -244,10 +335,17 @@ def score_counts(counts: list[int], n: int, max_k: int = 32) -> dict:
 
     greedy = n == 1
     metrics = benchmark_metrics(counts, n, greedy=greedy)
-    curve = [fmean(pass_at_k(1, c, 1) if greedy else pass_at_k(n, c, k) for c in counts)
-             for k in range(1, (max_k if greedy else min(max_k, n)) + 1)]
-    return {"pass@1": metrics[1], "pass@8": metrics.get(8), "pass@32": metrics.get(32),
-            "avg": avg_score({"arith": metrics}), "curve": curve}
+    curve = [
+        fmean(pass_at_k(1, c, 1) if greedy else pass_at_k(n, c, k) for c in counts)
+        for k in range(1, (max_k if greedy else min(max_k, n)) + 1)
+    ]
+    return {
+        "pass@1": metrics[1],
+        "pass@8": metrics.get(8),
+        "pass@32": metrics.get(32),
+        "avg": avg_score({"arith": metrics}),
+        "curve": curve,
+    }
 
 
 def best_temperature(sweep_dir: str | Path, temperatures, first: int | None = None) -> tuple[float, dict]:
@@ -266,9 +364,16 @@ def _row(sweep_dir: Path, temperature: float) -> dict:
 
 
 # --- one seed -----------------------------------------------------------------------------
-def run_demo(out_dir: str, seed: int, ablations: bool, recipe: DemoRecipe = DemoRecipe(),
-             base_recipe: BaseModelRecipe | None = None, cache_dir: str | None = None,
-             wandb_mode: str = "offline", wandb_group: str | None = None) -> dict:
+def run_demo(
+    out_dir: str,
+    seed: int,
+    ablations: bool,
+    recipe: DemoRecipe = DemoRecipe(),
+    base_recipe: BaseModelRecipe | None = None,
+    cache_dir: str | None = None,
+    wandb_mode: str = "offline",
+    wandb_group: str | None = None,
+) -> dict:
     """One seed; its W&B runs join ``wandb_group`` (default: ``out_dir``'s name)."""
     from sept_megatron.data import load_questions
 
@@ -285,36 +390,73 @@ def run_demo(out_dir: str, seed: int, ablations: bool, recipe: DemoRecipe = Demo
     test = load_questions(data_dir / "test.jsonl")
 
     with _phase(timings, "baseline_sweep"):
-        base = sweep(base_dir, test, str(out / "sweep_base"), recipe.temperatures, recipe, seed,
-                     wandb=wandb, job_type="sweep-base")
+        base = sweep(
+            base_dir,
+            test,
+            str(out / "sweep_base"),
+            recipe.temperatures,
+            recipe,
+            seed,
+            wandb=wandb,
+            job_type="sweep-base",
+        )
     best_t = base["best_temperature"]
-    report = {"seed": seed, "seed_varies": SEED_VARIES, "recipe": asdict(recipe),
-              "base_recipe": asdict(base_recipe),
-              "baseline": {**_row(out / "sweep_base", best_t), "t1": _row(out / "sweep_base", 1.0)}}
+    report = {
+        "seed": seed,
+        "seed_varies": SEED_VARIES,
+        "recipe": asdict(recipe),
+        "base_recipe": asdict(base_recipe),
+        "baseline": {**_row(out / "sweep_base", best_t), "t1": _row(out / "sweep_base", 1.0)},
+    }
 
     with _phase(timings, "sept_train"):
-        sept_dir = train_sept(base_dir, data_dir, out / "sept", recipe, seed, "online", wandb_mode,
-                              wandb=wandb)
+        sept_dir = train_sept(
+            base_dir, data_dir, out / "sept", recipe, seed, "online", wandb_mode, wandb=wandb
+        )
     with _phase(timings, "sept_eval"):
-        sept = sweep(sept_dir, test, str(out / "sweep_sept"), recipe.temperatures, recipe, seed,
-                     wandb=wandb, job_type="sweep-sept")
-    report["sept"] = {**_row(out / "sweep_sept", 1.0),
-                      "at_base_best_temperature": _row(out / "sweep_sept", best_t)}
+        sept = sweep(
+            sept_dir,
+            test,
+            str(out / "sweep_sept"),
+            recipe.temperatures,
+            recipe,
+            seed,
+            wandb=wandb,
+            job_type="sweep-sept",
+        )
+    report["sept"] = {
+        **_row(out / "sweep_sept", 1.0),
+        "at_base_best_temperature": _row(out / "sweep_sept", best_t),
+    }
 
     if ablations:
         for mode in ABLATIONS:
             with _phase(timings, f"{mode}_train_eval"):
-                hf_dir = train_sept(base_dir, data_dir, out / mode, recipe, seed, mode, wandb_mode,
-                                    wandb=wandb)
-                sweep(hf_dir, test, str(out / f"sweep_{mode}"), (1.0,), recipe, seed, wandb=wandb,
-                      job_type=f"sweep-{mode}")
+                hf_dir = train_sept(
+                    base_dir, data_dir, out / mode, recipe, seed, mode, wandb_mode, wandb=wandb
+                )
+                sweep(
+                    hf_dir,
+                    test,
+                    str(out / f"sweep_{mode}"),
+                    (1.0,),
+                    recipe,
+                    seed,
+                    wandb=wandb,
+                    job_type=f"sweep-{mode}",
+                )
             report[mode] = _row(out / f"sweep_{mode}", 1.0)
     timings["total"] = round(time.perf_counter() - start, 1)
     report["wall_time_s"] = timings
     report["targets"] = targets(report)
     _write_report(out, report, base, sept)
-    log_demo_run(wandb, out, "report", f"seed{seed}-report",
-                 lambda logger: _log_report(logger, out / "report.png", report))
+    log_demo_run(
+        wandb,
+        out,
+        "report",
+        f"seed{seed}-report",
+        lambda logger: _log_report(logger, out / "report.png", report),
+    )
     return report
 
 
@@ -344,26 +486,34 @@ def _fmt(value) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    rows = [("base, best T = %.1f (baseline)" % report["baseline"]["temperature"], report["baseline"]),
-            ("base, T = 1.0", report["baseline"]["t1"]),
-            ("SePT, T = 1.0", report["sept"]),
-            ("SePT, T = %.1f" % report["baseline"]["temperature"],
-             report["sept"]["at_base_best_temperature"])]
+    rows = [
+        (f"base, best T = {report['baseline']['temperature']:.1f} (baseline)", report["baseline"]),
+        ("base, T = 1.0", report["baseline"]["t1"]),
+        ("SePT, T = 1.0", report["sept"]),
+        (f"SePT, T = {report['baseline']['temperature']:.1f}", report["sept"]["at_base_best_temperature"]),
+    ]
     rows += [(f"{name}, T = 1.0", report[mode]) for mode, name in ABLATIONS.items() if mode in report]
     lines = ["| model | pass@1 | pass@8 | pass@32 | AVG |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {_fmt(r['pass@1'])} | {_fmt(r['pass@8'])} | {_fmt(r['pass@32'])} | "
-              f"{_fmt(r['avg'])} |" for name, r in rows]
+    lines += [
+        f"| {name} | {_fmt(r['pass@1'])} | {_fmt(r['pass@8'])} | {_fmt(r['pass@32'])} | {_fmt(r['avg'])} |"
+        for name, r in rows
+    ]
     t = report["targets"]
-    lines += ["", f"Target 1 (mechanism): SePT pass@1 at T=1 minus base pass@1 at T=1 = "
-              f"{100 * t['mechanism_pass1_gain_at_T1']:+.1f} points (>= +{100 * MECHANISM_GAIN:.0f}), "
-              f"fall at the base's best T = {100 * t['mechanism_pass1_fall_at_base_best_T']:+.1f} "
-              f"(<= {100 * MECHANISM_MAX_FALL:.0f}) -> "
-              f"{'holds' if t['mechanism_holds'] else 'does not hold'} on this seed.",
-              f"Target 2 (paper): SePT AVG at T=1 minus the base's best AVG = "
-              f"{100 * t['paper_claim_avg_T1_vs_best_base']:+.1f} points (>= +{100 * PAPER_MARGIN:.0f}) -> "
-              f"{'holds' if t['paper_claim_holds'] else 'does not hold'}.", "",
-              f"A seed varies {report['seed_varies']}.", "",
-              "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["wall_time_s"].items())]
+    lines += [
+        "",
+        f"Target 1 (mechanism): SePT pass@1 at T=1 minus base pass@1 at T=1 = "
+        f"{100 * t['mechanism_pass1_gain_at_T1']:+.1f} points (>= +{100 * MECHANISM_GAIN:.0f}), "
+        f"fall at the base's best T = {100 * t['mechanism_pass1_fall_at_base_best_T']:+.1f} "
+        f"(<= {100 * MECHANISM_MAX_FALL:.0f}) -> "
+        f"{'holds' if t['mechanism_holds'] else 'does not hold'} on this seed.",
+        f"Target 2 (paper): SePT AVG at T=1 minus the base's best AVG = "
+        f"{100 * t['paper_claim_avg_T1_vs_best_base']:+.1f} points (>= +{100 * PAPER_MARGIN:.0f}) -> "
+        f"{'holds' if t['paper_claim_holds'] else 'does not hold'}.",
+        "",
+        f"A seed varies {report['seed_varies']}.",
+        "",
+        "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["wall_time_s"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -371,9 +521,11 @@ def _write_report(out: Path, report: dict, base: dict, sept: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = report_markdown(report)
     (out / "report.md").write_text(f"# SePT demo (seed {report['seed']})\n\n" + markdown)
-    curves = {f"base, best T = {report['baseline']['temperature']:.1f}": report["baseline"]["curve"],
-              "base, T = 1.0": report["baseline"]["t1"]["curve"],
-              "SePT, T = 1.0": report["sept"]["curve"]}
+    curves = {
+        f"base, best T = {report['baseline']['temperature']:.1f}": report["baseline"]["curve"],
+        "base, T = 1.0": report["baseline"]["t1"]["curve"],
+        "SePT, T = 1.0": report["sept"]["curve"],
+    }
     _plot(out / "report.png", curves, base, sept, f"test split, seed {report['seed']}")
     print("\n" + markdown)
 
@@ -381,8 +533,9 @@ def _write_report(out: Path, report: dict, base: dict, sept: dict) -> None:
 _CURVE_STYLES = ("o--", "^:", "s-")
 
 
-def _plot(path: Path, curves: dict[str, list[float]], base: dict | None, sept: dict | None,
-          title: str) -> None:
+def _plot(
+    path: Path, curves: dict[str, list[float]], base: dict | None, sept: dict | None, title: str
+) -> None:
     """pass@k against k (log scale) for the named curves; with sweeps, AVG against T too."""
     import matplotlib
 
@@ -406,8 +559,7 @@ def _plot(path: Path, curves: dict[str, list[float]], base: dict | None, sept: d
         ax = axes[0][1]
         for summary, name, style in ((base, "base", "o--"), (sept, "SePT", "s-")):
             temps = summary["temperatures"]
-            ax.plot(temps, [100 * summary["avg"][temperature_label(t)] for t in temps], style,
-                    label=name)
+            ax.plot(temps, [100 * summary["avg"][temperature_label(t)] for t in temps], style, label=name)
         ax.set_title("AVG = mean(pass@1, pass@8, pass@32)")
         ax.set_xlabel("sampling temperature")
         ax.grid(alpha=0.3)
@@ -430,14 +582,22 @@ _SUMMARY_FIELDS = {
     "paper: SePT T=1 AVG - base best AVG": lambda r: r["targets"]["paper_claim_avg_T1_vs_best_base"],
 }
 # With --ablations, each variant's figures at T = 1 beside SePT's (absent without: skipped).
-_SUMMARY_FIELDS |= {f"{name} T=1 {figure}": (lambda r, m=mode, k=key: r.get(m, {}).get(k))
-                    for mode, name in ABLATIONS.items()
-                    for figure, key in (("pass@1", "pass@1"), ("AVG", "avg"))}
+_SUMMARY_FIELDS |= {
+    f"{name} T=1 {figure}": (lambda r, m=mode, k=key: r.get(m, {}).get(k))
+    for mode, name in ABLATIONS.items()
+    for figure, key in (("pass@1", "pass@1"), ("AVG", "avg"))
+}
 
 
-def run_seeds(out_dir: str, seeds: list[int], ablations: bool, recipe: DemoRecipe = DemoRecipe(),
-              base_recipe: BaseModelRecipe | None = None, cache_dir: str | None = None,
-              wandb_mode: str = "offline") -> dict:
+def run_seeds(
+    out_dir: str,
+    seeds: list[int],
+    ablations: bool,
+    recipe: DemoRecipe = DemoRecipe(),
+    base_recipe: BaseModelRecipe | None = None,
+    cache_dir: str | None = None,
+    wandb_mode: str = "offline",
+) -> dict:
     """:func:`run_demo` for each seed (``out_dir/seed-S``), then the mean and spread. A seed
     whose report an earlier invocation finished with the same recipes is reused, not redone
     (seeds can so also run side by side, e.g. ``--seed 1 --out DIR/seed-1``, then be summarised)."""
@@ -445,38 +605,55 @@ def run_seeds(out_dir: str, seeds: list[int], ablations: bool, recipe: DemoRecip
     start = time.perf_counter()
     base_recipe = base_recipe or BaseModelRecipe()
     group = out.resolve().name  # every seed's runs and the summary: one W&B group
-    reports = [_finished_report(out / f"seed-{s}", s, ablations, recipe, base_recipe)
-               or run_demo(str(out / f"seed-{s}"), s, ablations, recipe, base_recipe, cache_dir,
-                           wandb_mode, group) for s in seeds]
+    reports = [
+        _finished_report(out / f"seed-{s}", s, ablations, recipe, base_recipe)
+        or run_demo(str(out / f"seed-{s}"), s, ablations, recipe, base_recipe, cache_dir, wandb_mode, group)
+        for s in seeds
+    ]
     summary = summarise_seeds(reports)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     markdown = summary_markdown(summary)
     (out / "summary.md").write_text(f"# SePT demo, seeds {', '.join(map(str, seeds))}\n\n" + markdown)
-    mean_curves = {name: [fmean(c[k] for c in curves) for k in range(min(map(len, curves)))]
-                   for name, curves in summary["curves"].items()}
+    mean_curves = {
+        name: [fmean(c[k] for c in curves) for k in range(min(map(len, curves)))]
+        for name, curves in summary["curves"].items()
+    }
     _plot(out / "summary.png", mean_curves, None, None, f"test split, mean of {len(seeds)} seeds")
-    log_demo_run(DemoWandb(wandb_mode, group), out, "summary", "summary",
-                 lambda logger: _log_summary(logger, out / "summary.png", summary))
+    log_demo_run(
+        DemoWandb(wandb_mode, group),
+        out,
+        "summary",
+        "summary",
+        lambda logger: _log_summary(logger, out / "summary.png", summary),
+    )
     print("\n" + markdown)
     return summary
 
 
 def _log_summary(logger, png: Path, summary: dict) -> None:
     logger.log_image("demo/summary", str(png), caption=f"mean pass@k curves, seeds {summary['seeds']}")
-    logger.set_summary({"demo/mechanism_holds_on": summary["mechanism_holds_on"],
-                        "demo/paper_claim_holds_on": summary["paper_claim_holds_on"],
-                        **{f"demo/{name}/mean": s["mean"] for name, s in summary["stats"].items()}})
+    logger.set_summary(
+        {
+            "demo/mechanism_holds_on": summary["mechanism_holds_on"],
+            "demo/paper_claim_holds_on": summary["paper_claim_holds_on"],
+            **{f"demo/{name}/mean": s["mean"] for name, s in summary["stats"].items()},
+        }
+    )
 
 
-def _finished_report(run_dir: Path, seed: int, ablations: bool, recipe: DemoRecipe,
-                     base_recipe: BaseModelRecipe) -> dict | None:
+def _finished_report(
+    run_dir: Path, seed: int, ablations: bool, recipe: DemoRecipe, base_recipe: BaseModelRecipe
+) -> dict | None:
     path = run_dir / "report.json"
     if not path.exists():
         return None
     report = json.loads(path.read_text())
-    same = (report["seed"] == seed and report["recipe"] == _as_json(asdict(recipe))
-            and report["base_recipe"] == _as_json(asdict(base_recipe)))
+    same = (
+        report["seed"] == seed
+        and report["recipe"] == _as_json(asdict(recipe))
+        and report["base_recipe"] == _as_json(asdict(base_recipe))
+    )
     if same and (not ablations or set(ABLATIONS) <= set(report)):
         print(f"seed {seed}: reusing the finished {path}", flush=True)
         return report
@@ -495,43 +672,71 @@ def summarise_seeds(reports: list[dict]) -> dict:
         values = [get(r) for r in reports]
         if None in values:  # pass@32 does not exist with fewer than 32 samples (toy runs)
             continue
-        stats[name] = {"values": values, "mean": fmean(values),
-                       "std": stdev(values) if len(values) > 1 else 0.0,
-                       "min": min(values), "max": max(values)}
+        stats[name] = {
+            "values": values,
+            "mean": fmean(values),
+            "std": stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+        }
     return {
-        "seeds": [r["seed"] for r in reports], "seed_varies": SEED_VARIES,
+        "seeds": [r["seed"] for r in reports],
+        "seed_varies": SEED_VARIES,
         "recipe": reports[0]["recipe"],
-        "per_seed": [{"seed": r["seed"], "base_best_temperature": r["baseline"]["temperature"],
-                      **r["targets"], "wall_time_s": r["wall_time_s"]["total"]} for r in reports],
+        "per_seed": [
+            {
+                "seed": r["seed"],
+                "base_best_temperature": r["baseline"]["temperature"],
+                **r["targets"],
+                "wall_time_s": r["wall_time_s"]["total"],
+            }
+            for r in reports
+        ],
         "stats": stats,
         "mechanism_holds_on": sum(r["targets"]["mechanism_holds"] for r in reports),
         "paper_claim_holds_on": sum(r["targets"]["paper_claim_holds"] for r in reports),
-        "curves": {"base, best T": [r["baseline"]["curve"] for r in reports],
-                   "base, T = 1.0": [r["baseline"]["t1"]["curve"] for r in reports],
-                   "SePT, T = 1.0": [r["sept"]["curve"] for r in reports]},
+        "curves": {
+            "base, best T": [r["baseline"]["curve"] for r in reports],
+            "base, T = 1.0": [r["baseline"]["t1"]["curve"] for r in reports],
+            "SePT, T = 1.0": [r["sept"]["curve"] for r in reports],
+        },
     }
 
 
 def summary_markdown(summary: dict) -> str:
     seeds = summary["seeds"]
-    lines = ["| figure (test split, points) | " + " | ".join(f"seed {s}" for s in seeds)
-             + " | mean +- std | range |", "|---|" + "---|" * (len(seeds) + 2)]
+    lines = [
+        "| figure (test split, points) | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean +- std | range |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
     for name, s in summary["stats"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * v:+.1f}" if ":" in name else f"{100 * v:.1f}"
-                                              for v in s["values"])
-                     + f" | {100 * s['mean']:.1f} +- {100 * s['std']:.1f} | "
-                     f"{100 * s['min']:.1f} .. {100 * s['max']:.1f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * v:+.1f}" if ":" in name else f"{100 * v:.1f}" for v in s["values"])
+            + f" | {100 * s['mean']:.1f} +- {100 * s['std']:.1f} | "
+            f"{100 * s['min']:.1f} .. {100 * s['max']:.1f} |"
+        )
     n = len(seeds)
-    lines += ["", f"Mechanism target (pass@1 at T=1 >= base + {100 * MECHANISM_GAIN:.0f} points, "
-              f"fall at the base's best T <= {100 * MECHANISM_MAX_FALL:.0f}): holds on "
-              f"{summary['mechanism_holds_on']} of {n} seeds.",
-              f"Paper target (SePT AVG at T=1 >= base best-T AVG + {100 * PAPER_MARGIN:.0f} point): "
-              f"holds on {summary['paper_claim_holds_on']} of {n} seeds.", "",
-              f"A seed varies {summary['seed_varies']}.", "",
-              "Wall time (s): " + ", ".join(f"seed {p['seed']} {p['wall_time_s']}"
-                                            for p in summary["per_seed"])
-              + (f"; this invocation {summary['wall_time_s']} (finished seeds are reused)"
-                 if "wall_time_s" in summary else "")]
+    lines += [
+        "",
+        f"Mechanism target (pass@1 at T=1 >= base + {100 * MECHANISM_GAIN:.0f} points, "
+        f"fall at the base's best T <= {100 * MECHANISM_MAX_FALL:.0f}): holds on "
+        f"{summary['mechanism_holds_on']} of {n} seeds.",
+        f"Paper target (SePT AVG at T=1 >= base best-T AVG + {100 * PAPER_MARGIN:.0f} point): "
+        f"holds on {summary['paper_claim_holds_on']} of {n} seeds.",
+        "",
+        f"A seed varies {summary['seed_varies']}.",
+        "",
+        "Wall time (s): "
+        + ", ".join(f"seed {p['seed']} {p['wall_time_s']}" for p in summary["per_seed"])
+        + (
+            f"; this invocation {summary['wall_time_s']} (finished seeds are reused)"
+            if "wall_time_s" in summary
+            else ""
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

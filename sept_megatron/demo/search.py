@@ -54,8 +54,17 @@ from pathlib import Path
 
 from sept_megatron.demo.base_model import BaseModelRecipe, build_base_model
 from sept_megatron.demo.run import (
-    MECHANISM_GAIN, MECHANISM_MAX_FALL, DemoRecipe, best_temperature, cell_counts, default_cache,
-    prepare_data, score_counts, sweep, train_sept)
+    MECHANISM_GAIN,
+    MECHANISM_MAX_FALL,
+    DemoRecipe,
+    best_temperature,
+    cell_counts,
+    default_cache,
+    prepare_data,
+    score_counts,
+    sweep,
+    train_sept,
+)
 
 
 @dataclass(frozen=True)
@@ -77,15 +86,27 @@ class Schedule:
         return self.rounds * self.prompts_per_round
 
     def recipe(self, template: DemoRecipe) -> DemoRecipe:
-        return replace(template, lr=self.lr, rounds=self.rounds,
-                       prompts_per_round=self.prompts_per_round,
-                       mini_batch_size=self.prompts_per_round // self.steps_per_round,
-                       tau_start=self.tau_start, tau_end=self.tau_end,
-                       anneal_fraction=self.anneal_fraction)
+        return replace(
+            template,
+            lr=self.lr,
+            rounds=self.rounds,
+            prompts_per_round=self.prompts_per_round,
+            mini_batch_size=self.prompts_per_round // self.steps_per_round,
+            tau_start=self.tau_start,
+            tau_end=self.tau_end,
+            anneal_fraction=self.anneal_fraction,
+        )
 
 
-REFERENCE = Schedule(lr=1e-4, rounds=24, prompts_per_round=64, steps_per_round=2, tau_start=0.6,
-                     tau_end=1.0, anneal_fraction=2 / 3)
+REFERENCE = Schedule(
+    lr=1e-4,
+    rounds=24,
+    prompts_per_round=64,
+    steps_per_round=2,
+    tau_start=0.6,
+    tau_end=1.0,
+    anneal_fraction=2 / 3,
+)
 """The demo's original schedule (set a priori, issue 12): always in the search, as a yardstick."""
 
 
@@ -112,10 +133,17 @@ class SearchSpace:
 
     def grid(self, max_answers: int) -> list[Schedule]:
         names = [f.name for f in fields(Schedule)]  # the grid's axes, in Schedule's order
-        grid = [Schedule(**dict(zip(names, values)))
-                for values in itertools.product(*(getattr(self, name) for name in names))]
-        return [s for s in grid if s.answers <= max_answers and s.tau_end >= s.tau_start
-                and s.prompts_per_round % s.steps_per_round == 0]
+        grid = [
+            Schedule(**dict(zip(names, values)))
+            for values in itertools.product(*(getattr(self, name) for name in names))
+        ]
+        return [
+            s
+            for s in grid
+            if s.answers <= max_answers
+            and s.tau_end >= s.tau_start
+            and s.prompts_per_round % s.steps_per_round == 0
+        ]
 
 
 @dataclass(frozen=True)
@@ -143,11 +171,15 @@ class SearchBudget:
             if getattr(self, name) < 1:
                 raise ValueError(f"SearchBudget.{name}={getattr(self, name)} must be >= 1")
         if self.stage1_questions > val_questions:
-            raise ValueError(f"SearchBudget.stage1_questions={self.stage1_questions} exceeds the "
-                             f"{val_questions} validation questions; lower it")
+            raise ValueError(
+                f"SearchBudget.stage1_questions={self.stage1_questions} exceeds the "
+                f"{val_questions} validation questions; lower it"
+            )
         if not self.stage2_seeds or self.stage2_seeds[0] != self.seed:
-            raise ValueError(f"SearchBudget.stage2_seeds={self.stage2_seeds} must start with "
-                             f"seed={self.seed} (stage 2 reuses the stage-1 model)")
+            raise ValueError(
+                f"SearchBudget.stage2_seeds={self.stage2_seeds} must start with "
+                f"seed={self.seed} (stage 2 reuses the stage-1 model)"
+            )
         if len(set(self.stage2_seeds)) != len(self.stage2_seeds):
             raise ValueError(f"SearchBudget.stage2_seeds={self.stage2_seeds} repeats a seed")
 
@@ -156,16 +188,25 @@ def draw_candidates(space: SearchSpace, budget: SearchBudget) -> list[Schedule]:
     """The reference, then ``budget.candidates`` distinct grid points in a seeded random order."""
     pool = [s for s in space.grid(budget.max_answers) if s != space.reference]
     if budget.candidates > len(pool):
-        raise ValueError(f"SearchBudget.candidates={budget.candidates} exceeds the {len(pool)} "
-                         f"schedules of the grid within max_answers={budget.max_answers}")
+        raise ValueError(
+            f"SearchBudget.candidates={budget.candidates} exceeds the {len(pool)} "
+            f"schedules of the grid within max_answers={budget.max_answers}"
+        )
     drawn = random.Random(budget.seed).sample(pool, budget.candidates)
     return ([space.reference] if space.reference else []) + drawn
 
 
 # --- the search -------------------------------------------------------------------------------
-def run_search(out_dir: str, space: SearchSpace = SearchSpace(), budget: SearchBudget = SearchBudget(),
-               template: DemoRecipe = DemoRecipe(), base_recipe: BaseModelRecipe | None = None,
-               cache_dir: str | None = None, jobs: int = 1, progress: bool = True) -> dict:
+def run_search(
+    out_dir: str,
+    space: SearchSpace = SearchSpace(),
+    budget: SearchBudget = SearchBudget(),
+    template: DemoRecipe = DemoRecipe(),
+    base_recipe: BaseModelRecipe | None = None,
+    cache_dir: str | None = None,
+    jobs: int = 1,
+    progress: bool = True,
+) -> dict:
     """Run the protocol of the module docstring; returns what ``search.json`` holds.
 
     ``jobs`` schedules train and evaluate side by side, each in its own process with
@@ -195,33 +236,66 @@ def run_search(out_dir: str, space: SearchSpace = SearchSpace(), budget: SearchB
         sweep(base_dir, val, str(base_sweep), template.temperatures, template, budget.seed, progress)
     finally:
         torch.set_num_threads(threads)
-    base = {"stage1": _base_scores(base_sweep, template, budget.stage1_questions),
-            "stage2": _base_scores(base_sweep, template, None)}
+    base = {
+        "stage1": _base_scores(base_sweep, template, budget.stage1_questions),
+        "stage2": _base_scores(base_sweep, template, None),
+    }
     context = _Context(out, base_dir, data_dir, template, budget)
     timings: dict[str, float] = {}
 
     names = [f"c{index:02d}" for index in range(len(candidates))]
     _say(f"stage 1: {len(candidates)} schedules on {budget.stage1_questions} validation questions")
-    stage1 = _map(jobs, [_Job(context, name, schedule, budget.seed, budget.stage1_questions, (1.0,),
-                              base["stage1"]) for name, schedule in zip(names, candidates)], timings)
-    rows = [{"name": name, "schedule": asdict(schedule), "answers": schedule.answers,
-             "run_key": _run_key(schedule.recipe(template), budget.threads),
-             "reference": schedule == space.reference, "stage1": scored, "stage2": None}
-            for name, schedule, scored in zip(names, candidates, stage1)]
-    top = sorted(rows, key=lambda r: (-r["stage1"]["score"], r["name"]))[:budget.top]
+    stage1 = _map(
+        jobs,
+        [
+            _Job(context, name, schedule, budget.seed, budget.stage1_questions, (1.0,), base["stage1"])
+            for name, schedule in zip(names, candidates)
+        ],
+        timings,
+    )
+    rows = [
+        {
+            "name": name,
+            "schedule": asdict(schedule),
+            "answers": schedule.answers,
+            "run_key": _run_key(schedule.recipe(template), budget.threads),
+            "reference": schedule == space.reference,
+            "stage1": scored,
+            "stage2": None,
+        }
+        for name, schedule, scored in zip(names, candidates, stage1)
+    ]
+    top = sorted(rows, key=lambda r: (-r["stage1"]["score"], r["name"]))[: budget.top]
     temps = tuple(dict.fromkeys((1.0, base["stage2"]["best_temperature"])))
-    _say(f"stage 2: {', '.join(r['name'] for r in top)} on all {len(val)} validation questions, "
-         f"seeds {budget.stage2_seeds}")
-    stage2 = _map(jobs, [_Job(context, row["name"], Schedule(**row["schedule"]), seed, None, temps,
-                              base["stage2"]) for row in top for seed in budget.stage2_seeds], timings)
+    _say(
+        f"stage 2: {', '.join(r['name'] for r in top)} on all {len(val)} validation questions, "
+        f"seeds {budget.stage2_seeds}"
+    )
+    stage2 = _map(
+        jobs,
+        [
+            _Job(context, row["name"], Schedule(**row["schedule"]), seed, None, temps, base["stage2"])
+            for row in top
+            for seed in budget.stage2_seeds
+        ],
+        timings,
+    )
     per_seed = len(budget.stage2_seeds)
     for index, row in enumerate(top):
-        row["stage2"] = _stage2_summary(stage2[index * per_seed:(index + 1) * per_seed])
+        row["stage2"] = _stage2_summary(stage2[index * per_seed : (index + 1) * per_seed])
     chosen = _choose(rows)
-    result = {"protocol": __doc__, "space": asdict(space), "budget": asdict(budget),
-              "template": asdict(template), "base_recipe": asdict(base_recipe), "base": base,
-              "rows": rows, "chosen": chosen, "jobs": jobs,
-              "wall_time_s": {"total": round(time.perf_counter() - start, 1), **timings}}
+    result = {
+        "protocol": __doc__,
+        "space": asdict(space),
+        "budget": asdict(budget),
+        "template": asdict(template),
+        "base_recipe": asdict(base_recipe),
+        "base": base,
+        "rows": rows,
+        "chosen": chosen,
+        "jobs": jobs,
+        "wall_time_s": {"total": round(time.perf_counter() - start, 1), **timings},
+    }
     _write_tables(out, result)
     return result
 
@@ -264,13 +338,20 @@ def _map(jobs: int, work: list[_Job], timings: dict) -> list[dict]:
         from concurrent.futures import ProcessPoolExecutor
 
         # A fresh process per job: Megatron's global state never outlives one run.
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 max_tasks_per_child=1, initializer=_own_port) as pool:
+        with ProcessPoolExecutor(
+            jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            max_tasks_per_child=1,
+            initializer=_own_port,
+        ) as pool:
             results = list(pool.map(_run_job, work))
     for job, (scored, seconds) in zip(work, results):
         timings.update(seconds)
-        print(f"{job.label}: score {100 * scored['score']:+.2f} (AVG at T=1 "
-              f"{100 * scored['avg']:.2f}, pass@1 {100 * scored['pass@1']:.2f})", flush=True)
+        print(
+            f"{job.label}: score {100 * scored['score']:+.2f} (AVG at T=1 "
+            f"{100 * scored['avg']:.2f}, pass@1 {100 * scored['pass@1']:.2f})",
+            flush=True,
+        )
     return [scored for scored, _ in results]
 
 
@@ -306,17 +387,32 @@ def _run_job(job: _Job) -> tuple[dict, dict[str, float]]:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
             t0 = time.perf_counter()
-            train_sept(ctx.base_dir, ctx.data_dir, run_dir / "sept", recipe, job.seed, "online",
-                       "disabled", progress=False)
+            train_sept(
+                ctx.base_dir,
+                ctx.data_dir,
+                run_dir / "sept",
+                recipe,
+                job.seed,
+                "online",
+                "disabled",
+                progress=False,
+            )
             seconds[f"{job.name}/seed-{job.seed}/train"] = round(time.perf_counter() - t0, 1)
             done.write_text(json.dumps(asdict(recipe)) + "\n")
-        questions = load_questions(ctx.data_dir / "val.jsonl")[:job.first]
+        questions = load_questions(ctx.data_dir / "val.jsonl")[: job.first]
         stage = "stage1" if job.first else "stage2"
         sweep_dir = run_dir / f"sweep_{stage}"
         t0 = time.perf_counter()
         # Evaluation seed fixed across schedules: every candidate meets the same random numbers.
-        sweep(str(run_dir / "sept" / "hf_final"), questions, str(sweep_dir), job.temperatures,
-              recipe, ctx.budget.seed, progress=False)
+        sweep(
+            str(run_dir / "sept" / "hf_final"),
+            questions,
+            str(sweep_dir),
+            job.temperatures,
+            recipe,
+            ctx.budget.seed,
+            progress=False,
+        )
         seconds[f"{job.label}_eval"] = round(time.perf_counter() - t0, 1)
     finally:
         torch.set_num_threads(threads)
@@ -326,14 +422,20 @@ def _run_job(job: _Job) -> tuple[dict, dict[str, float]]:
 def _score(sweep_dir: Path, job: _Job, questions: int) -> dict:
     base = job.base
     at_t1 = _scores(sweep_dir, 1.0)
-    scored = {"seed": job.seed, "questions": questions, **_brief(at_t1),
-              "score": at_t1["avg"] - base["best_avg"],
-              "pass1_gain_at_T1": at_t1["pass@1"] - base["t1"]["pass@1"]}
+    scored = {
+        "seed": job.seed,
+        "questions": questions,
+        **_brief(at_t1),
+        "score": at_t1["avg"] - base["best_avg"],
+        "pass1_gain_at_T1": at_t1["pass@1"] - base["t1"]["pass@1"],
+    }
     if job.first is None:
         at_best = _scores(sweep_dir, base["best_temperature"])
         scored["pass1_fall_at_base_best_T"] = base["best_pass@1"] - at_best["pass@1"]
-        scored["mechanism_holds"] = (round(scored["pass1_gain_at_T1"], 9) >= MECHANISM_GAIN and
-                                     round(scored["pass1_fall_at_base_best_T"], 9) <= MECHANISM_MAX_FALL)
+        scored["mechanism_holds"] = (
+            round(scored["pass1_gain_at_T1"], 9) >= MECHANISM_GAIN
+            and round(scored["pass1_fall_at_base_best_T"], 9) <= MECHANISM_MAX_FALL
+        )
     return scored
 
 
@@ -348,15 +450,24 @@ def _brief(scores: dict) -> dict:
 
 def _base_scores(sweep_dir: Path, template: DemoRecipe, first: int | None) -> dict:
     best_t, best = best_temperature(sweep_dir, template.temperatures, first)
-    return {"questions": first or template.val_questions, "best_temperature": best_t,
-            "best_avg": best["avg"], "best_pass@1": best["pass@1"], "best": _brief(best),
-            "t1": _brief(_scores(sweep_dir, 1.0, first))}
+    return {
+        "questions": first or template.val_questions,
+        "best_temperature": best_t,
+        "best_avg": best["avg"],
+        "best_pass@1": best["pass@1"],
+        "best": _brief(best),
+        "t1": _brief(_scores(sweep_dir, 1.0, first)),
+    }
 
 
 def _stage2_summary(runs: list[dict]) -> dict:
     scores = [r["score"] for r in runs]
-    return {"runs": runs, "score_mean": sum(scores) / len(scores), "score_min": min(scores),
-            "mechanism_holds": all(r["mechanism_holds"] for r in runs)}
+    return {
+        "runs": runs,
+        "score_mean": sum(scores) / len(scores),
+        "score_min": min(scores),
+        "mechanism_holds": all(r["mechanism_holds"] for r in runs),
+    }
 
 
 def _choose(rows: list[dict]) -> dict:
@@ -366,17 +477,38 @@ def _choose(rows: list[dict]) -> dict:
     best = max(eligible, key=lambda r: (r["stage2"]["score_mean"], r["stage2"]["score_min"]))
     for row in rows:
         row["chosen"] = row is best
-    return {"name": best["name"], "schedule": best["schedule"],
-            "mechanism_holds_on_val": best["stage2"]["mechanism_holds"],
-            "score_mean": best["stage2"]["score_mean"],
-            "reaches_paper_margin_on_val": best["stage2"]["score_min"] >= 0.01}
+    return {
+        "name": best["name"],
+        "schedule": best["schedule"],
+        "mechanism_holds_on_val": best["stage2"]["mechanism_holds"],
+        "score_mean": best["stage2"]["score_mean"],
+        "reaches_paper_margin_on_val": best["stage2"]["score_min"] >= 0.01,
+    }
 
 
 # --- the table ----------------------------------------------------------------------------------
-_COLUMNS = ("name", "lr", "rounds", "prompts_per_round", "steps_per_round", "tau_start", "tau_end",
-            "anneal_fraction", "answers", "s1_pass@1", "s1_pass@8", "s1_pass@32", "s1_avg",
-            "s1_score", "s2_score_mean", "s2_score_min", "s2_pass1_gain", "s2_pass1_fall",
-            "s2_mechanism", "chosen")
+_COLUMNS = (
+    "name",
+    "lr",
+    "rounds",
+    "prompts_per_round",
+    "steps_per_round",
+    "tau_start",
+    "tau_end",
+    "anneal_fraction",
+    "answers",
+    "s1_pass@1",
+    "s1_pass@8",
+    "s1_pass@32",
+    "s1_avg",
+    "s1_score",
+    "s2_score_mean",
+    "s2_score_min",
+    "s2_pass1_gain",
+    "s2_pass1_fall",
+    "s2_mechanism",
+    "chosen",
+)
 
 
 def table_rows(result: dict) -> list[dict]:
@@ -384,16 +516,22 @@ def table_rows(result: dict) -> list[dict]:
     out = []
     for row in result["rows"]:
         s1, s2 = row["stage1"], row["stage2"]
-        flat = {"name": row["name"] + (" (reference)" if row["reference"] else ""),
-                **row["schedule"], "answers": row["answers"],
-                **{f"s1_{k}": _points(s1[k]) for k in ("pass@1", "pass@8", "pass@32", "avg")},
-                "s1_score": 100 * s1["score"]}
+        flat = {
+            "name": row["name"] + (" (reference)" if row["reference"] else ""),
+            **row["schedule"],
+            "answers": row["answers"],
+            **{f"s1_{k}": _points(s1[k]) for k in ("pass@1", "pass@8", "pass@32", "avg")},
+            "s1_score": 100 * s1["score"],
+        }
         flat["anneal_fraction"] = round(flat["anneal_fraction"], 3)
         if s2 is not None:
-            flat |= {"s2_score_mean": 100 * s2["score_mean"], "s2_score_min": 100 * s2["score_min"],
-                     "s2_pass1_gain": 100 * sum(r["pass1_gain_at_T1"] for r in s2["runs"]) / len(s2["runs"]),
-                     "s2_pass1_fall": 100 * max(r["pass1_fall_at_base_best_T"] for r in s2["runs"]),
-                     "s2_mechanism": s2["mechanism_holds"]}
+            flat |= {
+                "s2_score_mean": 100 * s2["score_mean"],
+                "s2_score_min": 100 * s2["score_min"],
+                "s2_pass1_gain": 100 * sum(r["pass1_gain_at_T1"] for r in s2["runs"]) / len(s2["runs"]),
+                "s2_pass1_fall": 100 * max(r["pass1_fall_at_base_best_T"] for r in s2["runs"]),
+                "s2_mechanism": s2["mechanism_holds"],
+            }
         flat["chosen"] = row.get("chosen", False)
         out.append(flat)
     return out
@@ -417,7 +555,8 @@ def search_markdown(result: dict) -> str:
     base, budget = result["base"], result["budget"]
     rows = table_rows(result)
     lines = [
-        "# SePT schedule search (validation split only)", "",
+        "# SePT schedule search (validation split only)",
+        "",
         f"Score = SePT AVG at T=1 minus the base's best temperature-swept AVG (points). Base on "
         f"validation: stage 1 ({base['stage1']['questions']} questions) best T = "
         f"{base['stage1']['best_temperature']}, AVG {100 * base['stage1']['best_avg']:.2f}; stage 2 "
@@ -429,14 +568,19 @@ def search_markdown(result: dict) -> str:
         f"check (pass@1 gain at T=1 >= 5, fall at the base's best T <= 2, every seed). Budget: "
         f"<= {budget['max_answers']} SePT answers per schedule. s1_* columns: stage 1 SePT at T=1.",
         "",
-        "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+        "| " + " | ".join(_COLUMNS) + " |",
+        "|" + "---|" * len(_COLUMNS),
+    ]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in _COLUMNS) + " |" for row in rows]
     chosen = result["chosen"]
-    lines += ["", f"Chosen: {chosen['name']} {chosen['schedule']} (mean stage-2 score "
-              f"{100 * chosen['score_mean']:+.2f} points; mechanism on validation: "
-              f"{'holds' if chosen['mechanism_holds_on_val'] else 'does not hold'}; paper margin "
-              f"(+1 point on every stage-2 seed): "
-              f"{'reached' if chosen['reaches_paper_margin_on_val'] else 'not reached'})."]
+    lines += [
+        "",
+        f"Chosen: {chosen['name']} {chosen['schedule']} (mean stage-2 score "
+        f"{100 * chosen['score_mean']:+.2f} points; mechanism on validation: "
+        f"{'holds' if chosen['mechanism_holds_on_val'] else 'does not hold'}; paper margin "
+        f"(+1 point on every stage-2 seed): "
+        f"{'reached' if chosen['reaches_paper_margin_on_val'] else 'not reached'}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -449,10 +593,19 @@ def _write_tables(out: Path, result: dict) -> None:
     (out / "search.csv").write_text(buffer.getvalue())
     markdown = search_markdown(result)
     (out / "search.md").write_text(markdown)
-    (out / "chosen_recipe.json").write_text(json.dumps(
-        asdict(Schedule(**result["chosen"]["schedule"]).recipe(
-            DemoRecipe(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in result["template"].items()}))), indent=1) + "\n")
+    (out / "chosen_recipe.json").write_text(
+        json.dumps(
+            asdict(
+                Schedule(**result["chosen"]["schedule"]).recipe(
+                    DemoRecipe(
+                        **{k: tuple(v) if isinstance(v, list) else v for k, v in result["template"].items()}
+                    )
+                )
+            ),
+            indent=1,
+        )
+        + "\n"
+    )
     print("\n" + markdown, flush=True)
 
 

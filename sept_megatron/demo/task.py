@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 DATA_SOURCE = "arith"
 
@@ -273,9 +273,7 @@ def _slipped_solution(steps: list[Step], rng: random.Random) -> str:
     return write_solution(steps, results)
 
 
-def base_corpus(
-    problems: Iterable[Problem], slip_rate: float, rng: random.Random
-) -> list[CorpusExample]:
+def base_corpus(problems: Iterable[Problem], slip_rate: float, rng: random.Random) -> list[CorpusExample]:
     """SFT examples for pretraining the base model; exactly ``round(slip_rate * n)`` slipped.
 
     The slipped examples are chosen with ``rng``; each carries one arithmetic slip, so the

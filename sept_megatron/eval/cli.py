@@ -27,9 +27,9 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..config import RolloutConfig
 from ..data import TEMPLATES, Question, load_questions
@@ -76,43 +76,86 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sept-megatron eval",
         description="Temperature sweep over math benchmarks; the best AVG is the baseline.",
     )
-    parser.add_argument("--model", required=True,
-                        help="local HF model directory, or a sept_megatron checkpoint directory")
-    parser.add_argument("--benchmarks", required=True, type=_path_list,
-                        help="comma-separated .parquet/.jsonl files, or a directory of them")
-    parser.add_argument("--temperatures", default=DEFAULT_TEMPERATURES, type=_temperature_list,
-                        help="comma-separated, >= 0; 0 = greedy (default 0.0,0.1,...,1.6: the "
-                             "reference's 17-point grid)")
+    parser.add_argument(
+        "--model", required=True, help="local HF model directory, or a sept_megatron checkpoint directory"
+    )
+    parser.add_argument(
+        "--benchmarks",
+        required=True,
+        type=_path_list,
+        help="comma-separated .parquet/.jsonl files, or a directory of them",
+    )
+    parser.add_argument(
+        "--temperatures",
+        default=DEFAULT_TEMPERATURES,
+        type=_temperature_list,
+        help="comma-separated, >= 0; 0 = greedy (default 0.0,0.1,...,1.6: the reference's 17-point grid)",
+    )
     # --samples: torchrun's own argument parser refuses "--n" (a prefix of --nnodes, ...).
-    parser.add_argument("--n", "--samples", dest="n", type=int, default=32,
-                        help="samples per question (default 32; --samples under torchrun)")
+    parser.add_argument(
+        "--n",
+        "--samples",
+        dest="n",
+        type=int,
+        default=32,
+        help="samples per question (default 32; --samples under torchrun)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
-    parser.add_argument("--max-questions", type=int, default=None,
-                        help="evaluate only the first N questions of each benchmark")
+    parser.add_argument(
+        "--max-questions",
+        type=int,
+        default=None,
+        help="evaluate only the first N questions of each benchmark",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=3072)
-    parser.add_argument("--template", default="auto", choices=list(TEMPLATES),
-                        help="prompt format (default: the tokenizer's chat template)")
-    parser.add_argument("--backend", default="hf", choices=backend_names(),
-                        help="rollout engine (default hf; see sept_megatron.rollout.registry)")
+    parser.add_argument(
+        "--template",
+        default="auto",
+        choices=list(TEMPLATES),
+        help="prompt format (default: the tokenizer's chat template)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="hf",
+        choices=backend_names(),
+        help="rollout engine (default hf; see sept_megatron.rollout.registry)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="sequences per generation batch (engine default if unset)")
-    parser.add_argument("--device", default=None, help="default: cuda if available (or $SEPT_DEVICE), else cpu")
-    parser.add_argument("--dtype", default=None, choices=DTYPES,
-                        help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--grading-workers", type=int, default=None,
-                        help="grading processes on rank 0; 0 grades in-process "
-                             "(default: one per core, at most 8)")
-    parser.add_argument("--engine-tp", type=int, default=1,
-                        help="ranks per engine under torchrun (sglang; hf needs 1)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per generation batch (engine default if unset)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="default: cuda if available (or $SEPT_DEVICE), else cpu"
+    )
+    parser.add_argument(
+        "--dtype", default=None, choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu"
+    )
+    parser.add_argument(
+        "--grading-workers",
+        type=int,
+        default=None,
+        help="grading processes on rank 0; 0 grades in-process (default: one per core, at most 8)",
+    )
+    parser.add_argument(
+        "--engine-tp", type=int, default=1, help="ranks per engine under torchrun (sglang; hf needs 1)"
+    )
     wandb = parser.add_argument_group("W&B (rank 0 logs the finished sweep: table, charts, PNG)")
     wandb.add_argument("--wandb-mode", default="disabled", choices=("online", "offline", "disabled"))
     wandb.add_argument("--wandb-project", default="sept_megatron")
-    wandb.add_argument("--wandb-group", default=None,
-                       help="the experiment's group: the training run's logging.wandb_group "
-                            "(default: its run directory's name); default here: --out's name")
-    wandb.add_argument("--wandb-job-type", default="eval",
-                       help="e.g. eval-base for the base sweep, eval-final after training")
+    wandb.add_argument(
+        "--wandb-group",
+        default=None,
+        help="the experiment's group: the training run's logging.wandb_group "
+        "(default: its run directory's name); default here: --out's name",
+    )
+    wandb.add_argument(
+        "--wandb-job-type",
+        default="eval",
+        help="e.g. eval-base for the base sweep, eval-final after training",
+    )
     wandb.add_argument("--run-name", default=None, help="W&B run name (default: W&B's)")
     return parser
 
@@ -124,12 +167,12 @@ def _temperature_list(text: str) -> list[float]:
             value = float(item)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{item.strip()!r} is not a number; give comma-separated temperatures >= 0, "
-                "e.g. 0,0.6,1.0") from None
+                f"{item.strip()!r} is not a number; give comma-separated temperatures >= 0, e.g. 0,0.6,1.0"
+            ) from None
         if not math.isfinite(value) or value < 0:
             raise argparse.ArgumentTypeError(
-                f"temperature {item.strip()} is invalid; temperatures must be finite and >= 0 "
-                "(0 = greedy)")
+                f"temperature {item.strip()} is invalid; temperatures must be finite and >= 0 (0 = greedy)"
+            )
         temperatures.append(value)
     if len(set(temperatures)) != len(temperatures):
         raise argparse.ArgumentTypeError(f"temperatures repeat: {text}")
@@ -147,7 +190,8 @@ def _path_list(text: str) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise argparse.ArgumentTypeError(
-                f"no such file: {path} (give existing .parquet/.jsonl files or a directory)")
+                f"no such file: {path} (give existing .parquet/.jsonl files or a directory)"
+            )
     return files
 
 
@@ -160,20 +204,22 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
     if ns.max_new_tokens < 1:
         parser.error(f"argument --max-new-tokens: must be >= 1, got {ns.max_new_tokens}")
     if ns.max_questions is not None and ns.max_questions < 1:
-        parser.error(
-            f"argument --max-questions: must be >= 1 (omit it for all), got {ns.max_questions}")
+        parser.error(f"argument --max-questions: must be >= 1 (omit it for all), got {ns.max_questions}")
     if ns.batch_size is not None and ns.batch_size < 1:
         parser.error(f"argument --batch-size: must be >= 1, got {ns.batch_size}")
     if ns.grading_workers is not None and ns.grading_workers < 0:
-        parser.error(f"argument --grading-workers: must be >= 0 (0 grades in-process), "
-                     f"got {ns.grading_workers}")
+        parser.error(
+            f"argument --grading-workers: must be >= 0 (0 grades in-process), got {ns.grading_workers}"
+        )
     if ns.engine_tp < 1:
         parser.error(f"argument --engine-tp: must be >= 1, got {ns.engine_tp}")
     for problem in backend_class(ns.backend).check_config(_rollout_section(ns)):
         parser.error(f"argument --backend/--engine-tp: {problem}")
     if not Path(ns.model).is_dir() and not _looks_like_hub_id(ns.model):
-        parser.error(f"argument --model: no such directory: {ns.model} "
-                     "(give a local HF model directory or a sept_megatron checkpoint)")
+        parser.error(
+            f"argument --model: no such directory: {ns.model} "
+            "(give a local HF model directory or a sept_megatron checkpoint)"
+        )
     if ns.out.exists() and not ns.out.is_dir():
         parser.error(f"argument --out: {ns.out} exists and is not a directory")
     for flag, value in (("--wandb-group", ns.wandb_group), ("--wandb-job-type", ns.wandb_job_type)):
@@ -181,14 +227,26 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalArgs:
             parser.error(f"argument {flag}: must be 1 to 128 characters, got {len(value)}")
     device = ns.device or _default_device()
     return EvalArgs(
-        model=ns.model, benchmark_files=ns.benchmarks, temperatures=ns.temperatures, n=ns.n,
-        out=ns.out, max_questions=ns.max_questions, max_new_tokens=ns.max_new_tokens,
-        template=ns.template, backend=ns.backend, seed=ns.seed, batch_size=ns.batch_size,
-        device=device, dtype=ns.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
-        grading_workers=(default_grading_workers() if ns.grading_workers is None
-                         else ns.grading_workers),
-        engine_tp=ns.engine_tp, wandb_mode=ns.wandb_mode, wandb_project=ns.wandb_project,
-        wandb_group=ns.wandb_group, wandb_job_type=ns.wandb_job_type, run_name=ns.run_name,
+        model=ns.model,
+        benchmark_files=ns.benchmarks,
+        temperatures=ns.temperatures,
+        n=ns.n,
+        out=ns.out,
+        max_questions=ns.max_questions,
+        max_new_tokens=ns.max_new_tokens,
+        template=ns.template,
+        backend=ns.backend,
+        seed=ns.seed,
+        batch_size=ns.batch_size,
+        device=device,
+        dtype=ns.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+        grading_workers=(default_grading_workers() if ns.grading_workers is None else ns.grading_workers),
+        engine_tp=ns.engine_tp,
+        wandb_mode=ns.wandb_mode,
+        wandb_project=ns.wandb_project,
+        wandb_group=ns.wandb_group,
+        wandb_job_type=ns.wandb_job_type,
+        run_name=ns.run_name,
     )
 
 
@@ -257,7 +315,8 @@ def _check_same_run(args: EvalArgs) -> None:
         if previous != identity:
             raise SystemExit(
                 f"sept-megatron eval: --out {args.out} holds a sweep of {previous}, not {identity}; "
-                "use a fresh --out directory")
+                "use a fresh --out directory"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"identity": identity, "args": {k: str(v) for k, v in asdict(args).items()}}
     record.write_text(json.dumps(payload, indent=2) + "\n")
@@ -288,17 +347,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = RolloutConfig(backend=args.backend, engine_tp=args.engine_tp)
     if args.batch_size is not None:
         section.batch_size = args.batch_size
-    engine = build_engine(args.backend, model_dir, **backend_kwargs(
-        section, tokenizer=None, seed=args.seed, device=device, dtype=getattr(torch, args.dtype),
-        progress=rank == 0, placement=placement if placement.world_size > 1 else None))
-    summary = run_sweep(DataParallelEngines(placement, engine), engine.tokenizer, benchmarks,
-                        args.temperatures, args.n, args.out, max_new_tokens=args.max_new_tokens,
-                        template=args.template, seed=args.seed, progress=rank == 0,
-                        grading_workers=args.grading_workers)
+    engine = build_engine(
+        args.backend,
+        model_dir,
+        **backend_kwargs(
+            section,
+            tokenizer=None,
+            seed=args.seed,
+            device=device,
+            dtype=getattr(torch, args.dtype),
+            progress=rank == 0,
+            placement=placement if placement.world_size > 1 else None,
+        ),
+    )
+    summary = run_sweep(
+        DataParallelEngines(placement, engine),
+        engine.tokenizer,
+        benchmarks,
+        args.temperatures,
+        args.n,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        template=args.template,
+        seed=args.seed,
+        progress=rank == 0,
+        grading_workers=args.grading_workers,
+    )
     if rank == 0:
         log_to_wandb(args, summary)
-        print(f"best temperature (baseline): {summary['best_temperature']:g}  "
-              f"AVG = {summary['best_avg']:.4f}\nresults: {args.out / 'results.md'}")
+        print(
+            f"best temperature (baseline): {summary['best_temperature']:g}  "
+            f"AVG = {summary['best_avg']:.4f}\nresults: {args.out / 'results.md'}"
+        )
     _end_world()
     return 0
 
@@ -312,10 +392,16 @@ def log_to_wandb(args: EvalArgs, summary: dict) -> None:
 
     if args.wandb_mode == "disabled":
         return
-    cfg = LoggingConfig(run_dir=str(args.out), wandb_mode=args.wandb_mode,
-                        wandb_project=args.wandb_project, run_name=args.run_name,
-                        wandb_group=args.wandb_group or args.out.resolve().name,
-                        wandb_job_type=args.wandb_job_type, save_samples=False, progress=False)
+    cfg = LoggingConfig(
+        run_dir=str(args.out),
+        wandb_mode=args.wandb_mode,
+        wandb_project=args.wandb_project,
+        run_name=args.run_name,
+        wandb_group=args.wandb_group or args.out.resolve().name,
+        wandb_job_type=args.wandb_job_type,
+        save_samples=False,
+        progress=False,
+    )
     logger = RunLogger(cfg, {k: str(v) for k, v in asdict(args).items()}, config_file=False)
     try:
         logger.set_summary({"eval/model": args.model, "eval/n": args.n})

@@ -39,8 +39,8 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def extract_last_boxed(text: str) -> str | None:
     if not isinstance(text, str):
         return None
     text = text[-MAX_RESPONSE_CHARS:]
-    last_match = None
-    for last_match in _BOX_RE.finditer(text):
-        pass
+    matches = list(_BOX_RE.finditer(text))
+    last_match = matches[-1] if matches else None
     if last_match is None:
         return None
     rest = text[last_match.end() :]
@@ -136,7 +135,7 @@ def _unwrap_text(answer: str) -> str:
         opening = _TEXT_WRAPPER_RE.match(answer)
         if opening is None:
             return answer
-        inner = _braced_content(answer[opening.end() - 1:])
+        inner = _braced_content(answer[opening.end() - 1 :])
         if inner is None or opening.end() + len(inner) + 1 != len(answer):
             return answer  # "\text{a} + \text{b}": the group does not wrap the whole answer
         answer = inner.strip()
@@ -378,15 +377,23 @@ def _grade_pairs_in_child(pairs: list[tuple[str, str]]) -> list[bool]:
 class PendingGrades:
     """Grades being computed; :meth:`result` waits for them (in response order)."""
 
-    def __init__(self, pool: "GradingPool", answers: list[str | None], truths: Sequence,
-                 pairs: list[tuple[str, str]], pending) -> None:
+    def __init__(
+        self,
+        pool: GradingPool,
+        answers: list[str | None],
+        truths: Sequence,
+        pairs: list[tuple[str, str]],
+        pending,
+    ) -> None:
         self._pool, self._answers, self._truths = pool, answers, truths
         self._pairs, self._pending = pairs, pending
 
     def result(self) -> list[bool]:
         grades = self._pool._collect(self._pairs, self._pending)
-        return [answer is not None and isinstance(truth, str) and grades[(answer, truth)]
-                for answer, truth in zip(self._answers, self._truths)]
+        return [
+            answer is not None and isinstance(truth, str) and grades[(answer, truth)]
+            for answer, truth in zip(self._answers, self._truths)
+        ]
 
 
 class GradingPool:
@@ -413,11 +420,14 @@ class GradingPool:
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         answers = [_safe_extract(r) for r in responses]
-        pairs = list(dict.fromkeys((a, t) for a, t in zip(answers, ground_truths)
-                                   if a is not None and isinstance(t, str)))
+        pairs = list(
+            dict.fromkeys(
+                (a, t) for a, t in zip(answers, ground_truths) if a is not None and isinstance(t, str)
+            )
+        )
         pending = None
         if self.workers and pairs:
-            tasks = [pairs[i: i + _PAIRS_PER_TASK] for i in range(0, len(pairs), _PAIRS_PER_TASK)]
+            tasks = [pairs[i : i + _PAIRS_PER_TASK] for i in range(0, len(pairs), _PAIRS_PER_TASK)]
             pending = self._ensure_pool().map_async(_grade_pairs_in_child, tasks)
         return PendingGrades(self, answers, ground_truths, pairs, pending)
 
@@ -430,15 +440,17 @@ class GradingPool:
                 grades = [g for chunk in pending.get(budget) for g in chunk]
                 return dict(zip(pairs, grades))
             except multiprocessing.TimeoutError:
-                logger.warning("grading pool overran %.0fs; grading %d answers in-process",
-                               budget, len(pairs))
+                logger.warning(
+                    "grading pool overran %.0fs; grading %d answers in-process", budget, len(pairs)
+                )
                 self.close()
         return {pair: _grade_pair(*pair) for pair in pairs}
 
     def _ensure_pool(self) -> multiprocessing.pool.Pool:
         if self._pool is None:
             self._pool = multiprocessing.get_context("spawn").Pool(
-                processes=self.workers, initializer=_warm_up_child)
+                processes=self.workers, initializer=_warm_up_child
+            )
         return self._pool
 
     def close(self) -> None:
@@ -447,7 +459,7 @@ class GradingPool:
             self._pool.join()
             self._pool = None
 
-    def __enter__(self) -> "GradingPool":
+    def __enter__(self) -> GradingPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,8 +17,8 @@ first averaged over the benchmarks. Two edge cases are defined here once:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from statistics import fmean
-from typing import Mapping, Sequence
 
 KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 AVG_KS: tuple[int, ...] = (1, 8, 32)
@@ -44,9 +44,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - probability_all_wrong
 
 
-def benchmark_metrics(
-    correct_counts: Sequence[int], n: int, *, greedy: bool = False
-) -> dict[int, float]:
+def benchmark_metrics(correct_counts: Sequence[int], n: int, *, greedy: bool = False) -> dict[int, float]:
     """Mean pass@k over a benchmark's questions, for each k in :data:`KS` with k <= n.
 
     ``correct_counts[i]`` is how many of question i's ``n`` samples are correct. With
@@ -59,9 +57,7 @@ def benchmark_metrics(
     if greedy:
         pass_at_1 = fmean(pass_at_k(1, c, 1) for c in correct_counts)
         return {k: pass_at_1 for k in KS}
-    return {
-        k: fmean(pass_at_k(n, c, k) for c in correct_counts) for k in KS if k <= n
-    }
+    return {k: fmean(pass_at_k(n, c, k) for c in correct_counts) for k in KS if k <= n}
 
 
 def avg_ks(per_benchmark: Mapping[str, Mapping[int, float]]) -> tuple[int, ...]:
@@ -80,6 +76,4 @@ def avg_score(per_benchmark: Mapping[str, Mapping[int, float]]) -> float:
     ``per_benchmark`` maps a benchmark name to ``{k: pass@k}``. Targets missing from any
     benchmark (n < k) are left out; see the module docstring.
     """
-    return fmean(
-        fmean(values[k] for values in per_benchmark.values()) for k in avg_ks(per_benchmark)
-    )
+    return fmean(fmean(values[k] for values in per_benchmark.values()) for k in avg_ks(per_benchmark))

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .metrics import AVG_KS
 from .sweep import temperature_label
@@ -39,15 +39,18 @@ def read_row(name: str, run_dir: Path, temperature: float | None) -> Row:
     """The row of ``run_dir``'s sweep at ``temperature`` (None: the sweep's best)."""
     path = run_dir / "results.json"
     if not path.is_file():
-        raise ValueError(f"{run_dir}: no results.json (give the --out folder of `sept-megatron "
-                         "eval`, or a demo's sweep_* folder)")
+        raise ValueError(
+            f"{run_dir}: no results.json (give the --out folder of `sept-megatron "
+            "eval`, or a demo's sweep_* folder)"
+        )
     summary = json.loads(path.read_text())
     chosen = summary["best_temperature"] if temperature is None else temperature
     label = temperature_label(chosen)
     if label not in summary["avg"]:
         swept = ", ".join(temperature_label(t) for t in summary["temperatures"])
-        raise ValueError(f"{run_dir}: temperature {label} was not swept (swept: {swept}); "
-                         "pass --temperature one of those")
+        raise ValueError(
+            f"{run_dir}: temperature {label} was not swept (swept: {swept}); pass --temperature one of those"
+        )
     mean = summary["mean"][label]
     scores = {f"pass@{k}": mean.get(f"pass@{k}") for k in AVG_KS}
     scores["AVG"] = summary["avg"][label]
@@ -84,12 +87,24 @@ def _named(spec: str) -> tuple[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sept-megatron paper-table", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=_named, metavar="RUN_DIR",
-                        help="sweep folders ([NAME=]DIR); the first is the baseline")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="temperature of every row but the baseline's (default 1.0)")
+    parser = argparse.ArgumentParser(
+        prog="sept-megatron paper-table",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=_named,
+        metavar="RUN_DIR",
+        help="sweep folders ([NAME=]DIR); the first is the baseline",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="temperature of every row but the baseline's (default 1.0)",
+    )
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     return parser
 
@@ -97,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rows = [read_row(name, folder, None if index == 0 else args.temperature)
-                for index, (name, folder) in enumerate(args.runs)]
+        rows = [
+            read_row(name, folder, None if index == 0 else args.temperature)
+            for index, (name, folder) in enumerate(args.runs)
+        ]
     except (ValueError, KeyError, json.JSONDecodeError) as error:
         print(f"sept-megatron paper-table: error: {error}", file=sys.stderr)
         return 2

@@ -34,10 +34,11 @@ import os
 import re
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -94,16 +95,21 @@ def _response(generation: Generation) -> Response:
     return Response(generation.text, len(generation.token_ids), generation.finish_reason)
 
 
-def grade_cell(questions: Sequence[Question], rows: Sequence[Sequence[Response]],
-               sampling: SamplingParams, *, benchmark: str, grades: Sequence[bool],
-               elapsed_s: float = 0.0) -> CellResult:
+def grade_cell(
+    questions: Sequence[Question],
+    rows: Sequence[Sequence[Response]],
+    sampling: SamplingParams,
+    *,
+    benchmark: str,
+    grades: Sequence[bool],
+    elapsed_s: float = 0.0,
+) -> CellResult:
     """Reduce one cell's responses (``rows[question][sample]``) and their grades to pass@k."""
     correct_counts: list[int] = []
     responses: list[dict] = []
     flat = iter(grades)
     for question, samples in zip(questions, rows):
-        graded = [_record(question, index, response, next(flat))
-                  for index, response in enumerate(samples)]
+        graded = [_record(question, index, response, next(flat)) for index, response in enumerate(samples)]
         correct_counts.append(sum(record["correct"] for record in graded))
         responses.extend(graded)
     return CellResult(
@@ -170,15 +176,22 @@ class _WaveGrading:
     def __init__(self, wave: list[_Cell], rows: list, grader: GradingPool, generate_s: float):
         self.wave, self.rows, self.generate_s = wave, rows, generate_s
         self.started = time.monotonic()
-        self.pending = [grader.submit(*_grading_inputs(cell.questions, cell_rows))
-                        for cell, cell_rows in zip(wave, rows)]
+        self.pending = [
+            grader.submit(*_grading_inputs(cell.questions, cell_rows)) for cell, cell_rows in zip(wave, rows)
+        ]
 
     def finish(self) -> list[CellResult]:
         results = []
         for cell, cell_rows, pending in zip(self.wave, self.rows, self.pending):
             elapsed = self.generate_s / len(self.wave) + time.monotonic() - self.started
-            result = grade_cell(cell.questions, cell_rows, cell.sampling, benchmark=cell.benchmark,
-                                grades=pending.result(), elapsed_s=elapsed)
+            result = grade_cell(
+                cell.questions,
+                cell_rows,
+                cell.sampling,
+                benchmark=cell.benchmark,
+                grades=pending.result(),
+                elapsed_s=elapsed,
+            )
             result.settings = cell.settings
             results.append(result)
         return results
@@ -191,8 +204,9 @@ def _as_engines(engine: RolloutEngine | DataParallelEngines) -> DataParallelEngi
 def _generate_wave(engines: DataParallelEngines, wave: list[_Cell]) -> tuple[list | None, float]:
     """Collective: every engine answers its share of the wave; rank 0 gets the responses."""
     started = time.monotonic()
-    rows = engines.generate_many([Request(cell.prompts, cell.sampling) for cell in wave],
-                                 dst=0, pack=_response)
+    rows = engines.generate_many(
+        [Request(cell.prompts, cell.sampling) for cell in wave], dst=0, pack=_response
+    )
     return rows, time.monotonic() - started
 
 
@@ -236,8 +250,7 @@ def run_sweep(
     out_dir = Path(out_dir)
     cells: list[_Cell] = []
     for name, temperature in ((name, float(t)) for name in benchmarks for t in temperatures):
-        settings = _cell_settings(name, benchmarks[name], temperature, n, max_new_tokens,
-                                  template, seed)
+        settings = _cell_settings(name, benchmarks[name], temperature, n, max_new_tokens, template, seed)
         sampling = sampling_for(temperature, n, max_new_tokens, settings["seed"])
         cells.append(_Cell(name, benchmarks[name], [], sampling, settings))
     results: dict[tuple[str, float], CellResult] = {}
@@ -250,8 +263,10 @@ def run_sweep(
                 results[_key(cell)] = stored
     done = _share(engines, set(results))
     todo = [cell for cell in cells if _key(cell) not in done]
-    prompts = {name: render_prompts(benchmarks[name], tokenizer, template)
-               for name in {cell.benchmark for cell in todo}}
+    prompts = {
+        name: render_prompts(benchmarks[name], tokenizer, template)
+        for name in {cell.benchmark for cell in todo}
+    }
     for cell in todo:
         cell.prompts = prompts[cell.benchmark]
     unit = getattr(engines.local, "shard_sequences", 1)
@@ -260,8 +275,9 @@ def run_sweep(
         grading: _WaveGrading | None = None
         try:
             for wave in _waves(todo, engines.num_engines, unit):
-                bar.set_postfix_str(", ".join(f"{c.benchmark} T={temperature_label(c.sampling.temperature)}"
-                                              for c in wave))
+                bar.set_postfix_str(
+                    ", ".join(f"{c.benchmark} T={temperature_label(c.sampling.temperature)}" for c in wave)
+                )
                 rows, generate_s = _generate_wave(engines, wave)
                 if grading is not None:  # the previous wave, graded while this one generated
                     _finish(grading, out_dir, results, bar)
@@ -317,14 +333,14 @@ def check_sweep_args(
         raise ValueError("no benchmarks to evaluate")
     for name, questions in benchmarks.items():
         if not _SAFE_NAME.fullmatch(name):
-            raise ValueError(
-                f"benchmark name {name!r} must match {_SAFE_NAME.pattern} (used in file names)")
+            raise ValueError(f"benchmark name {name!r} must match {_SAFE_NAME.pattern} (used in file names)")
         if not questions:
             raise ValueError(f"benchmark {name!r} has no questions")
         missing = [q.index for q in questions if q.ground_truth is None]
         if missing:
             raise ValueError(
-                f"benchmark {name!r}: questions {missing[:5]} have no ground truth to grade against")
+                f"benchmark {name!r}: questions {missing[:5]} have no ground truth to grade against"
+            )
 
 
 def temperature_label(temperature: float) -> str:
@@ -339,8 +355,15 @@ def _cell_stem(benchmark: str, temperature: float) -> str:
     return f"{benchmark}_T{temperature_label(temperature)}"
 
 
-def _cell_settings(benchmark: str, questions: Sequence[Question], temperature: float, n: int,
-                   max_new_tokens: int, template: str, seed: int) -> dict[str, Any]:
+def _cell_settings(
+    benchmark: str,
+    questions: Sequence[Question],
+    temperature: float,
+    n: int,
+    max_new_tokens: int,
+    template: str,
+    seed: int,
+) -> dict[str, Any]:
     """Everything that determines a cell's outcome, so a stale cell is detected on resume."""
     digest = hashlib.sha256()
     for q in questions:
@@ -376,8 +399,9 @@ def _save_cell(out_dir: Path, cell: CellResult) -> None:
     responses_path = out_dir / "responses" / f"{stem}.jsonl"
     with _atomic_open(responses_path) as stream:
         for record in cell.responses:
-            stream.write(json.dumps({"benchmark": cell.benchmark,
-                                     "temperature": cell.temperature, **record}) + "\n")
+            stream.write(
+                json.dumps({"benchmark": cell.benchmark, "temperature": cell.temperature, **record}) + "\n"
+            )
     record = asdict(cell)
     del record["responses"]
     _write_atomic(out_dir / "cells" / f"{stem}.json", json.dumps(record, indent=1) + "\n")
@@ -412,8 +436,9 @@ def _write_atomic(path: Path, text: str) -> None:
 # Reporting
 
 
-def summarise(results: Mapping[tuple[str, float], CellResult], benchmarks: list[str],
-              temperatures: list[float], n: int) -> dict:
+def summarise(
+    results: Mapping[tuple[str, float], CellResult], benchmarks: list[str], temperatures: list[float], n: int
+) -> dict:
     """The results.json content: per-cell pass@k, benchmark means, AVG and the best T."""
     cells: dict[str, dict[str, dict[str, float]]] = {name: {} for name in benchmarks}
     mean: dict[str, dict[str, float]] = {}
@@ -462,20 +487,25 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     ]
     header_ks = [k for k in AVG_KS if any(f"pass@{k}" in m for m in summary["mean"].values())]
     labels = [temperature_label(t) for t in summary["temperatures"]]
-    overview = [[summary["avg"][label]] + [summary["mean"][label].get(f"pass@{k}") for k in header_ks]
-                for label in labels]
-    lines += _table(["T", "AVG"] + [f"mean pass@{k}" for k in header_ks], overview,
-                    summary["temperatures"], best_label)
+    overview = [
+        [summary["avg"][label]] + [summary["mean"][label].get(f"pass@{k}") for k in header_ks]
+        for label in labels
+    ]
+    lines += _table(
+        ["T", "AVG"] + [f"mean pass@{k}" for k in header_ks], overview, summary["temperatures"], best_label
+    )
     for k in header_ks:
         lines += ["", f"## pass@{k}", ""]
-        rows = [[summary["cells"][b][label].get(f"pass@{k}") for b in summary["benchmarks"]]
-                for label in labels]
+        rows = [
+            [summary["cells"][b][label].get(f"pass@{k}") for b in summary["benchmarks"]] for label in labels
+        ]
         lines += _table(["T"] + summary["benchmarks"], rows, summary["temperatures"], best_label)
     return "\n".join(lines) + "\n"
 
 
-def _table(header: list[str], rows: list[list[float | None]], temperatures: list[float],
-           best_label: str) -> list[str]:
+def _table(
+    header: list[str], rows: list[list[float | None]], temperatures: list[float], best_label: str
+) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for t, row in zip(temperatures, rows):
         label = temperature_label(t)
@@ -498,12 +528,26 @@ def plot_sweep(summary: Mapping[str, Any], path: Path) -> None:
     for k in AVG_KS:
         values = [summary["mean"][label].get(f"pass@{k}") for label in labels]
         if any(v is not None for v in values):
-            axes.plot(temperatures, [math.nan if v is None else 100 * v for v in values],
-                      marker="o", label=f"mean pass@{k}")
-    axes.plot(temperatures, [100 * summary["avg"][label] for label in labels],
-              marker="s", color="black", linewidth=2, label="AVG")
-    axes.axvline(summary["best_temperature"], color="grey", linestyle="--",
-                 label=f"best T = {temperature_label(summary['best_temperature'])}")
+            axes.plot(
+                temperatures,
+                [math.nan if v is None else 100 * v for v in values],
+                marker="o",
+                label=f"mean pass@{k}",
+            )
+    axes.plot(
+        temperatures,
+        [100 * summary["avg"][label] for label in labels],
+        marker="s",
+        color="black",
+        linewidth=2,
+        label="AVG",
+    )
+    axes.axvline(
+        summary["best_temperature"],
+        color="grey",
+        linestyle="--",
+        label=f"best T = {temperature_label(summary['best_temperature'])}",
+    )
     axes.set_xlabel("temperature")
     axes.set_ylabel("accuracy (%)")
     axes.set_title(f"Temperature sweep over {len(summary['benchmarks'])} benchmarks")
@@ -546,8 +590,9 @@ def evaluate_once(
     check_sweep_args(subsets, [temperature], n, max_new_tokens, template)
     engines = _as_engines(engine)
     sampling = sampling_for(temperature, n, max_new_tokens, seed)
-    requests = [Request(render_prompts(questions, tokenizer, template), sampling)
-                for questions in subsets.values()]
+    requests = [
+        Request(render_prompts(questions, tokenizer, template), sampling) for questions in subsets.values()
+    ]
     rows = engines.generate_many(requests, dst=0, pack=_response)
     if rows is None:
         return {}

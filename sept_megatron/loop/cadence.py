@@ -9,7 +9,7 @@ is broadcast: every rank must enter the (collective) save together.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

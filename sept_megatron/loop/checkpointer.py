@@ -10,7 +10,7 @@ mid-save resumes from the previous checkpoint.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from sept_megatron.config import CheckpointConfig
 from sept_megatron.data import QuestionSampler
@@ -24,9 +24,17 @@ from sept_megatron.trainer.sft import SFTTrainer, load_trainer_state, trainer_sh
 class RoundCheckpointer:
     """Saves of one run under ``run_dir/checkpoints`` on the schedule of ``checkpoint``."""
 
-    def __init__(self, checkpoint: CheckpointConfig, run_dir: str, *, tensor_parallel: int,
-                 pipeline_parallel: int, hf_path: str | None, rounds: int,
-                 warn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        checkpoint: CheckpointConfig,
+        run_dir: str,
+        *,
+        tensor_parallel: int,
+        pipeline_parallel: int,
+        hf_path: str | None,
+        rounds: int,
+        warn: Callable[[str], None],
+    ) -> None:
         self.cfg = checkpoint
         self.run_dir = run_dir
         self.root = os.path.join(run_dir, "checkpoints")
@@ -34,8 +42,9 @@ class RoundCheckpointer:
         self.hf_path = hf_path
         self.rounds = rounds
         self.warn = warn
-        self.saver = ckpt_io.CheckpointSaver(checkpoint.async_save, checkpoint.keep_last,
-                                             checkpoint.on_save_error, warn=warn)
+        self.saver = ckpt_io.CheckpointSaver(
+            checkpoint.async_save, checkpoint.keep_last, checkpoint.on_save_error, warn=warn
+        )
         self.cadence = SaveCadence(checkpoint)
         self.resumed = ResumeChoice(None)
 
@@ -49,8 +58,10 @@ class RoundCheckpointer:
 
     def health(self) -> dict[str, float]:
         """Save failures so far and the damaged checkpoints passed over at resume."""
-        return {"checkpoint/save_failures": self.saver.failures,
-                "checkpoint/fallbacks": len(self.resumed.passed_over)}
+        return {
+            "checkpoint/save_failures": self.saver.failures,
+            "checkpoint/fallbacks": len(self.resumed.passed_over),
+        }
 
     def resume(self, trainer: SFTTrainer, sampler: QuestionSampler, ckpt_dir: str) -> int:
         """Trainer and sampler back as saved; returns the number of rounds already done."""
@@ -59,8 +70,9 @@ class RoundCheckpointer:
         sampler.load_state_dict(state["sampler"])
         return int(state["round"])
 
-    def maybe_save(self, trainer: SFTTrainer, sampler: QuestionSampler, rounds_done: int,
-                   *, force: bool = False) -> bool:
+    def maybe_save(
+        self, trainer: SFTTrainer, sampler: QuestionSampler, rounds_done: int, *, force: bool = False
+    ) -> bool:
         """Save when the schedule (or ``force``) says so; True when a save was started."""
         self.saver.poll()  # publish a finished background save as soon as every rank is done
         if not (force or self.cadence.due(rounds_done, self.rounds)):
@@ -68,12 +80,20 @@ class RoundCheckpointer:
         self.cadence.started()
         model = trainer.model
         meta = ckpt_io.CheckpointMeta(
-            model.arch, model.padded_vocab, ckpt_io.torch_dtype_name(model.config.params_dtype),
-            *self.layout, train_state={"round": rounds_done, "sampler": sampler.state_dict(),
-                                       "scheduler": trainer.scheduler.state_dict()})
+            model.arch,
+            model.padded_vocab,
+            ckpt_io.torch_dtype_name(model.config.params_dtype),
+            *self.layout,
+            train_state={
+                "round": rounds_done,
+                "sampler": sampler.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+            },
+        )
         os.makedirs(self.root, exist_ok=True)
-        self.saver.save(self.root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer),
-                        meta, self.hf_path)
+        self.saver.save(
+            self.root, f"round_{rounds_done:06d}", trainer_sharded_state_dict(trainer), meta, self.hf_path
+        )
         return True
 
     def finish(self) -> None:

@@ -22,8 +22,13 @@ from sept_megatron.logging import build_logger, setup_console_logging
 from sept_megatron.loop import startup
 from sept_megatron.loop.checkpointer import RoundCheckpointer
 from sept_megatron.loop.round import Timer, answer_once, fit, generate_round, round_metrics
-from sept_megatron.loop.schedule import (Schedule, offline_settings, offline_temperature,
-                                         round_seed, total_rounds)
+from sept_megatron.loop.schedule import (
+    Schedule,
+    offline_settings,
+    offline_temperature,
+    round_seed,
+    total_rounds,
+)
 from sept_megatron.loop.telemetry import RoundTelemetry
 from sept_megatron.loop.validation import validate_round
 from sept_megatron.rollout.registry import backend_class
@@ -38,9 +43,14 @@ def run(cfg: Config) -> dict[str, float]:
     arch, questions = startup.check_run(cfg, distributed.world_size_from_env())
     backend_class(cfg.rollout.backend).prepare_process(cfg.rollout)  # before any communicator
     env = distributed.initialize(
-        tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel,
-        virtual_pipeline=cfg.parallel.virtual_pipeline, seed=cfg.train.seed, backend=cfg.parallel.backend,
-        device=cfg.parallel.device, timeout_minutes=cfg.parallel.timeout_minutes)
+        tensor_parallel=cfg.parallel.tensor_parallel,
+        pipeline_parallel=cfg.parallel.pipeline_parallel,
+        virtual_pipeline=cfg.parallel.virtual_pipeline,
+        seed=cfg.train.seed,
+        backend=cfg.parallel.backend,
+        device=cfg.parallel.device,
+        timeout_minutes=cfg.parallel.timeout_minutes,
+    )
     setup_console_logging(env.rank)
     logger = build_logger(cfg.logging, cfg.to_dict(), env.rank)
     try:
@@ -56,15 +66,25 @@ def _run(cfg: Config, arch, questions, rank: int, logger) -> dict[str, float]:
     schedule = Schedule(cfg.train, cfg.rollout, total_rounds(cfg.train, len(bank)))
     sampler = QuestionSampler(bank, seed=cfg.data.shuffle_seed)
     checkpoints = RoundCheckpointer(
-        cfg.checkpoint, cfg.logging.run_dir, tensor_parallel=cfg.parallel.tensor_parallel,
-        pipeline_parallel=cfg.parallel.pipeline_parallel, hf_path=cfg.model.hf_path,
-        rounds=schedule.rounds, warn=logger.warning)
+        cfg.checkpoint,
+        cfg.logging.run_dir,
+        tensor_parallel=cfg.parallel.tensor_parallel,
+        pipeline_parallel=cfg.parallel.pipeline_parallel,
+        hf_path=cfg.model.hf_path,
+        rounds=schedule.rounds,
+        warn=logger.warning,
+    )
     fleet = startup.build_fleet(cfg, rank, tokenizer, releases_memory=schedule.refreshes_engine)
     resume_from = checkpoints.latest()
     model = startup.build_model(cfg, arch, resume_from)
-    trainer = SFTTrainer(model, cfg.train, total_steps=schedule.rounds * schedule.steps_per_round,
-                         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                         pad_id=startup.pad_id(tokenizer), total_rounds=schedule.rounds)
+    trainer = SFTTrainer(
+        model,
+        cfg.train,
+        total_steps=schedule.rounds * schedule.steps_per_round,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        pad_id=startup.pad_id(tokenizer),
+        total_rounds=schedule.rounds,
+    )
     start = checkpoints.resume(trainer, sampler, resume_from) if resume_from else 0
     if resume_from:
         logger.info("resumed from %s at round %d", resume_from, start)
@@ -73,14 +93,19 @@ def _run(cfg: Config, arch, questions, rank: int, logger) -> dict[str, float]:
     # weights from an FP8 config, see rollout.sglang_engine.prepare_fp8_model_dir).
     if start > 0 or cfg.model.megatron_ckpt or cfg.rollout.weights == "fp8":
         fleet.sync(model)
-    answered = answer_once(cfg, fleet, bank, prompt_ids, offline_temperature(cfg)) \
-        if schedule.answers_once else None
+    answered = (
+        answer_once(cfg, fleet, bank, prompt_ids, offline_temperature(cfg)) if schedule.answers_once else None
+    )
     if cfg.eval.before_training and start == 0:  # the base model's figures, at step 0
         logger.log(validate_round(cfg, fleet, tokenizer, -1, force=True), step=0)
 
     telemetry = RoundTelemetry.for_run(  # TFLOP/s, MFU and memory peaks per round
-        arch, world_size=distributed.world_size_from_env(), device=distributed.compute_device(),
-        peak_tflops=cfg.logging.peak_tflops, measure_round_fit=cfg.train.measure_round_fit)
+        arch,
+        world_size=distributed.world_size_from_env(),
+        device=distributed.compute_device(),
+        peak_tflops=cfg.logging.peak_tflops,
+        measure_round_fit=cfg.train.measure_round_fit,
+    )
     stop = preemption.install()
     metrics: dict[str, float] = {}
     bar = logger.progress(schedule.rounds, start, "SePT rounds")
@@ -88,11 +113,20 @@ def _run(cfg: Config, arch, questions, rank: int, logger) -> dict[str, float]:
         round_start, timer, memory = time.perf_counter(), Timer(), {}
         tau_s = schedule.tau_sample(round_index)
         # 1. Sample questions; the current model answers them at tau_s.
-        with timer("generate"), telemetry.phase(memory, "generate"), \
-                offloaded(trainer, cfg.train.offload_during_rollout):
-            batch = generate_round(cfg, fleet, sampler.next_batch(cfg.train.prompts_per_round),
-                                   prompt_ids, tau_s, round_seed(cfg.train.seed, round_index),
-                                   answered)
+        with (
+            timer("generate"),
+            telemetry.phase(memory, "generate"),
+            offloaded(trainer, cfg.train.offload_during_rollout),
+        ):
+            batch = generate_round(
+                cfg,
+                fleet,
+                sampler.next_batch(cfg.train.prompts_per_round),
+                prompt_ids,
+                tau_s,
+                round_seed(cfg.train.seed, round_index),
+                answered,
+            )
             fleet.release()  # colocated: the engine's memory goes to Megatron's steps
         # 2. Plain SFT on those answers, one optimizer step per mini-batch.
         with timer("train"), telemetry.phase(memory, "train"):

@@ -23,8 +23,9 @@ class EngineFleet:
     """The engines of a run (``engines``: all of them, spread over the world) and this rank's
     own (``local``; None on a rank without one)."""
 
-    def __init__(self, engines: DataParallelEngines, rollout: RolloutConfig,
-                 *, releases_memory: bool) -> None:
+    def __init__(
+        self, engines: DataParallelEngines, rollout: RolloutConfig, *, releases_memory: bool
+    ) -> None:
         self.engines = engines
         self.rollout = rollout
         self.releases_memory = releases_memory and rollout.placement == "colocated"
@@ -59,8 +60,12 @@ class EngineFleet:
         received = 0
         if refresh:
             received = weight_sync.sync(
-                model, self.local, bucket_bytes=self.rollout.bucket_size_mb << 20,
-                weights=self.rollout.weights, placement=self.rollout.placement)
+                model,
+                self.local,
+                bucket_bytes=self.rollout.bucket_size_mb << 20,
+                weights=self.rollout.weights,
+                placement=self.rollout.placement,
+            )
         if self.released:
             self.local.resume_memory()  # the KV cache (CUDA graphs), after the weights
             self.released = False

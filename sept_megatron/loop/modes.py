@@ -38,7 +38,8 @@ def check_train_questions(mode: str, questions: Sequence, where: str) -> None:
             f"data.train_files: {where}: train.mode=grpo rewards answers against the ground "
             f"truth, but {len(missing)} of {len(questions)} questions have none (first: row "
             f"{missing[0] + 1}); add reward_model.ground_truth (or answer) to every row, or use "
-            "train.mode=online (SePT needs no ground truth)")
+            "train.mode=online (SePT needs no ground truth)"
+        )
 
 
 # --- GRPO: rewards and advantages ---------------------------------------------------------
@@ -52,8 +53,10 @@ def grade_round(questions: Sequence, responses: Sequence[str], n: int) -> list[f
 
     rewards = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        rewards = [float(is_correct(response, questions[i // n].ground_truth))
-                   for i, response in enumerate(responses)]
+        rewards = [
+            float(is_correct(response, questions[i // n].ground_truth))
+            for i, response in enumerate(responses)
+        ]
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [rewards]
         dist.broadcast_object_list(box, src=0)
@@ -64,7 +67,7 @@ def grade_round(questions: Sequence, responses: Sequence[str], n: int) -> list[f
 def reward_stats(rewards: Sequence[float], n: int) -> dict[str, float]:
     """Mean reward, and the fraction of groups whose answers all scored the same (their
     advantages are all zero: no gradient from that question)."""
-    groups = [rewards[i: i + n] for i in range(0, len(rewards), n)]
+    groups = [rewards[i : i + n] for i in range(0, len(rewards), n)]
     flat = sum(len(set(g)) == 1 for g in groups) / len(groups)
     return {"rollout/reward_mean": fmean(rewards), "rollout/groups_all_equal": flat}
 
@@ -84,8 +87,9 @@ def prepare_round(mode: str, batch, n: int):
     advantages = grpo_advantages(torch.tensor(rewards, dtype=torch.float64), n).tolist()
     samples = [dataclasses.replace(s, advantage=a) for s, a in zip(batch.samples, advantages)]
     rows = [{**row, "reward": r, "advantage": a} for row, r, a in zip(batch.rows, rewards, advantages)]
-    return dataclasses.replace(batch, samples=samples, rows=rows,
-                               stats={**batch.stats, **reward_stats(rewards, n)})
+    return dataclasses.replace(
+        batch, samples=samples, rows=rows, stats={**batch.stats, **reward_stats(rewards, n)}
+    )
 
 
 # --- the optimizer steps of one round --------------------------------------------------------
@@ -101,5 +105,4 @@ def train_round(trainer, mini_batches: list, mode: str) -> tuple[list[dict], dic
     return logs, {key: fmean(log[key] for log in logs) for key in extra_keys}
 
 
-_STEP_KEYS = {"train/loss", "train/grad_norm", "train/lr", "train/response_tokens",
-              "train/update_skipped"}
+_STEP_KEYS = {"train/loss", "train/grad_norm", "train/lr", "train/response_tokens", "train/update_skipped"}

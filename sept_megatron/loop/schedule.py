@@ -89,12 +89,20 @@ def offline_settings(cfg: Config) -> Config:
         return cfg
     o = cfg.offline
     train = dataclasses.replace(
-        cfg.train, lr=o.lr, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        weight_decay=o.weight_decay, lr_decay_style=o.lr_decay_style, warmup_ratio=o.warmup_ratio,
-        epochs=o.epochs, prompts_per_round=max(1, o.sequences_per_step // cfg.rollout.n),
-        mini_batch_size=o.sequences_per_step, lr_schedule_interval="optimizer_step",
+        cfg.train,
+        lr=o.lr,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        weight_decay=o.weight_decay,
+        lr_decay_style=o.lr_decay_style,
+        warmup_ratio=o.warmup_ratio,
+        epochs=o.epochs,
+        prompts_per_round=max(1, o.sequences_per_step // cfg.rollout.n),
+        mini_batch_size=o.sequences_per_step,
+        lr_schedule_interval="optimizer_step",
         # verl's SFT trainer: each micro-batch's token mean, averaged over micro-batches and ranks.
-        loss_aggregation="microbatch_mean")
+        loss_aggregation="microbatch_mean",
+    )
     return dataclasses.replace(cfg, train=train)
 
 

@@ -13,8 +13,13 @@ import os
 import torch
 
 from sept_megatron.config import Config, ConfigError, validate
-from sept_megatron.data import (Question, filter_by_prompt_length, load_questions,
-                                load_tokenizer, render_prompts)
+from sept_megatron.data import (
+    Question,
+    filter_by_prompt_length,
+    load_questions,
+    load_tokenizer,
+    render_prompts,
+)
 from sept_megatron.loop import modes
 from sept_megatron.loop.fleet import EngineFleet
 from sept_megatron.plan import planner
@@ -28,8 +33,9 @@ from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.trainer.integrity import CheckpointDamaged, choose_resume_checkpoint
 
 
-def check_run(cfg: Config, world: int, hf_config: str | None = None
-              ) -> tuple[ModelArch | None, list[Question]]:
+def check_run(
+    cfg: Config, world: int, hf_config: str | None = None
+) -> tuple[ModelArch | None, list[Question]]:
     """Every problem that can be found before a process group exists, reported at once (one
     :class:`ConfigError`, a line each): the config tree, the model's shapes against the layout,
     every data file, any checkpoint to start from, then the memory plan. ``sept-megatron
@@ -45,8 +51,9 @@ def check_run(cfg: Config, world: int, hf_config: str | None = None
     return arch, questions
 
 
-def run_problems(cfg: Config, world: int, hf_config: str | None = None
-                 ) -> tuple[ModelArch | None, list[Question], list[str]]:
+def run_problems(
+    cfg: Config, world: int, hf_config: str | None = None
+) -> tuple[ModelArch | None, list[Question], list[str]]:
     """:func:`check_run`'s findings without raising: (model shapes, questions, problems)."""
     problems: list[str] = []
     arch = None
@@ -73,8 +80,10 @@ def _check_data(cfg: Config, problems: list[str]) -> list[Question]:
     if not cfg.data.train_files:
         problems.append("data.train_files is empty: give one or more parquet/JSONL files")
     questions: list[Question] = []
-    for field_name, paths in (("data.train_files", cfg.data.train_files),
-                              ("eval.benchmarks", cfg.eval.benchmarks)):
+    for field_name, paths in (
+        ("data.train_files", cfg.data.train_files),
+        ("eval.benchmarks", cfg.eval.benchmarks),
+    ):
         for path in paths:
             if not os.path.exists(path):
                 problems.append(f"{field_name}: {path!r} does not exist")
@@ -99,8 +108,9 @@ def _check_checkpoints(cfg: Config, arch, problems: list[str]) -> None:
     if cfg.checkpoint.resume and os.path.isdir(resume_root):
         # Sizes only here (no reading before the process group); CRC32s once resuming.
         try:
-            starts.append(("logging.run_dir (resuming)",
-                           choose_resume_checkpoint(resume_root, checksums=False).path))
+            starts.append(
+                ("logging.run_dir (resuming)", choose_resume_checkpoint(resume_root, checksums=False).path)
+            )
         except CheckpointDamaged as exc:
             problems.append(f"logging.run_dir={cfg.logging.run_dir!r}: {exc}")
     for field_name, path in starts:
@@ -117,19 +127,28 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def load_bank(cfg: Config, questions: list[Question], tokenizer,
-              logger) -> tuple[list[Question], dict[int, list[int]]]:
+def load_bank(
+    cfg: Config, questions: list[Question], tokenizer, logger
+) -> tuple[list[Question], dict[int, list[int]]]:
     """All training questions, rendered once; over-long prompts dropped (and counted)."""
     # Re-index so every question has a unique position in the bank.
-    questions = [Question(q.prompt_messages, q.question_text, q.ground_truth, q.source, i)
-                 for i, q in enumerate(questions)]
+    questions = [
+        Question(q.prompt_messages, q.question_text, q.ground_truth, q.source, i)
+        for i, q in enumerate(questions)
+    ]
     tokens = render_prompts(questions, tokenizer, cfg.data.chat_template)
     kept, kept_tokens, dropped = filter_by_prompt_length(questions, tokens, cfg.data.max_prompt_length)
     if not kept:
-        raise ConfigError(f"no question fits data.max_prompt_length={cfg.data.max_prompt_length} "
-                          f"({dropped} dropped); raise it or check the chat template")
-    logger.info("question bank: %d questions (%d dropped as longer than %d tokens)", len(kept),
-                dropped, cfg.data.max_prompt_length)
+        raise ConfigError(
+            f"no question fits data.max_prompt_length={cfg.data.max_prompt_length} "
+            f"({dropped} dropped); raise it or check the chat template"
+        )
+    logger.info(
+        "question bank: %d questions (%d dropped as longer than %d tokens)",
+        len(kept),
+        dropped,
+        cfg.data.max_prompt_length,
+    )
     return kept, {q.index: t for q, t in zip(kept, kept_tokens)}
 
 
@@ -148,12 +167,19 @@ def build_model(cfg: Config, arch: ModelArch, resume_from: str | None) -> mdl.Me
     else:
         padded = mdl.padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     model = mdl.build_megatron_model(
-        arch, tensor_parallel=tp, pipeline_parallel=cfg.parallel.pipeline_parallel,
-        virtual_pipeline=cfg.parallel.virtual_pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
+        arch,
+        tensor_parallel=tp,
+        pipeline_parallel=cfg.parallel.pipeline_parallel,
+        virtual_pipeline=cfg.parallel.virtual_pipeline,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=mdl.resolve_dtype(cfg.model.params_dtype),
-        transformer_impl=cfg.model.transformer_impl, fp8=cfg.model.fp8,
-        fp8_format=cfg.model.fp8_format, padded_vocab=padded, attention=cfg.model.attention,
-        recompute=cfg.train.recompute)
+        transformer_impl=cfg.model.transformer_impl,
+        fp8=cfg.model.fp8,
+        fp8_format=cfg.model.fp8_format,
+        padded_vocab=padded,
+        attention=cfg.model.attention,
+        recompute=cfg.train.recompute,
+    )
     if resume_from:
         return model  # weights come with the optimizer state (RoundCheckpointer.resume)
     if cfg.model.megatron_ckpt:
@@ -161,14 +187,19 @@ def build_model(cfg: Config, arch: ModelArch, resume_from: str | None) -> mdl.Me
         return model
     reader = HFTensorReader(cfg.model.hf_path)
     validate_hf_checkpoint(reader, arch)
-    load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
-                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    load_hf_into_model(
+        model.chunks,
+        reader,
+        arch,
+        padded_vocab=padded,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+    )
     reader.close()
     return model
 
 
-def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool = True
-                ) -> EngineFleet:
+def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool = True) -> EngineFleet:
     """Every rank's engine (collective: the engine groups' process groups are created here).
 
     Colocated: one engine per engine group of ``rollout.engine_tp`` ranks; every rank of a
@@ -184,18 +215,38 @@ def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool
     if cfg.rollout.placement == "disaggregated":
         engine = None
         if rank == 0 or _leads_its_stage():
-            engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
-                cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device,
-                dtype=dtype, progress=False))
-        engines = DataParallelEngines(server_placement(cfg.rollout.timeout_minutes), engine,
-                                      cfg.rollout.timeout_minutes)
+            engine = build_engine(
+                cfg.rollout.backend,
+                cfg.model.hf_path,
+                **backend_kwargs(
+                    cfg.rollout,
+                    tokenizer=tokenizer,
+                    seed=cfg.train.seed,
+                    device=device,
+                    dtype=dtype,
+                    progress=False,
+                ),
+            )
+        engines = DataParallelEngines(
+            server_placement(cfg.rollout.timeout_minutes), engine, cfg.rollout.timeout_minutes
+        )
     else:
         placement = build_placement(cfg.rollout.engine_tp, cfg.rollout.timeout_minutes)
         with compat.suspended():
-            engine = build_engine(cfg.rollout.backend, cfg.model.hf_path, **backend_kwargs(
-                cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed, device=device, dtype=dtype,
-                progress=cfg.logging.progress and rank == 0, placement=placement,
-                run_dir=cfg.logging.run_dir))
+            engine = build_engine(
+                cfg.rollout.backend,
+                cfg.model.hf_path,
+                **backend_kwargs(
+                    cfg.rollout,
+                    tokenizer=tokenizer,
+                    seed=cfg.train.seed,
+                    device=device,
+                    dtype=dtype,
+                    progress=cfg.logging.progress and rank == 0,
+                    placement=placement,
+                    run_dir=cfg.logging.run_dir,
+                ),
+            )
         engines = DataParallelEngines(placement, engine, cfg.rollout.timeout_minutes)
     return EngineFleet(engines, cfg.rollout, releases_memory=releases_memory)
 

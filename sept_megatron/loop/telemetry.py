@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -25,10 +25,23 @@ log = logging.getLogger(__name__)
 # order against torch.cuda.get_device_name(): longer names first (H200 before H20, L40S
 # before L4, GB200 before B200). Override with logging.peak_tflops.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("GH200", 989.4), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.0),
-    ("H100", 989.4), ("H800", 989.4), ("H20", 148.0), ("GB200", 2500.0), ("B200", 2250.0),
-    ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0),
-    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100 NVL", 835.5),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("H20", 148.0),
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
 )
 
 GIB = 2**30
@@ -69,8 +82,7 @@ def token_stats(generations: Iterable[Sequence]) -> dict[str, float]:
             tokens += len(generation.logprobs)
     if tokens == 0:
         return {}
-    return {"rollout/logprob_mean": logprob_sum / tokens,
-            "rollout/entropy_mean": entropy_sum / tokens}
+    return {"rollout/logprob_mean": logprob_sum / tokens, "rollout/entropy_mean": entropy_sum / tokens}
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,25 @@ class RoundTelemetry:
     2), counted at a third of a training pass each (forward = 2 N of the 6 N)."""
 
     @classmethod
-    def for_run(cls, arch, *, world_size: int, device: torch.device, peak_tflops: float | None,
-                measure_round_fit: bool) -> "RoundTelemetry":
+    def for_run(
+        cls,
+        arch,
+        *,
+        world_size: int,
+        device: torch.device,
+        peak_tflops: float | None,
+        measure_round_fit: bool,
+    ) -> RoundTelemetry:
         from sept_megatron.plan.memory import param_counts
 
-        return cls(arch, param_counts(arch, arch.vocab_size).total, world_size, device,
-                   device_peak_tflops(peak_tflops, device), 2 if measure_round_fit else 0)
+        return cls(
+            arch,
+            param_counts(arch, arch.vocab_size).total,
+            world_size,
+            device,
+            device_peak_tflops(peak_tflops, device),
+            2 if measure_round_fit else 0,
+        )
 
     def train_flops(self, samples) -> float:
         """Model FLOPs of one training pass over ``samples`` (each its own sequence length)."""

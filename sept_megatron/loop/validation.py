@@ -15,8 +15,9 @@ def due(cfg: Config, round_index: int) -> bool:
     return bool(every and cfg.eval.benchmarks and (round_index + 1) % every == 0)
 
 
-def validate_round(cfg: Config, fleet: EngineFleet, tokenizer, round_index: int,
-                   force: bool = False) -> dict[str, float]:
+def validate_round(
+    cfg: Config, fleet: EngineFleet, tokenizer, round_index: int, force: bool = False
+) -> dict[str, float]:
     """The validation figures after round ``round_index`` (empty when not due; ``force``:
     whenever there are benchmarks, e.g. before training)."""
     if not (due(cfg, round_index) or (force and cfg.eval.benchmarks)):
@@ -29,10 +30,16 @@ def validate_round(cfg: Config, fleet: EngineFleet, tokenizer, round_index: int,
             benchmarks.setdefault(q.source, []).append(q)
     with fleet.suspended():
         metrics = evaluate_once(
-            fleet.engines, tokenizer, benchmarks, temperature=cfg.eval.temperature, n=cfg.eval.n,
-            max_questions=cfg.eval.max_questions, template=cfg.data.chat_template,
+            fleet.engines,
+            tokenizer,
+            benchmarks,
+            temperature=cfg.eval.temperature,
+            n=cfg.eval.n,
+            max_questions=cfg.eval.max_questions,
+            template=cfg.data.chat_template,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_length,
-            seed=cfg.train.seed)
+            seed=cfg.train.seed,
+        )
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)

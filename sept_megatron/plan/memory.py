@@ -32,8 +32,11 @@ class Kernels:
     def describe(self) -> str:
         dtype = {2: "bf16", 4: "fp32"}.get(self.param_bytes, f"{self.param_bytes}-byte")
         layers = "Transformer Engine" if self.transformer_engine else "Megatron local spec"
-        attention = ("fused attention (SDPA/flash: no s x s scores kept)" if self.fused_attention
-                     else "unfused DotProductAttention (keeps fp32 softmax + its copy: s x s per head)")
+        attention = (
+            "fused attention (SDPA/flash: no s x s scores kept)"
+            if self.fused_attention
+            else "unfused DotProductAttention (keeps fp32 softmax + its copy: s x s per head)"
+        )
         return f"{dtype} params/activations, {layers}, {attention}" + (", FP8 GEMMs" if self.fp8 else "")
 
 
@@ -56,7 +59,11 @@ class ParamCounts:
 
 
 def param_counts(arch, padded_vocab: int) -> ParamCounts:
-    h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+    h, q, kv = (
+        arch.hidden_size,
+        arch.num_attention_heads * arch.head_dim,
+        arch.num_query_groups * arch.head_dim,
+    )
     linear = h * (q + 2 * kv) + q * h + 3 * h * arch.ffn_hidden_size
     if arch.qkv_bias:
         linear += q + 2 * kv
@@ -86,8 +93,9 @@ def stage_params(counts: ParamCounts, tp: int, pp: int, stage: int) -> tuple[int
 
 
 # --- activations ----------------------------------------------------------------------------
-def layer_activation_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel: bool,
-                           seq_len: int, recompute: str) -> float:
+def layer_activation_bytes(
+    arch, kernels: Kernels, *, tp: int, sequence_parallel: bool, seq_len: int, recompute: str
+) -> float:
     """Bytes autograd keeps per token for one transformer layer on one GPU.
 
     Korthikanti et al. count 34 s b h (+ 5 a s^2 b) for a GPT layer in 16-bit with dropout.
@@ -140,8 +148,9 @@ def logits_bytes(arch, kernels: Kernels, vocab_per_rank: float, tp: int, sequenc
     return (B + 8) * vocab_per_rank + head
 
 
-def backward_working_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel: bool,
-                           seq_len: int, recompute: str) -> float:
+def backward_working_bytes(
+    arch, kernels: Kernels, *, tp: int, sequence_parallel: bool, seq_len: int, recompute: str
+) -> float:
     """Per token, what one layer's backward adds: the gradients alive at once (the MLP's: FC1
     output's grad and both halves', 4 f; in Megatron's unfused attention the fp32 grads of the
     probabilities and the scores, 2 x 4 a s) and, with full recomputation, the layer's own
@@ -151,8 +160,9 @@ def backward_working_bytes(arch, kernels: Kernels, *, tp: int, sequence_parallel
     scores = 0 if kernels.fused_attention else 8 * arch.num_attention_heads / tp * seq_len
     rebuilt = 0.0
     if recompute == "full":
-        rebuilt = layer_activation_bytes(arch, kernels, tp=tp, sequence_parallel=sequence_parallel,
-                                         seq_len=seq_len, recompute="none")
+        rebuilt = layer_activation_bytes(
+            arch, kernels, tp=tp, sequence_parallel=sequence_parallel, seq_len=seq_len, recompute="none"
+        )
     return max(mlp, scores) + rebuilt
 
 
@@ -175,14 +185,30 @@ def in_flight(pp: int, vpp: int | None, micro_batches: int, stage: int) -> float
     return min(chunks / vpp, float(micro_batches))
 
 
-def stage_activations(arch, kernels: Kernels, *, tp: int, pp: int, vpp: int | None,
-                      sequence_parallel: bool, micro_batch: int, seq_len: int,
-                      micro_batches: int, stage: int, recompute: str) -> float:
+def stage_activations(
+    arch,
+    kernels: Kernels,
+    *,
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    sequence_parallel: bool,
+    micro_batch: int,
+    seq_len: int,
+    micro_batches: int,
+    stage: int,
+    recompute: str,
+) -> float:
     """Activation bytes kept for backward at the end of the forward passes in flight on one
     GPU of ``stage`` (the transient on top: :func:`backward_working_bytes`, :func:`logits_bytes`)."""
     tokens = micro_batch * seq_len
     layers = arch.num_layers // pp
     held = in_flight(pp, vpp, micro_batches, stage)
-    return tokens * layers * held * layer_activation_bytes(
-        arch, kernels, tp=tp, sequence_parallel=sequence_parallel, seq_len=seq_len,
-        recompute=recompute)
+    return (
+        tokens
+        * layers
+        * held
+        * layer_activation_bytes(
+            arch, kernels, tp=tp, sequence_parallel=sequence_parallel, seq_len=seq_len, recompute=recompute
+        )
+    )

@@ -40,10 +40,16 @@ import sys
 from dataclasses import dataclass, field
 
 from sept_megatron.config import Config, ConfigError
-from sept_megatron.plan.memory import (Kernels, backward_working_bytes, logits_bytes, param_counts,
-                                  score_buffer_bytes, stage_activations, stage_params)
-from sept_megatron.rollout.sglang_memory import (engine_pool_gib, fraction_for_pool,
-                                                 largest_fraction)
+from sept_megatron.plan.memory import (
+    Kernels,
+    backward_working_bytes,
+    logits_bytes,
+    param_counts,
+    score_buffer_bytes,
+    stage_activations,
+    stage_params,
+)
+from sept_megatron.rollout.sglang_memory import engine_pool_gib, fraction_for_pool, largest_fraction
 
 GIB = float(1 << 30)
 DEFAULT_RESERVE_GIB = 4.0
@@ -92,18 +98,30 @@ class Layout:
     def describe(self) -> str:
         vpp = f" VPP={self.virtual_pipeline}" if self.virtual_pipeline else ""
         sp = " SP" if self.sequence_parallel else ""
-        engine = (f"engine TP={self.engine_tp}" + (f" (mem_fraction_static {self.mem_fraction_static:g})"
-                                                   if self.backend == "sglang" else ""))
-        return (f"TP={self.tensor_parallel} PP={self.pipeline_parallel}{vpp} DP={self.data_parallel}"
-                f"{sp} recompute={self.recompute} | {self.backend} {engine}")
+        engine = f"engine TP={self.engine_tp}" + (
+            f" (mem_fraction_static {self.mem_fraction_static:g})" if self.backend == "sglang" else ""
+        )
+        return (
+            f"TP={self.tensor_parallel} PP={self.pipeline_parallel}{vpp} DP={self.data_parallel}"
+            f"{sp} recompute={self.recompute} | {self.backend} {engine}"
+        )
 
 
 def layout_from_config(cfg: Config, world: int) -> Layout:
     p, r = cfg.parallel, cfg.rollout
     dp = max(1, world // (p.tensor_parallel * p.pipeline_parallel))
-    return Layout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, dp,
-                  p.sequence_parallel, p.use_distributed_optimizer, cfg.train.recompute,
-                  r.engine_tp, r.backend, r.mem_fraction_static)
+    return Layout(
+        p.tensor_parallel,
+        p.pipeline_parallel,
+        p.virtual_pipeline,
+        dp,
+        p.sequence_parallel,
+        p.use_distributed_optimizer,
+        cfg.train.recompute,
+        r.engine_tp,
+        r.backend,
+        r.mem_fraction_static,
+    )
 
 
 # --- the estimate -----------------------------------------------------------------------------
@@ -157,8 +175,9 @@ class Estimate:
         return max(max(s.training_gib, s.rollout_gib) for s in gpus) + self.hardware.reserve_gib
 
 
-def estimate(cfg: Config, arch, hardware: Hardware, kernels: Kernels,
-             layout: Layout | None = None) -> Estimate:
+def estimate(
+    cfg: Config, arch, hardware: Hardware, kernels: Kernels, layout: Layout | None = None
+) -> Estimate:
     """Per-GPU memory of ``layout`` (default: the config's) on ``hardware``."""
     from sept_megatron.trainer.model import padded_vocab_size
 
@@ -178,22 +197,40 @@ def estimate(cfg: Config, arch, hardware: Hardware, kernels: Kernels,
         mem.training += [
             Line("weights", params * kernels.param_bytes / GIB),
             Line("gradients: fp32 main-grad buffer", params * 4 / GIB),
-            Line(f"optimizer: fp32 master + Adam m, v, {'sharded /DP' if sharded else 'whole'}",
-                 params * opt_bytes / (dp if sharded else 1) / GIB)]
+            Line(
+                f"optimizer: fp32 master + Adam m, v, {'sharded /DP' if sharded else 'whole'}",
+                params * opt_bytes / (dp if sharded else 1) / GIB,
+            ),
+        ]
         if dp > 1:
-            mem.training.append(Line("  (other choice: " + (
-                "whole, no distributed optimizer)" if sharded else f"distributed optimizer /DP={dp})"),
-                params * opt_bytes / (1 if sharded else dp) / GIB, counted=False))
+            mem.training.append(
+                Line(
+                    "  (other choice: "
+                    + ("whole, no distributed optimizer)" if sharded else f"distributed optimizer /DP={dp})"),
+                    params * opt_bytes / (1 if sharded else dp) / GIB,
+                    counted=False,
+                )
+            )
         if kernels.fp8:
             mem.training.append(Line("FP8 weight copies (TE, row + column-wise)", linear * 2 / GIB))
         for recompute in RECOMPUTE_CHOICES:
             used = recompute == layout.recompute
-            act = stage_activations(arch, kernels, tp=tp, pp=pp, vpp=layout.virtual_pipeline,
-                                    sequence_parallel=layout.sequence_parallel,
-                                    micro_batch=cfg.train.micro_batch_size, seq_len=seq_len,
-                                    micro_batches=micro_batches, stage=stage, recompute=recompute)
-            label = (f"activations kept, recompute={recompute}" if used
-                     else f"  (kept with recompute={recompute})")
+            act = stage_activations(
+                arch,
+                kernels,
+                tp=tp,
+                pp=pp,
+                vpp=layout.virtual_pipeline,
+                sequence_parallel=layout.sequence_parallel,
+                micro_batch=cfg.train.micro_batch_size,
+                seq_len=seq_len,
+                micro_batches=micro_batches,
+                stage=stage,
+                recompute=recompute,
+            )
+            label = (
+                f"activations kept, recompute={recompute}" if used else f"  (kept with recompute={recompute})"
+            )
             mem.training.append(Line(label, act / GIB, counted=used))
         mem.training += _working_set(cfg, arch, kernels, layout, padded, stage)
         mem.training += mode_lines(cfg, layout, padded, stage)
@@ -206,25 +243,40 @@ def estimate(cfg: Config, arch, hardware: Hardware, kernels: Kernels,
         for phase, gib in (("training", mem.training_gib), ("rollout", mem.rollout_gib)):
             if gib + hardware.reserve_gib > hardware.gpu_mem_gib:
                 where = "" if pp == 1 else f" on the {mem.name}"
-                problems.append(f"{phase} phase{where} needs {gib + hardware.reserve_gib:.1f} GiB "
-                                f"(with the {hardware.reserve_gib:g} GiB reserve) of "
-                                f"{hardware.gpu_mem_gib:g} GiB per GPU")
+                problems.append(
+                    f"{phase} phase{where} needs {gib + hardware.reserve_gib:.1f} GiB "
+                    f"(with the {hardware.reserve_gib:g} GiB reserve) of "
+                    f"{hardware.gpu_mem_gib:g} GiB per GPU"
+                )
     return Estimate(layout, hardware, kernels, stages, engine_gpu, engines, problems, notes)
 
 
-def _working_set(cfg: Config, arch, kernels: Kernels, layout: Layout, padded_vocab: int,
-                 stage: int) -> list[Line]:
+def _working_set(
+    cfg: Config, arch, kernels: Kernels, layout: Layout, padded_vocab: int, stage: int
+) -> list[Line]:
     """The transient on top of the kept activations: the larger of the head's logits (last
     stage) and one layer's backward gradients; the unfused attention's score buffer."""
     tp, seq_len = layout.tensor_parallel, cfg.data.max_prompt_length + cfg.data.max_response_length
     tokens = cfg.train.micro_batch_size * seq_len
-    backward = backward_working_bytes(arch, kernels, tp=tp, sequence_parallel=layout.sequence_parallel,
-                                      seq_len=seq_len, recompute=layout.recompute)
-    head = (logits_bytes(arch, kernels, padded_vocab / tp, tp, layout.sequence_parallel)
-            if stage == layout.pipeline_parallel - 1 else 0.0)
-    label = ("working set: logits + loss copies (fp32)" if head > backward else
-             "working set: one layer's backward" + (" (rebuilt + grads)" if layout.recompute == "full"
-                                                    else " gradients"))
+    backward = backward_working_bytes(
+        arch,
+        kernels,
+        tp=tp,
+        sequence_parallel=layout.sequence_parallel,
+        seq_len=seq_len,
+        recompute=layout.recompute,
+    )
+    head = (
+        logits_bytes(arch, kernels, padded_vocab / tp, tp, layout.sequence_parallel)
+        if stage == layout.pipeline_parallel - 1
+        else 0.0
+    )
+    label = (
+        "working set: logits + loss copies (fp32)"
+        if head > backward
+        else "working set: one layer's backward"
+        + (" (rebuilt + grads)" if layout.recompute == "full" else " gradients")
+    )
     lines = [Line(label, tokens * max(head, backward) / GIB)]
     buffer = score_buffer_bytes(arch, kernels, tp=tp, seq_len=seq_len)
     if buffer:
@@ -241,12 +293,20 @@ def mode_lines(cfg: Config, layout: Layout, padded_vocab: int, stage: int) -> li
         return []
     seq_len = cfg.data.max_prompt_length + cfg.data.max_response_length
     tokens = cfg.train.micro_batch_size * seq_len
-    lines = [Line(f"{mode}: entropy's fp32 copies of the logits", tokens * 16 * padded_vocab
-                  / layout.tensor_parallel / GIB)]
+    lines = [
+        Line(
+            f"{mode}: entropy's fp32 copies of the logits",
+            tokens * 16 * padded_vocab / layout.tensor_parallel / GIB,
+        )
+    ]
     if mode == "grpo":
         sequences = math.ceil(cfg.train.prompts_per_round * cfg.rollout.n / layout.data_parallel)
-        lines.append(Line(f"grpo: old log-probs, {sequences} sequences x {seq_len} tokens",
-                          sequences * seq_len * 4 / GIB))
+        lines.append(
+            Line(
+                f"grpo: old log-probs, {sequences} sequences x {seq_len} tokens",
+                sequences * seq_len * 4 / GIB,
+            )
+        )
     return lines
 
 
@@ -256,11 +316,16 @@ def mode_notes(cfg: Config) -> list[str]:
     if t.mode != "grpo":
         return []
     sequences = t.prompts_per_round * n
-    extra = ("one extra forward pass over them before the first update (old log-probs, about "
-             "a third of a training step's compute)" if sequences > t.mini_batch_size else
-             "no extra forward (one update per rollout: the ratio is 1)")
-    return [f"grpo: {t.prompts_per_round} questions x rollout.n={n} = {sequences} sequences "
-            f"generated and trained per round; {extra}"]
+    extra = (
+        "one extra forward pass over them before the first update (old log-probs, about "
+        "a third of a training step's compute)"
+        if sequences > t.mini_batch_size
+        else "no extra forward (one update per rollout: the ratio is 1)"
+    )
+    return [
+        f"grpo: {t.prompts_per_round} questions x rollout.n={n} = {sequences} sequences "
+        f"generated and trained per round; {extra}"
+    ]
 
 
 # --- rollout --------------------------------------------------------------------------------
@@ -290,43 +355,68 @@ def engine_needs(cfg: Config, arch, hardware: Hardware, layout: Layout) -> Engin
     kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * 2
     linear = counts.num_layers * counts.layer_linear
     weight_bytes = (counts.total - linear) * 2 + linear * (1 if r.weights == "fp8" else 2)
-    return EngineNeeds(weight_bytes / layout.engine_tp / GIB, sequences * seq_len * kv_per_token / GIB,
-                       seq_len * kv_per_token / GIB, sequences, engines)
+    return EngineNeeds(
+        weight_bytes / layout.engine_tp / GIB,
+        sequences * seq_len * kv_per_token / GIB,
+        seq_len * kv_per_token / GIB,
+        sequences,
+        engines,
+    )
 
 
-def _rollout(cfg: Config, arch, hardware: Hardware, layout: Layout, stages: list[StageMemory],
-             problems: list[str], notes: list[str]) -> tuple[StageMemory | None, int]:
+def _rollout(
+    cfg: Config,
+    arch,
+    hardware: Hardware,
+    layout: Layout,
+    stages: list[StageMemory],
+    problems: list[str],
+    notes: list[str],
+) -> tuple[StageMemory | None, int]:
     """Fill the rollout lines of each GPU that hosts an engine; return the engine GPU
     (disaggregated placement) and the number of engines."""
     needs = engine_needs(cfg, arch, hardware, layout)
     disaggregated = cfg.rollout.placement == "disaggregated"
-    weights_label = ("engine weights (bf16, a full copy)" if layout.backend == "hf" else
-                     f"engine weights ({'fp8' if cfg.rollout.weights == 'fp8' else 'bf16'}, "
-                     f"/engine TP={layout.engine_tp})")
-    kv_label = (f"KV cache: {needs.sequences} sequences x "
-                f"{cfg.data.max_prompt_length + cfg.data.max_response_length} tokens")
+    weights_label = (
+        "engine weights (bf16, a full copy)"
+        if layout.backend == "hf"
+        else f"engine weights ({'fp8' if cfg.rollout.weights == 'fp8' else 'bf16'}, "
+        f"/engine TP={layout.engine_tp})"
+    )
+    kv_label = (
+        f"KV cache: {needs.sequences} sequences x "
+        f"{cfg.data.max_prompt_length + cfg.data.max_response_length} tokens"
+    )
     if layout.backend == "hf" and needs.weights + hardware.reserve_gib > hardware.gpu_mem_gib:
-        problems.append(f"rollout engine: the hf backend holds one full bf16 copy of the model "
-                        f"({needs.weights:.1f} GiB) on one GPU of {hardware.gpu_mem_gib:g} GiB; use "
-                        "rollout.backend=sglang with rollout.engine_tp > 1")
+        problems.append(
+            f"rollout engine: the hf backend holds one full bf16 copy of the model "
+            f"({needs.weights:.1f} GiB) on one GPU of {hardware.gpu_mem_gib:g} GiB; use "
+            "rollout.backend=sglang with rollout.engine_tp > 1"
+        )
     hosts = [StageMemory("engine GPU")] if disaggregated else stages
     offloaded = cfg.train.offload_during_rollout
     for mem in hosts:
         resident = 0.0 if disaggregated or offloaded else mem.resident_gib
         if not disaggregated:
-            label = ("trainer state offloaded to host memory (train.offload_during_rollout)"
-                     if offloaded else "trainer state kept resident (weights, grads, optimizer)")
+            label = (
+                "trainer state offloaded to host memory (train.offload_during_rollout)"
+                if offloaded
+                else "trainer state kept resident (weights, grads, optimizer)"
+            )
             mem.rollout.append(Line(label, resident))
         mem.rollout.append(Line(weights_label, needs.weights))
         if layout.backend == "hf":
-            mem.rollout += [Line(kv_label, needs.kv),
-                            Line("prefill working set (hf: whole batch at once)",
-                                 _hf_prefill_gib(cfg, arch, needs.sequences))]
+            mem.rollout += [
+                Line(kv_label, needs.kv),
+                Line(
+                    "prefill working set (hf: whole batch at once)",
+                    _hf_prefill_gib(cfg, arch, needs.sequences),
+                ),
+            ]
         else:
             _sglang_pool(mem, resident, needs, kv_label, hardware, layout, problems, notes)
         if not disaggregated and layout.backend == "sglang":
-            mem.training.append(Line("SGLang engine while released (context, graphs)",
-                                     SGLANG_RELEASED_GIB))
+            mem.training.append(Line("SGLang engine while released (context, graphs)", SGLANG_RELEASED_GIB))
     return (hosts[0] if disaggregated else None), needs.engines
 
 
@@ -337,16 +427,17 @@ def _hf_prefill_gib(cfg: Config, arch, sequences: int) -> float:
     return sequences * cfg.data.max_prompt_length * per_token * 2 / GIB
 
 
-def sglang_fraction_needed(resident: float, needs: EngineNeeds, gpu_mem: float,
-                           reserve: float = DEFAULT_RESERVE_GIB) -> float:
+def sglang_fraction_needed(
+    resident: float, needs: EngineNeeds, gpu_mem: float, reserve: float = DEFAULT_RESERVE_GIB
+) -> float:
     """The ``mem_fraction_static`` to ask for: the smallest whose pool holds every sequence
     (:func:`~sept_megatron.rollout.sglang_memory.fraction_for_pool`), capped by the largest
     that leaves room for ``resident`` trainer state and SGLang's workspace."""
     free = free_at_engine_start(gpu_mem, reserve)
-    needed = fraction_for_pool(free_at_start_gib=free, engine_weights_gib=needs.weights,
-                               pool_gib=needs.kv)
-    return min(needed, largest_fraction(free_at_start_gib=free,
-                                        beside_engine_gib=resident + SGLANG_WORKSPACE_GIB))
+    needed = fraction_for_pool(free_at_start_gib=free, engine_weights_gib=needs.weights, pool_gib=needs.kv)
+    return min(
+        needed, largest_fraction(free_at_start_gib=free, beside_engine_gib=resident + SGLANG_WORKSPACE_GIB)
+    )
 
 
 def free_at_engine_start(gpu_mem: float, reserve: float) -> float:
@@ -355,42 +446,65 @@ def free_at_engine_start(gpu_mem: float, reserve: float) -> float:
     return gpu_mem - reserve
 
 
-def _sglang_pool(mem: StageMemory, resident: float, needs: EngineNeeds, kv_label: str,
-                 hardware: Hardware, layout: Layout, problems: list[str], notes: list[str]) -> None:
+def _sglang_pool(
+    mem: StageMemory,
+    resident: float,
+    needs: EngineNeeds,
+    kv_label: str,
+    hardware: Hardware,
+    layout: Layout,
+    problems: list[str],
+    notes: list[str],
+) -> None:
     """SGLang 0.5.21's pool (:mod:`sept_megatron.rollout.sglang_memory`): ``fraction`` of the
     memory free at its start, less its weights; the trainer's resident state and SGLang's
     workspace must fit in the rest."""
     fraction = layout.mem_fraction_static
     free = free_at_engine_start(hardware.gpu_mem_gib, hardware.reserve_gib)
-    pool = engine_pool_gib(free_at_start_gib=free, engine_weights_gib=needs.weights,
-                           mem_fraction_static=fraction)
-    mem.rollout += [Line(f"  ({kv_label})", needs.kv, counted=False),
-                    Line(f"KV pool: mem_fraction_static {fraction:g} x {free:g} free at engine "
-                         "start, less its weights", max(pool, 0.0)),
-                    Line("SGLang workspace outside its pool (CUDA graphs, prefill)",
-                         SGLANG_WORKSPACE_GIB)]
+    pool = engine_pool_gib(
+        free_at_start_gib=free, engine_weights_gib=needs.weights, mem_fraction_static=fraction
+    )
+    mem.rollout += [
+        Line(f"  ({kv_label})", needs.kv, counted=False),
+        Line(
+            f"KV pool: mem_fraction_static {fraction:g} x {free:g} free at engine start, less its weights",
+            max(pool, 0.0),
+        ),
+        Line("SGLang workspace outside its pool (CUDA graphs, prefill)", SGLANG_WORKSPACE_GIB),
+    ]
     highest = largest_fraction(free_at_start_gib=free, beside_engine_gib=resident + SGLANG_WORKSPACE_GIB)
     wanted = sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib, hardware.reserve_gib)
     where = "" if mem.name == "GPU" else f" ({mem.name})"
-    fits_one = engine_pool_gib(free_at_start_gib=free, engine_weights_gib=needs.weights,
-                               mem_fraction_static=highest) >= needs.one_sequence
-    fix = (f"set rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g}" if fits_one
-           else "offload the trainer during rollout, or shard the engine wider "
-                "(rollout.engine_tp) or the trainer (more TP/PP)")
+    fits_one = (
+        engine_pool_gib(free_at_start_gib=free, engine_weights_gib=needs.weights, mem_fraction_static=highest)
+        >= needs.one_sequence
+    )
+    fix = (
+        f"set rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g}"
+        if fits_one
+        else "offload the trainer during rollout, or shard the engine wider "
+        "(rollout.engine_tp) or the trainer (more TP/PP)"
+    )
     if fraction > highest:
-        problems.append(f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's "
-                        f"static pool takes {fraction * free:.1f} of the {free:.1f} GiB free at its "
-                        f"start, leaving {(1 - fraction) * free:.1f} GiB for {resident:.1f} GiB of "
-                        f"trainer state and {SGLANG_WORKSPACE_GIB:g} GiB of SGLang workspace: {fix}")
+        problems.append(
+            f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's "
+            f"static pool takes {fraction * free:.1f} of the {free:.1f} GiB free at its "
+            f"start, leaving {(1 - fraction) * free:.1f} GiB for {resident:.1f} GiB of "
+            f"trainer state and {SGLANG_WORKSPACE_GIB:g} GiB of SGLang workspace: {fix}"
+        )
     elif pool < needs.one_sequence:
-        problems.append(f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's KV "
-                        f"pool is {pool:.1f} GiB after {needs.weights:.1f} GiB of engine weights, "
-                        f"less than one full-length sequence ({needs.one_sequence:.2f} GiB): {fix}")
+        problems.append(
+            f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's KV "
+            f"pool is {pool:.1f} GiB after {needs.weights:.1f} GiB of engine weights, "
+            f"less than one full-length sequence ({needs.one_sequence:.2f} GiB): {fix}"
+        )
     elif pool < needs.kv:
-        notes.append(f"SGLang's KV pool{where} ({pool:.1f} GiB) holds {int(pool / needs.one_sequence)} "
-                     f"of the engine's {needs.sequences} full-length sequences at once; the rest "
-                     f"queue (rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g} "
-                     "holds the most that fits beside the trainer)")
+        notes.append(
+            f"SGLang's KV pool{where} ({pool:.1f} GiB) holds {int(pool / needs.one_sequence)} "
+            f"of the engine's {needs.sequences} full-length sequences at once; the rest "
+            f"queue (rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g} "
+            "holds the most that fits beside the trainer)"
+        )
 
 
 # --- proposals ------------------------------------------------------------------------------
@@ -416,8 +530,11 @@ def candidate_layouts(cfg: Config, arch, hardware: Hardware):
 
 def engine_choices(cfg: Config, arch, hardware: Hardware) -> list[tuple[str, int]]:
     """(backend, engine TP) pairs to try: the config's backend first, SGLang when hf cannot."""
-    sglang = [("sglang", etp) for etp in _divisors(hardware.gpus_per_node)
-              if arch.num_attention_heads % etp == 0 and hardware.world % etp == 0]
+    sglang = [
+        ("sglang", etp)
+        for etp in _divisors(hardware.gpus_per_node)
+        if arch.num_attention_heads % etp == 0 and hardware.world % etp == 0
+    ]
     if cfg.rollout.backend == "hf":
         return [("hf", 1)] + sglang
     return sglang
@@ -430,8 +547,18 @@ def propose(cfg: Config, arch, hardware: Hardware, kernels: Kernels, limit: int 
     for tp, pp, dp, recompute in candidate_layouts(cfg, arch, hardware):
         fitting = []
         for backend, etp in engine_choices(cfg, arch, hardware):
-            layout = Layout(tp, pp, None, dp, tp > 1, cfg.parallel.use_distributed_optimizer,
-                            recompute, etp, backend, cfg.rollout.mem_fraction_static)
+            layout = Layout(
+                tp,
+                pp,
+                None,
+                dp,
+                tp > 1,
+                cfg.parallel.use_distributed_optimizer,
+                recompute,
+                etp,
+                backend,
+                cfg.rollout.mem_fraction_static,
+            )
             result = _with_fraction_raised(cfg, arch, hardware, kernels, layout)
             if result.fits and result.peak_gib <= PROPOSAL_HEADROOM * hardware.gpu_mem_gib:
                 fitting.append(result)
@@ -440,13 +567,21 @@ def propose(cfg: Config, arch, hardware: Hardware, kernels: Kernels, limit: int 
         if fitting:
             found.append(next((e for e in fitting if not e.notes), fitting[0]))
     order = {c: i for i, c in enumerate(RECOMPUTE_CHOICES)}
-    found.sort(key=lambda e: (e.layout.tensor_parallel * e.layout.pipeline_parallel,
-                              order[e.layout.recompute], e.layout.pipeline_parallel,
-                              e.layout.engine_tp))
+    found.sort(
+        key=lambda e: (
+            e.layout.tensor_parallel * e.layout.pipeline_parallel,
+            order[e.layout.recompute],
+            e.layout.pipeline_parallel,
+            e.layout.engine_tp,
+        )
+    )
     # One line per trainer layout: the least recomputation that fits it.
     seen: set[tuple[int, int]] = set()
-    found = [e for e in found if (key := (e.layout.tensor_parallel, e.layout.pipeline_parallel))
-             not in seen and not seen.add(key)]
+    found = [
+        e
+        for e in found
+        if (key := (e.layout.tensor_parallel, e.layout.pipeline_parallel)) not in seen and not seen.add(key)
+    ]
     return found[:limit]
 
 
@@ -454,13 +589,18 @@ def _with_fraction_raised(cfg, arch, hardware, kernels, layout: Layout) -> Estim
     """Retry with the SGLang fraction whose pool holds the engine's sequences (at most
     SGLANG_MAX_FRACTION)."""
     first = estimate(cfg, arch, hardware, kernels, layout)
-    if (first.fits and not first.notes) or layout.backend != "sglang" \
-            or cfg.rollout.placement == "disaggregated":
+    if (
+        (first.fits and not first.notes)
+        or layout.backend != "sglang"
+        or cfg.rollout.placement == "disaggregated"
+    ):
         return first
     needs = engine_needs(cfg, arch, hardware, layout)
     resident = max(s.resident_gib for s in first.stages)
-    fraction = min(SGLANG_MAX_FRACTION, sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib,
-                                                               hardware.reserve_gib))
+    fraction = min(
+        SGLANG_MAX_FRACTION,
+        sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib, hardware.reserve_gib),
+    )
     if fraction == layout.mem_fraction_static or fraction <= 0:
         return first
     return estimate(cfg, arch, hardware, kernels, dataclasses.replace(layout, mem_fraction_static=fraction))
@@ -472,16 +612,19 @@ def render(result: Estimate, arch, cfg: Config) -> str:
     hw, layout = result.hardware, result.layout
     seq_len = cfg.data.max_prompt_length + cfg.data.max_response_length
     counts = param_counts(arch, arch.vocab_size)
-    out = [f"model: {arch.model_type}, {counts.total / 1e9:.2f}B params (hidden {arch.hidden_size}, "
-           f"{arch.num_layers} layers, {arch.num_attention_heads} heads / {arch.num_query_groups} KV "
-           f"heads, FFN {arch.ffn_hidden_size}, vocab {arch.vocab_size}"
-           f"{', tied embeddings' if arch.tie_word_embeddings else ''})",
-           f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs x {hw.gpu_mem_gib:g} GiB",
-           f"layout: {layout.describe()}",
-           f"rollout: {cfg.rollout.placement}, {result.engines} engine(s) of {layout.engine_tp} GPU(s)",
-           f"kernels: {result.kernels.describe()}",
-           f"micro-batch {cfg.train.micro_batch_size} x {seq_len} tokens (prompt "
-           f"{cfg.data.max_prompt_length} + response {cfg.data.max_response_length})", ""]
+    out = [
+        f"model: {arch.model_type}, {counts.total / 1e9:.2f}B params (hidden {arch.hidden_size}, "
+        f"{arch.num_layers} layers, {arch.num_attention_heads} heads / {arch.num_query_groups} KV "
+        f"heads, FFN {arch.ffn_hidden_size}, vocab {arch.vocab_size}"
+        f"{', tied embeddings' if arch.tie_word_embeddings else ''})",
+        f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs x {hw.gpu_mem_gib:g} GiB",
+        f"layout: {layout.describe()}",
+        f"rollout: {cfg.rollout.placement}, {result.engines} engine(s) of {layout.engine_tp} GPU(s)",
+        f"kernels: {result.kernels.describe()}",
+        f"micro-batch {cfg.train.micro_batch_size} x {seq_len} tokens (prompt "
+        f"{cfg.data.max_prompt_length} + response {cfg.data.max_response_length})",
+        "",
+    ]
     columns = result.stages + ([result.engine_gpu] if result.engine_gpu else [])
     width = 62
     header = f"{'per-GPU memory, GiB':{width}}" + "".join(f"{c.name:>14}" for c in columns)
@@ -507,11 +650,15 @@ def render(result: Estimate, arch, cfg: Config) -> str:
             out.append(f"  {label:{width - 2}}" + "".join(cells))
         totals = [getattr(c, f"{phase}_gib") for c in columns]
         out.append(f"  {'= ' + phase + ' phase':{width - 2}}" + "".join(map(_cell, totals)))
-    out.append(f"  {'reserve (CUDA contexts, NCCL, allocator slack)':{width - 2}}"
-               + _cell(hw.reserve_gib) * len(columns))
+    out.append(
+        f"  {'reserve (CUDA contexts, NCCL, allocator slack)':{width - 2}}"
+        + _cell(hw.reserve_gib) * len(columns)
+    )
     verdict = "fits" if result.fits else "DOES NOT FIT"
-    out += ["", f"peak {result.peak_gib:.1f} of {hw.gpu_mem_gib:g} GiB per GPU: {verdict}"
-            f" ({_binding(result)})"]
+    out += [
+        "",
+        f"peak {result.peak_gib:.1f} of {hw.gpu_mem_gib:g} GiB per GPU: {verdict} ({_binding(result)})",
+    ]
     out += [f"  - {p}" for p in result.problems] + [f"  note: {n}" for n in result.notes]
     return "\n".join(out)
 
@@ -525,8 +672,10 @@ def _cell(gib: float) -> str:
 def _binding(result: Estimate) -> str:
     """Which phase, GPU and line bind."""
     columns = result.stages + ([result.engine_gpu] if result.engine_gpu else [])
-    phase, gpu = max(((p, c) for c in columns for p in ("training", "rollout")),
-                     key=lambda pc: getattr(pc[1], f"{pc[0]}_gib"))
+    phase, gpu = max(
+        ((p, c) for c in columns for p in ("training", "rollout")),
+        key=lambda pc: getattr(pc[1], f"{pc[0]}_gib"),
+    )
     biggest = max((l for l in getattr(gpu, phase) if l.counted), key=lambda l: l.gib)
     where = "" if len(columns) == 1 else f" on the {gpu.name}"
     return f"binding: the {phase} phase{where}, largest line: {biggest.label.strip()} {biggest.gib:.1f} GiB"
@@ -534,8 +683,10 @@ def _binding(result: Estimate) -> str:
 
 def render_proposals(proposals: list[Estimate]) -> str:
     if not proposals:
-        return "no layout fits this hardware: add nodes, shorten data.max_response_length or " \
-               "lower train.micro_batch_size"
+        return (
+            "no layout fits this hardware: add nodes, shorten data.max_response_length or "
+            "lower train.micro_batch_size"
+        )
     lines = ["smallest layouts that fit with 5% to spare (peak GiB per GPU):"]
     for p in proposals:
         lines.append(f"  {p.layout.describe()}  -> {p.peak_gib:.1f}")
@@ -547,11 +698,18 @@ def resolve_kernels(cfg: Config, arch, *, on_gpu: bool, te_available: bool) -> K
     """Activation dtype and layer implementation as ``build_megatron_model`` would choose them."""
     m = cfg.model
     dtype = m.params_dtype if m.params_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    te = bool(m.fp8) or m.transformer_impl == "transformer_engine" or (
-        m.transformer_impl == "auto" and on_gpu and te_available)
-    return Kernels(4 if dtype == "float32" else 2, te,
-                   te or local_attention_is_fused(arch, m.attention), bool(m.fp8),
-                   fused_swiglu=on_gpu)
+    te = (
+        bool(m.fp8)
+        or m.transformer_impl == "transformer_engine"
+        or (m.transformer_impl == "auto" and on_gpu and te_available)
+    )
+    return Kernels(
+        4 if dtype == "float32" else 2,
+        te,
+        te or local_attention_is_fused(arch, m.attention),
+        bool(m.fp8),
+        fused_swiglu=on_gpu,
+    )
 
 
 def local_attention_is_fused(arch, attention: str) -> bool:
@@ -585,14 +743,16 @@ def check_fits(cfg: Config, arch, world: int) -> Estimate | None:
         gpu_mem = torch.cuda.get_device_properties(launch_env().local_rank).total_memory / GIB
     per_node = _gpus_per_node(world)
     hardware = Hardware(world // per_node, per_node, gpu_mem)
-    kernels = resolve_kernels(cfg, arch, on_gpu=on_gpu,
-                              te_available=on_gpu and use_transformer_engine(cfg.model.transformer_impl))
+    kernels = resolve_kernels(
+        cfg, arch, on_gpu=on_gpu, te_available=on_gpu and use_transformer_engine(cfg.model.transformer_impl)
+    )
     result = estimate(cfg, arch, hardware, kernels)
     if not result.fits:
         raise ConfigError(
             f"the layout does not fit in {gpu_mem:g} GiB per GPU (parallel.gpu_mem_gb or the "
             f"device's own); change the layout before any weights are loaded:\n\n"
-            f"{render(result, arch, cfg)}\n\n{render_proposals(propose(cfg, arch, hardware, kernels))}")
+            f"{render(result, arch, cfg)}\n\n{render_proposals(propose(cfg, arch, hardware, kernels))}"
+        )
     return result
 
 
@@ -612,8 +772,9 @@ def load_arch(cfg: Config, hf_config: str | None):
 
     path = hf_config or cfg.model.hf_path
     if not path:
-        raise ConfigError("model.hf_path is not set and no --hf-config was given: the planner "
-                          "needs the model's config.json")
+        raise ConfigError(
+            "model.hf_path is not set and no --hf-config was given: the planner needs the model's config.json"
+        )
     try:
         if os.path.isfile(path):
             from transformers import AutoConfig
@@ -631,17 +792,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sept-megatron plan",
         description="Per-GPU memory of a config's layout on given hardware; exit 0 if it fits, "
-                    "1 if not, 2 on a config error.")
+        "1 if not, 2 on a config error.",
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument("--gpu-mem-gb", type=float, required=True,
-                        help="memory per GPU in GiB (an H100 80GB has 79.6; train's own check "
-                             "uses the device's figure)")
-    parser.add_argument("--hf-config", help="config.json (or its dir) to use instead of "
-                        "model.hf_path's: plan without the weights")
-    parser.add_argument("--reserve-gb", type=float, default=DEFAULT_RESERVE_GIB,
-                        help="per-GPU reserve for CUDA contexts, NCCL and allocator slack")
+    parser.add_argument(
+        "--gpu-mem-gb",
+        type=float,
+        required=True,
+        help="memory per GPU in GiB (an H100 80GB has 79.6; train's own check uses the device's figure)",
+    )
+    parser.add_argument(
+        "--hf-config",
+        help="config.json (or its dir) to use instead of model.hf_path's: plan without the weights",
+    )
+    parser.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=DEFAULT_RESERVE_GIB,
+        help="per-GPU reserve for CUDA contexts, NCCL and allocator slack",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser
 

@@ -37,5 +37,7 @@ def planning_config(recipe: str | Path, hf_path: str | None) -> tuple[str | None
     path = shipped_config(recipe, hf_path)
     if path is None:
         return None, None
-    return str(path), (f"model.hf_path={hf_path} is not on disk: planning with the published "
-                       f"config.json shipped with the recipe, {path}")
+    return str(path), (
+        f"model.hf_path={hf_path} is not on disk: planning with the published "
+        f"config.json shipped with the recipe, {path}"
+    )

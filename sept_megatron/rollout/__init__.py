@@ -12,17 +12,41 @@ from typing import Any
 from sept_megatron.rollout.base import Generation, RolloutEngine, SamplingParams, WeightBucket
 from sept_megatron.rollout.registry import backend_class, backend_names, register_backend
 
-__all__ = ["Generation", "RolloutEngine", "SamplingParams", "WeightBucket", "backend_kwargs",
-           "backend_names", "build_engine", "register_backend"]
+__all__ = [
+    "Generation",
+    "RolloutEngine",
+    "SamplingParams",
+    "WeightBucket",
+    "backend_kwargs",
+    "backend_names",
+    "build_engine",
+    "register_backend",
+]
 
 
-def backend_kwargs(rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
-                   placement=None, run_dir: str | None = None) -> dict[str, Any]:
+def backend_kwargs(
+    rollout,
+    *,
+    tokenizer,
+    seed: int,
+    device: str,
+    dtype,
+    progress: bool,
+    placement=None,
+    run_dir: str | None = None,
+) -> dict[str, Any]:
     """Constructor arguments of the backend ``rollout.backend`` names, from the rollout section
     (each backend's :meth:`~sept_megatron.rollout.base.RolloutBackend.config_kwargs`)."""
     return backend_class(rollout.backend).config_kwargs(
-        rollout, tokenizer=tokenizer, seed=seed, device=device, dtype=dtype, progress=progress,
-        placement=placement, run_dir=run_dir)
+        rollout,
+        tokenizer=tokenizer,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        placement=placement,
+        run_dir=run_dir,
+    )
 
 
 def build_engine(backend: str, model_path: str | None = None, **kwargs: Any) -> RolloutEngine:

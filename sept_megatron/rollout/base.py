@@ -8,8 +8,9 @@ Nothing probes an engine with ``getattr`` or sets attributes on it from outside.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,8 +42,10 @@ class SamplingParams:
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"SamplingParams.top_k must be -1 (no cut) or >= 1, got {self.top_k}")
         if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.n and max_new_tokens must be >= 1, got n={self.n}, "
-                             f"max_new_tokens={self.max_new_tokens}")
+            raise ValueError(
+                f"SamplingParams.n and max_new_tokens must be >= 1, got n={self.n}, "
+                f"max_new_tokens={self.max_new_tokens}"
+            )
 
 
 def sequence_seed(seed: int, key: int, copy: int) -> int:
@@ -127,9 +130,7 @@ class RolloutEngine(Protocol):
     form the same batches; an engine with per-request seeds and batch-invariant sampling
     leaves it at 1 for the finest balance."""
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
-    ) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Generation]]:
         """Return ``sampling.n`` generations for each prompt (a list of token ids), in order.
         A seeded call draws copy ``j`` of prompt ``i`` with ``sequence_seeds(sampling, ...)``:
         which other prompts share the call must not change it."""
@@ -158,9 +159,18 @@ class RolloutBackend(Protocol):
         backend needs identical on every rank, e.g. NCCL's environment)."""
 
     @classmethod
-    def config_kwargs(cls, rollout: Any, *, tokenizer: Any, seed: int, device: str,
-                      dtype: torch.dtype, progress: bool, placement: Any = None,
-                      run_dir: str | None = None) -> dict[str, Any]:
+    def config_kwargs(
+        cls,
+        rollout: Any,
+        *,
+        tokenizer: Any,
+        seed: int,
+        device: str,
+        dtype: torch.dtype,
+        progress: bool,
+        placement: Any = None,
+        run_dir: str | None = None,
+    ) -> dict[str, Any]:
         """:meth:`build`'s keyword arguments from the ``rollout`` section. ``placement``
         (:class:`~sept_megatron.rollout.placement.Placement`, colocated engines): this rank's
         engine group and its process groups; ``run_dir`` (``logging.run_dir``): where the

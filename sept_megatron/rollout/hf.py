@@ -20,19 +20,29 @@ import functools
 import logging
 import math
 from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.generation.logits_process import (
-    LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-    TopPLogitsWarper)
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from sept_megatron.data import load_tokenizer
-from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket, check_prompts,
-                                          sequence_seeds, stop_ids)
+from sept_megatron.rollout.base import (
+    Generation,
+    SamplingParams,
+    WeightBucket,
+    check_prompts,
+    sequence_seeds,
+    stop_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +75,10 @@ class HFRolloutEngine:
         # alone; the one-rank process group has nothing to coordinate.
         del process_group
         if group is not None and len(group.ranks) != 1:
-            raise ValueError(f"the hf backend runs one engine per rank, got an engine group of "
-                             f"ranks {group.ranks}; set rollout.engine_tp=1")
+            raise ValueError(
+                f"the hf backend runs one engine per rank, got an engine group of "
+                f"ranks {group.ranks}; set rollout.engine_tp=1"
+            )
         if (model_path is None) == (model is None):
             raise ValueError("HFRolloutEngine needs exactly one of model_path or model")
         if model_path is not None:
@@ -97,19 +109,25 @@ class HFRolloutEngine:
         del arch  # any model transformers loads
         problems = []
         if rollout.engine_tp != 1:
-            problems.append(f"rollout.engine_tp={rollout.engine_tp}: the hf backend runs one engine "
-                            "per device; set rollout.engine_tp=1 or rollout.backend=sglang")
+            problems.append(
+                f"rollout.engine_tp={rollout.engine_tp}: the hf backend runs one engine "
+                "per device; set rollout.engine_tp=1 or rollout.backend=sglang"
+            )
         if rollout.placement != "colocated":
-            problems.append(f"rollout.placement={rollout.placement}: the hf backend runs inside "
-                            "the trainer's ranks; set rollout.placement=colocated (SGLang servers "
-                            "of their own: rollout.backend=sglang with rollout.server_urls)")
+            problems.append(
+                f"rollout.placement={rollout.placement}: the hf backend runs inside "
+                "the trainer's ranks; set rollout.placement=colocated (SGLang servers "
+                "of their own: rollout.backend=sglang with rollout.server_urls)"
+            )
         if rollout.weights == "fp8":
             # transformers keeps FP8 weights only on a GPU (compute capability >= 8.9) and
             # dequantises an FP8 checkpoint to bf16 at load on CPU, so the hf engine would only
             # ever hold dequantised copies: refuse rather than pretend.
-            problems.append("rollout.weights=fp8 needs rollout.backend=sglang (an SGLang engine "
-                            "started from an FP8 config holds e4m3 weights); the hf engine keeps "
-                            "the training dtype: set rollout.weights=native or rollout.backend=sglang")
+            problems.append(
+                "rollout.weights=fp8 needs rollout.backend=sglang (an SGLang engine "
+                "started from an FP8 config holds e4m3 weights); the hf engine keeps "
+                "the training dtype: set rollout.weights=native or rollout.backend=sglang"
+            )
         return problems
 
     @classmethod
@@ -117,19 +135,34 @@ class HFRolloutEngine:
         """Nothing process-wide: the engine is plain PyTorch in this process."""
 
     @classmethod
-    def config_kwargs(cls, rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
-                      placement=None, run_dir: str | None = None) -> dict:
+    def config_kwargs(
+        cls,
+        rollout,
+        *,
+        tokenizer,
+        seed: int,
+        device: str,
+        dtype,
+        progress: bool,
+        placement=None,
+        run_dir: str | None = None,
+    ) -> dict:
         """The hf engine runs on ``device`` in ``dtype`` (the trainer's), in batches of
         ``rollout.batch_size`` sequences."""
         del tokenizer, seed, run_dir  # it loads its own; sampling seeds come with each call
-        kwargs = dict(device=device, dtype=dtype, batch_size=rollout.batch_size, progress=progress,
-                      static_cache=rollout.hf_static_cache)
+        kwargs = dict(
+            device=device,
+            dtype=dtype,
+            batch_size=rollout.batch_size,
+            progress=progress,
+            static_cache=rollout.hf_static_cache,
+        )
         if placement is not None:
             kwargs |= dict(group=placement.mine, process_group=placement.process_group)
         return kwargs
 
     @classmethod
-    def build(cls, model_path: str | None = None, **kwargs) -> "HFRolloutEngine":
+    def build(cls, model_path: str | None = None, **kwargs) -> HFRolloutEngine:
         return cls(model_path, **kwargs)
 
     # --- generation --------------------------------------------------------------------
@@ -171,8 +204,10 @@ class HFRolloutEngine:
         static = {}
         if self.static_cache:
             needed = prompt_width + sampling.max_new_tokens
-            static = dict(cache_implementation="static",
-                          max_cache_len=-(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP)
+            static = dict(
+                cache_implementation="static",
+                max_cache_len=-(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP,
+            )
         return GenerationConfig(
             do_sample=False,
             max_new_tokens=sampling.max_new_tokens,
@@ -183,9 +218,7 @@ class HFRolloutEngine:
             **static,
         )
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
-    ) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Generation]]:
         """Return ``sampling.n`` generations per prompt, in prompt order.
 
         Sequences are sorted by prompt length (longest first, so an out-of-memory shows up
@@ -210,8 +243,13 @@ class HFRolloutEngine:
         for chunk in tqdm(chunks, desc="rollout", unit="batch", disable=not self.progress, leave=False):
             chunk_prompts = [prompts[index] for index, _ in chunk]
             width = max(map(len, chunk_prompts))  # the left-padded prompt width of this chunk
-            sampler = None if seeds is None else _SeededSampler(
-                [seeds[index][copy] for index, copy in chunk], sampling, width, self.device)
+            sampler = (
+                None
+                if seeds is None
+                else _SeededSampler(
+                    [seeds[index][copy] for index, copy in chunk], sampling, width, self.device
+                )
+            )
             config = self._call_config(sampling, width)
             outputs = self._generate_batch(chunk_prompts, config, sampler)
             for (index, copy), generation in zip(chunk, outputs):
@@ -220,8 +258,9 @@ class HFRolloutEngine:
             return results  # type: ignore[return-value]
         return [[_copy(row[0]) for _ in range(sampling.n)] for row in results]  # type: ignore[arg-type]
 
-    def _generate_batch(self, prompts: list[Sequence[int]], config: GenerationConfig,
-                        sampler: "_SeededSampler | None") -> list[Generation]:
+    def _generate_batch(
+        self, prompts: list[Sequence[int]], config: GenerationConfig, sampler: _SeededSampler | None
+    ) -> list[Generation]:
         """Left-pad one chunk, generate, and cut each response after its first EOS."""
         width = max(len(prompt) for prompt in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
@@ -238,11 +277,14 @@ class HFRolloutEngine:
         )
         new_tokens = output[:, width:]
         logprobs, entropies = stats.finish(new_tokens)
-        return [self._to_generation(row, row_logprobs, row_entropies) for row, row_logprobs, row_entropies
-                in zip(new_tokens.tolist(), logprobs, entropies)]
+        return [
+            self._to_generation(row, row_logprobs, row_entropies)
+            for row, row_logprobs, row_entropies in zip(new_tokens.tolist(), logprobs, entropies)
+        ]
 
-    def _to_generation(self, new_tokens: list[int], logprobs: Sequence[float],
-                       entropies: Sequence[float]) -> Generation:
+    def _to_generation(
+        self, new_tokens: list[int], logprobs: Sequence[float], entropies: Sequence[float]
+    ) -> Generation:
         """Cut after the first EOS. Padding only ever follows EOS (a batch runs until every
         row has stopped or hit the limit), so the cut also strips it; a row without EOS
         used its whole ``max_new_tokens`` budget."""
@@ -306,11 +348,13 @@ class HFRolloutEngine:
         """The parameter or buffer called ``name``; a clear error if there is none of that shape."""
         target = self._targets.get(name)
         if target is None:
-            raise ValueError(f"{caller}: unknown tensor {name!r}: not a parameter or buffer of "
-                             f"{type(self.model).__name__}")
+            raise ValueError(
+                f"{caller}: unknown tensor {name!r}: not a parameter or buffer of {type(self.model).__name__}"
+            )
         if tuple(target.shape) != tuple(shape):
-            raise ValueError(f"{caller}: shape mismatch for {name!r}: got {tuple(shape)}, "
-                             f"model has {tuple(target.shape)}")
+            raise ValueError(
+                f"{caller}: shape mismatch for {name!r}: got {tuple(shape)}, model has {tuple(target.shape)}"
+            )
         return target
 
     def weight_tensors(self) -> dict[str, torch.Tensor]:
@@ -331,11 +375,16 @@ class HFRolloutEngine:
         pairs = list(named)
         for name, tensor in pairs:  # check everything before touching anything
             target = self._target(name, tensor.shape, "bind_weights")
-            if not isinstance(target, torch.nn.Parameter) or tensor.dtype != target.dtype \
-                    or tensor.device != target.device:
-                raise ValueError(f"bind_weights: {name!r} must be a parameter of dtype "
-                                 f"{target.dtype} on {target.device}, got {tensor.dtype} on "
-                                 f"{tensor.device}")
+            if (
+                not isinstance(target, torch.nn.Parameter)
+                or tensor.dtype != target.dtype
+                or tensor.device != target.device
+            ):
+                raise ValueError(
+                    f"bind_weights: {name!r} must be a parameter of dtype "
+                    f"{target.dtype} on {target.device}, got {tensor.dtype} on "
+                    f"{tensor.device}"
+                )
         self.unbind_weights()
         with torch.no_grad():
             for name, tensor in pairs:
@@ -392,11 +441,19 @@ class _SeededSampler(LogitsProcessor):
     loop over the rows and no host-to-device copy (which would block on the GPU every step).
     """
 
-    def __init__(self, seeds: list[int], sampling: SamplingParams, prompt_width: int,
-                 device: torch.device) -> None:
-        self.draws = torch.stack([
-            torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64) for seed in seeds]).to(device)  # (rows, steps)
+    def __init__(
+        self, seeds: list[int], sampling: SamplingParams, prompt_width: int, device: torch.device
+    ) -> None:
+        self.draws = torch.stack(
+            [
+                torch.rand(
+                    sampling.max_new_tokens,
+                    generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64,
+                )
+                for seed in seeds
+            ]
+        ).to(device)  # (rows, steps)
         self.prompt_width = prompt_width  # new tokens so far = input width - prompt width
         self.warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
         if sampling.top_k != -1:
@@ -445,7 +502,7 @@ class _TokenStats(LogitsProcessor):
         if self._last is None:
             return [[] for _ in range(new_tokens.shape[0])], [[] for _ in range(new_tokens.shape[0])]
         last_step = len(self._entropies) - 1
-        self._logprobs.append(self._last.gather(1, new_tokens[:, last_step:last_step + 1]).squeeze(1))
+        self._logprobs.append(self._last.gather(1, new_tokens[:, last_step : last_step + 1]).squeeze(1))
         logprobs = torch.stack(self._logprobs, dim=1).cpu().tolist()
         entropies = torch.stack(self._entropies, dim=1).cpu().tolist()
         return logprobs, entropies

@@ -17,9 +17,10 @@ over the world (gloo on CPU, NCCL on GPU) -> every rank rebuilds the request's r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -39,17 +40,19 @@ class Request:
 class DataParallelEngines:
     """This rank's engine (``local``; None on a rank without one) and the placement of all."""
 
-    def __init__(self, placement: Placement, local: RolloutEngine | None,
-                 timeout_minutes: float | None = None) -> None:
+    def __init__(
+        self, placement: Placement, local: RolloutEngine | None, timeout_minutes: float | None = None
+    ) -> None:
         if placement.is_owner and local is None:
-            raise ValueError(f"rank {placement.rank} owns engine {placement.mine.index} but "
-                             "was given no engine")
+            raise ValueError(
+                f"rank {placement.rank} owns engine {placement.mine.index} but was given no engine"
+            )
         self.placement = placement
         self.local = local
         self.timeout_minutes = timeout_minutes  # rollout.timeout_minutes (None: no deadline)
 
     @classmethod
-    def single(cls, engine: RolloutEngine) -> "DataParallelEngines":
+    def single(cls, engine: RolloutEngine) -> DataParallelEngines:
         """One engine in this process, exchanging nothing (whatever process groups exist)."""
         return cls(Placement((EngineGroup(0, (0,)),), rank=0), engine)
 
@@ -57,13 +60,17 @@ class DataParallelEngines:
     def num_engines(self) -> int:
         return self.placement.num_engines
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
-                 ) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Generation]]:
         """``sampling.n`` generations per prompt, in prompt order, on every rank (collective)."""
         return self.generate_many([Request(prompts, sampling)])[0]
 
-    def generate_many(self, requests: Sequence[Request], *, dst: int | None = None,
-                      pack: Callable[[Generation], Any] | None = None) -> list[list[list[Any]]] | None:
+    def generate_many(
+        self,
+        requests: Sequence[Request],
+        *,
+        dst: int | None = None,
+        pack: Callable[[Generation], Any] | None = None,
+    ) -> list[list[list[Any]]] | None:
         """Answer several requests at once (their shards in one exchange). ``pack`` shrinks
         each generation on its owner before the exchange (e.g. to what grading needs); with
         ``dst`` only that rank receives the answers (others get None). Collective."""
@@ -83,8 +90,10 @@ class DataParallelEngines:
     # --- internals ------------------------------------------------------------------------
     def _waiting_on(self) -> str:
         """The engine groups this rank waits on during a rollout, for the timeout's message."""
+
         def name(group: EngineGroup) -> str:
             return f"engine group {group.index} (ranks {', '.join(map(str, group.ranks))})"
+
         mine = self.placement.mine
         others = [name(g) for g in self.placement.groups if g.index != mine.index]
         text = f"{name(mine)}, this rank's own"
@@ -124,8 +133,7 @@ class DataParallelEngines:
 
 
 def _doing(requests: Sequence[Request]) -> str:
-    count = sum(len(r.prompts) * (1 if r.sampling.temperature == 0 else r.sampling.n)
-                for r in requests)
+    count = sum(len(r.prompts) * (1 if r.sampling.temperature == 0 else r.sampling.n) for r in requests)
     return f"generating {count} sequences ({len(requests)} request(s))"
 
 
@@ -144,13 +152,19 @@ def engine_wait(placement: Placement, doing: str):
         raise RuntimeError(
             f"rank {placement.rank}: engine group(s) {others or [placement.mine.ranks]} "
             f"(owners {[g.owner for g in placement.groups]}) "
-            + (f"did not finish {doing} within rollout.timeout_minutes={limit:g}"
-               if late else f"failed while {doing} after {minutes:.1f} min")
+            + (
+                f"did not finish {doing} within rollout.timeout_minutes={limit:g}"
+                if late
+                else f"failed while {doing} after {minutes:.1f} min"
+            )
             + f"; raise rollout.timeout_minutes if that much time is expected, else see the "
-            f"owners' logs ({error})") from error
+            f"owners' logs ({error})"
+        ) from error
 
 
 def _check_answers(engine, answers, num_prompts: int, n: int) -> None:
     if len(answers) != num_prompts or any(len(row) != n for row in answers):
-        raise RuntimeError(f"{type(engine).__name__}.generate returned {len(answers)} prompts' "
-                           f"worth of generations for {num_prompts} prompts (expected {n} each)")
+        raise RuntimeError(
+            f"{type(engine).__name__}.generate returned {len(answers)} prompts' "
+            f"worth of generations for {num_prompts} prompts (expected {n} each)"
+        )

@@ -26,8 +26,9 @@ Everything here but :func:`build_placement` is a pure function of sizes and leng
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -50,10 +51,14 @@ def engine_groups(world_size: int, engine_tp: int) -> list[EngineGroup]:
     if engine_tp < 1 or world_size < 1:
         raise ValueError(f"rollout.engine_tp={engine_tp} and world size {world_size} must be >= 1")
     if world_size % engine_tp:
-        raise ValueError(f"rollout.engine_tp={engine_tp} does not divide the world size "
-                         f"{world_size}; choose an engine_tp that divides the number of ranks")
-    return [EngineGroup(index, tuple(range(start, start + engine_tp)))
-            for index, start in enumerate(range(0, world_size, engine_tp))]
+        raise ValueError(
+            f"rollout.engine_tp={engine_tp} does not divide the world size "
+            f"{world_size}; choose an engine_tp that divides the number of ranks"
+        )
+    return [
+        EngineGroup(index, tuple(range(start, start + engine_tp)))
+        for index, start in enumerate(range(0, world_size, engine_tp))
+    ]
 
 
 def group_of(groups: Sequence[EngineGroup], rank: int) -> EngineGroup:
@@ -68,8 +73,9 @@ def longest_first(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda position: -lengths[position])
 
 
-def shard_positions(lengths: Sequence[int], copies: int, num_engines: int,
-                    shard_sequences: int = 1) -> list[list[int]]:
+def shard_positions(
+    lengths: Sequence[int], copies: int, num_engines: int, shard_sequences: int = 1
+) -> list[list[int]]:
     """The prompt positions each engine answers, in the order it should be given them.
 
     ``copies``: sequences per prompt (``n``, or 1 for greedy). ``shard_sequences``: the
@@ -79,13 +85,15 @@ def shard_positions(lengths: Sequence[int], copies: int, num_engines: int,
     position recovers the prompt order.
     """
     if copies < 1 or num_engines < 1 or shard_sequences < 1:
-        raise ValueError(f"copies={copies}, num_engines={num_engines} and "
-                         f"shard_sequences={shard_sequences} must all be >= 1")
+        raise ValueError(
+            f"copies={copies}, num_engines={num_engines} and "
+            f"shard_sequences={shard_sequences} must all be >= 1"
+        )
     order = longest_first(lengths)
     prompts_per_block = max(1, shard_sequences // copies)
     shards: list[list[int]] = [[] for _ in range(num_engines)]
     for block, start in enumerate(range(0, len(order), prompts_per_block)):
-        shards[block % num_engines] += order[start: start + prompts_per_block]
+        shards[block % num_engines] += order[start : start + prompts_per_block]
     return shards
 
 
@@ -152,7 +160,7 @@ def server_placement(timeout_minutes: float | None = None) -> Placement:
     HTTP and their own weight-update groups."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    wait = (dist.new_group(backend="gloo", timeout=_timeout(timeout_minutes))
-            if world > 1 else None)
-    return Placement((EngineGroup(0, tuple(range(world))),), rank, wait_group=wait,
-                     timeout_minutes=timeout_minutes)
+    wait = dist.new_group(backend="gloo", timeout=_timeout(timeout_minutes)) if world > 1 else None
+    return Placement(
+        (EngineGroup(0, tuple(range(world))),), rank, wait_group=wait, timeout_minutes=timeout_minutes
+    )

@@ -47,10 +47,12 @@ def backend_class(name: str) -> type[RolloutBackend]:
     if target is None:
         found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not found:
-            raise ValueError(f"rollout.backend={name!r}: choose one of {backend_names()} "
-                             "(or register a backend: "
-                             "sept_megatron.rollout.registry.register_backend, or an entry point "
-                             f"in the {ENTRY_POINT_GROUP!r} group)")
+            raise ValueError(
+                f"rollout.backend={name!r}: choose one of {backend_names()} "
+                "(or register a backend: "
+                "sept_megatron.rollout.registry.register_backend, or an entry point "
+                f"in the {ENTRY_POINT_GROUP!r} group)"
+            )
         return found[0].load()
     if isinstance(target, str):
         module, _, attribute = target.partition(":")

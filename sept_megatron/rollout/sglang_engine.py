@@ -37,23 +37,31 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from sept_megatron.data import load_tokenizer
+from sept_megatron.rollout.base import (
+    Generation,
+    SamplingParams,
+    check_prompts,
+)
 from sept_megatron.rollout.sglang_requests import (
-    SGLANG_VERSION, check_sglang_version, group_generations, request_sampling_params, stop_token_ids)
-from sept_megatron.rollout.base import (Generation, SamplingParams, WeightBucket, check_prompts,
-                                          sequence_seed, stop_ids)
+    check_sglang_version,
+    group_generations,
+    request_sampling_params,
+    stop_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
 MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
 """SGLang's memory-saver tags (``sglang.srt.constants.GPU_MEMORY_TYPE_*``)."""
+
 
 def fp8_quantization_config() -> dict:
     """What ``rollout.weights=fp8`` starts the engine with: 128x128 blockwise e4m3 weights with
@@ -74,9 +82,17 @@ def import_sglang():
 
 
 # --- engine start-up ----------------------------------------------------------------------
-def engine_kwargs(model_path: str, *, engine_tp: int = 1, base_gpu_id: int = 0,
-                  mem_fraction_static: float = 0.5, seed: int = 0, dtype: str = "bfloat16",
-                  load_format: str = "auto", deterministic: bool = False) -> dict[str, Any]:
+def engine_kwargs(
+    model_path: str,
+    *,
+    engine_tp: int = 1,
+    base_gpu_id: int = 0,
+    mem_fraction_static: float = 0.5,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    load_format: str = "auto",
+    deterministic: bool = False,
+) -> dict[str, Any]:
     """Keyword arguments of ``sglang.Engine`` (= ``sglang.srt.server_args.ServerArgs`` fields).
 
     ``sampling_defaults="openai"``: without it SGLang fills unset sampling fields from the
@@ -87,11 +103,20 @@ def engine_kwargs(model_path: str, *, engine_tp: int = 1, base_gpu_id: int = 0,
     prefill graphs refuse memory-saver mode once SGLANG_MEMORY_SAVER_CUDA_GRAPH is on, which
     :mod:`sept_megatron.rollout.sglang_env` sets so that CUDA-graph memory is released too.
     """
-    return dict(model_path=model_path, tp_size=engine_tp, base_gpu_id=base_gpu_id,
-                enable_memory_saver=True, cuda_graph_backend_prefill="disabled", mem_fraction_static=mem_fraction_static,
-                skip_tokenizer_init=True, random_seed=seed, dtype=dtype,
-                load_format=load_format, sampling_defaults="openai",
-                enable_deterministic_inference=deterministic)
+    return dict(
+        model_path=model_path,
+        tp_size=engine_tp,
+        base_gpu_id=base_gpu_id,
+        enable_memory_saver=True,
+        cuda_graph_backend_prefill="disabled",
+        mem_fraction_static=mem_fraction_static,
+        skip_tokenizer_init=True,
+        random_seed=seed,
+        dtype=dtype,
+        load_format=load_format,
+        sampling_defaults="openai",
+        enable_deterministic_inference=deterministic,
+    )
 
 
 def prepare_fp8_model_dir(hf_path: str, out_dir: str) -> str:
@@ -104,14 +129,17 @@ def prepare_fp8_model_dir(hf_path: str, out_dir: str) -> str:
     source = Path(hf_path)
     config = json.loads((source / "config.json").read_text())
     if "quantization_config" in config:
-        raise ValueError(f"{hf_path}/config.json already has a quantization_config; "
-                         "rollout.weights=fp8 needs the unquantised checkpoint as model.hf_path")
+        raise ValueError(
+            f"{hf_path}/config.json already has a quantization_config; "
+            "rollout.weights=fp8 needs the unquantised checkpoint as model.hf_path"
+        )
     config["quantization_config"] = fp8_quantization_config()
     os.makedirs(out_dir, exist_ok=True)
     _write_atomically(Path(out_dir) / "config.json", json.dumps(config, indent=2).encode())
     if (source / "generation_config.json").is_file():
-        _write_atomically(Path(out_dir) / "generation_config.json",
-                          (source / "generation_config.json").read_bytes())
+        _write_atomically(
+            Path(out_dir) / "generation_config.json", (source / "generation_config.json").read_bytes()
+        )
     return out_dir
 
 
@@ -138,17 +166,31 @@ class SGLangRolloutEngine:
     random weights until the first :meth:`update_weights`.
     """
 
-    def __init__(self, model_path: str | None = None, *, tokenizer=None,
-                 ranks: Sequence[int] = (0,), process_group=None, engine_tp: int | None = None,
-                 base_gpu_id: int | None = None, mem_fraction_static: float = 0.5, seed: int = 0,
-                 dtype: str = "bfloat16", weights: str = "native", fp8_dir: str | None = None,
-                 deterministic: bool = False, engine=None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        tokenizer=None,
+        ranks: Sequence[int] = (0,),
+        process_group=None,
+        engine_tp: int | None = None,
+        base_gpu_id: int | None = None,
+        mem_fraction_static: float = 0.5,
+        seed: int = 0,
+        dtype: str = "bfloat16",
+        weights: str = "native",
+        fp8_dir: str | None = None,
+        deterministic: bool = False,
+        engine=None,
+        progress: bool = True,
+    ) -> None:
         self.ranks = tuple(int(r) for r in ranks)
         if not self.ranks or list(self.ranks) != list(range(self.ranks[0], self.ranks[0] + len(self.ranks))):
             raise ValueError(f"engine group ranks must be consecutive global ranks, got {self.ranks}")
         if engine_tp is not None and engine_tp != len(self.ranks):
-            raise ValueError(f"rollout.engine_tp={engine_tp} but the engine group has "
-                             f"{len(self.ranks)} ranks {self.ranks}")
+            raise ValueError(
+                f"rollout.engine_tp={engine_tp} but the engine group has {len(self.ranks)} ranks {self.ranks}"
+            )
         if weights not in ("native", "fp8"):
             raise ValueError(f"rollout.weights={weights!r}: choose native or fp8")
         self.owner = self.ranks[0]
@@ -158,7 +200,9 @@ class SGLangRolloutEngine:
             raise ValueError(f"rank {self.rank} is not in its engine group {self.ranks}")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.progress = progress
-        self.tokenizer = tokenizer if tokenizer is not None or model_path is None else load_tokenizer(model_path)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None or model_path is None else load_tokenizer(model_path)
+        )
         self.stop_ids = stop_token_ids(self.tokenizer, model_path) if self.tokenizer is not None else []
         self._released: set[str] = set()
         self._weights_stale = weights == "fp8"  # dummy weights until the first sync
@@ -172,34 +216,54 @@ class SGLangRolloutEngine:
                 # Never beside the model (a read-only store, shared by other jobs): the run
                 # dir's (fp8_dir, see backend_kwargs) or a private temporary dir.
                 start_path = prepare_fp8_model_dir(
-                    model_path, fp8_dir or tempfile.mkdtemp(prefix="sept_fp8_engine_"))
+                    model_path, fp8_dir or tempfile.mkdtemp(prefix="sept_fp8_engine_")
+                )
                 load_format = "dummy"
-            gpu = base_gpu_id if base_gpu_id is not None else (
-                self.device.index if self.device is not None else 0)
+            gpu = (
+                base_gpu_id
+                if base_gpu_id is not None
+                else (self.device.index if self.device is not None else 0)
+            )
             _check_gpus(gpu, len(self.ranks))
-            kwargs = engine_kwargs(start_path, engine_tp=len(self.ranks), base_gpu_id=gpu,
-                                   mem_fraction_static=mem_fraction_static, seed=seed,
-                                   dtype=dtype, load_format=load_format, deterministic=deterministic)
+            kwargs = engine_kwargs(
+                start_path,
+                engine_tp=len(self.ranks),
+                base_gpu_id=gpu,
+                mem_fraction_static=mem_fraction_static,
+                seed=seed,
+                dtype=dtype,
+                load_format=load_format,
+                deterministic=deterministic,
+            )
             self.engine = import_sglang().Engine(**kwargs)
-            logger.info("SGLang engine started on GPUs %d..%d for ranks %s", gpu,
-                        gpu + len(self.ranks) - 1, self.ranks)
+            logger.info(
+                "SGLang engine started on GPUs %d..%d for ranks %s",
+                gpu,
+                gpu + len(self.ranks) - 1,
+                self.ranks,
+            )
 
     # --- the RolloutBackend class methods (rollout.backend=sglang) --------------------------
     @classmethod
     def check_config(cls, rollout, *, arch=None) -> list[str]:
         problems = []
         if rollout.hf_static_cache:
-            problems.append("rollout.hf_static_cache=true is an option of the hf backend, not "
-                            "rollout.backend=sglang; set rollout.hf_static_cache=false")
+            problems.append(
+                "rollout.hf_static_cache=true is an option of the hf backend, not "
+                "rollout.backend=sglang; set rollout.hf_static_cache=false"
+            )
         if rollout.placement == "disaggregated" and not rollout.server_urls:
-            problems.append("rollout.placement=disaggregated needs the servers' addresses in "
-                            "rollout.server_urls (e.g. rollout.server_urls=[http://node7:30000])")
+            problems.append(
+                "rollout.placement=disaggregated needs the servers' addresses in "
+                "rollout.server_urls (e.g. rollout.server_urls=[http://node7:30000])"
+            )
         if rollout.weights == "fp8" and arch is not None and rollout.engine_tp >= 1:
             from sept_megatron.convert.fp8 import sglang_block_problems
 
-            problems += [f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or "
-                         "rollout.weights=native"
-                         for problem in sglang_block_problems(arch, rollout.engine_tp)]
+            problems += [
+                f"rollout.weights=fp8: {problem}; choose another rollout.engine_tp or rollout.weights=native"
+                for problem in sglang_block_problems(arch, rollout.engine_tp)
+            ]
         return problems
 
     @classmethod
@@ -212,27 +276,47 @@ class SGLangRolloutEngine:
         set_sglang_environment()
 
     @classmethod
-    def config_kwargs(cls, rollout, *, tokenizer, seed: int, device: str, dtype, progress: bool,
-                      placement=None, run_dir: str | None = None) -> dict:
+    def config_kwargs(
+        cls,
+        rollout,
+        *,
+        tokenizer,
+        seed: int,
+        device: str,
+        dtype,
+        progress: bool,
+        placement=None,
+        run_dir: str | None = None,
+    ) -> dict:
         """SGLang places itself (its engine group's GPUs) and runs in bf16 unless
         ``rollout.weights=fp8``; disaggregated, the servers in ``rollout.server_urls``."""
         del dtype
         if rollout.placement == "disaggregated":
             # The weight broadcast to the servers runs over the trainer's device: NCCL on GPUs
             # (gloo only where the trainer computes on the CPU, i.e. tests).
-            return dict(placement="disaggregated", server_urls=list(rollout.server_urls),
-                        tokenizer=tokenizer, weights=rollout.weights,
-                        weight_backend="nccl" if device.startswith("cuda") else "gloo",
-                        timeout_s=rollout.timeout_minutes * 60.0)
-        kwargs = dict(tokenizer=tokenizer, engine_tp=rollout.engine_tp, seed=seed,
-                      mem_fraction_static=rollout.mem_fraction_static, weights=rollout.weights,
-                      progress=progress)
+            return dict(
+                placement="disaggregated",
+                server_urls=list(rollout.server_urls),
+                tokenizer=tokenizer,
+                weights=rollout.weights,
+                weight_backend="nccl" if device.startswith("cuda") else "gloo",
+                timeout_s=rollout.timeout_minutes * 60.0,
+            )
+        kwargs = dict(
+            tokenizer=tokenizer,
+            engine_tp=rollout.engine_tp,
+            seed=seed,
+            mem_fraction_static=rollout.mem_fraction_static,
+            weights=rollout.weights,
+            progress=progress,
+        )
         if rollout.weights == "fp8" and run_dir is not None:
             kwargs["fp8_dir"] = os.path.join(run_dir, "sglang_fp8_model")
         if placement is not None:
             # The group's object exchanges (payload handles, replies) and waits run over gloo.
-            kwargs |= dict(ranks=placement.mine.ranks,
-                           process_group=placement.cpu_group or placement.process_group)
+            kwargs |= dict(
+                ranks=placement.mine.ranks, process_group=placement.cpu_group or placement.process_group
+            )
         return kwargs
 
     @classmethod
@@ -242,7 +326,8 @@ class SGLangRolloutEngine:
         if importlib.util.find_spec("sglang") is None:
             raise ImportError(
                 "rollout.backend=sglang needs SGLang, which is not installed: "
-                "`pip install sept_megatron[gpu]` on a CUDA machine, or use rollout.backend=hf on CPU")
+                "`pip install sept_megatron[gpu]` on a CUDA machine, or use rollout.backend=hf on CPU"
+            )
         if kwargs.pop("placement", "colocated") == "disaggregated":
             from sept_megatron.rollout.sglang_remote import SGLangRemoteEngine
 
@@ -254,24 +339,29 @@ class SGLangRolloutEngine:
         return self.rank == self.owner
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
-                 ) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Generation]]:
         """``sampling.n`` generations per prompt, in prompt order (owner only)."""
         if not self.is_owner:
-            raise RuntimeError(f"generate() runs on the engine owner (rank {self.owner}), "
-                               f"not on rank {self.rank}")
+            raise RuntimeError(
+                f"generate() runs on the engine owner (rank {self.owner}), not on rank {self.rank}"
+            )
         if self._released:
-            raise RuntimeError(f"SGLang memory {sorted(self._released)} is released; call "
-                               "resume_memory() (after update_weights()) before generate()")
+            raise RuntimeError(
+                f"SGLang memory {sorted(self._released)} is released; call "
+                "resume_memory() (after update_weights()) before generate()"
+            )
         if self._weights_stale:
-            raise RuntimeError("the SGLang engine holds no valid weights (released, or an FP8 "
-                               "engine before its first sync); call update_weights() first")
+            raise RuntimeError(
+                "the SGLang engine holds no valid weights (released, or an FP8 "
+                "engine before its first sync); call update_weights() first"
+            )
         check_prompts(prompts)
         if not prompts:
             return []
         prompt_of, params = request_sampling_params(sampling, self.stop_ids, len(prompts))
-        outputs = self.engine.generate(input_ids=[list(map(int, prompts[i])) for i in prompt_of],
-                                       sampling_params=params)
+        outputs = self.engine.generate(
+            input_ids=[list(map(int, prompts[i])) for i in prompt_of], sampling_params=params
+        )
         return group_generations(outputs, prompt_of, len(prompts), sampling, self.tokenizer)
 
     # --- weights: the IPCWeightEngine capability (weight_sync.sglang_ipc drives it) ---------
@@ -286,8 +376,12 @@ class SGLangRolloutEngine:
 
     def load_payloads(self, payloads: list[bytes]):
         """One bucket, payload ``i`` for engine TP rank ``i`` (owner only; None elsewhere)."""
-        return self._owner_call("update_weights_from_tensor", named_tensors=payloads,
-                                load_format="flattened_bucket", flush_cache=False)
+        return self._owner_call(
+            "update_weights_from_tensor",
+            named_tensors=payloads,
+            load_format="flattened_bucket",
+            flush_cache=False,
+        )
 
     def end_weight_update(self):
         return self._owner_call("end_weight_update")
@@ -329,7 +423,8 @@ class SGLangRolloutEngine:
 
 def _check_gpus(base_gpu_id: int, engine_tp: int) -> None:
     if torch.cuda.is_available() and base_gpu_id + engine_tp > torch.cuda.device_count():
-        raise ValueError(f"rollout.engine_tp={engine_tp} from GPU {base_gpu_id} needs GPUs up to "
-                         f"{base_gpu_id + engine_tp - 1}, but {torch.cuda.device_count()} are "
-                         "visible; an engine must fit on one node")
-
+        raise ValueError(
+            f"rollout.engine_tp={engine_tp} from GPU {base_gpu_id} needs GPUs up to "
+            f"{base_gpu_id + engine_tp - 1}, but {torch.cuda.device_count()} are "
+            "visible; an engine must fit on one node"
+        )

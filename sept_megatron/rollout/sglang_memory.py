@@ -26,25 +26,26 @@ from __future__ import annotations
 import math
 
 
-def kv_pool_gib(*, free_at_start_gib: float, free_after_load_gib: float,
-                mem_fraction_static: float) -> float:
+def kv_pool_gib(*, free_at_start_gib: float, free_after_load_gib: float, mem_fraction_static: float) -> float:
     """SGLang's KV pool budget (GiB; <= 0 means SGLang refuses to start): the transcription
     of ``_profile_available_bytes`` above, for a text model."""
     slack_gib = free_at_start_gib * (1 - mem_fraction_static)
     return free_after_load_gib - slack_gib
 
 
-def engine_pool_gib(*, free_at_start_gib: float, engine_weights_gib: float,
-                    mem_fraction_static: float) -> float:
+def engine_pool_gib(
+    *, free_at_start_gib: float, engine_weights_gib: float, mem_fraction_static: float
+) -> float:
     """The pool of an engine that loads ``engine_weights_gib`` per GPU after starting with
     ``free_at_start_gib`` free."""
-    return kv_pool_gib(free_at_start_gib=free_at_start_gib,
-                       free_after_load_gib=free_at_start_gib - engine_weights_gib,
-                       mem_fraction_static=mem_fraction_static)
+    return kv_pool_gib(
+        free_at_start_gib=free_at_start_gib,
+        free_after_load_gib=free_at_start_gib - engine_weights_gib,
+        mem_fraction_static=mem_fraction_static,
+    )
 
 
-def fraction_for_pool(*, free_at_start_gib: float, engine_weights_gib: float,
-                      pool_gib: float) -> float:
+def fraction_for_pool(*, free_at_start_gib: float, engine_weights_gib: float, pool_gib: float) -> float:
     """The smallest ``mem_fraction_static`` (two decimals) whose pool holds ``pool_gib``."""
     return math.ceil(100 * (engine_weights_gib + pool_gib) / free_at_start_gib - 1e-9) / 100
 

@@ -13,18 +13,22 @@ import json
 import logging
 import os
 import socket
-import urllib.parse
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 from sept_megatron.data import load_tokenizer
 from sept_megatron.rollout.base import Generation, SamplingParams, check_prompts
-from sept_megatron.rollout.watchdog import EngineDied
 from sept_megatron.rollout.sglang_requests import (
-    check_sglang_version, group_generations, request_sampling_params, stop_token_ids)
+    check_sglang_version,
+    group_generations,
+    request_sampling_params,
+    stop_token_ids,
+)
+from sept_megatron.rollout.watchdog import EngineDied
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +49,20 @@ class ServerClient:
 
     def request(self, route: str, payload: dict | None = None, method: str = "POST") -> Any:
         data = None if payload is None and method == "GET" else json.dumps(payload or {}).encode()
-        request = urllib.request.Request(f"{self.url}/{route}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}/{route}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 body = response.read().decode()
         except urllib.error.HTTPError as error:
-            raise ServerError(f"{self.url}/{route}: HTTP {error.code}: {error.read().decode()[:500]}") from error
+            raise ServerError(
+                f"{self.url}/{route}: HTTP {error.code}: {error.read().decode()[:500]}"
+            ) from error
         except OSError as error:
-            raise ServerError(f"{self.url}/{route}: {error}; is the server up? (rollout.server_urls)") from error
+            raise ServerError(
+                f"{self.url}/{route}: {error}; is the server up? (rollout.server_urls)"
+            ) from error
         try:
             return json.loads(body) if body else None
         except json.JSONDecodeError:
@@ -95,7 +104,8 @@ def check_servers_serve_fp8(clients: Sequence[ServerClient]) -> None:
                 f"rollout.weights=fp8 but the SGLang server {client.url} serves {model_path!r} "
                 f"with quantization={quantization!r}: start the servers from the FP8 model "
                 "directory (`sept-megatron convert` FP8 export, or a config.json with the FP8 "
-                "quantization_config) or with --quantization fp8, or set rollout.weights=native")
+                "quantization_config) or with --quantization fp8, or set rollout.weights=native"
+            )
 
 
 def in_threads(calls: Sequence) -> list:
@@ -116,9 +126,17 @@ class SGLangRemoteEngine:
     broadcast there).
     """
 
-    def __init__(self, server_urls: Sequence[str], *, tokenizer=None, model_path: str | None = None,
-                 timeout_s: float = 3600.0, clients: Sequence[ServerClient] | None = None,
-                 weight_backend: str = "nccl", weights: str = "native") -> None:
+    def __init__(
+        self,
+        server_urls: Sequence[str],
+        *,
+        tokenizer=None,
+        model_path: str | None = None,
+        timeout_s: float = 3600.0,
+        clients: Sequence[ServerClient] | None = None,
+        weight_backend: str = "nccl",
+        weights: str = "native",
+    ) -> None:
         if not server_urls and not clients:
             raise ValueError("rollout.placement=disaggregated needs rollout.server_urls")
         check_sglang_version()
@@ -132,20 +150,27 @@ class SGLangRemoteEngine:
         self.weight_backend = weight_backend  # nccl; gloo only for CPU tests
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams
-                 ) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Generation]]:
         check_prompts(prompts)
         if not prompts:
             return []
         prompt_of, params = request_sampling_params(sampling, self.stop_ids, len(prompts))
         input_ids = [list(map(int, prompts[i])) for i in prompt_of]
         per_server = -(-len(input_ids) // len(self.clients))
-        blocks = [(client, start, start + per_server) for client, start in
-                  zip(self.clients, range(0, len(input_ids), per_server))]
-        replies = in_threads([
-            (lambda c=client, a=start, b=stop: c.request(
-                "generate", {"input_ids": input_ids[a:b], "sampling_params": params[a:b]}))
-            for client, start, stop in blocks])
+        blocks = [
+            (client, start, start + per_server)
+            for client, start in zip(self.clients, range(0, len(input_ids), per_server))
+        ]
+        replies = in_threads(
+            [
+                (
+                    lambda c=client, a=start, b=stop: c.request(
+                        "generate", {"input_ids": input_ids[a:b], "sampling_params": params[a:b]}
+                    )
+                )
+                for client, start, stop in blocks
+            ]
+        )
         outputs = [out for reply in replies for out in (reply if isinstance(reply, list) else [reply])]
         return group_generations(outputs, prompt_of, len(prompts), sampling, self.tokenizer)
 
@@ -177,5 +202,4 @@ def address_towards(url: str) -> str:
             sock.connect((parsed.hostname, parsed.port or 80))
             return sock.getsockname()[0]
     except OSError as error:
-        raise ServerError(f"no route from this host to {url} ({error}); check "
-                          "rollout.server_urls") from error
+        raise ServerError(f"no route from this host to {url} ({error}); check rollout.server_urls") from error

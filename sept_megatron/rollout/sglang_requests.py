@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sept_megatron.rollout.base import Generation, SamplingParams, sequence_seed, stop_ids
 
@@ -19,6 +20,7 @@ SGLANG_VERSION = "0.5.21"
 """The sglang release this backend is written and tested against (pinned in setup.py's [gpu]
 extra): the first with ``begin/end_weight_update``, and the last whose torch pin (2.13.0) is
 ours; 0.5.22 moved to torch 2.14.1."""
+
 
 def check_sglang_version(installed: str | None = None) -> str:
     """Fail early, naming both versions, when the installed sglang is not the pinned one."""
@@ -28,12 +30,14 @@ def check_sglang_version(installed: str | None = None) -> str:
         except importlib.metadata.PackageNotFoundError as error:
             raise ImportError(
                 f"rollout.backend=sglang needs sglang=={SGLANG_VERSION}, which is not installed: "
-                "`pip install -e .[gpu]` on a CUDA machine, or rollout.backend=hf") from error
+                "`pip install -e .[gpu]` on a CUDA machine, or rollout.backend=hf"
+            ) from error
     if installed != SGLANG_VERSION:
         raise ImportError(
             f"rollout.backend=sglang is written against sglang {SGLANG_VERSION}, but sglang "
             f"{installed} is installed; run `pip install sglang=={SGLANG_VERSION}` (the [gpu] "
-            "extra pins it)")
+            "extra pins it)"
+        )
     return installed
 
 
@@ -48,8 +52,9 @@ def stop_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
 
 
 # --- sampling -------------------------------------------------------------------------------
-def request_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int],
-                            num_prompts: int) -> tuple[list[int], list[dict[str, Any]]]:
+def request_sampling_params(
+    sampling: SamplingParams, stop_ids: Sequence[int], num_prompts: int
+) -> tuple[list[int], list[dict[str, Any]]]:
     """Our :class:`SamplingParams` -> one SGLang request per sample, prompt-major.
 
     Returns ``(prompt index of each request, sampling_params of each request)``. Each sample is
@@ -62,12 +67,15 @@ def request_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int],
     sampling.check()
     greedy = sampling.temperature == 0
     copies = 1 if greedy else sampling.n
-    base = {"max_new_tokens": sampling.max_new_tokens, "n": 1,
-            "stop_token_ids": sorted(set(int(i) for i in stop_ids)),
-            "temperature": 0.0 if greedy else float(sampling.temperature),
-            "top_p": 1.0 if greedy else float(sampling.top_p),
-            "top_k": 1 if greedy else int(sampling.top_k),
-            "skip_special_tokens": True}
+    base = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "n": 1,
+        "stop_token_ids": sorted(set(int(i) for i in stop_ids)),
+        "temperature": 0.0 if greedy else float(sampling.temperature),
+        "top_p": 1.0 if greedy else float(sampling.top_p),
+        "top_k": 1 if greedy else int(sampling.top_k),
+        "skip_special_tokens": True,
+    }
     keys = sampling.seed_keys if sampling.seed_keys is not None else range(num_prompts)
     if len(keys) != num_prompts:
         raise ValueError(f"SamplingParams.seed_keys has {len(keys)} keys for {num_prompts} prompts")
@@ -95,8 +103,10 @@ def to_generation(output: dict[str, Any], tokenizer=None) -> Generation:
     kind = reason.get("type")
     token_ids = [int(t) for t in output.get("output_ids", [])]
     if kind == "abort":
-        raise RuntimeError(f"SGLang aborted request {meta.get('id')!r}: {reason.get('message')} "
-                           f"(status {reason.get('status_code')})")
+        raise RuntimeError(
+            f"SGLang aborted request {meta.get('id')!r}: {reason.get('message')} "
+            f"(status {reason.get('status_code')})"
+        )
     if kind == "stop":
         matched = reason.get("matched")
         if isinstance(matched, int) and (not token_ids or token_ids[-1] != matched):
@@ -105,14 +115,21 @@ def to_generation(output: dict[str, Any], tokenizer=None) -> Generation:
     elif kind == "length":
         finish = "length"
     else:
-        raise RuntimeError(f"SGLang request {meta.get('id')!r} ended with an unknown finish "
-                           f"reason {reason!r}; expected stop, length or abort")
+        raise RuntimeError(
+            f"SGLang request {meta.get('id')!r} ended with an unknown finish "
+            f"reason {reason!r}; expected stop, length or abort"
+        )
     text = tokenizer.decode(token_ids, skip_special_tokens=True) if tokenizer is not None else ""
     return Generation(token_ids=token_ids, text=text, finish_reason=finish)
 
 
-def group_generations(outputs: Sequence[dict], prompt_of: Sequence[int], num_prompts: int,
-                      sampling: SamplingParams, tokenizer=None) -> list[list[Generation]]:
+def group_generations(
+    outputs: Sequence[dict],
+    prompt_of: Sequence[int],
+    num_prompts: int,
+    sampling: SamplingParams,
+    tokenizer=None,
+) -> list[list[Generation]]:
     """Requests (prompt-major) -> ``n`` generations per prompt; greedy results are copied."""
     if len(outputs) != len(prompt_of):
         raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {len(prompt_of)} requests")
@@ -125,8 +142,9 @@ def group_generations(outputs: Sequence[dict], prompt_of: Sequence[int], num_pro
 
 
 def _copy(generation: Generation) -> Generation:
-    return Generation(token_ids=list(generation.token_ids), text=generation.text,
-                      finish_reason=generation.finish_reason)
+    return Generation(
+        token_ids=list(generation.token_ids), text=generation.text, finish_reason=generation.finish_reason
+    )
 
 
 # --- the engine -----------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import multiprocessing
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 EXIT_ROLLOUT_TIMEOUT = 1
 
@@ -29,11 +29,12 @@ class EngineDied(RuntimeError):
     names it. The run stops; rerunning it resumes from the last checkpoint."""
 
 
-
 def timeout_message(waiting_on: str, minutes: float) -> str:
-    return (f"rollout timed out: no answer from {waiting_on} within "
-            f"rollout.timeout_minutes={minutes:g}; the engine died or hangs. The job ends; "
-            "rerun the same command to resume from the last checkpoint")
+    return (
+        f"rollout timed out: no answer from {waiting_on} within "
+        f"rollout.timeout_minutes={minutes:g}; the engine died or hangs. The job ends; "
+        "rerun the same command to resume from the last checkpoint"
+    )
 
 
 @contextmanager
@@ -53,8 +54,11 @@ def rollout_deadline(minutes: float | None, waiting_on: str) -> Iterator[None]:
 
 def _expire(waiting_on: str, minutes: float) -> None:
     rank = os.environ.get("RANK", "0")
-    print(f"sept-megatron train: error (rank {rank}): {timeout_message(waiting_on, minutes)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"sept-megatron train: error (rank {rank}): {timeout_message(waiting_on, minutes)}",
+        file=sys.stderr,
+        flush=True,
+    )
     # Our own helpers (a background checkpoint writer, its queue's manager) would outlive an
     # os._exit and keep the job's output open: end them first. The save is never published.
     for child in multiprocessing.active_children():

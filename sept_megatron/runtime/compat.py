@@ -186,13 +186,30 @@ def _refuse_host_tensors(where: str, objects) -> None:
                 "tensor was made without a device (or moved with .cpu()); on a GPU run it "
                 "would be on the CPU and be rejected there. Make it with "
                 "device=sept_megatron.runtime.distributed.compute_device() or move it with "
-                ".to(that device). [sept_megatron.runtime.compat strict mode]")
+                ".to(that device). [sept_megatron.runtime.compat strict mode]"
+            )
 
 
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast",
-                "reduce", "send", "recv", "isend", "irecv", "batch_isend_irecv", "all_to_all",
-                "all_to_all_single", "scatter", "gather")
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "broadcast",
+    "reduce",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "all_to_all",
+    "all_to_all_single",
+    "scatter",
+    "gather",
+)
 _gloo_groups: set[int] = set()
 
 
@@ -372,8 +389,10 @@ def enable_cpu_megatron(force: bool = False) -> bool:
     mode = _CudaToCpuMode(strict=strict)
     mode.__enter__()  # for the life of the process: Megatron allocates lazily, anywhere
     _state.update(enabled=True, mode=mode, strict=strict)
-    log.info("CPU mode: megatron-core CUDA calls are redirected to the CPU (gloo backend)%s",
-             "; strict: host tensors are refused at collectives and model forwards" if strict else "")
+    log.info(
+        "CPU mode: megatron-core CUDA calls are redirected to the CPU (gloo backend)%s",
+        "; strict: host tensors are refused at collectives and model forwards" if strict else "",
+    )
     return True
 
 

@@ -73,8 +73,10 @@ def resolve_device(setting: str = "auto") -> str:
     if setting not in ("cuda", "cpu"):
         raise ValueError(f"parallel.device (or ${DEVICE_ENV})={setting!r}: choose auto, cuda or cpu")
     if setting == "cuda" and not torch.cuda.is_available():
-        raise ValueError("parallel.device=cuda but no CUDA device is visible; use "
-                         "parallel.device=cpu (or auto) on this machine")
+        raise ValueError(
+            "parallel.device=cuda but no CUDA device is visible; use "
+            "parallel.device=cpu (or auto) on this machine"
+        )
     return setting
 
 
@@ -87,10 +89,16 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def initialize(*, tensor_parallel: int, pipeline_parallel: int,
-               virtual_pipeline: int | None = None, seed: int = 1234,
-               backend: str = "auto", device: str = "auto",
-               timeout_minutes: float = 30) -> LaunchEnv:
+def initialize(
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    virtual_pipeline: int | None = None,
+    seed: int = 1234,
+    backend: str = "auto",
+    device: str = "auto",
+    timeout_minutes: float = 30,
+) -> LaunchEnv:
     """Create the default process group and Megatron's TP/PP/DP groups; seed every RNG.
 
     ``timeout_minutes`` bounds every collective of every group: a rank whose peer died or hung
@@ -110,8 +118,15 @@ def initialize(*, tensor_parallel: int, pipeline_parallel: int,
             distributed_timeout_minutes=timeout_minutes,  # TP/PP/DP groups fail in time too
         )
     set_seed(seed)
-    log.info("rank %d/%d: TP=%d PP=%d DP=%d backend=%s", env.rank, env.world_size, tensor_parallel,
-             pipeline_parallel, parallel_state.get_data_parallel_world_size(), backend)
+    log.info(
+        "rank %d/%d: TP=%d PP=%d DP=%d backend=%s",
+        env.rank,
+        env.world_size,
+        tensor_parallel,
+        pipeline_parallel,
+        parallel_state.get_data_parallel_world_size(),
+        backend,
+    )
     return env
 
 
@@ -126,8 +141,12 @@ def init_world(on_gpu: bool, backend: str = "auto", timeout_minutes: int = 30) -
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", env.master_port)
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     return backend
 
 

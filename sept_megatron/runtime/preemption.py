@@ -30,8 +30,10 @@ class Preempted(Exception):
     """Raised by the loop once the checkpoint of ``rounds_done`` rounds is written."""
 
     def __init__(self, rounds_done: int):
-        super().__init__(f"stopped after round {rounds_done} on {STOP_SIGNAL.name}; the "
-                         "checkpoint is written: run the same command to resume")
+        super().__init__(
+            f"stopped after round {rounds_done} on {STOP_SIGNAL.name}; the "
+            "checkpoint is written: run the same command to resume"
+        )
         self.rounds_done = rounds_done
 
 
@@ -42,8 +44,7 @@ class StopRequest:
         self.received = False
 
     def _handle(self, signum, frame) -> None:
-        log.warning("%s received: stopping after this round with a checkpoint",
-                    signal.Signals(signum).name)
+        log.warning("%s received: stopping after this round with a checkpoint", signal.Signals(signum).name)
         self.received = True
         # Asked once is enough. Ignoring repeats (the batch script repeats the request for
         # ranks still starting up) also covers interpreter shutdown, where Python puts back the

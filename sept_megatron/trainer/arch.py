@@ -31,5 +31,5 @@ class ModelArch:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelArch":
+    def from_dict(cls, d: dict[str, Any]) -> ModelArch:
         return cls(**d)

@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +66,15 @@ ATTENTION_IMPLS = ("sdpa", "unfused")
 """``model.attention``: sdpa (this module; the local default) or unfused (Megatron's
 ``DotProductAttention``, which keeps [b * heads, s, s] scores)."""
 
-FUSED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                  SDPBackend.EFFICIENT_ATTENTION]
+FUSED_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 """The CUDA kernels we allow: each keeps O(s) state per row; the math backend is excluded."""
 
-_NO_KERNEL_HELP = ("model.attention=sdpa: no fused scaled_dot_product_attention kernel accepts "
-                   "these inputs on CUDA (dtype {dtype}, head_dim {head_dim}); the math fallback "
-                   "would materialise [b * heads, s, s] scores. Use bfloat16/float16 params "
-                   "(model.params_dtype) or set model.attention=unfused.")
+_NO_KERNEL_HELP = (
+    "model.attention=sdpa: no fused scaled_dot_product_attention kernel accepts "
+    "these inputs on CUDA (dtype {dtype}, head_dim {head_dim}); the math fallback "
+    "would materialise [b * heads, s, s] scores. Use bfloat16/float16 params "
+    "(model.params_dtype) or set model.attention=unfused."
+)
 
 
 class SDPAttention(MegatronModule):
@@ -83,9 +83,17 @@ class SDPAttention(MegatronModule):
     Shapes (this TP rank): query [sq, b, np, d], key/value [sk, b, ng, d] -> [sq, b, np * d].
     """
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         _check_supported(config, layer_number)
         self.layer_number = max(1, layer_number)
@@ -101,22 +109,29 @@ class SDPAttention(MegatronModule):
         self.num_query_groups_per_partition = divide(config.num_query_groups, tp)
         # Megatron's query-key layer scaling divides the scores by layer_number and multiplies
         # them back inside its fp32 softmax: the net scale is softmax_scale, which is what we use.
-        self.softmax_scale = (1.0 / math.sqrt(config.kv_channels) if softmax_scale is None
-                              else softmax_scale)
+        self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self._repeat_kv = False  # set once if no fused CUDA kernel takes native GQA
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], attn_mask_type=None,
-                attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ):
         if packed_seq_params is not None:
-            raise NotImplementedError("SDPAttention: packed sequences (THD) are not supported; "
-                                      "use Transformer Engine (model.transformer_impl)")
+            raise NotImplementedError(
+                "SDPAttention: packed sequences (THD) are not supported; "
+                "use Transformer Engine (model.transformer_impl)"
+            )
         if attention_bias is not None:
             raise NotImplementedError("SDPAttention: attention_bias is not supported")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        is_causal, sdpa_mask = _mask_arguments(mask_type, attention_mask, query.shape[0],
-                                               key.shape[0])
+        is_causal, sdpa_mask = _mask_arguments(mask_type, attention_mask, query.shape[0], key.shape[0])
         # [s, b, h, d] -> [b, h, s, d] views: SDPA's kernels read strided rows, no copy here.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
@@ -134,8 +149,7 @@ class SDPAttention(MegatronModule):
         return tensor_parallel.get_cuda_rng_tracker().fork()
 
     def _attend(self, q, k, v, mask, is_causal, dropout_p):
-        kwargs = dict(attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                      scale=self.softmax_scale)
+        kwargs = dict(attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale)
         if not q.is_cuda:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
         if not self._repeat_kv:
@@ -147,10 +161,14 @@ class SDPAttention(MegatronModule):
                 if k.shape[1] == q.shape[1]:
                     raise _no_kernel_error(q) from exc
             self._repeat_kv = True
-            log.warning("SDPAttention (layer %d): no fused kernel takes grouped K/V for dtype %s "
-                        "on torch %s; repeating K/V per query head (O(s) memory) so the "
-                        "memory-efficient kernel runs", self.layer_number, q.dtype,
-                        torch.__version__)
+            log.warning(
+                "SDPAttention (layer %d): no fused kernel takes grouped K/V for dtype %s "
+                "on torch %s; repeating K/V per query head (O(s) memory) so the "
+                "memory-efficient kernel runs",
+                self.layer_number,
+                q.dtype,
+                torch.__version__,
+            )
         groups = q.shape[1] // k.shape[1]
         k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
         try:
@@ -186,43 +204,58 @@ def _check_supported(config, layer_number: int) -> None:
     if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
         unsupported.append(f"window_size={config.window_size}")
     if unsupported:
-        raise ValueError(f"model.attention=sdpa does not support {', '.join(unsupported)}; "
-                         "set model.attention=unfused or use Transformer Engine")
+        raise ValueError(
+            f"model.attention=sdpa does not support {', '.join(unsupported)}; "
+            "set model.attention=unfused or use Transformer Engine"
+        )
 
 
-def _mask_arguments(mask_type, attention_mask: Optional[torch.Tensor], sq: int,
-                    sk: int) -> tuple[bool, Optional[torch.Tensor]]:
+def _mask_arguments(
+    mask_type, attention_mask: torch.Tensor | None, sq: int, sk: int
+) -> tuple[bool, torch.Tensor | None]:
     """Megatron's (mask type, boolean mask with True = masked out) -> SDPA's (is_causal, mask
     with True = attend)."""
     if mask_type == AttnMaskType.causal:
         if sq != sk:
             # SDPA's is_causal aligns top-left; decoding with a KV cache would need bottom-right.
-            raise ValueError(f"SDPAttention: causal attention needs equal query/key lengths, got "
-                             f"{sq} and {sk} (KV-cache inference is not supported)")
+            raise ValueError(
+                f"SDPAttention: causal attention needs equal query/key lengths, got "
+                f"{sq} and {sk} (KV-cache inference is not supported)"
+            )
         if attention_mask is not None:
             _check_plain_causal(attention_mask, sq)
         return True, None
     if attention_mask is None or mask_type == AttnMaskType.no_mask:
         return False, None
     if attention_mask.dtype != torch.bool:
-        raise ValueError(f"SDPAttention: expected a boolean mask (True = masked out, Megatron's "
-                         f"convention), got {attention_mask.dtype}")
+        raise ValueError(
+            f"SDPAttention: expected a boolean mask (True = masked out, Megatron's "
+            f"convention), got {attention_mask.dtype}"
+        )
     return False, ~attention_mask
 
 
 def _check_plain_causal(mask: torch.Tensor, seq_len: int) -> None:
     """With is_causal=True the passed mask is not read: make sure it says nothing more."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 \
-            or tuple(mask.shape[-2:]) != (seq_len, seq_len):
-        raise ValueError(f"SDPAttention: a causal layer got a mask of shape {tuple(mask.shape)} "
-                         f"and dtype {mask.dtype}; expected model.causal_mask ([1|b, 1, s, s] bool)")
+    if (
+        mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[1] != 1
+        or tuple(mask.shape[-2:]) != (seq_len, seq_len)
+    ):
+        raise ValueError(
+            f"SDPAttention: a causal layer got a mask of shape {tuple(mask.shape)} "
+            f"and dtype {mask.dtype}; expected model.causal_mask ([1|b, 1, s, s] bool)"
+        )
     if mask.is_cuda:
         return  # comparing the content would synchronise the device once per layer
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).triu_(1)
     if not torch.equal(mask, causal.expand_as(mask)):
-        raise ValueError("SDPAttention: a causal layer got a mask that is not the plain causal "
-                         "one (e.g. a padding mask); batches must be right-padded with "
-                         "model.causal_mask, or set model.attention=unfused")
+        raise ValueError(
+            "SDPAttention: a causal layer got a mask that is not the plain causal "
+            "one (e.g. a padding mask); batches must be right-padded with "
+            "model.causal_mask, or set model.attention=unfused"
+        )
 
 
 def core_attention_class(name: str):

@@ -47,9 +47,18 @@ from sept_megatron.trainer.model import unwrap_module
 META_FILE = "sept_megatron_ckpt.json"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
-                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "vocab.json", "merges.txt", "added_tokens.json")
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 @dataclass
@@ -62,22 +71,32 @@ class CheckpointMeta:
     train_state: dict[str, Any] | None = None  # round, sampler position, scheduler (training only)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "arch": self.arch.to_dict(),
-                "padded_vocab": self.padded_vocab, "params_dtype": self.params_dtype,
-                "tensor_parallel": self.tensor_parallel,
-                "pipeline_parallel": self.pipeline_parallel, "train_state": self.train_state}
+        return {
+            "format": FORMAT_VERSION,
+            "arch": self.arch.to_dict(),
+            "padded_vocab": self.padded_vocab,
+            "params_dtype": self.params_dtype,
+            "tensor_parallel": self.tensor_parallel,
+            "pipeline_parallel": self.pipeline_parallel,
+            "train_state": self.train_state,
+        }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "CheckpointMeta":
+    def from_json(cls, d: dict[str, Any]) -> CheckpointMeta:
         if d.get("format") != FORMAT_VERSION:
             raise ValueError(f"checkpoint format {d.get('format')} is not {FORMAT_VERSION}")
-        return cls(ModelArch.from_dict(d["arch"]), d["padded_vocab"], d["params_dtype"],
-                   d["tensor_parallel"], d["pipeline_parallel"], d.get("train_state"))
+        return cls(
+            ModelArch.from_dict(d["arch"]),
+            d["padded_vocab"],
+            d["params_dtype"],
+            d["tensor_parallel"],
+            d["pipeline_parallel"],
+            d.get("train_state"),
+        )
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META_FILE)) or os.path.isfile(
-        os.path.join(path, LATEST_FILE))
+    return os.path.isfile(os.path.join(path, META_FILE)) or os.path.isfile(os.path.join(path, LATEST_FILE))
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -87,8 +106,10 @@ def resolve_checkpoint(path: str) -> str:
         with open(pointer) as f:
             path = os.path.join(path, f.read().strip())
     if not os.path.isfile(os.path.join(path, META_FILE)):
-        raise FileNotFoundError(f"{path}: not a sept_megatron checkpoint (no {META_FILE}); "
-                                "pass a directory written by convert_hf_to_megatron.py or train")
+        raise FileNotFoundError(
+            f"{path}: not a sept_megatron checkpoint (no {META_FILE}); "
+            "pass a directory written by convert_hf_to_megatron.py or train"
+        )
     return path
 
 
@@ -122,8 +143,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(root_or_dir: str, name: str | None, sharded_state_dict: dict,
-                    meta: CheckpointMeta, hf_side_dir: str) -> str:
+def save_checkpoint(
+    root_or_dir: str, name: str | None, sharded_state_dict: dict, meta: CheckpointMeta, hf_side_dir: str
+) -> str:
     """Write a checkpoint atomically (collective: every rank calls it). Returns its path.
 
     ``name`` given: ``root/name`` plus the ``latest`` pointer (training). ``name`` None:
@@ -153,6 +175,7 @@ def _prepare_temp_dir(root_or_dir: str, name: str | None, hf_side_dir: str) -> t
             shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, "model"))
         copy_hf_side_files(hf_side_dir, os.path.join(tmp, "hf"))
+
     _on_rank0_agreed(fresh_temp_dir, tmp)
     return final, tmp
 
@@ -180,8 +203,7 @@ def _on_rank0_agreed(fn, path: str) -> None:
         raise integrity.CheckpointSaveFailed(error)
 
 
-def _publish_agreed(tmp: str, final: str, root: str, name: str | None,
-                    meta: CheckpointMeta) -> None:
+def _publish_agreed(tmp: str, final: str, root: str, name: str | None, meta: CheckpointMeta) -> None:
     _on_rank0_agreed(partial(_publish, tmp, final, root, name, meta), final)
 
 
@@ -224,8 +246,7 @@ class CheckpointSaver:
     tries again.
     """
 
-    def __init__(self, async_save: bool, keep_last: int, on_save_error: str = "stop",
-                 warn=None):
+    def __init__(self, async_save: bool, keep_last: int, on_save_error: str = "stop", warn=None):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.async_save, self.keep_last, self.on_save_error = async_save, keep_last, on_save_error
@@ -237,8 +258,9 @@ class CheckpointSaver:
         self._last_size: int | None = None  # bytes of the last published save
         self.failures = 0  # saves that failed and were survived (on_save_error=warn)
 
-    def save(self, root: str, name: str, sharded_state_dict: dict, meta: CheckpointMeta,
-             hf_side_dir: str) -> float:
+    def save(
+        self, root: str, name: str, sharded_state_dict: dict, meta: CheckpointMeta, hf_side_dir: str
+    ) -> float:
         """Save ``root/name``; returns the seconds this call blocked the caller."""
         start = time.perf_counter()
         self._finalize_outstanding(blocking=True)  # one save in flight at most
@@ -247,8 +269,11 @@ class CheckpointSaver:
         final = os.path.join(root, name)
         problem = _agree(integrity.space_problem(root, self._last_size))
         if problem:
-            self._failed(f"checkpoint save to {final} not started: {problem}; free space or "
-                         "point logging.run_dir elsewhere", None)
+            self._failed(
+                f"checkpoint save to {final} not started: {problem}; free space or "
+                "point logging.run_dir elsewhere",
+                None,
+            )
             return time.perf_counter() - start
         try:
             if self.async_save:
@@ -257,8 +282,7 @@ class CheckpointSaver:
                 save_checkpoint(root, name, sharded_state_dict, meta, hf_side_dir)
                 self._published(root, final)
         except (Exception, CheckpointException) as exc:  # every rank alike (_on_rank0_agreed)
-            self._failed(integrity.describe_save_error(exc, final, self._last_size),
-                         _temp_dir_of(final))
+            self._failed(integrity.describe_save_error(exc, final, self._last_size), _temp_dir_of(final))
         return time.perf_counter() - start
 
     def _start_background_save(self, root, name, sharded_state_dict, meta, hf_side_dir) -> None:
@@ -268,8 +292,9 @@ class CheckpointSaver:
         model_dir = os.path.join(tmp, "model")
         request = dist_checkpointing.save(sharded_state_dict, model_dir, async_sharded_save=True)
         # The writer process digests this rank's shards after writing them (manifest parts).
-        request = request._replace(async_fn=partial(integrity.write_after, request.async_fn,
-                                                    model_dir, _rank()))
+        request = request._replace(
+            async_fn=partial(integrity.write_after, request.async_fn, model_dir, _rank())
+        )
         request.add_finalize_fn(partial(self._finalize, tmp, final, root, name, meta))
         self._in_flight = tmp
         self._queue.schedule_async_request(request)
@@ -300,8 +325,7 @@ class CheckpointSaver:
         if self.on_save_error == "stop":
             raise integrity.CheckpointSaveFailed(message)
         self.failures += 1
-        self._warn(f"{message}; training goes on (checkpoint.on_save_error=warn), the next "
-                   "save tries again")
+        self._warn(f"{message}; training goes on (checkpoint.on_save_error=warn), the next save tries again")
 
     def poll(self) -> None:
         """Publish a background save that has finished on every rank (never waits)."""
@@ -364,7 +388,8 @@ def check_intact(path: str) -> None:
     if problems:
         raise integrity.CheckpointDamaged(
             f"{ckpt_dir} is damaged:\n  " + "\n  ".join(problems) + "\n  restore it, or check "
-            f"it with `sept-megatron checkpoint verify {ckpt_dir}`")
+            f"it with `sept-megatron checkpoint verify {ckpt_dir}`"
+        )
 
 
 def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
@@ -381,31 +406,41 @@ def load_sharded(ckpt_dir: str, sharded_state_dict: dict) -> dict:
     check_intact(ckpt_dir)
     try:
         loaded, _, absent = dist_checkpointing.load(
-            sharded_state_dict, os.path.join(ckpt_dir, "model"),
-            strict=StrictHandling.RETURN_UNEXPECTED)  # "unexpected": asked for, not in it
+            sharded_state_dict, os.path.join(ckpt_dir, "model"), strict=StrictHandling.RETURN_UNEXPECTED
+        )  # "unexpected": asked for, not in it
     except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
         # A damaged file the manifest could not catch (none, or an older checkpoint).
         raise integrity.CheckpointDamaged(
             f"{ckpt_dir}: cannot be read ({type(exc).__name__}: {exc}); check it with "
-            f"`sept-megatron checkpoint verify {ckpt_dir}`") from exc
+            f"`sept-megatron checkpoint verify {ckpt_dir}`"
+        ) from exc
     missing = sorted(key for key in absent if not _EXTRA_STATE_KEY.search(key))
     if missing:
-        raise ValueError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
-                         f"e.g. {missing[:3]}; is it a checkpoint of another model, or one without the "
-                         "optimizer state a resume needs?")
+        raise ValueError(
+            f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
+            f"e.g. {missing[:3]}; is it a checkpoint of another model, or one without the "
+            "optimizer state a resume needs?"
+        )
     return loaded
 
 
 def check_compatible(meta: CheckpointMeta, arch: ModelArch, tensor_parallel: int) -> None:
     """A checkpoint from another model is a clear error, before anything is loaded."""
     if meta.arch != arch:
-        diffs = [f"{k}: checkpoint {v!r} vs model {getattr(arch, k)!r}"
-                 for k, v in meta.arch.to_dict().items() if getattr(arch, k) != v]
-        raise ValueError("checkpoint is from another model (" + "; ".join(diffs) + "); point "
-                         "model.megatron_ckpt / logging.run_dir at a checkpoint of model.hf_path")
+        diffs = [
+            f"{k}: checkpoint {v!r} vs model {getattr(arch, k)!r}"
+            for k, v in meta.arch.to_dict().items()
+            if getattr(arch, k) != v
+        ]
+        raise ValueError(
+            "checkpoint is from another model (" + "; ".join(diffs) + "); point "
+            "model.megatron_ckpt / logging.run_dir at a checkpoint of model.hf_path"
+        )
     if meta.padded_vocab % tensor_parallel:
-        raise ValueError(f"checkpoint padded vocab {meta.padded_vocab} is not divisible by "
-                         f"parallel.tensor_parallel={tensor_parallel}")
+        raise ValueError(
+            f"checkpoint padded vocab {meta.padded_vocab} is not divisible by "
+            f"parallel.tensor_parallel={tensor_parallel}"
+        )
 
 
 def load_model_weights(model_chunks, ckpt_dir: str) -> None:
@@ -424,4 +459,3 @@ def model_sharded_state_dict(model_chunks) -> dict:
     """Chunks under separate dict keys; the tensors' own keys carry global layer indices, so
     the checkpoint is the same whatever the TP/PP/VPP layout that wrote it."""
     return {f"model{i}": unwrap_module(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
-

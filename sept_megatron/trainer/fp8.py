@@ -43,16 +43,20 @@ def fp8_unsupported_reason(recipe: str) -> str | None:
         return "no CUDA device is visible (FP8 training runs only on NVIDIA Hopper or newer)"
     capability = torch.cuda.get_device_capability()
     if capability < MIN_CAPABILITY:
-        return (f"the GPU ({torch.cuda.get_device_name()}) has compute capability "
-                f"{capability[0]}.{capability[1]}; FP8 training needs Hopper or newer (>= 9.0)")
+        return (
+            f"the GPU ({torch.cuda.get_device_name()}) has compute capability "
+            f"{capability[0]}.{capability[1]}; FP8 training needs Hopper or newer (>= 9.0)"
+        )
     version = _te_version()
     if version is None:
         return f"Transformer Engine is not installed: {_INSTALL}"
     from packaging.version import Version
 
     if version < Version(MIN_TE_VERSION[recipe]):
-        return (f"Transformer Engine {version} is too old for the {recipe} recipe (Megatron-Core "
-                f"needs >= {MIN_TE_VERSION[recipe]}): {_INSTALL}")
+        return (
+            f"Transformer Engine {version} is too old for the {recipe} recipe (Megatron-Core "
+            f"needs >= {MIN_TE_VERSION[recipe]}): {_INSTALL}"
+        )
     ok, reason = _te_verdict(recipe)
     return None if ok else f"Transformer Engine refuses the {recipe} recipe here: {reason}"
 
@@ -84,30 +88,40 @@ def fp8_shape_problems(arch: ModelArch, tensor_parallel: int) -> list[str]:
     """Per-TP-rank weight dimensions of the TE linear layers that FP8 GEMMs cannot take."""
     tp, d = tensor_parallel, arch.head_dim
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
-    dims = {"hidden_size": arch.hidden_size,
-            "fused q/k/v rows per TP rank ((heads + 2 x kv heads) x head_dim / TP)": qkv_rows // tp,
-            "attention output width per TP rank (heads x head_dim / TP)":
-                arch.num_attention_heads * d // tp,
-            "ffn_hidden_size per TP rank": arch.ffn_hidden_size // tp}
-    return [f"{what} = {size} is not a multiple of {FP8_GEMM_MULTIPLE}, which Transformer "
-            f"Engine's FP8 GEMMs need (parallel.tensor_parallel={tp})"
-            for what, size in dims.items() if size % FP8_GEMM_MULTIPLE]
+    dims = {
+        "hidden_size": arch.hidden_size,
+        "fused q/k/v rows per TP rank ((heads + 2 x kv heads) x head_dim / TP)": qkv_rows // tp,
+        "attention output width per TP rank (heads x head_dim / TP)": arch.num_attention_heads * d // tp,
+        "ffn_hidden_size per TP rank": arch.ffn_hidden_size // tp,
+    }
+    return [
+        f"{what} = {size} is not a multiple of {FP8_GEMM_MULTIPLE}, which Transformer "
+        f"Engine's FP8 GEMMs need (parallel.tensor_parallel={tp})"
+        for what, size in dims.items()
+        if size % FP8_GEMM_MULTIPLE
+    ]
 
 
-def require_fp8_training(recipe: str, arch: ModelArch, *, tensor_parallel: int,
-                         transformer_engine: bool) -> None:
+def require_fp8_training(
+    recipe: str, arch: ModelArch, *, tensor_parallel: int, transformer_engine: bool
+) -> None:
     """Raise one ValueError naming every reason ``model.fp8=recipe`` cannot train here."""
     problems = []
     if not transformer_engine:
-        problems.append("the model is built from local (non-TE) layers: set "
-                        "model.transformer_impl=auto or transformer_engine")
+        problems.append(
+            "the model is built from local (non-TE) layers: set "
+            "model.transformer_impl=auto or transformer_engine"
+        )
     reason = fp8_unsupported_reason(recipe)
     if reason:
         problems.append(reason)
     problems += fp8_shape_problems(arch, tensor_parallel)
     if problems:
-        raise ValueError(f"model.fp8={recipe!r} cannot run: " + "; ".join(problems)
-                         + ". Fix these or set model.fp8=null (bf16 training).")
+        raise ValueError(
+            f"model.fp8={recipe!r} cannot run: "
+            + "; ".join(problems)
+            + ". Fix these or set model.fp8=null (bf16 training)."
+        )
 
 
 def token_multiple(model_config) -> int:

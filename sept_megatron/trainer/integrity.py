@@ -29,8 +29,8 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -73,8 +73,11 @@ def digest_rank_shards(model_dir: str, rank: int) -> bool:
     itself, or the save fails there, on rank 0, where the failure is handled."""
     prefix = f"__{rank}_"
     try:
-        digests = {f"model/{name}": file_digest(os.path.join(model_dir, name))
-                   for name in sorted(os.listdir(model_dir)) if name.startswith(prefix)}
+        digests = {
+            f"model/{name}": file_digest(os.path.join(model_dir, name))
+            for name in sorted(os.listdir(model_dir))
+            if name.startswith(prefix)
+        }
         with open(os.path.join(model_dir, _PART_NAME.format(rank=rank)), "w") as f:
             json.dump(digests, f)
     except OSError:
@@ -109,8 +112,7 @@ def write_manifest(ckpt_dir: str) -> int:
     for rel in _files_under(ckpt_dir):
         on_disk = os.path.getsize(os.path.join(ckpt_dir, rel))
         known = digested.get(rel)
-        files[rel] = known if known and known["size"] == on_disk else \
-            file_digest(os.path.join(ckpt_dir, rel))
+        files[rel] = known if known and known["size"] == on_disk else file_digest(os.path.join(ckpt_dir, rel))
     total = sum(d["size"] for d in files.values())
     tmp = os.path.join(ckpt_dir, f".{MANIFEST_FILE}.tmp")
     with open(tmp, "w") as f:
@@ -138,8 +140,7 @@ def read_manifest(ckpt_dir: str) -> dict | None:
     return manifest
 
 
-def verify_checkpoint(ckpt_dir: str, checksums: bool = True,
-                      share: tuple[int, int] = (0, 1)) -> list[str]:
+def verify_checkpoint(ckpt_dir: str, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
     """What is wrong with one checkpoint directory, one line per file ([] when complete).
     ``share=(rank, world)``: sizes of every file, CRC32 of every world-th file only (the
     ranks split the reading). A checkpoint without a manifest (written before manifests) is
@@ -162,11 +163,14 @@ def verify_checkpoint(ckpt_dir: str, checksums: bool = True,
             continue
         size = os.path.getsize(path)
         if size != expected["size"]:
-            problems.append(f"{path}: {size} bytes, the manifest says {expected['size']} "
-                            "(truncated or overwritten)")
+            problems.append(
+                f"{path}: {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
+            )
         elif checksums and index % ranks == mine and file_digest(path)["crc32"] != expected["crc32"]:
-            problems.append(f"{path}: CRC32 {file_digest(path)['crc32']} differs from the "
-                            f"manifest's {expected['crc32']} (corrupted)")
+            problems.append(
+                f"{path}: CRC32 {file_digest(path)['crc32']} differs from the "
+                f"manifest's {expected['crc32']} (corrupted)"
+            )
     return problems
 
 
@@ -187,8 +191,9 @@ class ResumeChoice:
     passed_over: list[tuple[str, list[str]]] = field(default_factory=list)
 
     def describe_fallback(self) -> str:
-        skipped = "; ".join(f"{p} ({problems[0]}{' ...' if len(problems) > 1 else ''})"
-                            for p, problems in self.passed_over)
+        skipped = "; ".join(
+            f"{p} ({problems[0]}{' ...' if len(problems) > 1 else ''})" for p, problems in self.passed_over
+        )
         return f"passed over damaged checkpoint(s) {skipped}; resuming from {self.path}"
 
 
@@ -203,9 +208,12 @@ def _candidates(root: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def choose_resume_checkpoint(root: str, checksums: bool = True, share: tuple[int, int] = (0, 1),
-                             merge: Callable[[list[str]], list[str]] = lambda found: found
-                             ) -> ResumeChoice:
+def choose_resume_checkpoint(
+    root: str,
+    checksums: bool = True,
+    share: tuple[int, int] = (0, 1),
+    merge: Callable[[list[str]], list[str]] = lambda found: found,
+) -> ResumeChoice:
     """The newest complete checkpoint under a run's checkpoint root.
 
     The one ``latest`` names when it is complete; otherwise the newest older round directory
@@ -216,9 +224,11 @@ def choose_resume_checkpoint(root: str, checksums: bool = True, share: tuple[int
         return ResumeChoice(None)
     passed_over = []
     for candidate in _candidates(root):
-        problems = merge(verify_checkpoint(candidate, checksums, share)
-                         if os.path.isdir(candidate) else
-                         [f"{candidate}: missing (named by {os.path.join(root, LATEST_FILE)})"])
+        problems = merge(
+            verify_checkpoint(candidate, checksums, share)
+            if os.path.isdir(candidate)
+            else [f"{candidate}: missing (named by {os.path.join(root, LATEST_FILE)})"]
+        )
         if not problems:
             return ResumeChoice(candidate, passed_over)
         passed_over.append((candidate, problems))
@@ -226,7 +236,8 @@ def choose_resume_checkpoint(root: str, checksums: bool = True, share: tuple[int
     raise CheckpointDamaged(
         f"no complete checkpoint under {root}:\n  " + "\n  ".join(lines) + "\n  restore the "
         "files, or move the damaged directory away to start over (checkpoint.keep_last >= 2 "
-        "keeps an older checkpoint to fall back on)")
+        "keeps an older checkpoint to fall back on)"
+    )
 
 
 def _gather_problems(problems: list[str]) -> list[str]:
@@ -271,8 +282,10 @@ def space_problem(root: str, needed: int | None) -> str | None:
     free = free_bytes(root)
     if free >= needed:
         return None
-    return (f"{root}: {free / 2**20:.1f} MiB free, a checkpoint needs about "
-            f"{needed / 2**20:.1f} MiB (the last save's size)")
+    return (
+        f"{root}: {free / 2**20:.1f} MiB free, a checkpoint needs about "
+        f"{needed / 2**20:.1f} MiB (the last save's size)"
+    )
 
 
 def describe_save_error(exc: BaseException, path: str, needed: int | None) -> str:
@@ -280,13 +293,20 @@ def describe_save_error(exc: BaseException, path: str, needed: int | None) -> st
     parent = os.path.dirname(os.path.abspath(path))
     # torch's zip writer reports a full disk without errno ("unexpected pos ..."): a write that
     # failed with (almost) nothing left on the file system is the same fault.
-    if any(isinstance(c, OSError) and c.errno == errno.ENOSPC or "No space left on device" in str(c)
-           for c in _causes(exc)) or _nearly_full(parent):
-        need = f"about {needed / 2**20:.1f} MiB (the last save's size)" if needed else \
-            "at least one checkpoint's size"
-        return (f"checkpoint save to {path} failed: no space left on the device "
-                f"({free_bytes(parent) / 2**20:.1f} MiB free under {parent}, a checkpoint needs "
-                f"{need}); free space or point logging.run_dir elsewhere")
+    if any(
+        isinstance(c, OSError) and c.errno == errno.ENOSPC or "No space left on device" in str(c)
+        for c in _causes(exc)
+    ) or _nearly_full(parent):
+        need = (
+            f"about {needed / 2**20:.1f} MiB (the last save's size)"
+            if needed
+            else "at least one checkpoint's size"
+        )
+        return (
+            f"checkpoint save to {path} failed: no space left on the device "
+            f"({free_bytes(parent) / 2**20:.1f} MiB free under {parent}, a checkpoint needs "
+            f"{need}); free space or point logging.run_dir elsewhere"
+        )
     root_cause = list(_causes(exc))[-1]
     if isinstance(root_cause, CheckpointSaveFailed):
         return f"checkpoint save to {path} failed: {root_cause}"
@@ -335,7 +355,8 @@ def build_parser():
 
     parser = argparse.ArgumentParser(
         prog="sept-megatron checkpoint",
-        description="Check checkpoints against their manifests (sizes and CRC32 of every file).")
+        description="Check checkpoints against their manifests (sizes and CRC32 of every file).",
+    )
     parser.add_argument("action", choices=("verify",))
     parser.add_argument("path", help="a checkpoint, a run's checkpoints/ dir, or a run dir")
     return parser
@@ -346,8 +367,11 @@ def verify_main(argv: list[str]) -> int:
     args = build_parser().parse_args(["verify", *argv])
     found = checkpoints_in(args.path)
     if not found:
-        print(f"sept-megatron checkpoint verify: error: {args.path}: no checkpoint there (expected "
-              f"{META_FILE}, or round_* directories)", file=__import__("sys").stderr)
+        print(
+            f"sept-megatron checkpoint verify: error: {args.path}: no checkpoint there (expected "
+            f"{META_FILE}, or round_* directories)",
+            file=__import__("sys").stderr,
+        )
         return 2
     damaged = 0
     for ckpt_dir in found:
@@ -361,7 +385,8 @@ def verify_main(argv: list[str]) -> int:
         elif manifest is None:
             print(f"UNVERIFIED  {ckpt_dir} (no {MANIFEST_FILE}: written before manifests)")
         else:
-            print(f"OK  {ckpt_dir} ({len(manifest['files'])} files, "
-                  f"{manifest['total_bytes'] / 2**20:.1f} MiB)")
+            print(
+                f"OK  {ckpt_dir} ({len(manifest['files'])} files, {manifest['total_bytes'] / 2**20:.1f} MiB)"
+            )
     print(f"{len(found) - damaged} of {len(found)} checkpoint(s) complete")
     return 1 if damaged else 0

@@ -47,8 +47,7 @@ def masked_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-              tau_train: float) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tau_train: float) -> torch.Tensor:
     """Per-token NLL of vocab-parallel logits at temperature tau_t (no gather of the vocab)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -64,8 +63,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     return vocab_parallel_cross_entropy(scaled, labels)
 
 
-def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int,
-                           tau_train: float) -> torch.Tensor:
+def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int, tau_train: float) -> torch.Tensor:
     """Per-token entropy of softmax(logits / tau) when each TP rank holds a slice of the vocab.
 
     H = log Z - sum_v e^{x_v} x_v / Z with x = logits - max (shift-invariant). The max is a
@@ -104,9 +102,13 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((groups - mean) / (std + GRPO_ADVANTAGE_EPS)).view(-1).to(rewards.dtype)
 
 
-def clipped_policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
-                        advantages: torch.Tensor, clip_ratio: float = GRPO_CLIP_RATIO,
-                        clip_ratio_c: float = GRPO_CLIP_RATIO_C) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_ratio: float = GRPO_CLIP_RATIO,
+    clip_ratio_c: float = GRPO_CLIP_RATIO_C,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO loss (verl's vanilla ``compute_policy_loss``) and a 0/1 tensor marking
     the tokens where the clip was active (verl's ``pg_clipfrac`` numerator)."""
     log_ratio = (log_probs - old_log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -139,8 +141,10 @@ class TokenLoss:
         mask = mb.loss_mask
         count = mask.sum()
         loss_sum = (values[self.report_keys[0]] * mask).sum()
-        report = {key: torch.stack([(values[key] * mask).sum().detach().float(), count.detach().float()])
-                  for key in self.report_keys}
+        report = {
+            key: torch.stack([(values[key] * mask).sum().detach().float(), count.detach().float()])
+            for key in self.report_keys
+        }
         return loss_sum, count.to(torch.int), report
 
 

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sept_megatron.runtime import compat
-from sept_megatron.runtime import distributed
+from sept_megatron.runtime import compat, distributed
 from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.trainer.fp8 import FP8_RECIPES, require_fp8_training
 
@@ -68,7 +67,9 @@ def transformer_engine_runs() -> bool:
         logging.getLogger(__name__).warning(
             "model.transformer_impl=auto: Transformer Engine does not run here (%s: %s); using "
             "Megatron's local layers. Build TE against this torch (README, GPU install)",
-            type(error).__name__, error)
+            type(error).__name__,
+            error,
+        )
         return False
     return True
 
@@ -85,10 +86,8 @@ def layer_spec(arch: ModelArch, *, transformer_engine: bool, attention: str = "s
     from sept_megatron.trainer.attention import core_attention_class
 
     if transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=arch.qk_layernorm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(
-        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = core_attention_class(attention)
     return spec
 
@@ -104,11 +103,18 @@ def fp8_kwargs(fp8_recipe: str | None, fp8_format: str) -> dict[str, Any]:
     return {"fp8": fp8_format, "fp8_recipe": fp8_recipe, "fp8_param": False}
 
 
-def transformer_config(arch: ModelArch, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                       virtual_pipeline: int | None = None, sequence_parallel: bool = False,
-                       params_dtype: torch.dtype = torch.float32,
-                       fp8_recipe: str | None = None, fp8_format: str = "hybrid",
-                       recompute: str = "none"):
+def transformer_config(
+    arch: ModelArch,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline: int | None = None,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    fp8_recipe: str | None = None,
+    fp8_format: str = "hybrid",
+    recompute: str = "none",
+):
     """A Megatron ``TransformerConfig`` equivalent to the HF architecture.
 
     Fusions that need CUDA kernels are off; they change speed, not results. ``recompute`` is
@@ -156,16 +162,23 @@ def transformer_config(arch: ModelArch, *, tensor_parallel: int = 1, pipeline_pa
     )
 
 
-def build_gpt_model(arch: ModelArch, config, *, padded_vocab: int, transformer_engine: bool,
-                    pre_process: bool = True, post_process: bool = True,
-                    vp_stage: int | None = None, attention: str = "sdpa"):
+def build_gpt_model(
+    arch: ModelArch,
+    config,
+    *,
+    padded_vocab: int,
+    transformer_engine: bool,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    attention: str = "sdpa",
+):
     """One Megatron ``GPTModel`` stage (the whole model when PP=1)."""
     from megatron.core.models.gpt import GPTModel
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, transformer_engine=transformer_engine,
-                                          attention=attention),
+        transformer_layer_spec=layer_spec(arch, transformer_engine=transformer_engine, attention=attention),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -182,8 +195,7 @@ def build_gpt_model(arch: ModelArch, config, *, padded_vocab: int, transformer_e
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     """Megatron's boolean mask convention: True = masked out. Passed explicitly (see compat)."""
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device),
-                      diagonal=1)
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -202,16 +214,15 @@ def recompute_kwargs(recompute: str) -> dict[str, Any]:
     if recompute == "none":
         return {}
     if recompute == "selective":
-        return {"recompute_granularity": "selective",
-                "recompute_modules": list(SELECTIVE_RECOMPUTE_MODULES)}
+        return {"recompute_granularity": "selective", "recompute_modules": list(SELECTIVE_RECOMPUTE_MODULES)}
     if recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform",
-                "recompute_num_layers": 1}
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     raise ValueError(f"train.recompute={recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
 
 
-def build_model_stages(arch: ModelArch, config, *, padded_vocab: int,
-                       transformer_engine: bool, attention: str = "sdpa") -> list:
+def build_model_stages(
+    arch: ModelArch, config, *, padded_vocab: int, transformer_engine: bool, attention: str = "sdpa"
+) -> list:
     """This rank's model chunks: one per virtual pipeline stage (one when VPP is off)."""
     from megatron.core import parallel_state as ps
 
@@ -219,11 +230,18 @@ def build_model_stages(arch: ModelArch, config, *, padded_vocab: int,
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunks.append(build_gpt_model(
-            arch, config, padded_vocab=padded_vocab, transformer_engine=transformer_engine,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage),
-            vp_stage=stage, attention=attention))
+        chunks.append(
+            build_gpt_model(
+                arch,
+                config,
+                padded_vocab=padded_vocab,
+                transformer_engine=transformer_engine,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage),
+                vp_stage=stage,
+                attention=attention,
+            )
+        )
     return chunks
 
 
@@ -253,26 +271,42 @@ class MegatronModel:
     padded_vocab: int
 
 
-def build_megatron_model(arch: ModelArch, *, tensor_parallel: int, pipeline_parallel: int,
-                         virtual_pipeline: int | None = None, sequence_parallel: bool = False,
-                         params_dtype: torch.dtype = torch.float32, transformer_impl: str = "auto",
-                         fp8: str | None = None, fp8_format: str = "hybrid",
-                         padded_vocab: int, attention: str = "sdpa",
-                         recompute: str = "none") -> MegatronModel:
+def build_megatron_model(
+    arch: ModelArch,
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    virtual_pipeline: int | None = None,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    transformer_impl: str = "auto",
+    fp8: str | None = None,
+    fp8_format: str = "hybrid",
+    padded_vocab: int,
+    attention: str = "sdpa",
+    recompute: str = "none",
+) -> MegatronModel:
     """Build this rank's stages (process groups must exist). Weights are random here.
 
     ``attention`` is ``model.attention`` (local layers only), ``recompute`` ``train.recompute``.
     """
     te = use_transformer_engine(transformer_impl)
     if fp8:  # refuse before anything is built or loaded
-
         require_fp8_training(fp8, arch, tensor_parallel=tensor_parallel, transformer_engine=te)
     config = transformer_config(
-        arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-        virtual_pipeline=virtual_pipeline, sequence_parallel=sequence_parallel,
-        params_dtype=params_dtype, fp8_recipe=fp8, fp8_format=fp8_format, recompute=recompute)
-    chunks = build_model_stages(arch, config, padded_vocab=padded_vocab, transformer_engine=te,
-                                attention=attention)
+        arch,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        virtual_pipeline=virtual_pipeline,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        fp8_recipe=fp8,
+        fp8_format=fp8_format,
+        recompute=recompute,
+    )
+    chunks = build_model_stages(
+        arch, config, padded_vocab=padded_vocab, transformer_engine=te, attention=attention
+    )
     device = distributed.compute_device()
     chunks = [chunk.to(device) for chunk in chunks]
     for chunk in chunks:

@@ -29,8 +29,9 @@ def trainer_tensors(trainer) -> list[torch.Tensor]:
         for group in optimizer.param_groups:
             tensors += list(group["params"])
         for state in optimizer.state.values():
-            tensors += [value for value in state.values()
-                        if isinstance(value, torch.Tensor) and value.dim() > 0]
+            tensors += [
+                value for value in state.values() if isinstance(value, torch.Tensor) and value.dim() > 0
+            ]
     return tensors
 
 
@@ -55,8 +56,7 @@ def offload(trainer) -> list[tuple[torch.UntypedStorage, torch.Tensor]]:
     parked = []
     for storage in _storages(trainer_tensors(trainer)):
         device_bytes = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-        host = torch.empty(storage.nbytes(), dtype=torch.uint8,
-                           pin_memory=storage.device.type == "cuda")
+        host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=storage.device.type == "cuda")
         host.copy_(device_bytes)
         storage.resize_(0)
         parked.append((storage, host))

@@ -22,15 +22,15 @@ trainer does, once per round (``train.lr_schedule_interval``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
 import torch
 
-from sept_megatron.trainer import model as mdl
 from sept_megatron.config import TrainConfig
 from sept_megatron.runtime.distributed import compute_device
+from sept_megatron.trainer import model as mdl
 from sept_megatron.trainer.fp8 import token_multiple
 from sept_megatron.trainer.fused_adam import use_fused_adam
 from sept_megatron.trainer.losses import LogProbCollector, TokenLoss, loss_for_mode
@@ -65,11 +65,17 @@ def make_micro_batch(samples: Sequence[Sample], seq_len: int, pad_id: int) -> Mi
         ids = s.prompt_ids + s.response_ids
         tokens[row, : len(ids)] = torch.tensor(ids)
         # Position t predicts token t+1: response token j sits at len(prompt) + j.
-        mask[row, len(s.prompt_ids): len(ids)] = 1.0
+        mask[row, len(s.prompt_ids) : len(ids)] = 1.0
     positions = torch.arange(seq_len).unsqueeze(0).expand(len(samples), -1)
     advantages = torch.tensor([[s.advantage] for s in samples], dtype=torch.float)
-    return MicroBatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
-                      mask[:, 1:].contiguous(), positions, mdl.causal_mask(seq_len), advantages)
+    return MicroBatch(
+        tokens[:, :-1].contiguous(),
+        tokens[:, 1:].contiguous(),
+        mask[:, 1:].contiguous(),
+        positions,
+        mdl.causal_mask(seq_len),
+        advantages,
+    )
 
 
 def padded_length(samples: Sequence[Sample], multiple: int = 8) -> int:
@@ -79,9 +85,20 @@ def padded_length(samples: Sequence[Sample], multiple: int = 8) -> int:
 
 
 def _to_device(mb: MicroBatch, device) -> MicroBatch:
-    return MicroBatch(*(None if t is None else t.to(device)
-                        for t in (mb.tokens, mb.labels, mb.loss_mask, mb.positions,
-                                  mb.attention_mask, mb.advantages, mb.old_log_probs)))
+    return MicroBatch(
+        *(
+            None if t is None else t.to(device)
+            for t in (
+                mb.tokens,
+                mb.labels,
+                mb.loss_mask,
+                mb.positions,
+                mb.attention_mask,
+                mb.advantages,
+                mb.old_log_probs,
+            )
+        )
+    )
 
 
 def scheduler_steps(cfg: TrainConfig, total_steps: int, total_rounds: int | None) -> int:
@@ -102,8 +119,16 @@ def _forward_step(loss: TokenLoss, data_iterator, chunk):
 class SFTTrainer:
     """Megatron DDP + optimizer + LR schedule around this rank's model stage(s)."""
 
-    def __init__(self, model: mdl.MegatronModel, train_cfg: TrainConfig, *, total_steps: int,
-                 use_distributed_optimizer: bool, pad_id: int, total_rounds: int | None = None):
+    def __init__(
+        self,
+        model: mdl.MegatronModel,
+        train_cfg: TrainConfig,
+        *,
+        total_steps: int,
+        use_distributed_optimizer: bool,
+        pad_id: int,
+        total_rounds: int | None = None,
+    ):
         from megatron.core import parallel_state as ps
 
         self.model, self.cfg, self.pad_id = model, train_cfg, pad_id
@@ -113,32 +138,42 @@ class SFTTrainer:
         # Before DDP exists: with per-token loss DDP sums grads instead of averaging them.
         model.config.calculate_per_token_loss = train_cfg.loss_aggregation == "minibatch_token_mean"
         self.chunks = _wrap_ddp(model, use_distributed_optimizer and self.dp_size > 1)
-        self.optimizer = _build_optimizer(self.chunks, model.config, train_cfg,
-                                          use_distributed_optimizer and self.dp_size > 1)
+        self.optimizer = _build_optimizer(
+            self.chunks, model.config, train_cfg, use_distributed_optimizer and self.dp_size > 1
+        )
         use_fused_adam(self.optimizer, self.device)  # torch's fallback AdamW: fused on CUDA
-        self.scheduler = _build_scheduler(self.optimizer, train_cfg,
-                                          scheduler_steps(train_cfg, total_steps, total_rounds))
+        self.scheduler = _build_scheduler(
+            self.optimizer, train_cfg, scheduler_steps(train_cfg, total_steps, total_rounds)
+        )
         _install_schedule_hooks(model.config, self.chunks, self.optimizer)
         self.loss = loss_for_mode(train_cfg.mode, model.arch.vocab_size, train_cfg.tau_train)
         self.steps = 0
         self.skips = SkippedUpdates(train_cfg.max_skipped_updates)
 
     # -- data layout -------------------------------------------------------------------------
-    def _micro_batches(self, mini_batch: Sequence[Sample],
-                       old_log_probs=None) -> tuple[list[MicroBatch], int]:
+    def _micro_batches(
+        self, mini_batch: Sequence[Sample], old_log_probs=None
+    ) -> tuple[list[MicroBatch], int]:
         """This DP rank's share of a mini-batch, cut into micro-batches of one length (with
         their old log-probs from :meth:`log_probs`, which cut the mini-batch the same way)."""
         seq_len = padded_length(mini_batch, token_multiple(self.model.config))
-        mine = list(mini_batch[self.dp_rank:: self.dp_size])
+        mine = list(mini_batch[self.dp_rank :: self.dp_size])
         size = self.cfg.micro_batch_size
-        mbs = [_to_device(make_micro_batch(mine[i: i + size], seq_len, self.pad_id), self.device)
-               for i in range(0, len(mine), size)]
+        mbs = [
+            _to_device(make_micro_batch(mine[i : i + size], seq_len, self.pad_id), self.device)
+            for i in range(0, len(mine), size)
+        ]
         for mb, old in zip(mbs, old_log_probs or ()):
             mb.old_log_probs = old
         return mbs, seq_len
 
-    def _run_schedule(self, mini_batch: Sequence[Sample], forward_only: bool,
-                      loss: TokenLoss | None = None, old_log_probs=None) -> list[dict]:
+    def _run_schedule(
+        self,
+        mini_batch: Sequence[Sample],
+        forward_only: bool,
+        loss: TokenLoss | None = None,
+        old_log_probs=None,
+    ) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         mbs, seq_len = self._micro_batches(mini_batch, old_log_probs)
@@ -147,8 +182,11 @@ class SFTTrainer:
             forward_step_func=partial(_forward_step, loss or self.loss),
             data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(mbs), seq_length=seq_len,
-            micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+            num_microbatches=len(mbs),
+            seq_length=seq_len,
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only,
+        )
 
     # -- steps ---------------------------------------------------------------------------------
     def step(self, mini_batch: Sequence[Sample], old_log_probs=None) -> dict[str, float]:
@@ -167,11 +205,18 @@ class SFTTrainer:
             self.scheduler.step(increment=1)
         self.steps += 1
         self.skips.record(ok, loss, self.steps)
-        extras = {f"train/{key}": value for key, value in
-                  _reduce_extra_reports(losses, self.loss.report_keys[1:]).items()}
-        return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
-                "train/lr": self.optimizer.param_groups[0]["lr"],
-                "train/response_tokens": tokens, "train/update_skipped": float(not ok), **extras}
+        extras = {
+            f"train/{key}": value
+            for key, value in _reduce_extra_reports(losses, self.loss.report_keys[1:]).items()
+        }
+        return {
+            "train/loss": loss,
+            "train/grad_norm": float(grad_norm or 0.0),
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/response_tokens": tokens,
+            "train/update_skipped": float(not ok),
+            **extras,
+        }
 
     @torch.no_grad()
     def log_probs(self, mini_batch: Sequence[Sample]) -> list:
@@ -223,7 +268,8 @@ class SkippedUpdates:
                 f"loss or gradient norm (last loss {loss}) and were skipped "
                 f"(train.max_skipped_updates={self.limit}); last finite loss "
                 f"{self.last_finite_loss}. Lower train.lr, check the data, or resume from an "
-                "earlier checkpoint")
+                "earlier checkpoint"
+            )
 
 
 @torch.no_grad()
@@ -249,8 +295,11 @@ def step_if_finite(optimizer, loss: float) -> tuple[bool, float]:
             continue
         if part.config.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(
-                parameters, max_norm=part.config.clip_grad, total_norm=grad_norm,
-                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+                parameters,
+                max_norm=part.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
     return optimizer.step_with_ready_grads(), grad_norm
 
 
@@ -296,14 +345,17 @@ def _wrap_ddp(model: mdl.MegatronModel, distributed_optimizer: bool) -> list:
     from megatron.core.transformer.module import Float16Module
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=distributed_optimizer)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
+    )
     wrapped = []
     for i, chunk in enumerate(model.chunks):
         module = Float16Module(model.config, chunk) if model.config.bf16 or model.config.fp16 else chunk
         # Bucketing only changes communication granularity; off for the first chunk as in Megatron-LM.
-        wrapped.append(DistributedDataParallel(config=model.config, ddp_config=ddp_config,
-                                               module=module, disable_bucketing=i > 0))
+        wrapped.append(
+            DistributedDataParallel(
+                config=model.config, ddp_config=ddp_config, module=module, disable_bucketing=i > 0
+            )
+        )
     return wrapped
 
 
@@ -311,10 +363,19 @@ def _build_optimizer(chunks, model_config, cfg: TrainConfig, distributed_optimiz
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=final_lr(cfg), weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        clip_grad=cfg.grad_clip, bf16=model_config.bf16, fp16=model_config.fp16,
-        params_dtype=model_config.params_dtype, use_distributed_optimizer=distributed_optimizer)
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=final_lr(cfg),
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.grad_clip,
+        bf16=model_config.bf16,
+        fp16=model_config.fp16,
+        params_dtype=model_config.params_dtype,
+        use_distributed_optimizer=distributed_optimizer,
+    )
     return get_megatron_optimizer(opt_config, chunks)
 
 
@@ -336,9 +397,18 @@ def _build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     warmup = warmup_steps(cfg, total_steps)
     steps = max(total_steps, warmup + 1)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=final_lr(cfg), lr_warmup_steps=warmup,
-        lr_decay_steps=steps, lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=final_lr(cfg),
+        lr_warmup_steps=warmup,
+        lr_decay_steps=steps,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )
 
 
 def _install_schedule_hooks(config, chunks, optimizer) -> None:
@@ -363,8 +433,10 @@ def load_trainer_state(trainer: SFTTrainer, ckpt_dir: str, scheduler_state: dict
     from sept_megatron.trainer.checkpoint import load_sharded, model_sharded_state_dict
 
     model_sd = model_sharded_state_dict(trainer.model.chunks)
-    request = {"model": model_sd,
-               "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    request = {
+        "model": model_sd,
+        "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True),
+    }
     loaded = load_sharded(ckpt_dir, request)
     for i, chunk in enumerate(trainer.model.chunks):
         chunk.load_state_dict(loaded["model"][f"model{i}"], strict=False)

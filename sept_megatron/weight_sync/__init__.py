@@ -23,14 +23,20 @@ The loop, evaluation, the demo and the bench all call :func:`sync`.
 
 from __future__ import annotations
 
-from sept_megatron.rollout.base import (BucketWeightEngine, IPCWeightEngine, RolloutEngine,
-                                          ServerWeightEngine)
+from sept_megatron.rollout.base import BucketWeightEngine, IPCWeightEngine, RolloutEngine, ServerWeightEngine
 
 PLACEMENTS = ("colocated", "disaggregated")
 
 
-def sync(model, engine: RolloutEngine | None, *, bucket_bytes: int = 512 << 20,
-         weights: str = "native", placement: str = "colocated", direct: bool = True) -> int:
+def sync(
+    model,
+    engine: RolloutEngine | None,
+    *,
+    bucket_bytes: int = 512 << 20,
+    weights: str = "native",
+    placement: str = "colocated",
+    direct: bool = True,
+) -> int:
     """Push the trainer's current weights into this rank's engine (None: this rank only
     sends); collective over every trainer rank. Returns what this rank's engine received:
     buckets, or 1 for a direct sync.
@@ -48,8 +54,9 @@ def sync(model, engine: RolloutEngine | None, *, bucket_bytes: int = 512 << 20,
         from sept_megatron.weight_sync.server_broadcast import sync_weights_to_servers
 
         if engine is not None and not isinstance(engine, ServerWeightEngine):
-            raise TypeError(f"rollout.placement=disaggregated needs a server engine, got "
-                            f"{type(engine).__name__}")
+            raise TypeError(
+                f"rollout.placement=disaggregated needs a server engine, got {type(engine).__name__}"
+            )
         return sync_weights_to_servers(model, engine, bucket_bytes, weights=weights)
     from sept_megatron.weight_sync.direct import direct_sync, forget_other_engine
 
@@ -72,7 +79,8 @@ def _stream_into(model, engine: RolloutEngine | None, bucket_bytes: int, weights
     from sept_megatron.weight_sync.gather import stream_hf_buckets
 
     stream = rollout_bucket_transform(weights, model.arch)(
-        stream_hf_buckets(model, bucket_bytes, receive=engine is not None))
+        stream_hf_buckets(model, bucket_bytes, receive=engine is not None)
+    )
     if engine is None:
         return sum(1 for _ in stream)
     count = 0
@@ -90,8 +98,10 @@ def _stream_into(model, engine: RolloutEngine | None, bucket_bytes: int, weights
     elif isinstance(engine, BucketWeightEngine):
         engine.update_weights(counted())
     else:
-        raise TypeError(f"{type(engine).__name__} declares no way to take weights (see "
-                        "sept_megatron.rollout.base: BucketWeightEngine, IPCWeightEngine)")
+        raise TypeError(
+            f"{type(engine).__name__} declares no way to take weights (see "
+            "sept_megatron.rollout.base: BucketWeightEngine, IPCWeightEngine)"
+        )
     for _ in stream:  # keep collective order even if the engine stopped early
         pass
     return count

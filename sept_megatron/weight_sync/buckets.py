@@ -17,7 +17,6 @@ from sept_megatron.trainer.model import MegatronModel
 from sept_megatron.weight_sync.plan import SyncItem, piece_source, piece_target, tp_pieces
 from sept_megatron.weight_sync.replica import Replica
 
-
 # Host buffers are kept between syncs: a fresh one would be zero-filled page by page by the OS
 # on first touch, about the cost of one more copy of the model. On CUDA the caching allocator
 # reuses freed blocks at no cost, and holding the buffer would take memory from the trainer.
@@ -33,8 +32,14 @@ def flat_buffer(numel: int, dtype: torch.dtype, device: torch.device, name: str)
     return buffer[:numel]
 
 
-def own_pieces(model: MegatronModel, params: dict[str, torch.Tensor], bucket: list[SyncItem],
-               views: list[list[torch.Tensor]], tp: int, tp_rank: int):
+def own_pieces(
+    model: MegatronModel,
+    params: dict[str, torch.Tensor],
+    bucket: list[SyncItem],
+    views: list[list[torch.Tensor]],
+    tp: int,
+    tp_rank: int,
+):
     """This TP rank's pieces of ``bucket``: (position, piece, target view, source view)."""
     for position, (it, item_views) in enumerate(zip(bucket, views)):
         shard = params[it.megatron_name]
@@ -46,8 +51,14 @@ def own_pieces(model: MegatronModel, params: dict[str, torch.Tensor], bucket: li
 class BucketTransport:
     """What both transports share: this rank's place in the replica and its own pieces."""
 
-    def __init__(self, model: MegatronModel, replica: Replica, params: dict[str, torch.Tensor],
-                 largest: int, receive: bool) -> None:
+    def __init__(
+        self,
+        model: MegatronModel,
+        replica: Replica,
+        params: dict[str, torch.Tensor],
+        largest: int,
+        receive: bool,
+    ) -> None:
         from megatron.core import parallel_state as ps
 
         self.model, self.replica, self.params = model, replica, params
@@ -65,7 +76,8 @@ class BucketTransport:
     def write_own(self, bucket, views, *, replicated: bool = True):
         """Copy this rank's pieces into place; yields (position, piece, written target, source)."""
         for position, piece, target, source in own_pieces(
-                self.model, self.params, bucket, views, self.tp, self.tp_rank):
+            self.model, self.params, bucket, views, self.tp, self.tp_rank
+        ):
             if replicated or not piece.replicated:
                 target.copy_(source)
             yield position, piece, target, source

@@ -10,7 +10,7 @@ then one barrier; every byte is written once, by the rank that holds it.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,11 @@ class EngineWeights:
         self.model_ref = weakref.ref(model)
         self.plan, self.flat = plan, flat
         self.views = hf_views(plan, flat)
-        self.named = [(name, view) for it, item_views in zip(plan, self.views)
-                      for name, view in zip(it.hf_names, item_views)]
+        self.named = [
+            (name, view)
+            for it, item_views in zip(plan, self.views)
+            for name, view in zip(it.hf_names, item_views)
+        ]
         self.engine = None
         self._copies: tuple[list, list] | None = None
         self._checked: list[tuple[torch.Tensor, int]] = []  # (parameter, data_ptr) behind _copies
@@ -52,8 +55,9 @@ class EngineWeights:
             self.engine.unbind_weights()
             self.engine = None
 
-    def copies(self, params: Callable[[], dict[str, torch.Tensor]], tp: int, tp_rank: int,
-               stage: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def copies(
+        self, params: Callable[[], dict[str, torch.Tensor]], tp: int, tp_rank: int, stage: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(targets, sources) of this rank's pieces: views of the shared buffer and of the live
         parameter shards, worked out once and reused while no parameter has moved."""
         if self._copies is None or any(p.data_ptr() != ptr for p, ptr in self._checked):
@@ -61,8 +65,13 @@ class EngineWeights:
             mine = [(it, views) for it, views in zip(self.plan, self.views) if it.stage == stage]
             targets, sources = [], []
             for _, piece, target, source in own_pieces(
-                    self.model_ref(), {k: v.detach() for k, v in live.items()},
-                    [it for it, _ in mine], [views for _, views in mine], tp, tp_rank):
+                self.model_ref(),
+                {k: v.detach() for k, v in live.items()},
+                [it for it, _ in mine],
+                [views for _, views in mine],
+                tp,
+                tp_rank,
+            ):
                 if tp_rank == 0 or not piece.replicated:  # TP rank 0 writes replicated norms
                     targets.append(target)
                     sources.append(source)
@@ -110,14 +119,17 @@ def direct_sync(model: MegatronModel, engine, weights: str) -> int | None:
     from the weights being replaced)."""
     from megatron.core import parallel_state as ps
 
-
     state = forget_other_engine(model, engine)
     if compute_device().type != "cpu" or weights != "native":
         return None  # the same on every rank: the device and rollout.weights are run-wide
-    can = engine is None or (isinstance(engine, SharedBufferEngine)
-                             and engine.can_bind_weights(model.config.params_dtype))
-    plan = cached_plan(model.arch, ps.get_pipeline_model_parallel_world_size(),
-                       ps.get_virtual_pipeline_model_parallel_world_size())
+    can = engine is None or (
+        isinstance(engine, SharedBufferEngine) and engine.can_bind_weights(model.config.params_dtype)
+    )
+    plan = cached_plan(
+        model.arch,
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size(),
+    )
     element_size = model.config.params_dtype.itemsize
     total = state.flat.numel() if state is not None else sum(it.numel for it in plan)
     replica = replica_of(engine is not None, total * element_size, flags=int(can))
@@ -130,9 +142,12 @@ def direct_sync(model: MegatronModel, engine, weights: str) -> int | None:
     if engine is not None:
         state.bind(engine)
     with compat.suspended():  # no tensor is made here: skip the CPU redirect's per-call work
-        targets, sources = state.copies(lambda: model_params(model), ps.get_tensor_model_parallel_world_size(),
-                                        ps.get_tensor_model_parallel_rank(),
-                                        ps.get_pipeline_model_parallel_rank())
+        targets, sources = state.copies(
+            lambda: model_params(model),
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_rank(),
+        )
         torch._foreach_copy_(targets, sources)  # views of detached tensors: no autograd
     if len(replica.ranks) > 1:
         dist.barrier(group=replica.group)  # every piece is in place before any engine reads

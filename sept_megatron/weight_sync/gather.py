@@ -12,7 +12,7 @@ consume this stream, so they cannot disagree on names, shapes or order.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -51,8 +51,13 @@ def transports_on(device: torch.device) -> tuple[str, ...]:
     return ("auto", "peer", "shared") if device.type == "cpu" else ("auto", "peer")
 
 
-def choose_transport(model: MegatronModel, params: dict[str, torch.Tensor], largest: int,
-                     receive: bool, transport: str = "auto"):
+def choose_transport(
+    model: MegatronModel,
+    params: dict[str, torch.Tensor],
+    largest: int,
+    receive: bool,
+    transport: str = "auto",
+):
     """The transport of this sync (collective: every rank of the replica picks the same).
     ``auto``: shared memory where the replica's ranks share a host and compute on the CPU,
     else peer-to-peer; ``peer`` / ``shared`` force one (tests, measurements)."""
@@ -61,18 +66,26 @@ def choose_transport(model: MegatronModel, params: dict[str, torch.Tensor], larg
     element_size = model.config.params_dtype.itemsize
     replica = replica_of(receive, largest * element_size)
     if transport == "shared" and not replica.shared_memory:
-        raise ValueError("the shared-memory weight-sync transport needs every rank of the "
-                         f"replica on one host, on the CPU, with room in {SHM_DIR}; use "
-                         "transport='auto' or 'peer'")
-    if transport == "shared" or (transport == "auto" and replica.shared_memory
-                                 and len(replica.ranks) > 1):  # one rank: nothing to move
+        raise ValueError(
+            "the shared-memory weight-sync transport needs every rank of the "
+            f"replica on one host, on the CPU, with room in {SHM_DIR}; use "
+            "transport='auto' or 'peer'"
+        )
+    if transport == "shared" or (
+        transport == "auto" and replica.shared_memory and len(replica.ranks) > 1
+    ):  # one rank: nothing to move
         return SharedMemoryTransport(model, replica, params, largest, receive)
     return PeerTransport(model, replica, params, largest, receive)
 
 
-def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *, receive: bool = True,
-                      transport: str = "auto", stage: int | None = None
-                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def stream_hf_buckets(
+    model: MegatronModel,
+    bucket_bytes: int,
+    *,
+    receive: bool = True,
+    transport: str = "auto",
+    stage: int | None = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Collective over the ranks of this rank's model replica: a rank with ``receive`` yields
     every HF-named bucket of the model (of pipeline stage ``stage`` only, when given), in plan
     order; a rank without yields nothing but must exhaust the iterator (it sends its pieces).
@@ -81,17 +94,26 @@ def stream_hf_buckets(model: MegatronModel, bucket_bytes: int, *, receive: bool 
     rank; see :func:`choose_transport`)."""
     from megatron.core import parallel_state as ps
 
-    plan = sync_plan(model.arch, ps.get_pipeline_model_parallel_world_size(),
-                     ps.get_virtual_pipeline_model_parallel_world_size())
+    plan = sync_plan(
+        model.arch,
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size(),
+    )
     element_size = model.config.params_dtype.itemsize
-    buckets = [bucket for bucket in plan_buckets(plan, bucket_bytes, element_size)
-               if stage is None or bucket[0].stage == stage]
+    buckets = [
+        bucket
+        for bucket in plan_buckets(plan, bucket_bytes, element_size)
+        if stage is None or bucket[0].stage == stage
+    ]
     largest = max(sum(it.numel for it in bucket) for bucket in buckets)
     mover = choose_transport(model, live_params(model), largest, receive, transport)
     for index, bucket in enumerate(buckets):
         with torch.no_grad():
             views = mover.assemble(index, bucket)
         if receive:
-            yield [(name, view) for it, item_views in zip(bucket, views)
-                   for name, view in zip(it.hf_names, item_views)]
+            yield [
+                (name, view)
+                for it, item_views in zip(bucket, views)
+                for name, view in zip(it.hf_names, item_views)
+            ]
     mover.finish()

@@ -43,8 +43,11 @@ class PeerTransport(BucketTransport):
         return views
 
     def _sends(self, bucket, views, ops) -> None:
-        peers = [rank for rank in self.replica.ranks.values()
-                 if rank != self.rank and rank in self.replica.receivers]
+        peers = [
+            rank
+            for rank in self.replica.ranks.values()
+            if rank != self.rank and rank in self.replica.receivers
+        ]
         for position, piece, target, source in self.write_own(bucket, views):
             # Row blocks go out from the buffer (QKV's q/k/v blocks are strided in the shard),
             # column blocks from the shard itself.
@@ -52,17 +55,30 @@ class PeerTransport(BucketTransport):
             for peer in peers:
                 if piece.replicated and (self.tp_rank != 0 or self.replica.stage_of(peer) == self.stage):
                     continue  # TP peers hold their own copy; TP rank 0 serves the other stages
-                ops.append(dist.P2POp(dist.isend, outgoing, peer, self.replica.group,
-                                      tag=position * 4 + piece.hf_index))
+                ops.append(
+                    dist.P2POp(
+                        dist.isend, outgoing, peer, self.replica.group, tag=position * 4 + piece.hf_index
+                    )
+                )
 
     def _receives(self, bucket, views, ops, columns) -> None:
         stage = bucket[0].stage
-        senders = [(tp, rank) for (s, tp), rank in self.replica.ranks.items()
-                   if s == stage and rank != self.rank]
-        incoming_columns = [(it, piece) for it in bucket if it.rule.kind is Kind.ROW_PARALLEL
-                            for tp_rank, _ in senders for piece in self.pieces(it, tp_rank)]
-        scratch = flat_buffer(sum(it.hf_shapes[0][0] * piece.length for it, piece in incoming_columns),
-                               self.dtype, self.device, "columns")
+        senders = [
+            (tp, rank) for (s, tp), rank in self.replica.ranks.items() if s == stage and rank != self.rank
+        ]
+        incoming_columns = [
+            (it, piece)
+            for it in bucket
+            if it.rule.kind is Kind.ROW_PARALLEL
+            for tp_rank, _ in senders
+            for piece in self.pieces(it, tp_rank)
+        ]
+        scratch = flat_buffer(
+            sum(it.hf_shapes[0][0] * piece.length for it, piece in incoming_columns),
+            self.dtype,
+            self.device,
+            "columns",
+        )
         used = 0
         for position, (it, item_views) in enumerate(zip(bucket, views)):
             for tp_rank, sender in senders:
@@ -71,11 +87,18 @@ class PeerTransport(BucketTransport):
                         continue
                     hf_tensor = item_views[piece.hf_index]
                     if piece.dim == 0:
-                        incoming = hf_tensor[piece.start: piece.start + piece.length]
+                        incoming = hf_tensor[piece.start : piece.start + piece.length]
                     else:
                         rows = hf_tensor.shape[0]
-                        incoming = scratch[used: used + rows * piece.length].view(rows, piece.length)
+                        incoming = scratch[used : used + rows * piece.length].view(rows, piece.length)
                         used += rows * piece.length
                         columns.append((piece_target(hf_tensor, piece, incoming.shape), incoming))
-                    ops.append(dist.P2POp(dist.irecv, incoming, sender, self.replica.group,
-                                          tag=position * 4 + piece.hf_index))
+                    ops.append(
+                        dist.P2POp(
+                            dist.irecv,
+                            incoming,
+                            sender,
+                            self.replica.group,
+                            tag=position * 4 + piece.hf_index,
+                        )
+                    )

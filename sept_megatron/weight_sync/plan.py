@@ -9,8 +9,8 @@ The mechanisms beside this module move the bytes it describes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -38,8 +38,9 @@ class SyncItem:
         return self.rule.megatron.format(i=self.layer) if self.layer is not None else self.rule.megatron
 
 
-def stage_layers(num_layers: int, pipeline_parallel: int,
-                 virtual_pipeline: int | None = None) -> list[list[int]]:
+def stage_layers(
+    num_layers: int, pipeline_parallel: int, virtual_pipeline: int | None = None
+) -> list[list[int]]:
     """Global layer indices of each pipeline stage, as Megatron splits them evenly (with
     virtual stages, chunk v of stage s holds block v * pp + s)."""
     chunks = pipeline_parallel * (virtual_pipeline or 1)
@@ -50,8 +51,7 @@ def stage_layers(num_layers: int, pipeline_parallel: int,
     return stages
 
 
-def sync_plan(arch: ModelArch, pipeline_parallel: int,
-              virtual_pipeline: int | None = None) -> list[SyncItem]:
+def sync_plan(arch: ModelArch, pipeline_parallel: int, virtual_pipeline: int | None = None) -> list[SyncItem]:
     """Every HF tensor of the model, once, with the stage that owns it (pure function)."""
     adapter = adapter_for(arch)
     shapes = expected_hf_shapes(arch)
@@ -62,15 +62,15 @@ def sync_plan(arch: ModelArch, pipeline_parallel: int,
         return SyncItem(rule, layer, stage, names, tuple(shapes[n] for n in names))
 
     plan = [item(r, None, 0) for r in adapter.pre_rules()]
-    for stage, layers in enumerate(stage_layers(arch.num_layers, pipeline_parallel,
-                                                virtual_pipeline)):
+    for stage, layers in enumerate(stage_layers(arch.num_layers, pipeline_parallel, virtual_pipeline)):
         plan += [item(r, i, stage) for i in layers for r in adapter.layer_rules()]
     return plan + [item(r, None, last) for r in adapter.post_rules()]
 
 
 @functools.lru_cache(maxsize=8)
-def cached_plan(arch: ModelArch, pipeline_parallel: int,
-                 virtual_pipeline: int | None) -> tuple[SyncItem, ...]:
+def cached_plan(
+    arch: ModelArch, pipeline_parallel: int, virtual_pipeline: int | None
+) -> tuple[SyncItem, ...]:
     """:func:`sync_plan`, worked out once per layout (a direct sync is otherwise dominated by it)."""
     return tuple(sync_plan(arch, pipeline_parallel, virtual_pipeline))
 
@@ -147,15 +147,15 @@ def piece_source(item: SyncItem, piece: Piece, shard: torch.Tensor, arch: ModelA
     sizes = (per_group * d, d, d)
     start = sum(sizes[: piece.hf_index])
     grouped = shard.view(-1, (per_group + 2) * d, *shard.shape[1:])
-    return grouped[:, start: start + sizes[piece.hf_index]]
+    return grouped[:, start : start + sizes[piece.hf_index]]
 
 
 def piece_target(hf_tensor: torch.Tensor, piece: Piece, shape: Sequence[int]) -> torch.Tensor:
     """Where ``piece`` goes in its full HF tensor: a contiguous row block viewed as ``shape``
     (the source's shape), or a strided column block."""
     if piece.dim == 1:
-        return hf_tensor[:, piece.start: piece.start + piece.length]
-    return hf_tensor[piece.start: piece.start + piece.length].view(shape)
+        return hf_tensor[:, piece.start : piece.start + piece.length]
+    return hf_tensor[piece.start : piece.start + piece.length].view(shape)
 
 
 def hf_views(bucket: list[SyncItem], flat: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -165,7 +165,7 @@ def hf_views(bucket: list[SyncItem], flat: torch.Tensor) -> list[list[torch.Tens
         item_views = []
         for shape in it.hf_shapes:
             n = int(torch.Size(shape).numel())
-            item_views.append(flat[start: start + n].view(shape))
+            item_views.append(flat[start : start + n].view(shape))
             start += n
         views.append(item_views)
     return views

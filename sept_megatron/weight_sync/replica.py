@@ -50,8 +50,12 @@ def replica_of(receive: bool, shared_bytes: int, flags: int = 0) -> Replica:
 
     group = ps.get_model_parallel_group()
     size = dist.get_world_size(group)
-    key = (tuple(dist.get_process_group_ranks(group)), ps.get_tensor_model_parallel_world_size(),
-           ps.get_pipeline_model_parallel_world_size(), shared_bytes)
+    key = (
+        tuple(dist.get_process_group_ranks(group)),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        shared_bytes,
+    )
     if key not in _LAYOUTS:
         _LAYOUTS[key] = _layout(group, size, shared_bytes)
     ranks, shared_memory = _LAYOUTS[key]
@@ -63,25 +67,37 @@ def replica_of(receive: bool, shared_bytes: int, flags: int = 0) -> Replica:
         dist.all_gather(words, mine, group=group)
     group_ranks = dist.get_process_group_ranks(group) if size > 1 else [dist.get_rank()]
     everyone = {rank: int(word.item()) for rank, word in zip(group_ranks, words)}
-    return Replica(ranks=ranks, receivers=frozenset(r for r, w in everyone.items() if w & 1),
-                   group=group, shared_memory=shared_memory,
-                   flags={rank: word >> 1 for rank, word in everyone.items()})
+    return Replica(
+        ranks=ranks,
+        receivers=frozenset(r for r, w in everyone.items() if w & 1),
+        group=group,
+        shared_memory=shared_memory,
+        flags={rank: word >> 1 for rank, word in everyone.items()},
+    )
 
 
 def _layout(group, size: int, shared_bytes: int) -> tuple[dict[tuple[int, int], int], bool]:
     from megatron.core import parallel_state as ps
 
-    shm_fits = (compute_device().type == "cpu" and os.path.isdir(SHM_DIR)
-                and _free_bytes(SHM_DIR) >= 2 * shared_bytes)
-    me = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-          dist.get_rank(), socket.gethostname(), shm_fits)
+    shm_fits = (
+        compute_device().type == "cpu" and os.path.isdir(SHM_DIR) and _free_bytes(SHM_DIR) >= 2 * shared_bytes
+    )
+    me = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        dist.get_rank(),
+        socket.gethostname(),
+        shm_fits,
+    )
     everyone = [me]
     if size > 1:
         everyone = [None] * size
         dist.all_gather_object(everyone, me, group=group)
     hosts = {host for *_, host, _ in everyone}
-    return ({(stage, tp): rank for stage, tp, rank, *_ in everyone},
-            len(hosts) == 1 and all(e[-1] for e in everyone))
+    return (
+        {(stage, tp): rank for stage, tp, rank, *_ in everyone},
+        len(hosts) == 1 and all(e[-1] for e in everyone),
+    )
 
 
 def _free_bytes(path: str) -> int:

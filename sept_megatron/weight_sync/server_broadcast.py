@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -38,8 +38,13 @@ logger = logging.getLogger(__name__)
 _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def connect(engine: ServerWeightEngine, group_name: str, *, master_address: str | None = None,
-            master_port: int | None = None):
+def connect(
+    engine: ServerWeightEngine,
+    group_name: str,
+    *,
+    master_address: str | None = None,
+    master_port: int | None = None,
+):
     """Create (once per engine) the group {this process = rank 0, every server's TP ranks}."""
     groups = _GROUPS.setdefault(engine, {})
     if group_name in groups:
@@ -52,14 +57,29 @@ def connect(engine: ServerWeightEngine, group_name: str, *, master_address: str 
     sizes = [client.tp_size() for client in engine.clients]
     world = 1 + sum(sizes)
     offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-    joins = [lambda c=c, o=o: c.checked("init_weights_update_group", {
-        "master_address": address, "master_port": port, "rank_offset": o,
-        "world_size": world, "group_name": group_name, "backend": backend})
-        for c, o in zip(engine.clients, offsets)]
+    joins = [
+        lambda c=c, o=o: c.checked(
+            "init_weights_update_group",
+            {
+                "master_address": address,
+                "master_port": port,
+                "rank_offset": o,
+                "world_size": world,
+                "group_name": group_name,
+                "backend": backend,
+            },
+        )
+        for c, o in zip(engine.clients, offsets)
+    ]
     with ThreadPoolExecutor(max_workers=len(joins)) as pool:
         futures = [pool.submit(join) for join in joins]
-        group = init_custom_process_group(backend=backend, init_method=f"tcp://{address}:{port}",
-                                          world_size=world, rank=0, group_name=group_name)
+        group = init_custom_process_group(
+            backend=backend,
+            init_method=f"tcp://{address}:{port}",
+            world_size=world,
+            rank=0,
+            group_name=group_name,
+        )
         for future in futures:
             future.result()
     logger.info("weight group %s: this rank + %d server ranks", group_name, world - 1)
@@ -67,24 +87,32 @@ def connect(engine: ServerWeightEngine, group_name: str, *, master_address: str 
     return group
 
 
-def broadcast_buckets(engine: ServerWeightEngine, buckets: Iterable[WeightBucket],
-                      group_name: str, device: torch.device | None = None) -> int:
+def broadcast_buckets(
+    engine: ServerWeightEngine,
+    buckets: Iterable[WeightBucket],
+    group_name: str,
+    device: torch.device | None = None,
+) -> int:
     """Send buckets over a connected group, inside an open session; returns the count."""
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     group = _GROUPS[engine][group_name]
     count = 0
     for bucket in buckets:
-        named = [(name, t.detach().to(device) if device is not None else t.detach())
-                 for name, t in bucket]
+        named = [(name, t.detach().to(device) if device is not None else t.detach()) for name, t in bucket]
         flat = FlattenedTensorBucket(named_tensors=named).get_flattened_tensor()
-        request = {"names": [n for n, _ in named],
-                   "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named],
-                   "shapes": [list(t.shape) for _, t in named], "group_name": group_name,
-                   "flush_cache": False, "load_format": "flattened_bucket"}
+        request = {
+            "names": [n for n, _ in named],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named],
+            "shapes": [list(t.shape) for _, t in named],
+            "group_name": group_name,
+            "flush_cache": False,
+            "load_format": "flattened_bucket",
+        }
         with ThreadPoolExecutor(max_workers=len(engine.clients)) as pool:
-            futures = [pool.submit(c.checked, "update_weights_from_distributed", request)
-                       for c in engine.clients]
+            futures = [
+                pool.submit(c.checked, "update_weights_from_distributed", request) for c in engine.clients
+            ]
             dist.broadcast(flat, src=0, group=group)
             for future in futures:
                 future.result()
@@ -106,8 +134,9 @@ def _device() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
-def sync_weights_to_servers(model, engine: ServerWeightEngine | None, bucket_bytes: int, *,
-                            weights: str = "native") -> int:
+def sync_weights_to_servers(
+    model, engine: ServerWeightEngine | None, bucket_bytes: int, *, weights: str = "native"
+) -> int:
     """Collective over all trainer ranks; rank 0 and the stage leaders pass their ``engine``
     (others None). ``weights`` is ``rollout.weights`` (fp8: each bucket quantised on its
     leader, as the colocated sync does). Returns the buckets this rank sent."""
@@ -126,7 +155,8 @@ def sync_weights_to_servers(model, engine: ServerWeightEngine | None, bucket_byt
         if in_replica_0:
             receive = is_leader and stage == my_stage
             stream = rollout_bucket_transform(weights, model.arch)(
-                stream_hf_buckets(model, bucket_bytes, receive=receive, stage=stage))
+                stream_hf_buckets(model, bucket_bytes, receive=receive, stage=stage)
+            )
             if receive:
                 name = f"sept-stage{stage}"
                 connect(engine, name)

@@ -18,8 +18,9 @@ lets the trainer's caching allocator reuse a buffer once SGLang has dropped its 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,8 @@ def pack_bucket(bucket: WeightBucket, device: torch.device | None = None) -> tup
         # CUDA-only (its reduce_tensor indexes CUDA-only arguments; a CPU tensor fails).
         monkey_patch_torch_reductions()
     payload = MultiprocessingSerializer.serialize(
-        {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()})
+        {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()}
+    )
     return payload, flat.get_flattened_tensor()
 
 
@@ -73,8 +75,11 @@ def load_buckets(engine: IPCWeightEngine, buckets: Iterable[WeightBucket]) -> in
         for bucket in buckets:
             payload, buffer = pack_bucket(bucket, engine.device)
             result = engine.load_payloads(gather_payloads(engine, payload))
-            agree(engine, result, f"update_weights_from_tensor (bucket {count}, "
-                                  f"{len(bucket)} tensors, first {bucket[0][0]!r})")
+            agree(
+                engine,
+                result,
+                f"update_weights_from_tensor (bucket {count}, {len(bucket)} tensors, first {bucket[0][0]!r})",
+            )
             del payload, buffer  # SGLang has copied the bucket into its weights
             if engine.device is not None:
                 torch.cuda.ipc_collect()
@@ -105,9 +110,11 @@ def waiting(engine: IPCWeightEngine, doing: str):
         yield
     except RuntimeError as error:
         rank = dist.get_rank() if dist.is_initialized() else engine.owner
-        raise RuntimeError(f"rank {rank}: SGLang engine group {engine.ranks} (owner "
-                           f"{engine.owner}) failed while {doing}; if the owner is only slow, "
-                           f"raise rollout.timeout_minutes ({error})") from error
+        raise RuntimeError(
+            f"rank {rank}: SGLang engine group {engine.ranks} (owner "
+            f"{engine.owner}) failed while {doing}; if the owner is only slow, "
+            f"raise rollout.timeout_minutes ({error})"
+        ) from error
 
 
 def agree(engine: IPCWeightEngine, result, what: str) -> None:

@@ -95,17 +95,22 @@ def _is_package_init_edge(importer: str, imported: str) -> bool:
 
 
 def test_the_package_has_no_import_cycle():
-    graph = {name: {m for m in deps if not _is_package_init_edge(name, m)}
-             for name, deps in import_graph().items()}
+    graph = {
+        name: {m for m in deps if not _is_package_init_edge(name, m)} for name, deps in import_graph().items()
+    }
     found = cycles(graph)
     assert not found, "import cycles (counting imports inside functions):\n" + "\n".join(
-        " <-> ".join(component) for component in found)
+        " <-> ".join(component) for component in found
+    )
 
 
 def test_the_walk_sees_imports_inside_functions(tmp_path):
     # The checker itself: a cycle made only by a function-level import is found.
-    graph = {"sept_megatron.a": {"sept_megatron.b"}, "sept_megatron.b": {"sept_megatron.a"},
-             "sept_megatron.c": {"sept_megatron.a"}}
+    graph = {
+        "sept_megatron.a": {"sept_megatron.b"},
+        "sept_megatron.b": {"sept_megatron.a"},
+        "sept_megatron.c": {"sept_megatron.a"},
+    }
     assert cycles(graph) == [["sept_megatron.a", "sept_megatron.b"]]
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from sept_megatron.config import validate\n")

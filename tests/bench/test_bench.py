@@ -14,18 +14,37 @@ import torch
 from sept_megatron import bench
 
 # Small but real: every benchmark runs its real path, a couple of timed repeats each.
-FAST_FLAGS = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "2",
-              "--rounds", "2", "--gen-new-tokens", "8", "--gen-batch", "8",
-              "--round-prompts", "8"]
+FAST_FLAGS = [
+    "--shape",
+    "tiny",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--rounds",
+    "2",
+    "--gen-new-tokens",
+    "8",
+    "--gen-batch",
+    "8",
+    "--round-prompts",
+    "8",
+]
 
 
 def run_bench(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "sept_megatron.cli", "bench", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sept_megatron.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +67,16 @@ def _positive(result: dict, *names: str) -> None:
 @pytest.mark.slow
 def test_train_line(results):
     r = results["train"]
-    _positive(r, "step_s", "tokens_per_s", "tflops", "tflops_6n", "transformers_step_s",
-              "transformers_tokens_per_s", "ratio_to_transformers")
+    _positive(
+        r,
+        "step_s",
+        "tokens_per_s",
+        "tflops",
+        "tflops_6n",
+        "transformers_step_s",
+        "transformers_tokens_per_s",
+        "ratio_to_transformers",
+    )
     assert (r["seq_len"], r["micro_batch"], r["device"], r["dtype"]) == (128, 4, "cpu", "float32")
     assert r["ratio_to_transformers"] == pytest.approx(r["transformers_step_s"] / r["step_s"])
     assert r["tokens_per_s"] == pytest.approx(4 * 128 / r["step_s"])
@@ -69,7 +96,8 @@ def test_engine_line(results):
     assert r["prompts"] == 8 and 0 < r["new_tokens"] <= 8 * 8
     _positive(r, "static_cache_generate_s", "static_cache_speedup_over_direct")
     assert r["static_cache_speedup_over_direct"] == pytest.approx(
-        r["direct_generate_s"] / r["static_cache_generate_s"])
+        r["direct_generate_s"] / r["static_cache_generate_s"]
+    )
     assert r["static_cache_same_tokens"] is True  # greedy: the dynamic cache's tokens
 
 
@@ -77,9 +105,19 @@ def test_engine_line(results):
 def test_sync_line(results):
     r = results["sync"]
     assert (r["tensor_parallel"], r["backend"]) == (2, "gloo")
-    _positive(r, "sync_s", "gb_per_s", "copy_s", "copy_gb_per_s", "ratio_to_copy",
-              "tensor_copy_s", "ratio_to_tensor_copy", "bucket_sync_s", "ratio_bucket_to_copy",
-              "barrier_s")
+    _positive(
+        r,
+        "sync_s",
+        "gb_per_s",
+        "copy_s",
+        "copy_gb_per_s",
+        "ratio_to_copy",
+        "tensor_copy_s",
+        "ratio_to_tensor_copy",
+        "bucket_sync_s",
+        "ratio_bucket_to_copy",
+        "barrier_s",
+    )
     assert r["path"] == "direct"  # CPU ranks of one host, hf engine: no buckets
     assert r["ratio_to_copy"] == pytest.approx(r["copy_s"] / r["sync_s"])
     assert r["ratio_bucket_to_copy"] == pytest.approx(r["copy_s"] / r["bucket_sync_s"])
@@ -92,8 +130,9 @@ def test_sync_line(results):
 @pytest.mark.slow
 def test_checkpoint_line(results):
     r = results["checkpoint"]
-    _positive(r, "first_save_s", "sync_blocking_s", "async_blocking_s", "async_background_s",
-              "ratio_async_to_sync")
+    _positive(
+        r, "first_save_s", "sync_blocking_s", "async_blocking_s", "async_background_s", "ratio_async_to_sync"
+    )
     assert r["ratio_async_to_sync"] == pytest.approx(r["async_blocking_s"] / r["sync_blocking_s"])
     assert r["bytes_on_disk"] > 0
 
@@ -102,8 +141,7 @@ def test_checkpoint_line(results):
 def test_round_line(results):
     r = results["round"]
     assert r["rounds"] == 2 and r["rounds_measured"] == 1
-    _positive(r, "generate_s", "train_s", "sync_s", "checkpoint_s", "round_s",
-              "loop_timing_round_s")
+    _positive(r, "generate_s", "train_s", "sync_s", "checkpoint_s", "round_s", "loop_timing_round_s")
     assert r["other_share"] == pytest.approx(r["other_s"] / r["round_s"])
     parts = sum(r[f"{p}_s"] for p in bench.PHASES)
     assert r["round_s"] == pytest.approx(parts + r["other_s"])
@@ -115,14 +153,21 @@ def test_side_by_side_measures_each_function():
     def sleeper(seconds):
         return lambda: time.sleep(seconds)
 
-    times = bench.side_by_side({"slow": sleeper(0.03), "fast": sleeper(0.01)}, warmup=0,
-                               repeats=3, device=torch.device("cpu"), interleave=True)
+    times = bench.side_by_side(
+        {"slow": sleeper(0.03), "fast": sleeper(0.01)},
+        warmup=0,
+        repeats=3,
+        device=torch.device("cpu"),
+        interleave=True,
+    )
     ratio = min(times["slow"]) / min(times["fast"])
     assert 2 < ratio < 4, times
 
 
-@pytest.mark.parametrize("limit_fit,start,expected", [
-    (37, 4, 37), (37, 64, 37), (1, 16, 1), (0, 16, 0), (4096, 16, 4096), (16, 16, 16)])
+@pytest.mark.parametrize(
+    "limit_fit,start,expected",
+    [(37, 4, 37), (37, 64, 37), (1, 16, 1), (0, 16, 0), (4096, 16, 4096), (16, 16, 16)],
+)
 def test_largest_fitting_micro_batch(limit_fit, start, expected):
     tried = []
 
@@ -136,6 +181,7 @@ def test_largest_fitting_micro_batch(limit_fit, start, expected):
 
 def test_parameter_count_matches_transformers(tmp_path):
     from hf_tiny import make_tiny_model, make_tokenizer
+
     from sept_megatron.convert.hf_config import arch_from_hf_config
 
     tokenizer = make_tokenizer(tmp_path)
@@ -148,22 +194,48 @@ def test_parameter_count_matches_transformers(tmp_path):
 def test_flops_formula_is_six_n_plus_attention():
     from sept_megatron.trainer.arch import ModelArch
 
-    arch = ModelArch(model_type="qwen2", vocab_size=1024, hidden_size=1536, num_layers=28,
-                     num_attention_heads=12, num_query_groups=2, head_dim=128,
-                     ffn_hidden_size=8960, norm_eps=1e-6, rope_theta=1e6,
-                     rope_scaling_factor=None, max_position_embeddings=4096,
-                     tie_word_embeddings=True, qkv_bias=True, qk_layernorm=False)
+    arch = ModelArch(
+        model_type="qwen2",
+        vocab_size=1024,
+        hidden_size=1536,
+        num_layers=28,
+        num_attention_heads=12,
+        num_query_groups=2,
+        head_dim=128,
+        ffn_hidden_size=8960,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        rope_scaling_factor=None,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        qk_layernorm=False,
+    )
     params = bench.parameter_count(arch)
     assert 1.30e9 < params < 1.32e9  # issue 8's 1.31B shape
     assert bench.flops_per_token(arch, params, 1024) == 6 * params + 12 * 28 * 12 * 128 * 1024
 
 
 def test_round_shares_from_log_intervals():
-    records = [{"time": 100.0, **{f"timing/{p}": 9.0 for p in bench.PHASES}, "timing/round": 40},
-               {"time": 110.0, "timing/generate": 4.0, "timing/train": 3.0, "timing/sync": 0.5,
-                "timing/checkpoint": 1.5, "timing/round": 9.5},
-               {"time": 120.0, "timing/generate": 5.0, "timing/train": 3.0, "timing/sync": 0.5,
-                "timing/checkpoint": 0.5, "timing/round": 9.4}]
+    records = [
+        {"time": 100.0, **{f"timing/{p}": 9.0 for p in bench.PHASES}, "timing/round": 40},
+        {
+            "time": 110.0,
+            "timing/generate": 4.0,
+            "timing/train": 3.0,
+            "timing/sync": 0.5,
+            "timing/checkpoint": 1.5,
+            "timing/round": 9.5,
+        },
+        {
+            "time": 120.0,
+            "timing/generate": 5.0,
+            "timing/train": 3.0,
+            "timing/sync": 0.5,
+            "timing/checkpoint": 0.5,
+            "timing/round": 9.4,
+        },
+    ]
     shares = bench.round_shares(records)
     assert shares["rounds_measured"] == 2 and shares["round_s"] == 10.0
     assert shares["generate_s"] == 4.5 and shares["other_s"] == 1.0
@@ -172,20 +244,23 @@ def test_round_shares_from_log_intervals():
 
 
 # --- bad flags ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags,needle", [
-    (["--only", "train,warp"], "warp"),
-    (["--only", ""], "--only"),
-    (["--seq-len", "100"], "--seq-len 100"),
-    (["--seq-len", "99999"], "--seq-len"),
-    (["--micro-batch", "0"], "--micro-batch 0"),
-    (["--steps", "0"], "--steps 0"),
-    (["--rounds", "1"], "--rounds 1"),
-    (["--sync-tp", "3"], "--sync-tp 3"),
-    (["--round-prompts", "7"], "--round-prompts 7"),
-    (["--async-checkpoint", "maybe"], "--async-checkpoint"),
-    (["--device", "tpu"], "--device"),
-    (["--shape", "1.5b", "--device", "cpu"], "needs a GPU"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--only", "train,warp"], "warp"),
+        (["--only", ""], "--only"),
+        (["--seq-len", "100"], "--seq-len 100"),
+        (["--seq-len", "99999"], "--seq-len"),
+        (["--micro-batch", "0"], "--micro-batch 0"),
+        (["--steps", "0"], "--steps 0"),
+        (["--rounds", "1"], "--rounds 1"),
+        (["--sync-tp", "3"], "--sync-tp 3"),
+        (["--round-prompts", "7"], "--round-prompts 7"),
+        (["--async-checkpoint", "maybe"], "--async-checkpoint"),
+        (["--device", "tpu"], "--device"),
+        (["--shape", "1.5b", "--device", "cpu"], "needs a GPU"),
+    ],
+)
 def test_bad_flags_raise_a_clear_error(flags, needle):
     with pytest.raises(bench.BenchError) as info:
         bench.parse_options(flags)

@@ -15,19 +15,37 @@ RECIPE = str(REPO / "examples" / "qwen2.5-math-7b.yaml")
 
 
 def _tiny_overrides(root: Path) -> list[str]:
-    return [f"model.hf_path={root / 'hf'}", f"data.train_files=[{root / 'train.jsonl'}]",
-            "eval.benchmarks=[]", "parallel.sequence_parallel=false", "rollout.backend=hf"]
+    return [
+        f"model.hf_path={root / 'hf'}",
+        f"data.train_files=[{root / 'train.jsonl'}]",
+        "eval.benchmarks=[]",
+        "parallel.sequence_parallel=false",
+        "rollout.backend=hf",
+    ]
 
 
 def test_every_problem_is_listed_at_once(capsys):
-    status = main(["config", "--config", RECIPE, "rollout.anneal=bogus", "train.lr=-1",
-                   "parallel.tensor_parallel=3", "rollout.placement=nowhere"])
+    status = main(
+        [
+            "config",
+            "--config",
+            RECIPE,
+            "rollout.anneal=bogus",
+            "train.lr=-1",
+            "parallel.tensor_parallel=3",
+            "rollout.placement=nowhere",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
-    for problem in ("rollout.anneal='bogus'", "rollout.placement='nowhere'", "train.lr",
-                    "model.hf_path='/models/Qwen2.5-Math-7B'",
-                    "data.train_files: '/data/math_train.parquet' does not exist",
-                    "at world size 3"):
+    for problem in (
+        "rollout.anneal='bogus'",
+        "rollout.placement='nowhere'",
+        "train.lr",
+        "model.hf_path='/models/Qwen2.5-Math-7B'",
+        "data.train_files: '/data/math_train.parquet' does not exist",
+        "at world size 3",
+    ):
         assert problem in captured.err, problem
 
 

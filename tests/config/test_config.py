@@ -9,20 +9,40 @@ from sept_megatron.trainer.arch import ModelArch
 
 
 def tiny_arch(**overrides) -> ModelArch:
-    fields = dict(model_type="qwen2", vocab_size=1000, hidden_size=64, num_layers=4,
-                  num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=128,
-                  norm_eps=1e-6, rope_theta=10000.0, rope_scaling_factor=None,
-                  max_position_embeddings=256, tie_word_embeddings=False, qkv_bias=True,
-                  qk_layernorm=False)
+    fields = dict(
+        model_type="qwen2",
+        vocab_size=1000,
+        hidden_size=64,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=16,
+        ffn_hidden_size=128,
+        norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling_factor=None,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        qkv_bias=True,
+        qk_layernorm=False,
+    )
     fields.update(overrides)
     return ModelArch(**fields)
 
 
 def good_config(*overrides: str) -> Config:
     """Valid for 1 process: 8 prompts x 2 answers = 16 samples, 2 mini-batches of 8."""
-    return load_config(None, ["model.hf_path=/models/tiny", "train.prompts_per_round=8",
-                              "rollout.n=2", "train.mini_batch_size=8", "train.micro_batch_size=2",
-                              *overrides])
+    return load_config(
+        None,
+        [
+            "model.hf_path=/models/tiny",
+            "train.prompts_per_round=8",
+            "rollout.n=2",
+            "train.mini_batch_size=8",
+            "train.micro_batch_size=2",
+            *overrides,
+        ],
+    )
 
 
 def validation_errors(cfg: Config, world_size: int = 1, arch=None) -> str:
@@ -38,12 +58,22 @@ def test_yaml_then_overrides_with_type_coercion(tmp_path):
         "model:\n  hf_path: /models/a\n  fp8: delayed\n"
         "parallel:\n  tensor_parallel: 2\n"
         "train:\n  lr: 1.0e-6\n  prompts_per_round: 64\n"
-        "data:\n  train_files: [x.jsonl]\n")
-    cfg = load_config(str(path), [
-        "train.lr=2e-7",  # YAML 1.1 reads "2e-7" as a string: must still become a float
-        "parallel.pipeline_parallel=4", "parallel.sequence_parallel=true",
-        "rollout.tau_start=1", "train.rounds=12.0", "data.train_files=a.jsonl,b.jsonl,c.jsonl",
-        "model.fp8=null", "eval.max_questions=null", "logging.run_name=my-run"])
+        "data:\n  train_files: [x.jsonl]\n"
+    )
+    cfg = load_config(
+        str(path),
+        [
+            "train.lr=2e-7",  # YAML 1.1 reads "2e-7" as a string: must still become a float
+            "parallel.pipeline_parallel=4",
+            "parallel.sequence_parallel=true",
+            "rollout.tau_start=1",
+            "train.rounds=12.0",
+            "data.train_files=a.jsonl,b.jsonl,c.jsonl",
+            "model.fp8=null",
+            "eval.max_questions=null",
+            "logging.run_name=my-run",
+        ],
+    )
     assert cfg.model.hf_path == "/models/a"  # from YAML, untouched by overrides
     assert cfg.parallel.tensor_parallel == 2
     assert cfg.train.lr == 2e-7 and isinstance(cfg.train.lr, float)
@@ -86,12 +116,15 @@ def test_unknown_section_lists_the_sections(tmp_path):
         assert section in message
 
 
-@pytest.mark.parametrize("override, field", [
-    ("train.lr=fast", "train.lr"),
-    ("parallel.tensor_parallel=2.5", "parallel.tensor_parallel"),
-    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
-    ("train.warmup_steps=true", "train.warmup_steps"),  # a bool is not an int
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lr=fast", "train.lr"),
+        ("parallel.tensor_parallel=2.5", "parallel.tensor_parallel"),
+        ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
+        ("train.warmup_steps=true", "train.warmup_steps"),  # a bool is not an int
+    ],
+)
 def test_bad_type_names_field_and_value(override, field):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
@@ -108,23 +141,30 @@ def test_override_without_equals_sign_is_explained():
 # --- validation --------------------------------------------------------------------------
 def test_valid_config_passes():
     validate(good_config(), world_size=1, arch=tiny_arch())
-    validate(good_config("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"),
-             world_size=8, arch=tiny_arch())
+    validate(
+        good_config("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"),
+        world_size=8,
+        arch=tiny_arch(),
+    )
 
 
 def test_heads_not_divisible_by_tp():
-    message = validation_errors(good_config("parallel.tensor_parallel=3"), world_size=3,
-                                arch=tiny_arch(num_attention_heads=6, num_query_groups=2,
-                                               ffn_hidden_size=192))
+    message = validation_errors(
+        good_config("parallel.tensor_parallel=3"),
+        world_size=3,
+        arch=tiny_arch(num_attention_heads=6, num_query_groups=2, ffn_hidden_size=192),
+    )
     assert "parallel.tensor_parallel=3" in message
     assert "2 key/value heads" in message  # 6 heads are fine, 2 query groups are not
     assert "6 attention heads" not in message
 
 
 def test_attention_heads_not_divisible_by_tp():
-    message = validation_errors(good_config("parallel.tensor_parallel=3"), world_size=3,
-                                arch=tiny_arch(num_attention_heads=4, num_query_groups=4,
-                                               ffn_hidden_size=192))
+    message = validation_errors(
+        good_config("parallel.tensor_parallel=3"),
+        world_size=3,
+        arch=tiny_arch(num_attention_heads=4, num_query_groups=4, ffn_hidden_size=192),
+    )
     assert "parallel.tensor_parallel=3" in message and "4 attention heads" in message
 
 
@@ -133,8 +173,7 @@ def test_layers_not_divisible_by_pipeline_stages(pp, vpp, layers):
     overrides = [f"parallel.pipeline_parallel={pp}"]
     if vpp:
         overrides.append(f"parallel.virtual_pipeline={vpp}")
-    message = validation_errors(good_config(*overrides), world_size=pp,
-                                arch=tiny_arch(num_layers=layers))
+    message = validation_errors(good_config(*overrides), world_size=pp, arch=tiny_arch(num_layers=layers))
     assert f"parallel.pipeline_parallel={pp}" in message
     assert f"{layers} layers" in message
     if vpp:
@@ -142,45 +181,59 @@ def test_layers_not_divisible_by_pipeline_stages(pp, vpp, layers):
 
 
 def test_virtual_pipeline_that_divides_layers_passes():
-    validate(good_config("parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"),
-             world_size=2, arch=tiny_arch(num_layers=8))
+    validate(
+        good_config("parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"),
+        world_size=2,
+        arch=tiny_arch(num_layers=8),
+    )
 
 
 def test_world_size_not_a_multiple_of_tp_x_pp():
     message = validation_errors(
-        good_config("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"), world_size=6)
+        good_config("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"), world_size=6
+    )
     assert "world size 6" in message
     assert "parallel.tensor_parallel=2" in message and "parallel.pipeline_parallel=2" in message
 
 
 def test_mini_batch_not_divisible_by_dp_x_micro_batch():
     # world 4, TP=1, PP=1 -> DP=4; 4 x micro 2 = 8 does not divide 12.
-    cfg = good_config("train.prompts_per_round=12", "rollout.n=1", "train.mini_batch_size=12",
-                      "train.micro_batch_size=2")
+    cfg = good_config(
+        "train.prompts_per_round=12", "rollout.n=1", "train.mini_batch_size=12", "train.micro_batch_size=2"
+    )
     message = validation_errors(cfg, world_size=4)
     assert "train.mini_batch_size=12" in message
     assert "data-parallel size 4" in message and "train.micro_batch_size=2" in message
 
 
 def test_samples_per_round_not_divisible_by_mini_batch():
-    cfg = good_config("train.prompts_per_round=6", "rollout.n=3", "train.mini_batch_size=4",
-                      "train.micro_batch_size=1")
+    cfg = good_config(
+        "train.prompts_per_round=6", "rollout.n=3", "train.mini_batch_size=4", "train.micro_batch_size=1"
+    )
     message = validation_errors(cfg)
     assert "train.prompts_per_round x rollout.n = 18" in message
     assert "train.mini_batch_size=4" in message
 
 
-@pytest.mark.parametrize("field, value", [
-    ("train.tau_train", "0"), ("rollout.tau_start", "-0.5"), ("rollout.tau_end", "0.0")])
+@pytest.mark.parametrize(
+    "field, value", [("train.tau_train", "0"), ("rollout.tau_start", "-0.5"), ("rollout.tau_end", "0.0")]
+)
 def test_non_positive_temperature(field, value):
     message = validation_errors(good_config(f"{field}={value}"))
     assert re.search(rf"{re.escape(field)}=-?0(\.\d+)?", message), message
     assert "> 0" in message
 
 
-@pytest.mark.parametrize("field, value", [
-    ("rollout.backend", "vllm"), ("train.mode", "offpolicy"), ("model.fp8", "mxfp4"),
-    ("rollout.anneal", "exp"), ("model.params_dtype", "fp8")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rollout.backend", "vllm"),
+        ("train.mode", "offpolicy"),
+        ("model.fp8", "mxfp4"),
+        ("rollout.anneal", "exp"),
+        ("model.params_dtype", "fp8"),
+    ],
+)
 def test_bad_choice_names_field_value_and_choices(field, value):
     message = validation_errors(good_config(f"{field}={value}"))
     assert f"{field}='{value}'" in message
@@ -198,8 +251,9 @@ def test_fp8_with_local_layers_is_rejected():
 
 
 def test_several_errors_are_reported_at_once():
-    cfg = good_config("rollout.backend=vllm", "train.tau_train=0", "rollout.n=0",
-                      "parallel.tensor_parallel=3")
+    cfg = good_config(
+        "rollout.backend=vllm", "train.tau_train=0", "rollout.n=0", "parallel.tensor_parallel=3"
+    )
     message = validation_errors(cfg, world_size=3, arch=tiny_arch())
     lines = [line for line in message.splitlines()[1:] if line.strip()]
     assert len(lines) >= 4, message
@@ -222,12 +276,13 @@ def test_fp8_rollout_weights_with_the_hf_engine_is_rejected_with_the_fix():
 
 
 def test_fp8_rollout_weights_with_sglang_checks_the_128_blocks_per_engine_gpu():
-    shaped = tiny_arch(hidden_size=1536, num_attention_heads=12, num_query_groups=2,
-                       head_dim=128, ffn_hidden_size=8960)  # Qwen2.5-1.5B
-    validate(good_config("rollout.weights=fp8", "rollout.backend=sglang"), world_size=1,
-             arch=shaped)
-    message = validation_errors(good_config("rollout.weights=fp8", "rollout.backend=sglang",
-                                            "rollout.engine_tp=4"), arch=shaped)
+    shaped = tiny_arch(
+        hidden_size=1536, num_attention_heads=12, num_query_groups=2, head_dim=128, ffn_hidden_size=8960
+    )  # Qwen2.5-1.5B
+    validate(good_config("rollout.weights=fp8", "rollout.backend=sglang"), world_size=1, arch=shaped)
+    message = validation_errors(
+        good_config("rollout.weights=fp8", "rollout.backend=sglang", "rollout.engine_tp=4"), arch=shaped
+    )
     assert "rollout.weights=fp8" in message and "2240" in message and "rollout.engine_tp" in message
 
 
@@ -237,8 +292,9 @@ def test_fp8_training_on_the_cpu_device_is_rejected():
 
 
 def test_fp8_training_rejects_dimensions_te_cannot_run_in_fp8():
-    arch = tiny_arch(hidden_size=72, num_attention_heads=4, num_query_groups=2, head_dim=18,
-                     ffn_hidden_size=200)
+    arch = tiny_arch(
+        hidden_size=72, num_attention_heads=4, num_query_groups=2, head_dim=18, ffn_hidden_size=200
+    )
     message = validation_errors(good_config("model.fp8=delayed"), arch=arch)
     assert "model.fp8=delayed: hidden_size = 72 is not a multiple of 16" in message
     assert "heads x head_dim / TP) = 72 is not a multiple of 16" in message

@@ -15,8 +15,10 @@ from sept_megatron.trainer.sft import _build_scheduler, scheduler_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 SEPT_RECIPES = sorted(ROOT.glob("examples/*.yaml")) + [
-    p for p in sorted(ROOT.glob("examples/paper/*.yaml"))
-    if not any(other in p.name for other in ("offline", "em-ft", "grpo"))]  # the other methods' own
+    p
+    for p in sorted(ROOT.glob("examples/paper/*.yaml"))
+    if not any(other in p.name for other in ("offline", "em-ft", "grpo"))
+]  # the other methods' own
 BENCHMARKS = {"math500", "amc23", "aime", "aime25", "olympiadbench", "minerva"}
 
 
@@ -74,23 +76,38 @@ def test_offline_cosine_warms_up_one_percent_then_decays_to_zero():
 
 
 def test_offline_fields_are_validated():
-    cfg = load_config(None, ["model.hf_path=x", "data.train_files=[a]", "train.mode=offline",
-                             "offline.hyperparameters=sft", "offline.sequences_per_step=127",
-                             "rollout.n=2", "offline.warmup_ratio=1.5"])
+    cfg = load_config(
+        None,
+        [
+            "model.hf_path=x",
+            "data.train_files=[a]",
+            "train.mode=offline",
+            "offline.hyperparameters=sft",
+            "offline.sequences_per_step=127",
+            "rollout.n=2",
+            "offline.warmup_ratio=1.5",
+        ],
+    )
     with pytest.raises(ConfigError, match="offline.sequences_per_step=127") as error:
         validate(cfg, world_size=1)
     assert "offline.warmup_ratio=1.5" in str(error.value)
 
 
 def test_default_sweep_is_the_reference_grid():
-    args = parse_args(["--model", str(ROOT), "--benchmarks", str(ROOT / "README.md"),
-                       "--out", "/tmp/unused-sweep"])
+    args = parse_args(
+        ["--model", str(ROOT), "--benchmarks", str(ROOT / "README.md"), "--out", "/tmp/unused-sweep"]
+    )
     assert args.temperatures == pytest.approx([i / 10 for i in range(17)])
 
 
-@pytest.mark.parametrize("path", ["examples/deepseek-math-7b.yaml",
-                                  "examples/paper/deepseek-math-7b-instruct-dsr.yaml",
-                                  "examples/paper/deepseek-math-7b-instruct-otm.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "examples/deepseek-math-7b.yaml",
+        "examples/paper/deepseek-math-7b-instruct-dsr.yaml",
+        "examples/paper/deepseek-math-7b-instruct-otm.yaml",
+    ],
+)
 def test_deepseek_recipes_use_the_instruct_model(path):
     cfg = recipe(path)
     assert Path(cfg.model.hf_path).name == "deepseek-math-7b-instruct"
@@ -110,8 +127,7 @@ def test_qwen_32b_uses_the_qwen_base_template():
 def test_recipes_aggregate_the_loss_as_verl(path):
     train = load_config(str(path)).train
     # verl's token-mean per micro-batch of ppo_micro_batch_size_per_gpu=4, with checkpointing.
-    assert (train.loss_aggregation, train.micro_batch_size, train.recompute) == \
-        ("microbatch_mean", 4, "full")
+    assert (train.loss_aggregation, train.micro_batch_size, train.recompute) == ("microbatch_mean", 4, "full")
 
 
 def test_train_docstring_no_longer_claims_verl_equality():
@@ -124,8 +140,13 @@ def test_train_docstring_no_longer_claims_verl_equality():
 def test_validation_cadence_is_the_papers(path):
     ev = load_config(str(path)).eval
     assert {Path(b).stem for b in ev.benchmarks} == BENCHMARKS
-    assert (ev.every_n_rounds, ev.n, ev.temperature, ev.max_questions, ev.before_training) == \
-        (50, 32, 1.0, None, True)
+    assert (ev.every_n_rounds, ev.n, ev.temperature, ev.max_questions, ev.before_training) == (
+        50,
+        32,
+        1.0,
+        None,
+        True,
+    )
 
 
 def test_readme_cluster_command_uses_the_papers_lr():

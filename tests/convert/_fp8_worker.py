@@ -31,8 +31,8 @@ class RecordingEngine:
 
 
 def sync_fp8(ckpt: Path) -> RecordingEngine:
-    from sept_megatron.runtime import distributed
     from sept_megatron.convert.workflows import load_megatron_checkpoint
+    from sept_megatron.runtime import distributed
     from sept_megatron.weight_sync import sync
 
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1)
@@ -58,16 +58,25 @@ def main(work_dir: str, *specs: str) -> None:
         name, rest = spec.split("=", 1)
         hf_dir, dtype = rest.rsplit(":", 1)
         ckpt = work / f"{name}-ckpt"
-        tool("convert_hf_to_megatron").main(["--hf-dir", hf_dir, "--out", str(ckpt),
-                                             "--dtype", dtype])
-        tool("convert_megatron_to_hf").main(["--ckpt", str(ckpt), "--out", str(work / f"{name}-fp8"),
-                                             "--max-shard-size-gb", SMALL_SHARDS_GB,
-                                             "--fp8", "blockwise"])
+        tool("convert_hf_to_megatron").main(["--hf-dir", hf_dir, "--out", str(ckpt), "--dtype", dtype])
+        tool("convert_megatron_to_hf").main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(work / f"{name}-fp8"),
+                "--max-shard-size-gb",
+                SMALL_SHARDS_GB,
+                "--fp8",
+                "blockwise",
+            ]
+        )
         engine = sync_fp8(ckpt)
         stream = [(n, t.contiguous()) for bucket in engine.buckets for n, t in bucket]
         save_file(dict(stream), str(work / f"{name}-sync.safetensors"))
-        (work / f"{name}-sync.json").write_text(json.dumps(
-            {"order": [n for n, _ in stream], "buckets": len(engine.buckets)}))
+        (work / f"{name}-sync.json").write_text(
+            json.dumps({"order": [n for n, _ in stream], "buckets": len(engine.buckets)})
+        )
     distributed.shutdown()
 
 

@@ -58,11 +58,13 @@ def convert_export_check(hf_dir: Path, work: Path, tp: int, pp: int) -> dict:
     import torch.distributed as dist
 
     ckpt = work / f"{hf_dir.name}-{layout_name(tp, pp)}"
-    tool("convert_hf_to_megatron").main(["--hf-dir", str(hf_dir), "--out", str(ckpt),
-                                         "--tp", str(tp), "--pp", str(pp)])
+    tool("convert_hf_to_megatron").main(
+        ["--hf-dir", str(hf_dir), "--out", str(ckpt), "--tp", str(tp), "--pp", str(pp)]
+    )
     if dist.get_rank() == 0:  # the export is single-process: it reads the checkpoint files
-        tool("convert_megatron_to_hf").main(["--ckpt", str(ckpt), "--out", f"{ckpt}-hf",
-                                             "--max-shard-size-gb", SMALL_SHARDS_GB])
+        tool("convert_megatron_to_hf").main(
+            ["--ckpt", str(ckpt), "--out", f"{ckpt}-hf", "--max-shard-size-gb", SMALL_SHARDS_GB]
+        )
     dist.barrier()
     return run_check_logits(hf_dir, ckpt)
 
@@ -72,9 +74,8 @@ def reload_logits(hf_dir: Path, ckpt: Path, tp: int, pp: int):
     import torch
     import torch.distributed as dist
 
+    from sept_megatron.convert.workflows import forward_logits, load_megatron_checkpoint, probe_tokens
     from sept_megatron.runtime import distributed
-    from sept_megatron.convert.workflows import (
-        forward_logits, load_megatron_checkpoint, probe_tokens)
 
     distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
     try:
@@ -108,8 +109,9 @@ def main(models_root: str, work_dir: str) -> None:
 
     for tp, pp in WRITE_LAYOUTS[world]:
         for hf_dir in models:
-            results["check_logits"][f"{hf_dir.name}/{layout_name(tp, pp)}"] = \
-                convert_export_check(hf_dir, work, tp, pp)
+            results["check_logits"][f"{hf_dir.name}/{layout_name(tp, pp)}"] = convert_export_check(
+                hf_dir, work, tp, pp
+            )
 
     (work / "logits").mkdir(exist_ok=True)
     for tp, pp in RELOAD_LAYOUTS[world]:

@@ -1,7 +1,6 @@
 """Session fixtures: the demo tokenizer and one saved HF checkpoint per entry of MODELS."""
 
 import pytest
-
 from hf_checkpoints import MODELS, OTHER_WEIGHTS, save_hf_model
 from hf_tiny import make_tokenizer
 

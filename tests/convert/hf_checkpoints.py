@@ -7,12 +7,16 @@ cannot pass the round-trip or the logit checks by accident. Used by this directo
 """
 
 import torch
-
 from hf_tiny import make_tiny_model
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 # checkpoint name -> (family, config overrides)
 MODELS = {

@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
+from hf_checkpoints import LLAMA3_ROPE, MODELS
+from mp import run_python, run_torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_checkpoints import LLAMA3_ROPE, MODELS
-from mp import run_python, run_torchrun
 from sept_megatron.convert.workflows import probe_tokens
 
 pytestmark = pytest.mark.slow
@@ -67,12 +67,12 @@ def test_export_is_a_complete_hf_checkpoint(name, hf_models, converted):
     assert len(shard_files) > 1  # the small --max-shard-size-gb split it
     assert all((export / f).is_file() for f in shard_files)
     assert (export / "tokenizer.json").is_file()
-    assert json.loads((export / "config.json").read_text()) == \
-        json.loads((hf_models / name / "config.json").read_text())
+    assert json.loads((export / "config.json").read_text()) == json.loads(
+        (hf_models / name / "config.json").read_text()
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
     original = AutoModelForCausalLM.from_pretrained(hf_models / name, local_files_only=True)
-    for (key, value), (other_key, other) in zip(reloaded.state_dict().items(),
-                                                original.state_dict().items()):
+    for (key, value), (other_key, other) in zip(reloaded.state_dict().items(), original.state_dict().items()):
         assert key == other_key and torch.equal(value, other), key
 
 
@@ -107,8 +107,9 @@ def test_llama3_rope_frequencies_match_transformers(hf_models, converted):
     hf = AutoModelForCausalLM.from_pretrained(hf_models / "llama3", local_files_only=True)
     expected = hf.model.rotary_emb.inv_freq
     for path in sorted((work / "logits").glob("llama3-*.pt")):
-        torch.testing.assert_close(torch.load(path)["inv_freq"], expected, rtol=1e-6, atol=0,
-                                   msg=f"{path.name}")
+        torch.testing.assert_close(
+            torch.load(path)["inv_freq"], expected, rtol=1e-6, atol=0, msg=f"{path.name}"
+        )
     unscaled = 1.0 / LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, 16, 2).float() / 16)
     assert not torch.allclose(expected, unscaled)  # the scaling really changes frequencies
 

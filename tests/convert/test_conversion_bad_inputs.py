@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 import transformers
+from mp import run_python
 from safetensors.torch import load_file, save_file
 
-from mp import run_python
 from sept_megatron.config import ConfigError
 from sept_megatron.convert import workflows
 
@@ -17,9 +17,9 @@ from sept_megatron.convert import workflows
 @pytest.fixture
 def no_process_group(monkeypatch):
     """Every check here must fire before any process group (or model) exists."""
+
     def refuse(**kwargs):
-        raise AssertionError("reached distributed.initialize: the bad input was not caught "
-                             "before start-up")
+        raise AssertionError("reached distributed.initialize: the bad input was not caught before start-up")
 
     monkeypatch.setattr(workflows.distributed, "initialize", refuse)
 
@@ -59,8 +59,7 @@ def test_missing_tensor_is_named(qwen2_copy, tmp_path, no_process_group):
 
 
 def test_unexpected_tensor_is_named(qwen2_copy, tmp_path, no_process_group):
-    edit_weights(qwen2_copy, lambda t: t.update(
-        {"model.layers.0.self_attn.sinks": torch.zeros(4)}))
+    edit_weights(qwen2_copy, lambda t: t.update({"model.layers.0.self_attn.sinks": torch.zeros(4)}))
     message = convert_fails(qwen2_copy, tmp_path)
     assert "unexpected" in message and "model.layers.0.self_attn.sinks" in message
 
@@ -80,8 +79,9 @@ def test_dtype_that_contradicts_the_config_is_named(qwen2_copy, tmp_path, no_pro
 
 
 def test_unsupported_architecture_lists_supported_ones(tmp_path, no_process_group):
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    )
     gpt2.save_pretrained(tmp_path / "gpt2")
     message = convert_fails(tmp_path / "gpt2", tmp_path)
     assert "'gpt2'" in message
@@ -116,16 +116,25 @@ def test_tp_x_pp_must_equal_the_process_count(qwen2_copy, tmp_path, no_process_g
 @pytest.mark.slow
 def test_cli_tp_x_pp_must_equal_the_process_count(hf_models, tmp_path):
     out = tmp_path / "ckpt"
-    result = run_python("tools/convert_hf_to_megatron.py", "--hf-dir", hf_models / "qwen2",
-                        "--out", out, "--tp", "1", "--pp", "2", check=False)
+    result = run_python(
+        "tools/convert_hf_to_megatron.py",
+        "--hf-dir",
+        hf_models / "qwen2",
+        "--out",
+        out,
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        check=False,
+    )
     assert result.returncode != 0
     assert "--tp x --pp = 2 but 1 processes were launched" in result.output
     assert "--nproc-per-node=2" in result.output
     assert not out.exists() and not (tmp_path / ".tmp-ckpt").exists()
 
 
-def test_wrong_process_count_names_only_the_launch(qwen2_copy, tmp_path, monkeypatch,
-                                                   no_process_group):
+def test_wrong_process_count_names_only_the_launch(qwen2_copy, tmp_path, monkeypatch, no_process_group):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun --nproc-per-node=8 ... --tp 2 --pp 1
     message = convert_fails(qwen2_copy, tmp_path, tp=2)

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from hf_tiny import make_tiny_model, make_tokenizer
 from mp import run_python, run_torchrun
+from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -37,11 +36,19 @@ def test_convert_check_logits_and_export_on_gpu(bf16_hf, tmp_path, tp, gpu_env, 
     if tp > gpu_count:
         pytest.skip(f"TP={tp} needs {tp} GPUs")
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf_out"
-    run_torchrun(tp, "tools/convert_hf_to_megatron.py", "--hf-dir", bf16_hf, "--out", ckpt,
-                 "--tp", str(tp), env=gpu_env)
+    run_torchrun(
+        tp,
+        "tools/convert_hf_to_megatron.py",
+        "--hf-dir",
+        bf16_hf,
+        "--out",
+        ckpt,
+        "--tp",
+        str(tp),
+        env=gpu_env,
+    )
     # Exit code 0 = within the bf16 tolerance (3e-2 of the largest |logit|).
-    checked = run_torchrun(tp, "tools/check_logits.py", "--hf-dir", bf16_hf, "--ckpt", ckpt,
-                           env=gpu_env)
+    checked = run_torchrun(tp, "tools/check_logits.py", "--hf-dir", bf16_hf, "--ckpt", ckpt, env=gpu_env)
     assert "bfloat16; relative tolerance" in checked.output, checked.output[-2000:]
     run_python("tools/convert_megatron_to_hf.py", "--ckpt", ckpt, "--out", out, env=gpu_env)
     original, exported = hf_tensors(bf16_hf), hf_tensors(out)

@@ -5,21 +5,31 @@ import math
 
 import pytest
 import torch
-
 from hf_tiny import tiny_config
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.trainer.arch import ModelArch
+
 from sept_megatron.convert.adapters import ADAPTERS, adapter_for
 from sept_megatron.convert.fp8 import (
-    BLOCK, E4M3_MAX, FP8_DTYPE, check_export_recipe, dequantize_blockwise, hf_quantization_config,
-    quantize_blockwise, quantize_hf_tensors, rollout_bucket_transform, scale_grid, scale_name,
-    sglang_block_problems)
+    BLOCK,
+    E4M3_MAX,
+    FP8_DTYPE,
+    check_export_recipe,
+    dequantize_blockwise,
+    hf_quantization_config,
+    quantize_blockwise,
+    quantize_hf_tensors,
+    rollout_bucket_transform,
+    scale_grid,
+    scale_name,
+    sglang_block_problems,
+)
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.trainer.arch import ModelArch
 
 # e4m3 keeps 3 mantissa bits: rounding a normal value costs at most half a unit in the last
 # place, 2^-4 of it; a subnormal one at most half the subnormal step 2^-9 (times the scale).
 # Per block, the largest error is half the spacing of the top binade [256, 448]: 16 / 448.
-E4M3_RELATIVE = 2.0 ** -4
-E4M3_SUBNORMAL_ABS = 2.0 ** -10
+E4M3_RELATIVE = 2.0**-4
+E4M3_SUBNORMAL_ABS = 2.0**-10
 BLOCK_RELATIVE = 16 / 448
 
 
@@ -74,10 +84,10 @@ def test_scales_are_block_amax_over_448_and_the_amax_survives_exactly():
     quantized, scale_inv = quantize_blockwise(weight)
     for i in range(2):
         for j in range(3):
-            block = weight[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            block = weight[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
             assert scale_inv[i, j] == block.abs().max() / E4M3_MAX
             # The element holding the amax becomes exactly +-448.
-            q_block = quantized[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+            q_block = quantized[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float()
             assert q_block.abs().max() == E4M3_MAX
 
 
@@ -103,7 +113,7 @@ def test_values_representable_in_e4m3_round_trip_exactly():
     values = torch.arange(-448, 449, dtype=torch.float32).to(FP8_DTYPE).float().unique()
     weight = values[torch.randint(len(values), (128, 256), generator=torch.Generator().manual_seed(2))]
     weight[0, 0] = weight[0, 128] = 448.0  # each block's amax is 448 x 2^-12: scale_inv = 2^-12
-    weight = weight * 2.0 ** -12
+    weight = weight * 2.0**-12
     quantized, scale_inv = quantize_blockwise(weight)
     assert torch.equal(dequantize_blockwise(quantized, scale_inv), weight)
 
@@ -125,10 +135,15 @@ def test_quantiser_is_deterministic_bitwise():
 
 
 # --- bad input -----------------------------------------------------------------------------
-@pytest.mark.parametrize("tensor, message", [
-    (torch.zeros(8), "2-D"), (torch.zeros(2, 3, 4), "2-D"),
-    (torch.zeros(4, 4, dtype=torch.int32), "bf16/fp16/fp32"),
-    (torch.zeros(4, 4).to(FP8_DTYPE), "bf16/fp16/fp32")])
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        (torch.zeros(8), "2-D"),
+        (torch.zeros(2, 3, 4), "2-D"),
+        (torch.zeros(4, 4, dtype=torch.int32), "bf16/fp16/fp32"),
+        (torch.zeros(4, 4).to(FP8_DTYPE), "bf16/fp16/fp32"),
+    ],
+)
 def test_quantiser_rejects_what_it_cannot_quantise(tensor, message):
     with pytest.raises(ValueError, match=message):
         quantize_blockwise(tensor)
@@ -148,10 +163,14 @@ def test_dequantiser_checks_the_scale_grid():
 
 
 def test_non_2d_tensor_declared_quantised_is_a_clear_error():
-    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_norm.weight is declared "
-                                         "FP8-quantised .* shape \\(16,\\)"):
-        quantize_hf_tensors([("model.layers.0.self_attn.q_norm.weight", torch.ones(16))],
-                            {"model.layers.0.self_attn.q_norm.weight"})
+    with pytest.raises(
+        ValueError,
+        match="model.layers.0.self_attn.q_norm.weight is declared FP8-quantised .* shape \\(16,\\)",
+    ):
+        quantize_hf_tensors(
+            [("model.layers.0.self_attn.q_norm.weight", torch.ones(16))],
+            {"model.layers.0.self_attn.q_norm.weight"},
+        )
 
 
 def test_a_quantised_name_must_be_a_weight():
@@ -174,22 +193,35 @@ def test_unknown_rollout_weights_is_an_error():
 
 
 # --- the bucket transform and the adapters' declarations ----------------------------------------
-@pytest.mark.parametrize("family, overrides", [
-    ("llama", {}), ("mistral", {}), ("qwen2", {"tie_word_embeddings": True}), ("qwen2", {}),
-    ("qwen3", {"head_dim": 32})])
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("llama", {}),
+        ("mistral", {}),
+        ("qwen2", {"tie_word_embeddings": True}),
+        ("qwen2", {}),
+        ("qwen3", {"head_dim": 32}),
+    ],
+)
 def test_adapters_declare_exactly_the_attention_and_mlp_linear_weights(family, overrides):
     arch = arch_from_hf_config(tiny_config(family, StubVocab(), **overrides))
     adapter = adapter_for(arch)
     declared = adapter.fp8_hf_names()
-    linear = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-              "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    linear = (
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+    )
     expected = {n for n in adapter.hf_names() if n.endswith(linear)}
     assert declared == expected
     assert len(declared) == 7 * arch.num_layers
     untouched = set(adapter.hf_names()) - declared
     assert "model.embed_tokens.weight" in untouched and "model.norm.weight" in untouched
-    assert all("norm" in n or "bias" in n or "embed" in n or n == "lm_head.weight"
-               for n in untouched)
+    assert all("norm" in n or "bias" in n or "embed" in n or n == "lm_head.weight" for n in untouched)
 
 
 def test_every_family_has_an_adapter_under_test():
@@ -199,17 +231,23 @@ def test_every_family_has_an_adapter_under_test():
 def test_bucket_transform_quantises_declared_weights_and_passes_the_rest_through():
     arch = arch_from_hf_config(tiny_config("qwen2", StubVocab()))
     gen = torch.Generator().manual_seed(5)
-    bucket = [("model.layers.0.self_attn.q_proj.weight", torch.randn(64, 64, generator=gen)),
-              ("model.layers.0.self_attn.q_proj.bias", torch.randn(64, generator=gen)),
-              ("model.layers.0.input_layernorm.weight", torch.randn(64, generator=gen)),
-              ("model.layers.0.mlp.down_proj.weight", torch.randn(64, 128, generator=gen))]
+    bucket = [
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(64, 64, generator=gen)),
+        ("model.layers.0.self_attn.q_proj.bias", torch.randn(64, generator=gen)),
+        ("model.layers.0.input_layernorm.weight", torch.randn(64, generator=gen)),
+        ("model.layers.0.mlp.down_proj.weight", torch.randn(64, 128, generator=gen)),
+    ]
     native = list(rollout_bucket_transform("native", arch)(iter([bucket])))
     assert native == [bucket]
     (out,) = list(rollout_bucket_transform("fp8", arch)(iter([bucket])))
     assert [n for n, _ in out] == [
-        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight_scale_inv",
-        "model.layers.0.self_attn.q_proj.bias", "model.layers.0.input_layernorm.weight",
-        "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight_scale_inv"]
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight_scale_inv",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.down_proj.weight_scale_inv",
+    ]
     tensors = dict(out)
     assert tensors["model.layers.0.self_attn.q_proj.bias"] is bucket[1][1]
     assert tensors["model.layers.0.input_layernorm.weight"] is bucket[2][1]
@@ -219,17 +257,33 @@ def test_bucket_transform_quantises_declared_weights_and_passes_the_rest_through
 
 
 def test_quantization_config_is_the_published_format():
-    assert hf_quantization_config() == {"activation_scheme": "dynamic", "fmt": "e4m3",
-                                        "quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert hf_quantization_config() == {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
 
 
 # --- SGLang's block constraints ------------------------------------------------------------
 def arch_like(**fields):
-    base = dict(model_type="qwen2", vocab_size=1000, hidden_size=1536, num_layers=2,
-                num_attention_heads=12, num_query_groups=2, head_dim=128, ffn_hidden_size=8960,
-                norm_eps=1e-6, rope_theta=1e6, rope_scaling_factor=None,
-                max_position_embeddings=4096, tie_word_embeddings=True, qkv_bias=True,
-                qk_layernorm=False)
+    base = dict(
+        model_type="qwen2",
+        vocab_size=1000,
+        hidden_size=1536,
+        num_layers=2,
+        num_attention_heads=12,
+        num_query_groups=2,
+        head_dim=128,
+        ffn_hidden_size=8960,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        rope_scaling_factor=None,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        qk_layernorm=False,
+    )
     return ModelArch(**(base | fields))
 
 
@@ -243,8 +297,9 @@ def test_sglang_block_problems_of_a_qwen2_5_1_5b_shape():
 
 
 def test_sglang_block_problems_flag_small_kv_projections():
-    arch = arch_like(head_dim=64, hidden_size=768, num_attention_heads=12, num_query_groups=1,
-                     ffn_hidden_size=2048)  # one KV head of 64: k/v outputs of 64 rows
+    arch = arch_like(
+        head_dim=64, hidden_size=768, num_attention_heads=12, num_query_groups=1, ffn_hidden_size=2048
+    )  # one KV head of 64: k/v outputs of 64 rows
     (problem,) = sglang_block_problems(arch, 1)
     assert "k/v_proj output" in problem and " 64 " in problem
 

@@ -15,25 +15,33 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from hf_checkpoints import MODELS, save_hf_model
 from mp import REPO_ROOT, run_python
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.convert.hf_config import load_hf_config
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_fp8 import assert_within_e4m3_error, block_relative_errors
+
 from sept_megatron.convert import export_megatron_to_hf
 from sept_megatron.convert.adapters import adapter_for
 from sept_megatron.convert.fp8 import (
-    BLOCK, FP8_DTYPE, dequantize_blockwise, hf_quantization_config, quantize_blockwise, scale_name)
-from test_fp8 import assert_within_e4m3_error, block_relative_errors
+    BLOCK,
+    FP8_DTYPE,
+    dequantize_blockwise,
+    hf_quantization_config,
+    quantize_blockwise,
+    scale_name,
+)
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 
 pytestmark = pytest.mark.slow
 
 WIDE = ("llama", {"hidden_size": 192, "intermediate_size": 320, "head_dim": 48})
 # name -> (HF checkpoint under the fixture's root, conversion dtype)
-CASES = {**{name: (name, "float32") for name in MODELS},
-         "llama-wide": ("llama-wide", "float32"), "qwen3-bf16": ("qwen3", "bfloat16")}
+CASES = {
+    **{name: (name, "float32") for name in MODELS},
+    "llama-wide": ("llama-wide", "float32"),
+    "qwen3-bf16": ("qwen3", "bfloat16"),
+}
 SINGLE_OR_ALIGNED = [n for n in CASES if n != "llama-wide"]  # every FP8 dim <= 128
 
 
@@ -56,8 +64,9 @@ def read_dir(hf_dir) -> dict[str, torch.Tensor]:
 
 def original(hf_models, name):
     hf, dtype = CASES[name]
-    return {k: v.to(getattr(torch, dtype)) for k, v in read_dir(hf_models / hf).items()}, \
-        arch_from_hf_config(load_hf_config(str(hf_models / hf)))
+    return {k: v.to(getattr(torch, dtype)) for k, v in read_dir(hf_models / hf).items()}, arch_from_hf_config(
+        load_hf_config(str(hf_models / hf))
+    )
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,8 +85,10 @@ def test_names_shapes_and_dtypes(name, hf_models, exported):
             assert fp8[tensor_name].dtype == FP8_DTYPE and fp8[tensor_name].shape == tensor.shape
             scales = fp8[scale_name(tensor_name)]
             assert scales.dtype == torch.float32
-            assert tuple(scales.shape) == (math.ceil(tensor.shape[0] / BLOCK),
-                                           math.ceil(tensor.shape[1] / BLOCK)), tensor_name
+            assert tuple(scales.shape) == (
+                math.ceil(tensor.shape[0] / BLOCK),
+                math.ceil(tensor.shape[1] / BLOCK),
+            ), tensor_name
         else:  # norms, embeddings, lm_head, biases: exactly the training-dtype tensor
             assert fp8[tensor_name].dtype == tensor.dtype, tensor_name
             assert torch.equal(fp8[tensor_name], tensor), tensor_name
@@ -107,8 +118,9 @@ def test_dequantised_weights_are_the_originals_within_e4m3_error(name, hf_models
         worst_l2 = max(worst_l2, float(error.norm() / reference.norm()))
     # Figures for the README (pytest -s): per-block max error over the block amax (bound
     # 16/448 = 0.0357) and the tensor's relative L2 error.
-    print(f"\n{name}: max block error / block amax <= {worst_block:.4f}, "
-          f"max relative L2 error {worst_l2:.4f}")
+    print(
+        f"\n{name}: max block error / block amax <= {worst_block:.4f}, max relative L2 error {worst_l2:.4f}"
+    )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -123,8 +135,7 @@ def test_shards_index_and_config(name, hf_models, exported):
         with safe_open(export / file_name, framework="pt") as handle:
             names = set(handle.keys())
             assert names == {n for n, f in weight_map.items() if f == file_name}
-            total += sum(handle.get_tensor(n).numel() * handle.get_tensor(n).element_size()
-                         for n in names)
+            total += sum(handle.get_tensor(n).numel() * handle.get_tensor(n).element_size() for n in names)
     assert index["metadata"]["total_size"] == total
     assert any(n.endswith(".weight_scale_inv") for n in weight_map)
     hf, dtype = CASES[name]
@@ -160,8 +171,9 @@ def test_transformers_loads_the_fp8_export_on_cpu(name, hf_models, exported):
     rows // scale_rows (integrations/finegrained_fp8.py, Fp8Dequantize._dequantize_one), so
     it is exact only when every FP8 dimension is <= 128 or a multiple of 128: the wide model
     is left out (SGLang and vLLM use ceil-sized grids for it)."""
-    pytest.importorskip("accelerate", reason="transformers' FP8 loader needs accelerate "
-                                             "(pip install 'sept_megatron[test]')")
+    pytest.importorskip(
+        "accelerate", reason="transformers' FP8 loader needs accelerate (pip install 'sept_megatron[test]')"
+    )
     from transformers import AutoModelForCausalLM
 
     weights, arch = original(hf_models, name)
@@ -173,8 +185,9 @@ def test_transformers_loads_the_fp8_export_on_cpu(name, hf_models, exported):
     for tensor_name, tensor in weights.items():
         if tensor_name in declared:
             expected = dequantize_blockwise(fp8[tensor_name], fp8[scale_name(tensor_name)])
-            assert torch.equal(state[tensor_name].float(), expected.to(state[tensor_name].dtype)
-                               .float()), tensor_name
+            assert torch.equal(state[tensor_name].float(), expected.to(state[tensor_name].dtype).float()), (
+                tensor_name
+            )
         else:
             assert torch.equal(state[tensor_name], tensor.to(state[tensor_name].dtype)), tensor_name
     tokens = torch.randint(0, arch.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -193,14 +206,14 @@ def load_tool(name: str):
 def test_unknown_fp8_recipe_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         load_tool("convert_megatron_to_hf").main(
-            ["--ckpt", str(tmp_path), "--out", str(tmp_path / "out"), "--fp8", "tensorwise"])
+            ["--ckpt", str(tmp_path), "--out", str(tmp_path / "out"), "--fp8", "tensorwise"]
+        )
     assert info.value.code == 2
     assert "--fp8: invalid choice: 'tensorwise'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_fp8_recipe_is_refused_before_the_checkpoint_is_read(tmp_path):
-    with pytest.raises(ValueError, match="--fp8 'mxfp8': unknown FP8 export recipe; choose one "
-                                         "of blockwise"):
+    with pytest.raises(ValueError, match="--fp8 'mxfp8': unknown FP8 export recipe; choose one of blockwise"):
         export_megatron_to_hf(str(tmp_path / "no-such-ckpt"), str(tmp_path / "out"), fp8="mxfp8")
     assert not (tmp_path / "out").exists()

@@ -88,14 +88,17 @@ def test_math500_first_question(benchmark_dir: Path) -> None:
 
 def test_load_jsonl_accepts_every_supported_shape(tmp_path: Path) -> None:
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"}]
-    path = write_lines(tmp_path / "mixed.jsonl", [
-        json.dumps({"prompt": "What is 2+3?", "answer": "5"}),
-        "",  # blank lines are skipped
-        json.dumps({"prompt": chat, "ground_truth": "2", "data_source": "tiny"}),
-        json.dumps({"question": "Name a prime.", "answer": 7}),
-        json.dumps({"problem": "Unanswered?"}),
-        json.dumps({"prompt": "verl style", "reward_model": {"ground_truth": "x", "style": "rule"}}),
-    ])
+    path = write_lines(
+        tmp_path / "mixed.jsonl",
+        [
+            json.dumps({"prompt": "What is 2+3?", "answer": "5"}),
+            "",  # blank lines are skipped
+            json.dumps({"prompt": chat, "ground_truth": "2", "data_source": "tiny"}),
+            json.dumps({"question": "Name a prime.", "answer": 7}),
+            json.dumps({"problem": "Unanswered?"}),
+            json.dumps({"prompt": "verl style", "reward_model": {"ground_truth": "x", "style": "rule"}}),
+        ],
+    )
     questions = load_questions(path)
     assert [q.index for q in questions] == [0, 1, 2, 3, 4]
     assert [q.ground_truth for q in questions] == ["5", "2", "7", None, "x"]
@@ -117,11 +120,14 @@ def test_load_jsonl_accepts_every_supported_shape(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_jsonl_line_is_named_by_file_and_line(tmp_path: Path, bad_line: str, message: str) -> None:
-    path = write_lines(tmp_path / "data.jsonl", [
-        json.dumps({"question": "ok", "answer": "1"}),
-        "",
-        bad_line,
-    ])
+    path = write_lines(
+        tmp_path / "data.jsonl",
+        [
+            json.dumps({"question": "ok", "answer": "1"}),
+            "",
+            bad_line,
+        ],
+    )
     with pytest.raises(ValueError, match=message) as error:
         load_questions(path)
     assert f"{path}: line 3" in str(error.value)
@@ -147,14 +153,18 @@ def test_missing_and_unsupported_files(tmp_path: Path) -> None:
 def test_parquet_written_here_round_trips(tmp_path: Path) -> None:
     import pandas as pd
 
-    frame = pd.DataFrame({
-        "prompt": [[{"role": "user", "content": "a?"}], [{"role": "user", "content": "b?"}]],
-        "reward_model": [{"ground_truth": "1", "style": "rule"}, {"ground_truth": "2", "style": "rule"}],
-    })
+    frame = pd.DataFrame(
+        {
+            "prompt": [[{"role": "user", "content": "a?"}], [{"role": "user", "content": "b?"}]],
+            "reward_model": [{"ground_truth": "1", "style": "rule"}, {"ground_truth": "2", "style": "rule"}],
+        }
+    )
     frame.to_parquet(tmp_path / "mini.parquet")
     questions = load_questions(tmp_path / "mini.parquet")
     assert [(q.question_text, q.ground_truth, q.source) for q in questions] == [
-        ("a?", "1", "mini"), ("b?", "2", "mini")]
+        ("a?", "1", "mini"),
+        ("b?", "2", "mini"),
+    ]
 
 
 def test_datasets_directory_without_datasets_installed_is_a_clear_error(tmp_path, monkeypatch) -> None:
@@ -185,24 +195,42 @@ QUESTION = Question(
 @pytest.mark.parametrize(
     ("template", "expected"),
     [
-        ("qwen-math", "<|im_start|>system\nPlease reason step by step, and put your final answer "
-                      "within \\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
-                      "<|im_start|>assistant\n"),
+        (
+            "qwen-math",
+            "<|im_start|>system\nPlease reason step by step, and put your final answer "
+            "within \\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        ),
         # The paper's templates (Fig. 4), as the authors' recipe renders them (issue 20).
-        ("qwen-base", "<|im_start|>system\nPlease reason step by step, and put your final answer "
-                      "within \\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
-                      "<|im_start|>assistant\n"),
-        ("qwen-instruct", "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a "
-                          "helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?\n"
-                          "Please reason step by step, and put your final answer within "
-                          "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n"),
-        ("deepseek-math", "Please reason step by step, and put your final answer within "
-                          "\\boxed{}.\n\nUser: What is $1+1$?\n\nAssistant:"),
-        ("qwen-instruct-legacy", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                                 "<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
-                                 "<|im_start|>assistant\n"),
-        ("deepseek-math-legacy", "User: What is $1+1$?\nPlease reason step by step, and put your "
-                                 "final answer within \\boxed{}.\n\nAssistant:"),
+        (
+            "qwen-base",
+            "<|im_start|>system\nPlease reason step by step, and put your final answer "
+            "within \\boxed{}.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        ),
+        (
+            "qwen-instruct",
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a "
+            "helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is $1+1$?\n"
+            "Please reason step by step, and put your final answer within "
+            "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (
+            "deepseek-math",
+            "Please reason step by step, and put your final answer within "
+            "\\boxed{}.\n\nUser: What is $1+1$?\n\nAssistant:",
+        ),
+        (
+            "qwen-instruct-legacy",
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\nWhat is $1+1$?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        ),
+        (
+            "deepseek-math-legacy",
+            "User: What is $1+1$?\nPlease reason step by step, and put your "
+            "final answer within \\boxed{}.\n\nAssistant:",
+        ),
         ("plain", "What is $1+1$?\n" + BOXED_INSTRUCTION + "\n"),
         ("auto", "<|im_start|>user\nWhat is $1+1$?<|im_end|>\n<|im_start|>assistant\n"),
     ],
@@ -248,7 +276,8 @@ def test_filter_drops_long_prompts_without_truncating(tokenizer, caplog) -> None
 def test_render_prompts_matches_render_prompt(tokenizer) -> None:
     questions = make_questions(3)
     assert render_prompts(questions, tokenizer, "plain") == [
-        render_prompt(q, tokenizer, "plain") for q in questions]
+        render_prompt(q, tokenizer, "plain") for q in questions
+    ]
 
 
 # --------------------------------------------------------------------------------------------

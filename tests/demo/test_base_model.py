@@ -20,8 +20,18 @@ from sept_megatron.demo import base_model
 from sept_megatron.demo.base_model import BaseModelRecipe, build_base_model, quick_eval, recipe_key
 from sept_megatron.demo.task import build_splits
 
-TINY = BaseModelRecipe(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden_size=64,
-                       n_train=200, steps=10, batch_size=8, lr=1e-2, warmup_steps=2)
+TINY = BaseModelRecipe(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    ffn_hidden_size=64,
+    n_train=200,
+    steps=10,
+    batch_size=8,
+    lr=1e-2,
+    warmup_steps=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,9 @@ def test_result_is_a_loadable_hf_checkpoint_with_tokenizer(built):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 2 * 3 + 4."}],
-                                        add_generation_prompt=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Compute 2 * 3 + 4."}], add_generation_prompt=True, return_dict=False
+    )
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tokenizer)) and torch.isfinite(logits).all()
@@ -70,13 +81,22 @@ def test_cache_hit_returns_without_rebuilding(built, monkeypatch):
 
 def test_recipe_key_is_stable_and_recipe_sensitive():
     assert recipe_key(TINY) == recipe_key(replace(TINY))
-    keys = {recipe_key(r) for r in (TINY, replace(TINY, seed=1), replace(TINY, lr=2e-2),
-                                    replace(TINY, family="qwen2"), replace(TINY, slip_rate=0.3))}
+    keys = {
+        recipe_key(r)
+        for r in (
+            TINY,
+            replace(TINY, seed=1),
+            replace(TINY, lr=2e-2),
+            replace(TINY, family="qwen2"),
+            replace(TINY, slip_rate=0.3),
+        )
+    }
     assert len(keys) == 5
 
 
 def test_incomplete_build_is_replaced_and_staging_cleaned(tmp_path, monkeypatch):
     """Cache logic without training: a directory lacking the marker is not a hit."""
+
     def fake_build(out, recipe, key, progress):
         out.mkdir(parents=True)
         (out / base_model.MARKER).write_text(key)
@@ -116,8 +136,10 @@ def test_quick_eval_reports_greedy_pass1_pass8(built):
     assert "pass@8" not in quick_eval(str(built), problems[:1], n=2, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("field, value", [("family", "gpt2"), ("num_kv_heads", 3),
-                                          ("lr_decay", "linear"), ("steps", 0), ("slip_rate", 1.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("family", "gpt2"), ("num_kv_heads", 3), ("lr_decay", "linear"), ("steps", 0), ("slip_rate", 1.5)],
+)
 def test_bad_recipe_names_the_field(field, value, tmp_path):
     with pytest.raises(ValueError, match=field):
         build_base_model(str(tmp_path), replace(TINY, **{field: value}))

@@ -4,9 +4,9 @@ the report's arithmetic (pass@k curves, targets, mean and spread over seeds) on 
 import json
 
 import pytest
-
 from mp import run_python
 from toy_demo import toy_script
+
 from sept_megatron.demo.run import DemoRecipe, score_counts, summarise_seeds, targets
 from sept_megatron.eval.metrics import pass_at_k
 
@@ -33,8 +33,13 @@ def test_demo_writes_report_table_and_plot_per_seed_and_a_summary(tmp_path):
         # GRPO: grpo_n = 8 answers to each of 16 / 8 questions per round, graded.
         grpo_rows = (run / "grpo" / "samples" / "round_000001.jsonl").read_text().splitlines()
         assert len(grpo_rows) == 16 and '"reward"' in grpo_rows[0]
-        assert set(report["wall_time_s"]) >= {"base_model", "baseline_sweep", "sept_train",
-                                              "sept_eval", "total"}
+        assert set(report["wall_time_s"]) >= {
+            "base_model",
+            "baseline_sweep",
+            "sept_train",
+            "sept_eval",
+            "total",
+        }
         assert {"mechanism_holds", "paper_claim_holds"} <= set(report["targets"])
         assert (run / "report.png").stat().st_size > 10_000
         assert "| SePT, T = 1.0 |" in (run / "report.md").read_text()
@@ -68,24 +73,42 @@ def test_score_counts_gives_the_project_metrics_and_the_pass_at_k_curve():
 
 
 def _report(seed, base_t1, base_best, sept_t1, sept_at_best, base_avg, sept_avg):
-    return {"seed": seed, "baseline": {"temperature": 0.6, "pass@1": base_best, "avg": base_avg,
-                                       "t1": {"pass@1": base_t1, "curve": [base_t1]}, "curve": [base_best]},
-            "sept": {"pass@1": sept_t1, "pass@8": 0.7, "pass@32": 0.8, "avg": sept_avg,
-                     "at_base_best_temperature": {"pass@1": sept_at_best}, "curve": [sept_t1]},
-            "recipe": {}, "wall_time_s": {"total": 1.0}}
+    return {
+        "seed": seed,
+        "baseline": {
+            "temperature": 0.6,
+            "pass@1": base_best,
+            "avg": base_avg,
+            "t1": {"pass@1": base_t1, "curve": [base_t1]},
+            "curve": [base_best],
+        },
+        "sept": {
+            "pass@1": sept_t1,
+            "pass@8": 0.7,
+            "pass@32": 0.8,
+            "avg": sept_avg,
+            "at_base_best_temperature": {"pass@1": sept_at_best},
+            "curve": [sept_t1],
+        },
+        "recipe": {},
+        "wall_time_s": {"total": 1.0},
+    }
 
 
 def test_targets_and_the_summary_over_seeds():
-    exactly = _report(0, base_t1=0.30, base_best=0.40, sept_t1=0.35, sept_at_best=0.38,
-                      base_avg=0.60, sept_avg=0.61)
+    exactly = _report(
+        0, base_t1=0.30, base_best=0.40, sept_t1=0.35, sept_at_best=0.38, base_avg=0.60, sept_avg=0.61
+    )
     exactly["targets"] = targets(exactly)
     assert exactly["targets"]["mechanism_holds"] and exactly["targets"]["paper_claim_holds"]
-    short = _report(1, base_t1=0.30, base_best=0.40, sept_t1=0.349, sept_at_best=0.41,
-                    base_avg=0.60, sept_avg=0.609)
+    short = _report(
+        1, base_t1=0.30, base_best=0.40, sept_t1=0.349, sept_at_best=0.41, base_avg=0.60, sept_avg=0.609
+    )
     short["targets"] = targets(short)
     assert not short["targets"]["mechanism_holds"] and not short["targets"]["paper_claim_holds"]
-    fell = _report(2, base_t1=0.30, base_best=0.40, sept_t1=0.40, sept_at_best=0.379,
-                   base_avg=0.60, sept_avg=0.65)
+    fell = _report(
+        2, base_t1=0.30, base_best=0.40, sept_t1=0.40, sept_at_best=0.379, base_avg=0.60, sept_avg=0.65
+    )
     fell["targets"] = targets(fell)
     assert not fell["targets"]["mechanism_holds"] and fell["targets"]["paper_claim_holds"]
     summary = summarise_seeds([exactly, short, fell])
@@ -95,8 +118,9 @@ def test_targets_and_the_summary_over_seeds():
     assert margin["mean"] == pytest.approx(0.023) and margin["std"] == pytest.approx(0.0233880, rel=1e-4)
     assert (margin["min"], margin["max"]) == pytest.approx((0.009, 0.05))
     # With fewer than 32 samples there is no pass@32: that figure is left out, the rest stays.
-    toy = _report(3, base_t1=0.30, base_best=0.40, sept_t1=0.35, sept_at_best=0.38,
-                  base_avg=0.60, sept_avg=0.61)
+    toy = _report(
+        3, base_t1=0.30, base_best=0.40, sept_t1=0.35, sept_at_best=0.38, base_avg=0.60, sept_avg=0.61
+    )
     toy["sept"]["pass@32"] = None
     toy["targets"] = targets(toy)
     stats = summarise_seeds([exactly, toy])["stats"]
@@ -119,8 +143,9 @@ def test_a_finished_seed_is_reused_only_with_the_same_recipes(tmp_path):
     recipe, base = DemoRecipe(), BaseModelRecipe()
     run = tmp_path / "seed-3"
     run.mkdir()
-    (run / "report.json").write_text(json.dumps({"seed": 3, "recipe": asdict(recipe),
-                                                 "base_recipe": asdict(base)}))
+    (run / "report.json").write_text(
+        json.dumps({"seed": 3, "recipe": asdict(recipe), "base_recipe": asdict(base)})
+    )
     assert _finished_report(run, 3, False, recipe, base)["seed"] == 3
     assert _finished_report(run, 3, True, recipe, base) is None  # asked for ablations it lacks
     assert _finished_report(run, 3, False, replace(recipe, lr=2e-4), base) is None

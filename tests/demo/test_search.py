@@ -6,10 +6,17 @@ import json
 from dataclasses import replace
 
 import pytest
-
 from mp import run_python
+
 from sept_megatron.demo.search import (
-    REFERENCE, Schedule, SearchBudget, SearchSpace, _choose, draw_candidates, table_rows)
+    REFERENCE,
+    Schedule,
+    SearchBudget,
+    SearchSpace,
+    _choose,
+    draw_candidates,
+    table_rows,
+)
 
 
 def test_draw_is_seeded_within_budget_and_starts_with_the_reference():
@@ -34,8 +41,15 @@ def test_budget_is_checked_before_any_work():
 def test_schedule_becomes_a_recipe():
     from sept_megatron.demo.run import DemoRecipe
 
-    recipe = Schedule(lr=3e-4, rounds=10, prompts_per_round=128, steps_per_round=4, tau_start=0.4,
-                      tau_end=0.8, anneal_fraction=1.0).recipe(DemoRecipe())
+    recipe = Schedule(
+        lr=3e-4,
+        rounds=10,
+        prompts_per_round=128,
+        steps_per_round=4,
+        tau_start=0.4,
+        tau_end=0.8,
+        anneal_fraction=1.0,
+    ).recipe(DemoRecipe())
     assert (recipe.mini_batch_size, recipe.steps_per_round, recipe.lr) == (32, 4, 3e-4)
     assert (recipe.tau_start, recipe.tau_end, recipe.rounds) == (0.4, 0.8, 10)
     recipe.validate()
@@ -45,20 +59,32 @@ def _row(name, stage1, runs=None):
     stage2 = None
     if runs is not None:
         scores = [score for score, _ in runs]
-        stage2 = {"runs": [{"score": s, "mechanism_holds": m, "pass1_gain_at_T1": 0.06,
-                            "pass1_fall_at_base_best_T": 0.0} for s, m in runs],
-                  "score_mean": sum(scores) / len(scores), "score_min": min(scores),
-                  "mechanism_holds": all(m for _, m in runs)}
-    return {"name": name, "schedule": {**vars(REFERENCE)}, "answers": 1536, "reference": False,
-            "stage1": {"pass@1": 0.3, "pass@8": 0.7, "pass@32": 0.8, "avg": 0.6, "score": stage1},
-            "stage2": stage2}
+        stage2 = {
+            "runs": [
+                {"score": s, "mechanism_holds": m, "pass1_gain_at_T1": 0.06, "pass1_fall_at_base_best_T": 0.0}
+                for s, m in runs
+            ],
+            "score_mean": sum(scores) / len(scores),
+            "score_min": min(scores),
+            "mechanism_holds": all(m for _, m in runs),
+        }
+    return {
+        "name": name,
+        "schedule": {**vars(REFERENCE)},
+        "answers": 1536,
+        "reference": False,
+        "stage1": {"pass@1": 0.3, "pass@8": 0.7, "pass@32": 0.8, "avg": 0.6, "score": stage1},
+        "stage2": stage2,
+    }
 
 
 def test_choice_is_the_best_confirmed_score_among_schedules_whose_mechanism_holds():
-    rows = [_row("c00", 0.05),  # best stage 1 but never confirmed: not eligible
-            _row("c01", 0.02, [(0.03, False), (0.04, True)]),  # best score, mechanism fails once
-            _row("c02", 0.01, [(0.01, True), (0.02, True)]),
-            _row("c03", 0.00, [(0.015, True), (0.012, True)])]
+    rows = [
+        _row("c00", 0.05),  # best stage 1 but never confirmed: not eligible
+        _row("c01", 0.02, [(0.03, False), (0.04, True)]),  # best score, mechanism fails once
+        _row("c02", 0.01, [(0.01, True), (0.02, True)]),
+        _row("c03", 0.00, [(0.015, True), (0.012, True)]),
+    ]
     chosen = _choose(rows)
     assert chosen["name"] == "c02" and chosen["mechanism_holds_on_val"]
     assert [r["chosen"] for r in rows] == [False, False, True, False]
@@ -71,7 +97,7 @@ def test_choice_is_the_best_confirmed_score_among_schedules_whose_mechanism_hold
     assert chosen["name"] == "c01" and not chosen["mechanism_holds_on_val"]
 
 
-TOY_SEARCH = '''
+TOY_SEARCH = """
 import sys
 from pathlib import Path
 import sept_megatron.data as data
@@ -104,7 +130,7 @@ if __name__ == "__main__":
         (run / "DONE").unlink()
         (run / "sept" / "metrics.jsonl").write_text('{"round": 99}\\n')
         run_search(out, space, budget, template, base, cache_dir=cache, jobs=1, progress=False)
-'''
+"""
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The demo at toy scale (a 2-layer base model, 2 rounds, 16 test questions), as a script the
 tests launch in its own process: ``toy_script("run_seeds(out, [0], False, DEMO, BASE, ...)")``."""
 
-_TOY = '''
+_TOY = """
 import sys
 from sept_megatron.demo.base_model import BaseModelRecipe
 from sept_megatron.demo.run import DemoRecipe, run_demo, run_seeds
@@ -13,7 +13,7 @@ DEMO = DemoRecipe(rounds=2, prompts_per_round=16, mini_batch_size=8, temperature
 
 if __name__ == "__main__":
     out, cache = sys.argv[1], sys.argv[2]
-'''
+"""
 
 
 def toy_script(call: str) -> str:

@@ -94,8 +94,7 @@ def _readme_commands(path: Path) -> list[Command]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.startswith("```"):
             if in_code:
-                commands += [Command(f"{path.name}:{n}", joined)
-                             for n, joined in _join_continuations(code)]
+                commands += [Command(f"{path.name}:{n}", joined) for n, joined in _join_continuations(code)]
                 code = []
             in_code = not in_code
         elif in_code:
@@ -130,15 +129,20 @@ def _script_commands(path: Path) -> list[Command]:
             lines.append((number, stripped.lstrip("#").strip()))
         elif path.suffix != ".yaml":
             lines.append((number, "\0" + stripped))  # marks a script line
-    return [Command(f"{path.relative_to(REPO)}:{n}", text.lstrip("\0"), text.startswith("\0"))
-            for n, text in _join_continuations(lines)]
+    return [
+        Command(f"{path.relative_to(REPO)}:{n}", text.lstrip("\0"), text.startswith("\0"))
+        for n, text in _join_continuations(lines)
+    ]
 
 
 def _docstring_commands(path: Path) -> list[Command]:
     """The usage lines of a module docstring: the indented ones (the rest is prose)."""
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    return [Command(f"{path.relative_to(REPO)} (docstring)", line.split("  #")[0].strip())
-            for line in doc.splitlines() if line.startswith(" ")]
+    return [
+        Command(f"{path.relative_to(REPO)} (docstring)", line.split("  #")[0].strip())
+        for line in doc.splitlines()
+        if line.startswith(" ")
+    ]
 
 
 def documented_commands() -> list[Command]:
@@ -146,8 +150,11 @@ def documented_commands() -> list[Command]:
     for path in sorted((REPO / "examples").iterdir()):
         if path.suffix in (".sbatch", ".yaml"):
             sources += _script_commands(path)
-    sources += [c for c in _script_commands(REPO / "tools" / "dev.sh")
-                if not c.text.startswith(("cd ", "VENV", "PY="))]
+    sources += [
+        c
+        for c in _script_commands(REPO / "tools" / "dev.sh")
+        if not c.text.startswith(("cd ", "VENV", "PY="))
+    ]
     for path in [REPO / "sept_megatron" / "cli.py", *sorted((REPO / "tools").glob("*.py"))]:
         sources += _docstring_commands(path)
     return [c for c in sources if split_command(c.text, c.anywhere)]
@@ -171,7 +178,7 @@ def tool_parser(script: str) -> argparse.ArgumentParser:
 
 def dev_sh_commands() -> set[str]:
     text = (REPO / "tools" / "dev.sh").read_text()
-    case = text[text.index('case "$cmd" in'):text.index("esac")]
+    case = text[text.index('case "$cmd" in') : text.index("esac")]
     return set(re.findall(r"^\s+([a-z]+)\)", case, re.M))
 
 
@@ -214,8 +221,10 @@ def _check_template(parser: argparse.ArgumentParser, words: list[str]) -> list[s
         if "|" in value and action.choices is not None:
             listed, real = set(value.split("|")), set(map(str, action.choices))
             if listed != real:
-                problems.append(f"{parser.prog} {word.split('=')[0]} lists {'|'.join(sorted(listed))}; "
-                                f"the choices are {'|'.join(sorted(real))}")
+                problems.append(
+                    f"{parser.prog} {word.split('=')[0]} lists {'|'.join(sorted(listed))}; "
+                    f"the choices are {'|'.join(sorted(real))}"
+                )
     return problems
 
 
@@ -252,30 +261,37 @@ def _is_config_key(dotted: str) -> bool:
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
             return False
-        node = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING \
-            else None
+        node = (
+            fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+        )
     return node is None or not dataclasses.is_dataclass(node)
 
 
 def _override_key_problems(words: list[str]) -> list[str]:
-    return [f"{word}: {word.split('=')[0]} is not a config field" for word in words
-            if "=" in word and not word.startswith("-") and not _is_placeholder(word)
-            and not _is_config_key(word.split("=")[0])]
+    return [
+        f"{word}: {word.split('=')[0]} is not a config field"
+        for word in words
+        if "=" in word
+        and not word.startswith("-")
+        and not _is_placeholder(word)
+        and not _is_config_key(word.split("=")[0])
+    ]
 
 
 def _check_sept_megatron(words: list[str], world_size: int, template: bool) -> list[str]:
     if not words:
         return []  # the program named in prose
     if words[0] not in _subcommands():
-        return [f"sept-megatron: no subcommand {words[0] if words else '(none)'!r}; "
-                f"choose one of {', '.join(sorted(_subcommands()))}"]
+        return [
+            f"sept-megatron: no subcommand {words[0] if words else '(none)'!r}; "
+            f"choose one of {', '.join(sorted(_subcommands()))}"
+        ]
     name, args = words[0], words[1:]
     if not args:  # a mention of the subcommand, not a command to run
         return []
     parser = subcommand_parser(name)
     takes_overrides = name in ("train", "config", "plan")  # paper-table takes NAME=DIR
-    problems = _check_template(parser, args) + (_override_key_problems(args) if takes_overrides
-                                                 else [])
+    problems = _check_template(parser, args) + (_override_key_problems(args) if takes_overrides else [])
     if template or problems:
         return problems
     parsed, error = _parse(parser, args)
@@ -352,16 +368,22 @@ def _check_torchrun(words: list[str], template: bool) -> list[str]:
 
 
 def _check_pytest(args: list[str]) -> list[str]:
-    return [f"pytest {arg}: no such file" for arg in args
-            if arg.startswith("tests/") and not (REPO / arg.split("::")[0]).exists()]
+    return [
+        f"pytest {arg}: no such file"
+        for arg in args
+        if arg.startswith("tests/") and not (REPO / arg.split("::")[0]).exists()
+    ]
 
 
 def _check_dev_sh(args: list[str], template: bool) -> list[str]:
     arms = dev_sh_commands()
     if args and "|" in args[0]:
         listed = set(args[0].split("|"))
-        return [] if listed == arms else [f"tools/dev.sh lists {'|'.join(sorted(listed))}; "
-                                          f"its case has {'|'.join(sorted(arms))}"]
+        return (
+            []
+            if listed == arms
+            else [f"tools/dev.sh lists {'|'.join(sorted(listed))}; its case has {'|'.join(sorted(arms))}"]
+        )
     name = args[0] if args else "test"
     if name not in arms:
         return [f"tools/dev.sh: no command {name!r}; it has {', '.join(sorted(arms))}"]
@@ -393,8 +415,10 @@ def _check_sbatch(words: list[str], template: bool) -> list[str]:
     directives = {**sbatch_directives(script), **options}
     problems = []
     if not directives.get("gres", "").startswith("gpu:"):
-        problems.append(f"sbatch {rest[0]}: no GPUs requested (neither --gres=gpu:N on the line "
-                        "nor #SBATCH --gres in the script)")
+        problems.append(
+            f"sbatch {rest[0]}: no GPUs requested (neither --gres=gpu:N on the line "
+            "nor #SBATCH --gres in the script)"
+        )
     launched = re.search(r"sept_megatron\.cli (\w+) --config \"\$CONFIG\" \"\$@\"", script.read_text())
     nodes, per_node = directives.get("nodes", "1"), directives.get("ntasks-per-node", "1")
     if launched and args and not template and nodes.isdigit() and per_node.isdigit():
@@ -412,9 +436,13 @@ def check_command(text: str, anywhere: bool = False) -> list[str]:
         return []
     words, template = _expand_template(words)
     head, args = words[0], words[1:]
-    problems = [f"{path}: no such path" for path in args
-                if path.startswith(REPO_TOP) and not _is_placeholder(path)
-                and not (REPO / path.split("::")[0]).exists()]
+    problems = [
+        f"{path}: no such path"
+        for path in args
+        if path.startswith(REPO_TOP)
+        and not _is_placeholder(path)
+        and not (REPO / path.split("::")[0]).exists()
+    ]
     if head == "sept-megatron":
         problems += _check_sept_megatron(args, 1, template)
     elif head == "torchrun":

@@ -82,8 +82,7 @@ def test_perturbed_ground_truth_grades_wrong(benchmark_dir: Path, name: str) -> 
     checked = [gt for gt in truths if not is_degenerate(gt)]
     assert len(truths) - len(checked) <= max(1, len(truths) // 50)  # skips are rare (<= 2%)
     accepted = [
-        (gt, perturb(gt)) for gt in checked
-        if is_correct(f"so the answer is \\boxed{{{perturb(gt)}}}.", gt)
+        (gt, perturb(gt)) for gt in checked if is_correct(f"so the answer is \\boxed{{{perturb(gt)}}}.", gt)
     ]
     assert accepted == []
 

@@ -37,10 +37,17 @@ def test_numbers_beyond_one_part_per_million_grade_wrong(truth: str, answer: str
     assert not is_correct(f"so the answer is \\boxed{{{answer}}}", truth)
 
 
-@pytest.mark.parametrize(("raw", "normalised"), [
-    (r"\text{yes}", "yes"), (r"\textbf{(B)}", "(B)"), (r"\mathrm{east}", "east"),
-    (r" \text{ 12 } ", "12"), (r"\dfrac{1}{2}.", r"\frac{1}{2}"), (r"\tfrac 3 4", r"\frac34"),
-])
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        (r"\text{yes}", "yes"),
+        (r"\textbf{(B)}", "(B)"),
+        (r"\mathrm{east}", "east"),
+        (r" \text{ 12 } ", "12"),
+        (r"\dfrac{1}{2}.", r"\frac{1}{2}"),
+        (r"\tfrac 3 4", r"\frac34"),
+    ],
+)
 def test_normalisation_unwraps_text_and_unifies_fraction_spellings(raw: str, normalised: str) -> None:
     # math-verify would also accept most of these, but slowly (sympy); the fast path must.
     assert normalise_answer(raw) == normalised

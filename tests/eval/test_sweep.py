@@ -76,9 +76,16 @@ class FakeEngine:
 
 def synthetic_benchmarks() -> dict[str, list[Question]]:
     def bank(name: str, count: int) -> list[Question]:
-        return [Question(prompt_messages=[{"role": "user", "content": f"[{name}-{i}] what is {i}*{i}?"}],
-                         question_text=f"[{name}-{i}] what is {i}*{i}?", ground_truth=str(i * i),
-                         source=name, index=i) for i in range(count)]
+        return [
+            Question(
+                prompt_messages=[{"role": "user", "content": f"[{name}-{i}] what is {i}*{i}?"}],
+                question_text=f"[{name}-{i}] what is {i}*{i}?",
+                ground_truth=str(i * i),
+                source=name,
+                index=i,
+            )
+            for i in range(count)
+        ]
 
     return {"alpha": bank("alpha", 5), "beta": bank("beta", 7)}
 
@@ -88,8 +95,18 @@ def engine_for(benchmarks: dict[str, list[Question]], **kwargs) -> FakeEngine:
 
 
 def sweep(engine, benchmarks, out_dir: Path, n: int = 4, temperatures=TEMPERATURES) -> dict:
-    return run_sweep(engine, engine.tokenizer, benchmarks, temperatures, n, out_dir,
-                     max_new_tokens=64, template="plain", seed=0, progress=False)
+    return run_sweep(
+        engine,
+        engine.tokenizer,
+        benchmarks,
+        temperatures,
+        n,
+        out_dir,
+        max_new_tokens=64,
+        template="plain",
+        seed=0,
+        progress=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +213,14 @@ def test_sweep_may_add_temperatures_to_a_finished_one(tmp_path: Path) -> None:
     ],
 )
 def test_bad_sweep_arguments_fail_before_generation(change: dict, message: str) -> None:
-    args = {"benchmarks": synthetic_benchmarks(), "temperatures": [0.0], "n": 2,
-            "max_new_tokens": 8, "template": "plain", **change}
+    args = {
+        "benchmarks": synthetic_benchmarks(),
+        "temperatures": [0.0],
+        "n": 2,
+        "max_new_tokens": 8,
+        "template": "plain",
+        **change,
+    }
     with pytest.raises(ValueError, match=message):
         check_sweep_args(**args)
 
@@ -210,7 +233,13 @@ def test_questions_without_ground_truth_cannot_be_swept() -> None:
 
 
 def test_temperature_labels() -> None:
-    assert [temperature_label(t) for t in (0, 0.2, 1.0, 1.25, 0.1 + 0.2)] == ["0.0", "0.2", "1.0", "1.25", "0.3"]
+    assert [temperature_label(t) for t in (0, 0.2, 1.0, 1.25, 0.1 + 0.2)] == [
+        "0.0",
+        "0.2",
+        "1.0",
+        "1.25",
+        "0.3",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,21 +249,31 @@ def test_temperature_labels() -> None:
 def test_evaluate_once_returns_val_metrics() -> None:
     benchmarks = synthetic_benchmarks()
     engine = engine_for(benchmarks)
-    metrics = evaluate_once(engine, engine.tokenizer, benchmarks, temperature=0.6, n=4,
-                            max_questions=3, max_new_tokens=32, template="plain")
+    metrics = evaluate_once(
+        engine,
+        engine.tokenizer,
+        benchmarks,
+        temperature=0.6,
+        n=4,
+        max_questions=3,
+        max_new_tokens=32,
+        template="plain",
+    )
     assert [count for count, _ in engine.calls] == [3, 3]
     assert set(metrics) == {f"val/{b}/pass@{k}" for b in benchmarks for k in (1, 2, 4)} | {
-        "val/avg", "val/mean_response_tokens"}
+        "val/avg",
+        "val/mean_response_tokens",
+    }
     assert 0 <= metrics["val/avg"] <= 1
     assert metrics["val/avg"] == pytest.approx(
-        (metrics["val/alpha/pass@1"] + metrics["val/beta/pass@1"]) / 2)  # n = 4: AVG is pass@1
+        (metrics["val/alpha/pass@1"] + metrics["val/beta/pass@1"]) / 2
+    )  # n = 4: AVG is pass@1
 
 
 def test_evaluate_once_greedy() -> None:
     benchmarks = synthetic_benchmarks()
     engine = engine_for(benchmarks)
-    metrics = evaluate_once(engine, engine.tokenizer, benchmarks, temperature=0.0, n=8,
-                            template="plain")
+    metrics = evaluate_once(engine, engine.tokenizer, benchmarks, temperature=0.0, n=8, template="plain")
     assert all(s.n == 1 for _, s in engine.calls)
     assert metrics["val/alpha/pass@32"] == metrics["val/alpha/pass@1"]
 
@@ -244,8 +283,10 @@ def test_evaluate_once_greedy() -> None:
 
 
 def write_benchmark(path: Path, count: int) -> Path:
-    lines = [json.dumps({"question": f"[{path.stem}-{i}] what is {i}*{i}?", "answer": str(i * i)})
-             for i in range(count)]
+    lines = [
+        json.dumps({"question": f"[{path.stem}-{i}] what is {i}*{i}?", "answer": str(i * i)})
+        for i in range(count)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -294,9 +335,26 @@ def test_cli_runs_a_sweep_through_build_engine(tmp_path: Path, monkeypatch, caps
     monkeypatch.setattr("sept_megatron.rollout.build_engine", fake_build_engine)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    argv = ["--model", str(model_dir), "--benchmarks", ",".join(map(str, files)),
-            "--temperatures", "0,1", "--n", "2", "--out", str(tmp_path / "out"), "--template", "plain",
-            "--max-questions", "3", "--batch-size", "5", "--device", "cpu"]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--benchmarks",
+        ",".join(map(str, files)),
+        "--temperatures",
+        "0,1",
+        "--n",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--template",
+        "plain",
+        "--max-questions",
+        "3",
+        "--batch-size",
+        "5",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv) == 0
     assert built["backend"] == "hf" and built["model_path"] == str(model_dir)
     assert built["batch_size"] == 5 and built["device"] == "cpu"
@@ -327,12 +385,25 @@ def test_cli_exports_a_megatron_checkpoint_first(tmp_path: Path, monkeypatch) ->
     fake_convert.export_megatron_to_hf = fake_export
     monkeypatch.setitem(sys.modules, "sept_megatron.convert", fake_convert)
     loaded = []
-    monkeypatch.setattr("sept_megatron.rollout.build_engine",
-                        lambda backend, path, **kw: loaded.append(path) or engine_for(
-                            {"alpha": load_questions(bench)}))
+    monkeypatch.setattr(
+        "sept_megatron.rollout.build_engine",
+        lambda backend, path, **kw: loaded.append(path) or engine_for({"alpha": load_questions(bench)}),
+    )
     out = tmp_path / "out"
-    argv = ["--model", str(ckpt), "--benchmarks", str(bench), "--temperatures", "0",
-            "--out", str(out), "--template", "plain", "--device", "cpu"]
+    argv = [
+        "--model",
+        str(ckpt),
+        "--benchmarks",
+        str(bench),
+        "--temperatures",
+        "0",
+        "--out",
+        str(out),
+        "--template",
+        "plain",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv) == 0
     assert exports == [(str(ckpt), str(out / "hf_model"))]
     assert loaded == [str(out / "hf_model")]
@@ -351,8 +422,22 @@ def test_cli_end_to_end_with_a_tiny_hf_model(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     bench = write_benchmark(tmp_path / "alpha.jsonl", 3)
-    argv = ["--model", str(tmp_path / "model"), "--benchmarks", str(bench), "--temperatures", "0,1",
-            "--n", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    argv = [
+        "--model",
+        str(tmp_path / "model"),
+        "--benchmarks",
+        str(bench),
+        "--temperatures",
+        "0,1",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert summary["cells"]["alpha"]["1.0"]["n"] == 2
@@ -370,9 +455,23 @@ def test_cli_under_torchrun_equals_one_process(tmp_path: Path) -> None:
     make_tiny_model("qwen2", tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     files = [write_benchmark(tmp_path / "alpha.jsonl", 1), write_benchmark(tmp_path / "beta.jsonl", 5)]
-    common = ["eval", "--model", tmp_path / "model", "--benchmarks", ",".join(map(str, files)),
-              "--temperatures", "0,1", "--samples", "2", "--max-new-tokens", "6",
-              "--batch-size", "2", "--device", "cpu"]
+    common = [
+        "eval",
+        "--model",
+        tmp_path / "model",
+        "--benchmarks",
+        ",".join(map(str, files)),
+        "--temperatures",
+        "0,1",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     run_python("sept_megatron.cli", *common, "--out", tmp_path / "one", "--grading-workers", "0")
     run_torchrun(2, "sept_megatron.cli", *common, "--out", tmp_path / "two", "--grading-workers", "1")
     one, two = tmp_path / "one", tmp_path / "two"

@@ -8,14 +8,24 @@ import subprocess
 import sys
 
 import pytest
-
-from sept_megatron.config import ConfigError, Config, LoggingConfig, validate
 from wandb_offline import read_offline_run
 
-ROWS = [{"index": i, "prompt": f"q{i}", "response": f"a{i}", "tau_s": 0.5, "prompt_tokens": 3,
-         "response_tokens": 2 + i, "finish_reason": "stop" if i else "length"} for i in range(3)]
+from sept_megatron.config import Config, ConfigError, LoggingConfig, validate
 
-NO_WANDB_SCRIPT = '''
+ROWS = [
+    {
+        "index": i,
+        "prompt": f"q{i}",
+        "response": f"a{i}",
+        "tau_s": 0.5,
+        "prompt_tokens": 3,
+        "response_tokens": 2 + i,
+        "finish_reason": "stop" if i else "length",
+    }
+    for i in range(3)
+]
+
+NO_WANDB_SCRIPT = """
 import json, os, sys
 from sept_megatron.config import LoggingConfig
 from sept_megatron.logging import NullRunLogger, build_logger
@@ -35,15 +45,19 @@ with logger.progress(3, 0, "x") as bar:
 logger.finish()
 print(json.dumps({"wandb_imported": "wandb" in sys.modules, "files": sorted(os.listdir(run_dir))
                   if os.path.isdir(run_dir) else []}))
-'''
+"""
 
 
 def run_without_wandb(tmp_path, mode: str, rank: int) -> dict:
     script = tmp_path / "no_wandb.py"
     script.write_text(NO_WANDB_SCRIPT)
     run_dir = tmp_path / f"run-{mode}-{rank}"
-    proc = subprocess.run([sys.executable, str(script), str(run_dir), mode, str(rank),
-                           json.dumps(ROWS)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run_dir), mode, str(rank), json.dumps(ROWS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -56,8 +70,7 @@ def test_non_zero_ranks_get_a_no_op_that_never_imports_wandb(tmp_path):
 
 def test_disabled_writes_the_files_and_never_imports_wandb(tmp_path):
     result = run_without_wandb(tmp_path, "disabled", rank=0)
-    assert result == {"wandb_imported": False,
-                      "files": ["config.json", "metrics.jsonl", "samples"]}
+    assert result == {"wandb_imported": False, "files": ["config.json", "metrics.jsonl", "samples"]}
 
 
 def test_offline_run_holds_group_job_type_panels_and_summary(tmp_path):
@@ -66,14 +79,26 @@ def test_offline_run_holds_group_job_type_panels_and_summary(tmp_path):
     png = tmp_path / "plot.png"
     _write_png(png)
     run_dir = tmp_path / "exp-42"
-    cfg = LoggingConfig(run_dir=str(run_dir), wandb_mode="offline", wandb_job_type="train",
-                        run_name="r", samples_every=2, progress=False)
+    cfg = LoggingConfig(
+        run_dir=str(run_dir),
+        wandb_mode="offline",
+        wandb_job_type="train",
+        run_name="r",
+        samples_every=2,
+        progress=False,
+    )
     logger = RunLogger(cfg, {"train": {"lr": 0.1}})
     for step in (1, 2):
         logger.log({"train/loss": 1.0 / step}, step=step)
         logger.save_samples(step, ROWS)
-    logger.log_line_plot("eval/curves", [0.0, 0.5, 1.0], {"AVG": [0.2, 0.4, 0.3], "p32": [None, 0.5, 0.6]},
-                         title="c", x_label="temperature", step=3)
+    logger.log_line_plot(
+        "eval/curves",
+        [0.0, 0.5, 1.0],
+        {"AVG": [0.2, 0.4, 0.3], "p32": [None, 0.5, 0.6]},
+        title="c",
+        x_label="temperature",
+        step=3,
+    )
     logger.log_image("eval/sweep", str(png), step=3)
     logger.set_summary({"eval/best_temperature": 0.5})
     logger.finish()
@@ -85,19 +110,22 @@ def test_offline_run_holds_group_job_type_panels_and_summary(tmp_path):
     assert "rollout/samples" not in run.history[1]  # samples_every=2: round 2 only
     columns, data = run.table(run.history[2]["rollout/samples"])
     assert columns == ["question", "answer", "response_tokens", "finish_reason", "tau_s"]
-    assert data == [[r["prompt"], r["response"], r["response_tokens"], r["finish_reason"], 0.5]
-                    for r in ROWS]
+    assert data == [[r["prompt"], r["response"], r["response_tokens"], r["finish_reason"], 0.5] for r in ROWS]
     # W&B's line chart: a lineseries spec in the config and its table in the history.
     spec = run.config["_wandb"]["visualize"]["eval/curves"]["panel_config"]
     assert spec["panelDefId"] == "wandb/lineseries/v0" and spec["stringSettings"]["xname"] == "temperature"
     _, points = run.table(run.history[3]["eval/curves_table"])
-    assert sorted(map(tuple, points)) == sorted([(0.0, "AVG", 0.2), (0.5, "AVG", 0.4), (1.0, "AVG", 0.3),
-                                                 (0.5, "p32", 0.5), (1.0, "p32", 0.6)])
+    assert sorted(map(tuple, points)) == sorted(
+        [(0.0, "AVG", 0.2), (0.5, "AVG", 0.4), (1.0, "AVG", 0.3), (0.5, "p32", 0.5), (1.0, "p32", 0.6)]
+    )
     image = run.history[3]["eval/sweep"]
     assert image["_type"] == "image-file" and (run.run_dir / "files" / image["path"]).is_file()
     assert run.summary["eval/best_temperature"] == 0.5
     # The JSONL files are written as before.
-    assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]
 
 
 def _write_png(path) -> None:
@@ -112,12 +140,15 @@ def _write_png(path) -> None:
     plt.close(figure)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("samples_every", -1, "logging.samples_every=-1: must be >= 0"),
-    ("peak_tflops", 0.0, "logging.peak_tflops=0.0: must be > 0"),
-    ("wandb_group", "x" * 129, "logging.wandb_group="),
-    ("wandb_job_type", "", "logging.wandb_job_type=''"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("samples_every", -1, "logging.samples_every=-1: must be >= 0"),
+        ("peak_tflops", 0.0, "logging.peak_tflops=0.0: must be > 0"),
+        ("wandb_group", "x" * 129, "logging.wandb_group="),
+        ("wandb_job_type", "", "logging.wandb_job_type=''"),
+    ],
+)
 def test_bad_logging_fields_are_named(field, value, message):
     cfg = Config()
     cfg.model.hf_path = "/m"

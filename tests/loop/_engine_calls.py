@@ -13,8 +13,8 @@ import sys
 
 from sept_megatron import cli
 from sept_megatron.loop.fleet import EngineFleet
-from sept_megatron.trainer import model as mdl
 from sept_megatron.rollout.hf import HFRolloutEngine
+from sept_megatron.trainer import model as mdl
 
 ENGINE_METHODS = ("generate", "release_memory", "resume_memory", "update_weights", "bind_weights")
 
@@ -47,9 +47,11 @@ def record_model(built: dict) -> None:
     def recorded(*args, **kwargs):
         model = original(*args, **kwargs)
         layer = model.chunks[0].decoder.layers[0]
-        built.update(core_attention=type(layer.self_attention.core_attention).__name__,
-                     recompute_granularity=model.config.recompute_granularity,
-                     recompute_method=model.config.recompute_method)
+        built.update(
+            core_attention=type(layer.self_attention.core_attention).__name__,
+            recompute_granularity=model.config.recompute_granularity,
+            recompute_method=model.config.recompute_method,
+        )
         return model
 
     mdl.build_megatron_model = recorded

@@ -20,10 +20,10 @@ import torch
 from sept_megatron import cli
 from sept_megatron.loop import driver
 from sept_megatron.loop.round import rollout_sampling
+from sept_megatron.rollout.hf import HFRolloutEngine
 from sept_megatron.runtime import compat
 from sept_megatron.trainer import model as mdl
 from sept_megatron.weight_sync.gather import stream_hf_buckets
-from sept_megatron.rollout.hf import HFRolloutEngine
 
 built: dict = {}
 rounds: list[dict] = []
@@ -58,11 +58,13 @@ def reference_samples(cfg, engine: HFRolloutEngine, weights, questions, prompt_i
     from transformers import AutoModelForCausalLM
 
     with compat.suspended():
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, local_files_only=True,
-                                                     torch_dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.hf_path, local_files_only=True, torch_dtype=torch.float32
+        ).eval()
         model.load_state_dict(weights, strict=True)
-        reference = HFRolloutEngine(model=model, tokenizer=engine.tokenizer, progress=False,
-                                    batch_size=engine.batch_size)
+        reference = HFRolloutEngine(
+            model=model, tokenizer=engine.tokenizer, progress=False, batch_size=engine.batch_size
+        )
         sampling = rollout_sampling(cfg, tau_s, seed)
         return reference.generate([prompt_ids[q.index] for q in questions], sampling)
 
@@ -77,12 +79,16 @@ def check_rounds() -> None:
         batch = original(cfg, fleet, questions, prompt_ids, tau_s, seed, answered)
         expected = reference_samples(cfg, engine, trainer, questions, prompt_ids, tau_s, seed)
         produced = [sample.response_ids for sample in batch.samples]
-        rounds.append({
-            "round": len(rounds) + 1, "tau_s": tau_s,
-            "trainer": {name: digest(t) for name, t in trainer.items()},
-            "engine": {name: digest(engine_state[name]) for name in trainer if name in engine_state},
-            "samples": produced,
-            "reference": [list(g.token_ids) for gens in expected for g in gens]})
+        rounds.append(
+            {
+                "round": len(rounds) + 1,
+                "tau_s": tau_s,
+                "trainer": {name: digest(t) for name, t in trainer.items()},
+                "engine": {name: digest(engine_state[name]) for name in trainer if name in engine_state},
+                "samples": produced,
+                "reference": [list(g.token_ids) for gens in expected for g in gens],
+            }
+        )
         return batch
 
     driver.generate_round = checked

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import torch
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
 from sglang_recorder import RecordingEngine, as_bytes  # noqa: E402
 from sglang_source import sglang_definitions  # noqa: E402
@@ -37,14 +36,19 @@ torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 def answers(eos: int):
-    finish = sglang_definitions("srt/managers/schedule_batch.py",
-                                ["BaseFinishReason", "FINISH_MATCHED_TOKEN"], {})
+    finish = sglang_definitions(
+        "srt/managers/schedule_batch.py", ["BaseFinishReason", "FINISH_MATCHED_TOKEN"], {}
+    )
 
     def outputs(input_ids, sampling_params):
         # A short answer that depends on the prompt and the request's sampling seed.
-        return [{"output_ids": [ids[-1], 3 + params["sampling_seed"] % 5, eos],
-                 "meta_info": {"id": str(j), "finish_reason": finish["FINISH_MATCHED_TOKEN"](eos).to_json()}}
-                for j, (ids, params) in enumerate(zip(input_ids, sampling_params))]
+        return [
+            {
+                "output_ids": [ids[-1], 3 + params["sampling_seed"] % 5, eos],
+                "meta_info": {"id": str(j), "finish_reason": finish["FINISH_MATCHED_TOKEN"](eos).to_json()},
+            }
+            for j, (ids, params) in enumerate(zip(input_ids, sampling_params))
+        ]
 
     return outputs
 
@@ -70,19 +74,41 @@ def main(out_path: str, *overrides: str) -> None:
     sglang_engine.import_sglang = lambda: SimpleNamespace(Engine=engine_factory(eos))
     rc = cli.main(["train", *overrides])
     rank = int(os.environ.get("RANK", "0"))  # the CLI has torn the process group down
-    record = {"rc": rc, "engines": [
-        {"kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
-         "calls": [[name, {k: v for k, v in args.items() if k in ("tags", "load_format", "flush_cache")}]
-                   for name, args in recorder.calls],
-         "payloads_per_update": sorted({len(args["named_tensors"]) for name, args in recorder.calls
-                                        if name == "update_weights_from_tensor"}),
-         "generated_prompts": sum(len(args["input_ids"]) for name, args in recorder.calls
-                                  if name == "generate"),
-         "temperatures": [sorted({p["temperature"] for p in args["sampling_params"]})
-                          for name, args in recorder.calls if name == "generate"],
-         "loaded": [{name: [d, list(s), b.hex()] for name, (d, s, b) in
-                     ((n, as_bytes(t)) for n, t in loaded.items())} for loaded in recorder.loaded]}
-        for kwargs, recorder in started]}
+    record = {
+        "rc": rc,
+        "engines": [
+            {
+                "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))},
+                "calls": [
+                    [name, {k: v for k, v in args.items() if k in ("tags", "load_format", "flush_cache")}]
+                    for name, args in recorder.calls
+                ],
+                "payloads_per_update": sorted(
+                    {
+                        len(args["named_tensors"])
+                        for name, args in recorder.calls
+                        if name == "update_weights_from_tensor"
+                    }
+                ),
+                "generated_prompts": sum(
+                    len(args["input_ids"]) for name, args in recorder.calls if name == "generate"
+                ),
+                "temperatures": [
+                    sorted({p["temperature"] for p in args["sampling_params"]})
+                    for name, args in recorder.calls
+                    if name == "generate"
+                ],
+                "loaded": [
+                    {
+                        name: [d, list(s), b.hex()]
+                        for name, (d, s, b) in ((n, as_bytes(t)) for n, t in loaded.items())
+                    }
+                    for loaded in recorder.loaded
+                ],
+            }
+            for kwargs, recorder in started
+        ],
+    }
     Path(f"{out_path}.rank{rank}").write_text(json.dumps(record))
 
 

@@ -4,7 +4,6 @@ round data one engine gives (token ids, bitwise), with the trainer at TP=2 or DP
 import json
 
 import pytest
-
 from mp import run_python, run_torchrun
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,6 @@ import time
 import urllib.request
 
 import pytest
-
 from loop.test_train_cli import base_args, run_train
 from mp import REPO_ROOT, free_port
 
@@ -28,9 +27,17 @@ TIMEOUT_MINUTES = 0.1  # 6 s: the hanging case waits this long
 def start_server(**fault: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(__import__("os").environ, **fault)
-    server = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests/rollout/_sglang_http_server.py"),
-                               str(port), str(free_port())], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests/rollout/_sglang_http_server.py"),
+            str(port),
+            str(free_port()),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -44,14 +51,18 @@ def start_server(**fault: str) -> tuple[subprocess.Popen, str]:
 
 def args(inputs, run_dir, url: str) -> list[str]:
     return base_args(inputs, run_dir, rounds=4) + [
-        "train.prompts_per_round=4", "data.max_response_length=8", "checkpoint.export_hf=false",
-        "rollout.backend=sglang", "rollout.placement=disaggregated",
-        f"rollout.server_urls=[{url}]", f"rollout.timeout_minutes={TIMEOUT_MINUTES}"]
+        "train.prompts_per_round=4",
+        "data.max_response_length=8",
+        "checkpoint.export_hf=false",
+        "rollout.backend=sglang",
+        "rollout.placement=disaggregated",
+        f"rollout.server_urls=[{url}]",
+        f"rollout.timeout_minutes={TIMEOUT_MINUTES}",
+    ]
 
 
 @pytest.mark.parametrize("fault", ["die", "hang"])
-def test_engine_death_mid_rollout_stops_the_run_and_the_rerun_resumes(tiny_run_inputs, tmp_path,
-                                                                      fault):
+def test_engine_death_mid_rollout_stops_the_run_and_the_rerun_resumes(tiny_run_inputs, tmp_path, fault):
     require_sglang()
     run_dir = tmp_path / "run"
     server, url = start_server(FAKE_SGLANG_FAULT=fault, FAKE_SGLANG_FAULT_AT="3")

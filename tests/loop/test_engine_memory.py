@@ -8,7 +8,6 @@ checks what they do on CUDA."""
 import json
 
 import pytest
-
 from mp import run_python
 
 pytestmark = pytest.mark.slow
@@ -18,13 +17,22 @@ pytestmark = pytest.mark.slow
 def recorded(tiny_run_inputs, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("engine_calls")
     out = run_dir / "calls.json"
-    run_python("tests/loop/_engine_calls.py", out,
-               f"model.hf_path={tiny_run_inputs / 'hf'}",
-               f"data.train_files={tiny_run_inputs / 'train.jsonl'}", "train.rounds=2",
-               "train.prompts_per_round=4", "train.mini_batch_size=4", "train.micro_batch_size=2",
-               "data.max_response_length=8", f"logging.run_dir={run_dir / 'run'}",
-               "logging.progress=false", "checkpoint.export_hf=false",
-               "model.attention=unfused", "train.recompute=full")
+    run_python(
+        "tests/loop/_engine_calls.py",
+        out,
+        f"model.hf_path={tiny_run_inputs / 'hf'}",
+        f"data.train_files={tiny_run_inputs / 'train.jsonl'}",
+        "train.rounds=2",
+        "train.prompts_per_round=4",
+        "train.mini_batch_size=4",
+        "train.micro_batch_size=2",
+        "data.max_response_length=8",
+        f"logging.run_dir={run_dir / 'run'}",
+        "logging.progress=false",
+        "checkpoint.export_hf=false",
+        "model.attention=unfused",
+        "train.recompute=full",
+    )
     return json.loads(out.read_text())
 
 
@@ -33,11 +41,21 @@ def test_engine_memory_is_released_for_training_and_resumed_after_the_sync(recor
     # On CPU the sync writes straight into the engine's weights (weight_sync.direct):
     # the engine binds them to the trainer's shared buffer once, then sees no call at all.
     assert recorded["calls"] == [
-        "generate", "release_memory", "sync", "bind_weights", "resume_memory",
-        "generate", "release_memory", "sync", "resume_memory"]
+        "generate",
+        "release_memory",
+        "sync",
+        "bind_weights",
+        "resume_memory",
+        "generate",
+        "release_memory",
+        "sync",
+        "resume_memory",
+    ]
 
 
 def test_attention_and_recompute_settings_reach_the_model(recorded):
-    assert recorded["model"] == {"core_attention": "DotProductAttention",
-                                 "recompute_granularity": "full",
-                                 "recompute_method": "uniform"}
+    assert recorded["model"] == {
+        "core_attention": "DotProductAttention",
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+    }

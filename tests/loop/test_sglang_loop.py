@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from mp import run_torchrun
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
 from sglang_source import require_sglang  # noqa: E402
@@ -31,21 +30,36 @@ ROUNDS = 2
 def _sglang_run(tiny_run_inputs, tmp_path, engine_tp: int, *extra: str) -> list[dict]:
     require_sglang()
     out = tmp_path / "calls.json"
-    run_torchrun(2, "tests/loop/_sglang_loop.py", out,
-                 f"model.hf_path={tiny_run_inputs / 'hf'}",
-                 f"data.train_files={tiny_run_inputs / 'train.jsonl'}", f"train.rounds={ROUNDS}",
-                 "train.prompts_per_round=4", "train.mini_batch_size=4", "train.micro_batch_size=1",
-                 "data.max_response_length=8", f"logging.run_dir={tmp_path / 'run'}",
-                 "logging.progress=false", "checkpoint.export_hf=true",
-                 "parallel.tensor_parallel=2", "rollout.backend=sglang",
-                 f"rollout.engine_tp={engine_tp}", "rollout.n=2", *extra, timeout=420)
+    run_torchrun(
+        2,
+        "tests/loop/_sglang_loop.py",
+        out,
+        f"model.hf_path={tiny_run_inputs / 'hf'}",
+        f"data.train_files={tiny_run_inputs / 'train.jsonl'}",
+        f"train.rounds={ROUNDS}",
+        "train.prompts_per_round=4",
+        "train.mini_batch_size=4",
+        "train.micro_batch_size=1",
+        "data.max_response_length=8",
+        f"logging.run_dir={tmp_path / 'run'}",
+        "logging.progress=false",
+        "checkpoint.export_hf=true",
+        "parallel.tensor_parallel=2",
+        "rollout.backend=sglang",
+        f"rollout.engine_tp={engine_tp}",
+        "rollout.n=2",
+        *extra,
+        timeout=420,
+    )
     return [json.loads((tmp_path / f"calls.json.rank{r}").read_text()) for r in range(2)]
 
 
 def one_round(updates: int) -> list[str]:
-    return (["generate", "release_memory_occupation", "resume_memory_occupation",
-             "begin_weight_update"] + ["update_weights_from_tensor"] * updates +
-            ["end_weight_update", "flush_cache", "resume_memory_occupation"])
+    return (
+        ["generate", "release_memory_occupation", "resume_memory_occupation", "begin_weight_update"]
+        + ["update_weights_from_tensor"] * updates
+        + ["end_weight_update", "flush_cache", "resume_memory_occupation"]
+    )
 
 
 def test_one_engine_group_of_two_ranks(tiny_run_inputs, tmp_path):
@@ -63,8 +77,10 @@ def test_one_engine_group_of_two_ranks(tiny_run_inputs, tmp_path):
     assert engine["payloads_per_update"] == [2]  # one payload from each rank of the group
     assert engine["generated_prompts"] == ROUNDS * 4 * 2  # every prompt x n, on the one engine
     # Each round's requests are sampled at that round's tau_s (0.6, then 0.6 + 0.4 * 0.5 / (2/3)).
-    taus = [json.loads(line)["rollout/tau_s"]
-            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    taus = [
+        json.loads(line)["rollout/tau_s"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert taus == pytest.approx([0.6, 0.9])
     assert engine["temperatures"] == [[pytest.approx(tau)] for tau in taus]
     final = {}
@@ -83,9 +99,16 @@ def test_offline_mode_keeps_the_base_weights_for_evaluation(tiny_run_inputs, tmp
     """Offline: the bank is answered once and no round refreshes the engine, so its memory is
     never released (SGLang keeps no CPU copy: released weights would be gone) and every
     validation generates from the base weights."""
-    rank0, rank1 = _sglang_run(tiny_run_inputs, tmp_path, 2, "train.mode=offline",
-                               f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}",
-                               "eval.every_n_rounds=1", "eval.n=1", "eval.max_questions=2")
+    rank0, rank1 = _sglang_run(
+        tiny_run_inputs,
+        tmp_path,
+        2,
+        "train.mode=offline",
+        f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}",
+        "eval.every_n_rounds=1",
+        "eval.n=1",
+        "eval.max_questions=2",
+    )
     assert rank0["rc"] == rank1["rc"] == 0
     (engine,) = rank0["engines"]
     # the bank, once; then one validation per round: nothing released, nothing reloaded
@@ -119,9 +142,17 @@ def test_disaggregated_servers_generate_and_receive_every_round(tiny_run_inputs,
 
     require_sglang()
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests/rollout/_sglang_http_server.py"),
-                               str(port), str(free_port())], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests/rollout/_sglang_http_server.py"),
+            str(port),
+            str(free_port()),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -132,22 +163,34 @@ def test_disaggregated_servers_generate_and_receive_every_round(tiny_run_inputs,
             except OSError:
                 assert server.poll() is None and time.time() < deadline, "fake server did not start"
                 time.sleep(0.5)
-        run_python("sept_megatron.cli", "train", f"model.hf_path={tiny_run_inputs / 'hf'}",
-                   f"data.train_files={tiny_run_inputs / 'train.jsonl'}", f"train.rounds={ROUNDS}",
-                   "train.prompts_per_round=4", "train.mini_batch_size=4",
-                   "train.micro_batch_size=2", "data.max_response_length=8",
-                   f"logging.run_dir={tmp_path / 'run'}", "logging.progress=false",
-                   "checkpoint.export_hf=true", "rollout.backend=sglang",
-                   "rollout.placement=disaggregated", f"rollout.server_urls=[{url}]", timeout=420)
+        run_python(
+            "sept_megatron.cli",
+            "train",
+            f"model.hf_path={tiny_run_inputs / 'hf'}",
+            f"data.train_files={tiny_run_inputs / 'train.jsonl'}",
+            f"train.rounds={ROUNDS}",
+            "train.prompts_per_round=4",
+            "train.mini_batch_size=4",
+            "train.micro_batch_size=2",
+            "data.max_response_length=8",
+            f"logging.run_dir={tmp_path / 'run'}",
+            "logging.progress=false",
+            "checkpoint.export_hf=true",
+            "rollout.backend=sglang",
+            "rollout.placement=disaggregated",
+            f"rollout.server_urls=[{url}]",
+            timeout=420,
+        )
         dump = json.loads(urllib.request.urlopen(f"{url}/dump").read())
     finally:
         server.kill()
         server.wait(timeout=30)
     log = [route for route in dump["log"] if route != "update_weights_from_distributed"]
     # rank 0 opens the session, then stage 0's leader joins the weight group (once)
-    assert log == (["generate", "begin_weight_update", "init_weights_update_group",
-                    "end_weight_update", "flush_cache"] +
-                   ["generate", "begin_weight_update", "end_weight_update", "flush_cache"])
+    assert log == (
+        ["generate", "begin_weight_update", "init_weights_update_group", "end_weight_update", "flush_cache"]
+        + ["generate", "begin_weight_update", "end_weight_update", "flush_cache"]
+    )
     assert dump["log"].count("update_weights_from_distributed") >= ROUNDS
     final = {}
     for path in sorted((tmp_path / "run" / "hf_final").glob("*.safetensors")):

@@ -5,21 +5,34 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.loop.telemetry import RoundTelemetry, device_peak_tflops, peak_tflops_for
+from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.trainer.sft import Sample
 
 # Qwen2-7B's shape: 7.62B parameters by HF's own count.
-QWEN2_7B = ModelArch(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_layers=28,
-                     num_attention_heads=28, num_query_groups=4, head_dim=128, ffn_hidden_size=18944,
-                     norm_eps=1e-6, rope_theta=1e6, rope_scaling_factor=None,
-                     max_position_embeddings=32768, tie_word_embeddings=False, qkv_bias=True,
-                     qk_layernorm=False)
+QWEN2_7B = ModelArch(
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    num_layers=28,
+    num_attention_heads=28,
+    num_query_groups=4,
+    head_dim=128,
+    ffn_hidden_size=18944,
+    norm_eps=1e-6,
+    rope_theta=1e6,
+    rope_scaling_factor=None,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+    qkv_bias=True,
+    qk_layernorm=False,
+)
 
 
 def telemetry(peak=None, extra=False) -> RoundTelemetry:
-    return RoundTelemetry.for_run(QWEN2_7B, world_size=8, device=torch.device("cpu"),
-                                  peak_tflops=peak, measure_round_fit=extra)
+    return RoundTelemetry.for_run(
+        QWEN2_7B, world_size=8, device=torch.device("cpu"), peak_tflops=peak, measure_round_fit=extra
+    )
 
 
 def test_tflops_and_mfu_follow_6n_plus_attention_per_token():
@@ -36,10 +49,21 @@ def test_tflops_and_mfu_follow_6n_plus_attention_per_token():
     assert "perf/mfu" not in telemetry(peak=None).throughput(samples, 2.0)  # CPU, no flag
 
 
-@pytest.mark.parametrize(("name", "peak"), [
-    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
-    ("NVIDIA H20", 148.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1),
-    ("NVIDIA L4", 121.0), ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0), ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H20", 148.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.1),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA B200", 2250.0),
+        ("NVIDIA GB200", 2500.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_table_matches_the_longest_name_first(name, peak):
     assert peak_tflops_for(name) == peak
 
@@ -59,8 +83,9 @@ def test_memory_phases_record_nothing_on_cpu():
 @pytest.mark.gpu
 def test_memory_phases_record_each_phase_peak_on_gpu():
     device = torch.device("cuda", 0)
-    meter = RoundTelemetry.for_run(QWEN2_7B, world_size=1, device=device, peak_tflops=None,
-                                   measure_round_fit=False)
+    meter = RoundTelemetry.for_run(
+        QWEN2_7B, world_size=1, device=device, peak_tflops=None, measure_round_fit=False
+    )
     sink: dict = {}
     with meter.phase(sink, "generate"):
         big = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # 256 MiB

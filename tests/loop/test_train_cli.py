@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mp import free_port
-
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +20,17 @@ ROUNDS = 3
 
 def base_args(inputs: Path, run_dir: Path, rounds: int = ROUNDS) -> list[str]:
     return [
-        f"model.hf_path={inputs / 'hf'}", f"data.train_files={inputs / 'train.jsonl'}",
-        f"train.rounds={rounds}", "train.prompts_per_round=8", "train.mini_batch_size=4",
-        "train.micro_batch_size=2", "data.max_response_length=16", "train.lr=3e-3",
-        "train.warmup_steps=0", f"logging.run_dir={run_dir}", "logging.progress=false",
+        f"model.hf_path={inputs / 'hf'}",
+        f"data.train_files={inputs / 'train.jsonl'}",
+        f"train.rounds={rounds}",
+        "train.prompts_per_round=8",
+        "train.mini_batch_size=4",
+        "train.micro_batch_size=2",
+        "data.max_response_length=16",
+        "train.lr=3e-3",
+        "train.warmup_steps=0",
+        f"logging.run_dir={run_dir}",
+        "logging.progress=false",
         "checkpoint.save_every_n_rounds=1",
     ]
 
@@ -33,18 +38,33 @@ def base_args(inputs: Path, run_dir: Path, rounds: int = ROUNDS) -> list[str]:
 def cli_command(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "sept_megatron.cli", "train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", "-m", "sept_megatron.cli", "train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "sept_megatron.cli",
+        "train",
+        *args,
+    ]
 
 
 def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(extra or {}))
 
 
-def run_train(args: list[str], nproc: int = 1, expect_ok: bool = True, timeout: int = 400,
-              env: dict[str, str] | None = None):
-    proc = subprocess.run(cli_command(args, nproc), capture_output=True, text=True,
-                          env=train_env(env), timeout=timeout)
+def run_train(
+    args: list[str],
+    nproc: int = 1,
+    expect_ok: bool = True,
+    timeout: int = 400,
+    env: dict[str, str] | None = None,
+):
+    proc = subprocess.run(
+        cli_command(args, nproc), capture_output=True, text=True, env=train_env(env), timeout=timeout
+    )
     output = proc.stdout + proc.stderr
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"train failed (rc={proc.returncode}):\n{output[-4000:]}")
@@ -63,19 +83,37 @@ def round_prompts(run_dir: Path, round_number: int) -> list[int]:
 @pytest.fixture(scope="module")
 def single_run(tiny_run_inputs, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
-    run_train(base_args(tiny_run_inputs, run_dir) + [
-        "train.measure_round_fit=true", f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}",
-        "eval.every_n_rounds=2", "eval.n=2", "eval.max_questions=4"])
+    run_train(
+        base_args(tiny_run_inputs, run_dir)
+        + [
+            "train.measure_round_fit=true",
+            f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}",
+            "eval.every_n_rounds=2",
+            "eval.n=2",
+            "eval.max_questions=4",
+        ]
+    )
     return run_dir
 
 
 def test_single_process_run_logs_every_metric(single_run):
     metrics = read_metrics(single_run)
     assert [m["round"] for m in metrics] == [1, 2, 3]
-    expected = {"train/loss", "train/grad_norm", "train/lr", "rollout/response_length_mean",
-                "rollout/response_length_max", "rollout/truncation_rate", "rollout/tau_s",
-                "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "timing/generate",
-                "timing/train", "timing/sync", "timing/checkpoint"}
+    expected = {
+        "train/loss",
+        "train/grad_norm",
+        "train/lr",
+        "rollout/response_length_mean",
+        "rollout/response_length_max",
+        "rollout/truncation_rate",
+        "rollout/tau_s",
+        "perf/gen_tokens_per_s",
+        "perf/train_tokens_per_s",
+        "timing/generate",
+        "timing/train",
+        "timing/sync",
+        "timing/checkpoint",
+    }
     for m in metrics:
         assert expected <= set(m), expected - set(m)
         assert m["train/optimizer_steps"] == 2  # 8 prompts x n=1 / mini-batch 4
@@ -93,8 +131,9 @@ def test_each_round_fits_its_own_samples(single_run):
 def test_samples_jsonl_and_final_export(single_run):
     rows = [json.loads(l) for l in (single_run / "samples" / "round_000001.jsonl").read_text().splitlines()]
     assert len(rows) == 8
-    assert {"prompt", "response", "tau_s", "prompt_tokens", "response_tokens",
-            "finish_reason"} <= set(rows[0])
+    assert {"prompt", "response", "tau_s", "prompt_tokens", "response_tokens", "finish_reason"} <= set(
+        rows[0]
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(single_run / "hf_final", local_files_only=True)
@@ -106,25 +145,39 @@ def test_samples_jsonl_and_final_export(single_run):
 @pytest.mark.parametrize("layout", [("2", "1"), ("1", "2")], ids=["tp2", "pp2"])
 def test_two_process_layouts_match_one_process(single_run, tiny_run_inputs, tmp_path, layout):
     tp, pp = layout
-    run_train(base_args(tiny_run_inputs, tmp_path) + [
-        f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
-        "checkpoint.save_every_n_rounds=0"], nproc=2)
+    run_train(
+        base_args(tiny_run_inputs, tmp_path)
+        + [
+            f"parallel.tensor_parallel={tp}",
+            f"parallel.pipeline_parallel={pp}",
+            "checkpoint.save_every_n_rounds=0",
+        ],
+        nproc=2,
+    )
     ours = [m["train/loss"] for m in read_metrics(tmp_path)]
     reference = [m["train/loss"] for m in read_metrics(single_run)]
     assert ours == pytest.approx(reference, abs=1e-4)
 
 
-def kill_and_resume(inputs: Path, tmp_path: Path, extra_args: list[str] | None = None,
-                    env: dict[str, str] | None = None, rounds: int = 5) -> tuple[Path, Path, int]:
+def kill_and_resume(
+    inputs: Path,
+    tmp_path: Path,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    rounds: int = 5,
+) -> tuple[Path, Path, int]:
     """An uninterrupted run, and a run killed (SIGKILL) after its round-2 checkpoint and then
     rerun with the same command; returns (reference dir, resumed dir, round resumed from)."""
     extra_args = extra_args or []
     reference = tmp_path / "reference"
     run_train(base_args(inputs, reference, rounds) + extra_args, env=env)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli_command(base_args(inputs, killed, rounds) + extra_args),
-                            env=train_env(env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli_command(base_args(inputs, killed, rounds) + extra_args),
+        env=train_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = killed / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -151,8 +204,9 @@ def test_kill_and_resume_continues_with_the_same_prompts(tiny_run_inputs, tmp_pa
 
 @pytest.mark.parametrize("mode", ["offline", "coupled"])
 def test_ablation_modes_run(tiny_run_inputs, tmp_path, mode):
-    run_train(base_args(tiny_run_inputs, tmp_path, rounds=2) + [f"train.mode={mode}",
-                                                               "checkpoint.export_hf=false"])
+    run_train(
+        base_args(tiny_run_inputs, tmp_path, rounds=2) + [f"train.mode={mode}", "checkpoint.export_hf=false"]
+    )
     taus = [m["rollout/tau_s"] for m in read_metrics(tmp_path)]
     if mode == "coupled":
         assert taus == [1.0, 1.0]  # tau_s = tau_t
@@ -160,16 +214,26 @@ def test_ablation_modes_run(tiny_run_inputs, tmp_path, mode):
         assert taus[0] == pytest.approx(0.6)
 
 
-def test_offline_with_the_reference_sft_settings_and_validation_before_training(
-        tiny_run_inputs, tmp_path):
+def test_offline_with_the_reference_sft_settings_and_validation_before_training(tiny_run_inputs, tmp_path):
     """The paper's offline row (offline.hyperparameters=sft): one optimizer step per
     offline.sequences_per_step answers, the offline section's LR; eval.before_training logs a
     validation at step 0 (issue 20)."""
-    run_train(base_args(tiny_run_inputs, tmp_path, rounds=2) + [
-        "train.mode=offline", "offline.hyperparameters=sft", "offline.sequences_per_step=8",
-        "offline.lr=1e-3", "offline.warmup_ratio=0", "offline.temperature=0.3",
-        f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}", "eval.before_training=true",
-        "eval.n=1", "eval.max_questions=2", "checkpoint.export_hf=false"])
+    run_train(
+        base_args(tiny_run_inputs, tmp_path, rounds=2)
+        + [
+            "train.mode=offline",
+            "offline.hyperparameters=sft",
+            "offline.sequences_per_step=8",
+            "offline.lr=1e-3",
+            "offline.warmup_ratio=0",
+            "offline.temperature=0.3",
+            f"eval.benchmarks={tiny_run_inputs / 'val.jsonl'}",
+            "eval.before_training=true",
+            "eval.n=1",
+            "eval.max_questions=2",
+            "checkpoint.export_hf=false",
+        ]
+    )
     metrics = read_metrics(tmp_path)
     rounds = [m for m in metrics if "train/loss" in m]
     assert [m["train/optimizer_steps"] for m in rounds] == [1, 1]
@@ -216,7 +280,9 @@ def test_checkpoint_from_another_model_is_refused(tiny_run_inputs, single_run, t
     other.save_pretrained(tmp_path / "other_hf")
     tokenizer.save_pretrained(tmp_path / "other_hf")
     args = base_args(tiny_run_inputs, tmp_path / "run") + [
-        f"model.hf_path={tmp_path / 'other_hf'}", f"model.megatron_ckpt={single_run / 'checkpoints'}"]
+        f"model.hf_path={tmp_path / 'other_hf'}",
+        f"model.megatron_ckpt={single_run / 'checkpoints'}",
+    ]
     _assert_fails_cleanly(args, tmp_path / "run", "another model", "model_type")
 
 
@@ -230,8 +296,7 @@ def test_train_checkpoint_kill_and_resume_on_gpu(tiny_run_inputs, tmp_path, gpu_
     metrics = read_metrics(killed)
     assert all(m["train/loss"] == m["train/loss"] for m in metrics)  # no NaN in bf16
     # bf16 kernels need not be bitwise reproducible across processes: a loose match.
-    assert metrics[-1]["train/loss"] == pytest.approx(read_metrics(reference)[-1]["train/loss"],
-                                                      rel=5e-2)
+    assert metrics[-1]["train/loss"] == pytest.approx(read_metrics(reference)[-1]["train/loss"], rel=5e-2)
     assert (killed / "hf_final" / "config.json").is_file()
 
 
@@ -241,8 +306,11 @@ def test_train_tp2_matches_one_gpu(tiny_run_inputs, tmp_path, gpu_env, gpu_count
         pytest.skip("TP=2 needs 2 GPUs")
     args = GPU_ARGS + ["checkpoint.save_every_n_rounds=0"]
     run_train(base_args(tiny_run_inputs, tmp_path / "one") + args, env=gpu_env)
-    run_train(base_args(tiny_run_inputs, tmp_path / "tp2") + args +
-              ["parallel.tensor_parallel=2"], nproc=2, env=gpu_env)
+    run_train(
+        base_args(tiny_run_inputs, tmp_path / "tp2") + args + ["parallel.tensor_parallel=2"],
+        nproc=2,
+        env=gpu_env,
+    )
     ours = [m["train/loss"] for m in read_metrics(tmp_path / "tp2")]
     reference = [m["train/loss"] for m in read_metrics(tmp_path / "one")]
     assert ours == pytest.approx(reference, rel=5e-2)

@@ -26,13 +26,11 @@ import random
 
 
 def measure(args) -> dict:
-    import torch
 
+    from sept_megatron.config import TrainConfig
+    from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
     from sept_megatron.runtime import distributed
     from sept_megatron.trainer import model as mdl
-    from sept_megatron.convert.hf_config import arch_from_hf_config
-    from sept_megatron.convert.hf_config import load_hf_config
-    from sept_megatron.config import TrainConfig
     from sept_megatron.trainer.sft import Sample, SFTTrainer
 
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1, device=args.device)
@@ -40,18 +38,32 @@ def measure(args) -> dict:
     on_gpu = args.device == "cuda"
     profiler = _start(on_gpu)
     model = mdl.build_megatron_model(
-        arch, tensor_parallel=1, pipeline_parallel=1, params_dtype=mdl.resolve_dtype(args.params_dtype),
-        transformer_impl=args.transformer_impl, attention=args.attention, recompute=args.recompute,
-        padded_vocab=mdl.padded_vocab_size(arch.vocab_size, 128, 1))
-    train_cfg = TrainConfig(micro_batch_size=args.micro_batch, mini_batch_size=args.micro_batch,
-                            prompts_per_round=args.micro_batch, lr=1e-5, warmup_steps=0,
-                            recompute=args.recompute)
-    trainer = SFTTrainer(model, train_cfg, total_steps=args.steps, use_distributed_optimizer=False,
-                         pad_id=0)
+        arch,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        params_dtype=mdl.resolve_dtype(args.params_dtype),
+        transformer_impl=args.transformer_impl,
+        attention=args.attention,
+        recompute=args.recompute,
+        padded_vocab=mdl.padded_vocab_size(arch.vocab_size, 128, 1),
+    )
+    train_cfg = TrainConfig(
+        micro_batch_size=args.micro_batch,
+        mini_batch_size=args.micro_batch,
+        prompts_per_round=args.micro_batch,
+        lr=1e-5,
+        warmup_steps=0,
+        recompute=args.recompute,
+    )
+    trainer = SFTTrainer(model, train_cfg, total_steps=args.steps, use_distributed_optimizer=False, pad_id=0)
     rng = random.Random(0)
-    samples = [Sample([rng.randrange(1, arch.vocab_size) for _ in range(args.prompt)],
-                      [rng.randrange(1, arch.vocab_size) for _ in range(args.response)])
-               for _ in range(args.micro_batch)]
+    samples = [
+        Sample(
+            [rng.randrange(1, arch.vocab_size) for _ in range(args.prompt)],
+            [rng.randrange(1, arch.vocab_size) for _ in range(args.response)],
+        )
+        for _ in range(args.micro_batch)
+    ]
     losses = [trainer.step(samples)["train/loss"] for _ in range(args.steps)]
     peak = _stop(profiler, on_gpu)
     distributed.shutdown()
@@ -79,8 +91,11 @@ def _stop(profiler, on_gpu: bool) -> int:
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated())
     profiler.__exit__(None, None, None)
-    events = [e for e in profiler.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"]
+    events = [
+        e
+        for e in profiler.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"
+    ]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         live += event.nbytes()

@@ -9,19 +9,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from published import PUBLISHED, PUBLISHED_PARAMS, write_config
-from sept_megatron.plan import memory
-from sept_megatron.plan import planner as plan
+
 from sept_megatron.cli import main as cli_main
 from sept_megatron.config import ConfigError, load_config
 from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+from sept_megatron.plan import memory
+from sept_megatron.plan import planner as plan
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 H100 = 80.0
 # recipe -> (architecture, nodes of 8 x H100 80GB it is written for)
-RECIPES = {"qwen2.5-math-7b": ("qwen2.5-math-7b", 1), "deepseek-math-7b": ("deepseek-math-7b", 1),
-           "qwen2.5-32b": ("qwen2.5-32b", 2), "llama3-70b": ("llama3-70b", 4)}
+RECIPES = {
+    "qwen2.5-math-7b": ("qwen2.5-math-7b", 1),
+    "deepseek-math-7b": ("deepseek-math-7b", 1),
+    "qwen2.5-32b": ("qwen2.5-32b", 2),
+    "llama3-70b": ("llama3-70b", 4),
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +39,22 @@ def arch_of(path: Path):
 
 
 def run_plan(capsys, recipe: Path, hf_dir: Path, nodes: int, *overrides: str) -> tuple[int, str]:
-    rc = cli_main(["plan", "--config", str(recipe), "--nodes", str(nodes), "--gpus-per-node", "8",
-                   "--gpu-mem-gb", str(H100), "--hf-config", str(hf_dir), *overrides])
+    rc = cli_main(
+        [
+            "plan",
+            "--config",
+            str(recipe),
+            "--nodes",
+            str(nodes),
+            "--gpus-per-node",
+            "8",
+            "--gpu-mem-gb",
+            str(H100),
+            "--hf-config",
+            str(hf_dir),
+            *overrides,
+        ]
+    )
     return rc, capsys.readouterr().out
 
 
@@ -47,8 +65,7 @@ def test_param_counts_are_the_published_ones(archs):
 
 
 # --- the recipes --------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe,nodes", [(r, n) for r, (_, n) in RECIPES.items()]
-                         + [("llama3-70b", 8)])
+@pytest.mark.parametrize("recipe,nodes", [(r, n) for r, (_, n) in RECIPES.items()] + [("llama3-70b", 8)])
 def test_recipe_fits_its_stated_hardware(capsys, archs, recipe, nodes):
     path = EXAMPLES / f"{recipe}.yaml"
     rc, out = run_plan(capsys, path, archs[RECIPES[recipe][0]], nodes)
@@ -89,8 +106,9 @@ def test_70b_with_the_single_gpu_hf_engine_does_not_fit(capsys, archs, tmp_path)
 
 def test_config_error_exits_2_and_still_proposes(capsys, archs):
     # TP=3 divides neither 64 heads nor 8 KV heads.
-    rc, out = run_plan(capsys, EXAMPLES / "llama3-70b.yaml", archs["llama3-70b"], 4,
-                       "parallel.tensor_parallel=3")
+    rc, out = run_plan(
+        capsys, EXAMPLES / "llama3-70b.yaml", archs["llama3-70b"], 4, "parallel.tensor_parallel=3"
+    )
     assert rc == 2 and "parallel.tensor_parallel=3" in out and "smallest layouts" in out
 
 
@@ -115,15 +133,20 @@ def test_tensor_parallel_and_distributed_optimizer_shard_the_state(archs):
     assert line(by_tp[2], "weights") == pytest.approx(line(by_tp[1], "weights") / 2, rel=0.01)
     assert line(by_tp[4], "gradients") == pytest.approx(line(by_tp[1], "gradients") / 4, rel=0.01)
     # 12 bytes/param of optimizer, whole or / DP (DP = 8 / TP).
-    whole = plan.estimate(*qwen7b(archs, "parallel.use_distributed_optimizer=false")[:2], hw,
-                          qwen7b(archs)[2]).stages[0]
+    whole = plan.estimate(
+        *qwen7b(archs, "parallel.use_distributed_optimizer=false")[:2], hw, qwen7b(archs)[2]
+    ).stages[0]
     assert line(whole, "optimizer") == pytest.approx(6 * line(whole, "weights"), rel=1e-6)
     assert line(by_tp[2], "optimizer") == pytest.approx(line(whole, "optimizer") / 4, rel=1e-6)
 
 
 def test_pipeline_stages_and_micro_batches_in_flight(archs):
-    cfg, arch, kernels = qwen7b(archs, "parallel.tensor_parallel=1", "parallel.pipeline_parallel=4",
-                                "parallel.sequence_parallel=false")
+    cfg, arch, kernels = qwen7b(
+        archs,
+        "parallel.tensor_parallel=1",
+        "parallel.pipeline_parallel=4",
+        "parallel.sequence_parallel=false",
+    )
     first, last = plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels).stages
     # 1F1B: the first stage keeps 4 micro-batches of its 7 layers, the last stage one.
     assert line(first, "activations") == pytest.approx(4 * line(last, "activations"), rel=1e-6)
@@ -164,8 +187,9 @@ def test_model_attention_decides_the_score_terms(archs, attention, fused):
     has_buffer = any("score buffer" in l.label for l in stage.training)
     assert has_buffer is (not fused)
     # With TE the attention is TE's fused one whatever model.attention says.
-    te = plan.resolve_kernels(qwen7b(archs, f"model.attention={attention}")[0], arch,
-                              on_gpu=True, te_available=True)
+    te = plan.resolve_kernels(
+        qwen7b(archs, f"model.attention={attention}")[0], arch, on_gpu=True, te_available=True
+    )
     assert te.fused_attention and te.transformer_engine
 
 
@@ -182,13 +206,16 @@ def test_sglang_fraction_that_crowds_out_the_trainer_is_a_problem_with_the_fix(a
     cfg, arch, kernels = qwen7b(archs, "rollout.mem_fraction_static=0.65")
     result = plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels)
     assert not result.fits
-    assert any("static pool takes 49.4 of the 76.0 GiB" in p and
-               "set rollout.mem_fraction_static=0.24" in p for p in result.problems), result.problems
+    assert any(
+        "static pool takes 49.4 of the 76.0 GiB" in p and "set rollout.mem_fraction_static=0.24" in p
+        for p in result.problems
+    ), result.problems
 
 
 def test_disaggregated_engines_are_checked_on_their_own_gpus(archs):
-    cfg, arch, kernels = qwen7b(archs, "rollout.placement=disaggregated",
-                                "rollout.server_urls=[http://a:30000,http://b:30000]")
+    cfg, arch, kernels = qwen7b(
+        archs, "rollout.placement=disaggregated", "rollout.server_urls=[http://a:30000,http://b:30000]"
+    )
     result = plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels)
     assert result.engines == 2 and result.engine_gpu is not None
     assert not result.stages[0].rollout  # the trainer's GPUs hold no engine
@@ -232,8 +259,9 @@ def test_sept_megatron_train_refuses_before_loading_anything(tiny_run_inputs, tm
     from loop.test_train_cli import base_args, run_train
 
     run_dir = tmp_path / "run"
-    rc, output = run_train(base_args(tiny_run_inputs, run_dir) + ["parallel.gpu_mem_gb=0.001"],
-                           expect_ok=False)
+    rc, output = run_train(
+        base_args(tiny_run_inputs, run_dir) + ["parallel.gpu_mem_gb=0.001"], expect_ok=False
+    )
     assert rc == 2, output[-3000:]
     assert "sept-megatron train: error: the layout does not fit in 0.001 GiB" in output
     assert "per-GPU memory, GiB" in output and "activations kept, recompute=none" in output
@@ -265,7 +293,10 @@ def test_fused_swiglu_keeps_two_ffn_wide_tensors_fewer_per_layer(archs):
     cpu = plan.resolve_kernels(cfg, arch, on_gpu=False, te_available=False)
     assert gpu.fused_swiglu and not cpu.fused_swiglu
     unfused = dataclasses.replace(gpu, fused_swiglu=False)
-    kept = {kernels.fused_swiglu: memory.layer_activation_bytes(
-        arch, kernels, tp=2, sequence_parallel=True, seq_len=4096, recompute="none")
-        for kernels in (gpu, unfused)}
+    kept = {
+        kernels.fused_swiglu: memory.layer_activation_bytes(
+            arch, kernels, tp=2, sequence_parallel=True, seq_len=4096, recompute="none"
+        )
+        for kernels in (gpu, unfused)
+    }
     assert kept[False] - kept[True] == 2 * gpu.param_bytes * arch.ffn_hidden_size / 2

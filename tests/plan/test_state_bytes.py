@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 from published import write_config
 
-from sept_megatron.plan import memory
-from sept_megatron.plan import planner as plan
 from sept_megatron.config import load_config
 from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+from sept_megatron.plan import memory
+from sept_megatron.plan import planner as plan
 from sept_megatron.trainer.model import padded_vocab_size
 
 # (params dtype, weights, gradients, optimizer) bytes per parameter
@@ -31,14 +31,21 @@ def arch(tmp_path_factory):
 def resident_terms(arch, dtype: str, gpus: int, *overrides: str) -> tuple[dict[str, float], int]:
     """Bytes per parameter of the weights, gradients and optimizer lines, and the parameters
     counted from the architecture (one GPU's share with TP = PP = 1)."""
-    cfg = load_config(None, [f"model.params_dtype={dtype}", "train.mini_batch_size=8",
-                             "train.micro_batch_size=1", "train.prompts_per_round=8", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"model.params_dtype={dtype}",
+            "train.mini_batch_size=8",
+            "train.micro_batch_size=1",
+            "train.prompts_per_round=8",
+            *overrides,
+        ],
+    )
     kernels = plan.resolve_kernels(cfg, arch, on_gpu=True, te_available=True)
     result = plan.estimate(cfg, arch, plan.Hardware(1, gpus, 1e6), kernels)
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
     params = memory.param_counts(arch, padded).total
-    lines = {l.label.split(":")[0]: l.gib * plan.GIB / params
-             for l in result.stages[0].training if l.counted}
+    lines = {l.label.split(":")[0]: l.gib * plan.GIB / params for l in result.stages[0].training if l.counted}
     return lines, params
 
 

@@ -23,16 +23,22 @@ class SlowEngine:
 
     def generate(self, prompts, sampling):
         time.sleep(self.delay_s)
-        return [[Generation(token_ids=[1], text="a", finish_reason="stop")] * sampling.n
-                for _ in prompts]
+        return [[Generation(token_ids=[1], text="a", finish_reason="stop")] * sampling.n for _ in prompts]
 
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 placement = build_placement(1, timeout_minutes=0.05)
 assert dist.get_backend(placement.cpu_group) == "gloo" and dist.get_backend(placement.wait_group) == "gloo"
-sglang = backend_kwargs(RolloutConfig(backend="sglang"), tokenizer=None, seed=0, device="cpu",
-                        dtype=None, progress=False, placement=placement)
+sglang = backend_kwargs(
+    RolloutConfig(backend="sglang"),
+    tokenizer=None,
+    seed=0,
+    device="cpu",
+    dtype=None,
+    progress=False,
+    placement=placement,
+)
 assert sglang["process_group"] is placement.cpu_group, "SGLang's group waits must use gloo"
 engines = DataParallelEngines(placement, SlowEngine(20.0 if rank == 0 else 0.0))
 start = time.monotonic()

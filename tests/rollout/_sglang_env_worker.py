@@ -19,8 +19,8 @@ from sglang_recorder import RecordingEngine
 
 from sept_megatron.config import RolloutConfig
 from sept_megatron.rollout.registry import backend_class
-from sept_megatron.runtime import distributed
 from sept_megatron.rollout.sglang_env import SGLANG_PROCESS_ENV
+from sept_megatron.runtime import distributed
 
 for name in SGLANG_PROCESS_ENV:
     os.environ.pop(name, None)

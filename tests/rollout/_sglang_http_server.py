@@ -29,9 +29,14 @@ from sglang_source import sglang_definitions  # noqa: E402
 ns = sglang_definitions(
     "srt/model_executor/model_runner_components/weight_updater.py",
     ["WeightUpdater.init_weights_update_group", "WeightUpdater._receive_bucketed_weights_from_distributed"],
-    {"torch": torch, "NetworkAddress": NetworkAddress, "FlattenedTensorBucket": FlattenedTensorBucket,
-     "init_custom_process_group": init_custom_process_group,
-     "logger": __import__("logging").getLogger("fake_sglang")})
+    {
+        "torch": torch,
+        "NetworkAddress": NetworkAddress,
+        "FlattenedTensorBucket": FlattenedTensorBucket,
+        "init_custom_process_group": init_custom_process_group,
+        "logger": __import__("logging").getLogger("fake_sglang"),
+    },
+)
 updater = SimpleNamespace(tp_rank=0, device="cpu", _model_update_group={})
 # FAKE_SGLANG_FAULT=die|hang at the FAKE_SGLANG_FAULT_AT-th /generate request (1-based).
 FAULT = os.environ.get("FAKE_SGLANG_FAULT")
@@ -56,9 +61,19 @@ class Handler(BaseHTTPRequestHandler):
         if route == "get_server_info":
             return self._reply({"tp_size": 1})
         if route == "dump":
-            return self._reply({"log": state["log"], "loaded": {
-                name: [str(t.dtype), list(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes().hex()]
-                for name, t in state["loaded"].items()}})
+            return self._reply(
+                {
+                    "log": state["log"],
+                    "loaded": {
+                        name: [
+                            str(t.dtype),
+                            list(t.shape),
+                            t.contiguous().view(torch.uint8).numpy().tobytes().hex(),
+                        ]
+                        for name, t in state["loaded"].items()
+                    },
+                }
+            )
         self._reply({"error": route}, 404)
 
     def do_POST(self):
@@ -66,21 +81,33 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         state["log"].append(route)
         if route == "init_weights_update_group":
-            ok, message = ns["init_weights_update_group"](updater, body["master_address"], body["master_port"],
-                                                          body["rank_offset"], body["world_size"],
-                                                          body["group_name"], body["backend"])
+            ok, message = ns["init_weights_update_group"](
+                updater,
+                body["master_address"],
+                body["master_port"],
+                body["rank_offset"],
+                body["world_size"],
+                body["group_name"],
+                body["backend"],
+            )
             return self._reply({"success": ok, "message": message}, 200 if ok else 400)
         if route in ("begin_weight_update", "end_weight_update"):
             opening = route == "begin_weight_update"
             ok = state["session"] != opening
             state["session"] = opening if ok else state["session"]
-            return self._reply({"success": ok, "message": "Success" if ok else "session state"}, 200 if ok else 400)
+            return self._reply(
+                {"success": ok, "message": "Success" if ok else "session state"}, 200 if ok else 400
+            )
         if route == "update_weights_from_distributed":
             if not state["session"] or body.get("load_format") != "flattened_bucket":
                 return self._reply({"success": False, "message": "outside a session"}, 400)
             tensors = ns["_receive_bucketed_weights_from_distributed"](
-                updater, names=body["names"], dtypes=body["dtypes"], shapes=body["shapes"],
-                group_name=body["group_name"])
+                updater,
+                names=body["names"],
+                dtypes=body["dtypes"],
+                shapes=body["shapes"],
+                group_name=body["group_name"],
+            )
             state["loaded"].update({name: t.clone() for name, t in tensors})
             return self._reply({"success": True, "message": "Succeeded to update parameter online."})
         if route == "flush_cache":
@@ -91,10 +118,18 @@ class Handler(BaseHTTPRequestHandler):
                 os._exit(1)
             threading.Event().wait()  # "hang": never answer
         if route == "generate":  # every request: its first three prompt ids reversed, length-capped
-            return self._reply([{"output_ids": list(reversed(ids))[:3],
-                                 "meta_info": {"id": f"{os.getpid()}-{i}",
-                                               "finish_reason": {"type": "length", "length": 3}}}
-                                for i, ids in enumerate(body["input_ids"])])
+            return self._reply(
+                [
+                    {
+                        "output_ids": list(reversed(ids))[:3],
+                        "meta_info": {
+                            "id": f"{os.getpid()}-{i}",
+                            "finish_reason": {"type": "length", "length": 3},
+                        },
+                    }
+                    for i, ids in enumerate(body["input_ids"])
+                ]
+            )
         self._reply({"error": route}, 404)
 
 

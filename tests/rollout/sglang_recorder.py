@@ -29,17 +29,23 @@ def sglang_receiver() -> dict:
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
 
-    namespace = {"MultiprocessingSerializer": MultiprocessingSerializer,
-                 "monkey_patch_torch_reductions": monkey_patch_torch_reductions,
-                 "normalize_serialized_named_tensor_payloads": normalize_serialized_named_tensor_payloads,
-                 "FlattenedTensorBucket": FlattenedTensorBucket,
-                 "FlattenedTensorMetadata": FlattenedTensorMetadata,
-                 "cast": lambda _type, value: value, "List": list,
-                 "SerializedTensorPayload": bytes}
+    namespace = {
+        "MultiprocessingSerializer": MultiprocessingSerializer,
+        "monkey_patch_torch_reductions": monkey_patch_torch_reductions,
+        "normalize_serialized_named_tensor_payloads": normalize_serialized_named_tensor_payloads,
+        "FlattenedTensorBucket": FlattenedTensorBucket,
+        "FlattenedTensorMetadata": FlattenedTensorMetadata,
+        "cast": lambda _type, value: value,
+        "List": list,
+        "SerializedTensorPayload": bytes,
+    }
     sglang_definitions(ENGINE_PY, ["Engine._serialize_tensors_per_rank"], namespace)
     sglang_definitions("srt/managers/tp_worker.py", ["BaseTpWorker.deserialize_own_rank"], namespace)
-    sglang_definitions("srt/model_executor/model_runner_components/weight_updater.py",
-                       ["WeightUpdater._update_weights_from_flattened_bucket"], namespace)
+    sglang_definitions(
+        "srt/model_executor/model_runner_components/weight_updater.py",
+        ["WeightUpdater._update_weights_from_flattened_bucket"],
+        namespace,
+    )
     return namespace
 
 
@@ -144,8 +150,9 @@ class RecordingEngine:
         self._record("update_weights_from_tensor", *args, **kwargs)
         arguments = self.calls[-1][1]
         if not self.session_open:
-            return False, ("update_weights_from_tensor must run between begin_weight_update() "
-                           "and end_weight_update()")
+            return False, (
+                "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+            )
         assert arguments["load_format"] == "flattened_bucket"
         payloads = arguments["named_tensors"]
         assert len(payloads) == self.tp_size, "one payload per engine TP rank"
@@ -184,8 +191,9 @@ def _receive_child(conn, rounds: list[list[bytes]], tp_rank: int) -> None:
         raise
 
 
-def receive_in_process(rounds: list[list[bytes]], tp_rank: int = 0, timeout_s: float = 300
-                       ) -> list[dict[str, tuple[str, tuple[int, ...], bytes]]]:
+def receive_in_process(
+    rounds: list[list[bytes]], tp_rank: int = 0, timeout_s: float = 300
+) -> list[dict[str, tuple[str, tuple[int, ...], bytes]]]:
     """Unpack payloads in a spawned process (a new interpreter, like SGLang's scheduler). Each
     round is a list of single-rank payloads (one per bucket); returns, per round,
     name -> (dtype, shape, raw bytes) of every tensor SGLang TP rank ``tp_rank`` loaded."""

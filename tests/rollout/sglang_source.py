@@ -18,8 +18,9 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,10 @@ import pytest
 def require_sglang():
     """Skip (with the reason) unless the real sglang package imports its CPU-safe parts."""
     if importlib.util.find_spec("sglang") is None:
-        pytest.skip("sglang is not installed (bash tools/dev.sh test installs its CPU-importable "
-                    "parts; see README, SGLang rollout)")
+        pytest.skip(
+            "sglang is not installed (bash tools/dev.sh test installs its CPU-importable "
+            "parts; see README, SGLang rollout)"
+        )
     try:
         import sglang.srt.utils  # noqa: F401  (MultiprocessingSerializer, needs triton etc.)
     except ImportError as error:
@@ -46,9 +49,11 @@ def source_root() -> Path:
 def _find(tree: ast.Module, qualname: str) -> ast.AST:
     node: Any = tree
     for part in qualname.split("."):
-        matches = [child for child in node.body
-                   if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                   and child.name == part]
+        matches = [
+            child
+            for child in node.body
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and child.name == part
+        ]
         if not matches:
             raise LookupError(f"{qualname}: {part!r} not found in the installed sglang source")
         node = matches[-1]
@@ -72,8 +77,10 @@ def sglang_definitions(relpath: str, qualnames: list[str], namespace: dict) -> d
         node = _find(tree, qualname)
         node.decorator_list = []
         nodes.append(node)
-    module = ast.Module(body=[ast.ImportFrom(module="__future__", names=[ast.alias("annotations")],
-                                             level=0), *nodes], type_ignores=[])
+    module = ast.Module(
+        body=[ast.ImportFrom(module="__future__", names=[ast.alias("annotations")], level=0), *nodes],
+        type_ignores=[],
+    )
     ast.fix_missing_locations(module)
     exec(compile(module, str(source_root() / relpath), "exec"), namespace)
     return namespace
@@ -83,10 +90,16 @@ def sglang_signature(relpath: str, qualname: str) -> inspect.Signature:
     """The parameter list of an installed sglang function (no body, no annotations run)."""
     node = _find(_parse(relpath), qualname)
     assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-    stub = ast.FunctionDef(name=node.name, args=node.args, body=[ast.Pass()], decorator_list=[],
-                           returns=None, type_params=[])
-    for arg in [*stub.args.posonlyargs, *stub.args.args, *stub.args.kwonlyargs,
-                stub.args.vararg, stub.args.kwarg]:
+    stub = ast.FunctionDef(
+        name=node.name, args=node.args, body=[ast.Pass()], decorator_list=[], returns=None, type_params=[]
+    )
+    for arg in [
+        *stub.args.posonlyargs,
+        *stub.args.args,
+        *stub.args.kwonlyargs,
+        stub.args.vararg,
+        stub.args.kwarg,
+    ]:
         if arg is not None:
             arg.annotation = None
     module = ast.Module(body=[stub], type_ignores=[])

@@ -17,18 +17,34 @@ TOY = Path(__file__).resolve().parent / "toy_backend"
 
 def toy_env(calls: Path) -> dict[str, str]:
     path = os.pathsep.join([str(TOY), os.environ.get("PYTHONPATH", "")])
-    return dict(os.environ, PYTHONPATH=path, SEPT_TOY_CALLS=str(calls), PYTHONWARNINGS="ignore",
-                OMP_NUM_THREADS="1")
+    return dict(
+        os.environ, PYTHONPATH=path, SEPT_TOY_CALLS=str(calls), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"
+    )
 
 
 def train(inputs: Path, run_dir: Path, calls: Path, *extra: str):
-    args = [f"model.hf_path={inputs / 'hf'}", f"data.train_files={inputs / 'train.jsonl'}",
-            "train.rounds=2", "train.prompts_per_round=4", "train.mini_batch_size=4",
-            "train.micro_batch_size=2", "data.max_response_length=8", "train.warmup_steps=0",
-            f"logging.run_dir={run_dir}", "logging.progress=false", "checkpoint.export_hf=false",
-            "rollout.backend=toy", *extra]
-    return subprocess.run([sys.executable, "-m", "sept_megatron.cli", "train", *args],
-                          capture_output=True, text=True, env=toy_env(calls), timeout=400)
+    args = [
+        f"model.hf_path={inputs / 'hf'}",
+        f"data.train_files={inputs / 'train.jsonl'}",
+        "train.rounds=2",
+        "train.prompts_per_round=4",
+        "train.mini_batch_size=4",
+        "train.micro_batch_size=2",
+        "data.max_response_length=8",
+        "train.warmup_steps=0",
+        f"logging.run_dir={run_dir}",
+        "logging.progress=false",
+        "checkpoint.export_hf=false",
+        "rollout.backend=toy",
+        *extra,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "sept_megatron.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        env=toy_env(calls),
+        timeout=400,
+    )
 
 
 @pytest.mark.slow
@@ -42,8 +58,7 @@ def test_a_plugin_backend_runs_the_loop_end_to_end(tiny_run_inputs, tmp_path):
     names = [c["call"] for c in seen]
     # The loop's round with a bucket-taking engine: answers, memory to the trainer, weights
     # streamed in (it cannot bind shared weights), memory back.
-    assert names == ["init"] + ["generate", "release_memory", "update_weights",
-                                "resume_memory"] * 2, names
+    assert names == ["init"] + ["generate", "release_memory", "update_weights", "resume_memory"] * 2, names
     assert all(c["tensors"] > 0 for c in seen if c["call"] == "update_weights")
     assert seen[1]["temperature"] == pytest.approx(0.6)  # tau_s of round 1 reached the engine
 

@@ -5,26 +5,38 @@ is tested on CPU in tests/loop/test_engine_memory.py."""
 
 import pytest
 import torch
-
 from hf_tiny import make_tiny_model, make_tokenizer
+
 from sept_megatron.rollout import SamplingParams
 from sept_megatron.rollout.hf import HFRolloutEngine
 
 # CUDA itself is the subject (release/resume are no-ops on the CPU), also under
 # SEPT_GPU_TEST_DEVICE=cpu.
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: release/resume are no-ops on the CPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA: release/resume are no-ops on the CPU"
+    ),
+]
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 
 
 def test_release_frees_the_gpu_and_resume_restores_generation(tmp_path):
     tokenizer = make_tokenizer(tmp_path / "tokenizer")
-    model = make_tiny_model("qwen2", tokenizer, hidden_size=256, intermediate_size=1024,
-                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                            head_dim=32)
-    engine = HFRolloutEngine(model=model, tokenizer=tokenizer, device="cuda",
-                             dtype=torch.bfloat16, progress=False)
+    model = make_tiny_model(
+        "qwen2",
+        tokenizer,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
+    engine = HFRolloutEngine(
+        model=model, tokenizer=tokenizer, device="cuda", dtype=torch.bfloat16, progress=False
+    )
     prompts = [tokenizer.encode("Compute 3 * 4 + 5."), tokenizer.encode("Compute 7 - 2.")]
     before = engine.generate(prompts, GREEDY)
     param_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())

@@ -9,8 +9,7 @@ import pytest
 import torch
 from hf_tiny import make_tiny_model, make_tokenizer
 
-from sept_megatron.rollout import SamplingParams, build_engine
-from sept_megatron.rollout import hf
+from sept_megatron.rollout import SamplingParams, build_engine, hf
 from sept_megatron.rollout.hf import HFRolloutEngine
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
@@ -154,7 +153,7 @@ def flat_views(named: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, lis
     flat = torch.cat([tensor.reshape(-1) for _, tensor in named])
     views, start = [], 0
     for name, tensor in named:
-        views.append((name, flat[start: start + tensor.numel()].view(tensor.shape)))
+        views.append((name, flat[start : start + tensor.numel()].view(tensor.shape)))
         start += tensor.numel()
     return flat, views
 
@@ -164,8 +163,7 @@ def test_bound_weights_follow_their_buffer_until_unbound(tokenizer, prompts):
     (a write into the buffer is the engine's new weights, no copy); unbind_weights keeps the
     values in private memory."""
     source = make_tiny_model("qwen2", tokenizer, seed=1, tie_word_embeddings=True)
-    engine = engine_for(make_tiny_model("qwen2", tokenizer, seed=0, tie_word_embeddings=True),
-                        tokenizer)
+    engine = engine_for(make_tiny_model("qwen2", tokenizer, seed=0, tie_word_embeddings=True), tokenizer)
     named = [(n, t) for n, t in source.state_dict().items() if n != "lm_head.weight"]
     flat, views = flat_views([(n, torch.zeros_like(t)) for n, t in named])
     assert engine.can_bind_weights(torch.float32) and not engine.can_bind_weights(torch.bfloat16)
@@ -186,8 +184,11 @@ def test_bind_weights_checks_everything_before_binding(tokenizer):
     before = norm.data_ptr()
     with pytest.raises(ValueError, match=r"bind_weights: unknown tensor 'nonsense\.weight'"):
         engine.bind_weights([("model.norm.weight", torch.ones(64)), ("nonsense.weight", torch.ones(2))])
-    with pytest.raises(ValueError, match=r"'model\.norm\.weight' must be a parameter of dtype "
-                                         r"torch\.float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"'model\.norm\.weight' must be a parameter of dtype "
+        r"torch\.float32",
+    ):
         engine.bind_weights([("model.norm.weight", torch.ones(64, dtype=torch.bfloat16))])
     assert norm.data_ptr() == before  # nothing was bound
 
@@ -207,8 +208,11 @@ def test_build_engine_hf_from_local_dir(tokenizer, prompts, tmp_path):
 
 def test_build_engine_sglang_without_sglang_says_what_to_do(monkeypatch):
     real_find_spec = importlib.util.find_spec  # CI installs sglang's CPU parts: hide them here
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "sglang" else real_find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "sglang" else real_find_spec(name, *args),
+    )
     with pytest.raises(ImportError, match=r"sept_megatron\[gpu\].*rollout\.backend=hf"):
         build_engine("sglang", "/nonexistent")
 
@@ -237,8 +241,7 @@ def test_a_sample_depends_on_its_seed_key_not_on_the_call(tokenizer, prompts):
 def test_top_k_one_samples_the_greedy_answer(tokenizer, prompts):
     engine = engine_for(make_tiny_model("llama", tokenizer), tokenizer)
     greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
-    top1 = engine.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8,
-                                                   seed=3))
+    top1 = engine.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, seed=3))
     assert [row[0].token_ids for row in top1] == [row[0].token_ids for row in greedy]
 
 
@@ -248,8 +251,10 @@ def test_sequence_seeds_are_unrelated_for_nearby_inputs():
     seeds = {sequence_seed(seed, key, copy) for seed in range(3) for key in range(3) for copy in range(3)}
     assert len(seeds) == 27 and all(0 <= s < 2**63 for s in seeds)
     sampling = SamplingParams(n=2, seed=5, seed_keys=(7, 3))
-    assert sequence_seeds(sampling, 2) == [[sequence_seed(5, 7, 0), sequence_seed(5, 7, 1)],
-                                           [sequence_seed(5, 3, 0), sequence_seed(5, 3, 1)]]
+    assert sequence_seeds(sampling, 2) == [
+        [sequence_seed(5, 7, 0), sequence_seed(5, 7, 1)],
+        [sequence_seed(5, 3, 0), sequence_seed(5, 3, 1)],
+    ]
     assert sequence_seeds(SamplingParams(), 2) is None
     with pytest.raises(ValueError, match="2 keys for 3 prompts"):
         sequence_seeds(sampling, 3)
@@ -281,11 +286,9 @@ class PerStepDrawSampler(hf._SeededSampler):
 
 
 @pytest.mark.parametrize("top_k, top_p", [(-1, 1.0), (5, 0.9)])
-def test_up_front_draws_sample_the_tokens_of_per_step_draws(top_k, top_p, tokenizer, prompts,
-                                                           monkeypatch):
+def test_up_front_draws_sample_the_tokens_of_per_step_draws(top_k, top_p, tokenizer, prompts, monkeypatch):
     engine = engine_for(make_tiny_model("qwen2", tokenizer), tokenizer, batch_size=3)
-    sampling = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=12,
-                              n=2, seed=11)
+    sampling = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=12, n=2, seed=11)
     up_front = engine.generate(prompts, sampling)
     monkeypatch.setattr(hf, "_SeededSampler", PerStepDrawSampler)
     assert engine.generate(prompts, sampling) == up_front
@@ -310,6 +313,7 @@ def test_backend_kwargs_pass_the_static_cache_option():
     from sept_megatron.rollout import backend_kwargs
 
     rollout = load_config(None, ["rollout.hf_static_cache=true"]).rollout
-    kwargs = backend_kwargs(rollout, tokenizer=None, seed=0, device="cpu", dtype=torch.float32,
-                            progress=False)
+    kwargs = backend_kwargs(
+        rollout, tokenizer=None, seed=0, device="cpu", dtype=torch.float32, progress=False
+    )
     assert kwargs["static_cache"] is True

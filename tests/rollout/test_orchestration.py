@@ -1,8 +1,8 @@
 """One process: the orchestration over a single engine is the engine itself (same samples)."""
 
 import pytest
-
 from hf_tiny import make_tiny_model, make_tokenizer
+
 from sept_megatron.rollout import SamplingParams
 from sept_megatron.rollout.hf import HFRolloutEngine
 from sept_megatron.rollout.orchestration import DataParallelEngines, Request
@@ -12,8 +12,9 @@ from sept_megatron.rollout.placement import EngineGroup, Placement
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     tokenizer = make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    return HFRolloutEngine(model=make_tiny_model("qwen2", tokenizer), tokenizer=tokenizer,
-                           batch_size=3, progress=False)
+    return HFRolloutEngine(
+        model=make_tiny_model("qwen2", tokenizer), tokenizer=tokenizer, batch_size=3, progress=False
+    )
 
 
 def prompts_of(engine, count: int) -> list[list[int]]:
@@ -33,8 +34,7 @@ def test_generate_many_packs_and_keeps_request_order(engine):
     greedy = SamplingParams(temperature=0.0, n=2, max_new_tokens=4)
     sampled = SamplingParams(temperature=1.0, n=1, max_new_tokens=4, seed=0)
     a, b = prompts_of(engine, 4), prompts_of(engine, 2)
-    rows = engines.generate_many([Request(a, greedy), Request(b, sampled)],
-                                 pack=lambda g: len(g.token_ids))
+    rows = engines.generate_many([Request(a, greedy), Request(b, sampled)], pack=lambda g: len(g.token_ids))
     assert [len(r) for r in rows] == [4, 2] and [len(x) for x in rows[0]] == [2] * 4
     assert rows[1] == [[len(g.token_ids)] for (g,) in engine.generate(b, sampled)]
 

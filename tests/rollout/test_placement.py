@@ -3,7 +3,13 @@
 import pytest
 
 from sept_megatron.rollout.placement import (
-    EngineGroup, Placement, engine_groups, group_of, longest_first, shard_positions)
+    EngineGroup,
+    Placement,
+    engine_groups,
+    group_of,
+    longest_first,
+    shard_positions,
+)
 
 
 def test_engine_groups_are_consecutive_blocks_owned_by_their_first_rank():
@@ -55,9 +61,13 @@ def test_shards_are_whole_engine_batches_of_the_one_engine_order():
     shards = shard_positions(lengths, copies=2, num_engines=2, shard_sequences=4)
     assert shards == [[1, 3, 7, 2], [6, 4, 5, 0]]
     one = shard_positions(lengths, copies=2, num_engines=1, shard_sequences=4)[0]
-    batches = [one[i: i + 2] for i in range(0, 8, 2)]
-    assert [shards[0][:2], shards[0][2:], shards[1][:2], shards[1][2:]] == \
-        [batches[0], batches[2], batches[1], batches[3]]
+    batches = [one[i : i + 2] for i in range(0, 8, 2)]
+    assert [shards[0][:2], shards[0][2:], shards[1][:2], shards[1][2:]] == [
+        batches[0],
+        batches[2],
+        batches[1],
+        batches[3],
+    ]
 
 
 def test_fewer_blocks_than_engines_leaves_engines_idle():

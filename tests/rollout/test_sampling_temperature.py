@@ -30,8 +30,9 @@ def peaked_model(tmp_path_factory):
     model = make_tiny_model("llama", tokenizer)
     with torch.no_grad():
         model.lm_head.weight.mul_(60.0)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 3 * 4 + 5."}],
-                                           add_generation_prompt=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Compute 3 * 4 + 5."}], add_generation_prompt=True, return_dict=False
+    )
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0, -1].double()
     return model, tokenizer, prompt, logits
@@ -72,9 +73,12 @@ def test_token_frequencies_follow_softmax_of_logits_over_t(peaked_model, tempera
     assert counts.sum() == DRAWS
     fit, dof = chi_square(counts, torch.softmax(logits / temperature, dim=-1))
     assert dof >= 2, "the logits should spread over several tokens"
-    assert fit < bound(dof), (f"T={temperature}: chi-square {fit:.1f} with {dof} dof against "
-                              f"softmax(logits / {temperature}); the sampler ignores the temperature?")
+    assert fit < bound(dof), (
+        f"T={temperature}: chi-square {fit:.1f} with {dof} dof against "
+        f"softmax(logits / {temperature}); the sampler ignores the temperature?"
+    )
     wrong_fit, wrong_dof = chi_square(counts, torch.softmax(logits / other, dim=-1))
     assert wrong_fit > 10 * bound(wrong_dof), (
         f"T={temperature}: the draws fit T={other} too (chi-square {wrong_fit:.1f}); "
-        "the test cannot tell temperatures apart")
+        "the test cannot tell temperatures apart"
+    )

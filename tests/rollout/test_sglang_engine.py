@@ -22,12 +22,17 @@ from sglang_source import require_sglang, sglang_definitions
 
 from sept_megatron.config import RolloutConfig
 from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
 from sept_megatron.rollout import SamplingParams, build_engine
-from sept_megatron.weight_sync.sglang_ipc import load_buckets, pack_bucket
 from sept_megatron.rollout.sglang_engine import SGLangRolloutEngine, engine_kwargs, prepare_fp8_model_dir
 from sept_megatron.rollout.sglang_requests import (
-    SGLANG_VERSION, check_sglang_version, request_sampling_params, stop_token_ids, to_generation)
+    SGLANG_VERSION,
+    check_sglang_version,
+    request_sampling_params,
+    stop_token_ids,
+    to_generation,
+)
+from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
+from sept_megatron.weight_sync.sglang_ipc import load_buckets, pack_bucket
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,8 +55,10 @@ def hf_buckets(model, bucket_mb: float) -> list[list[tuple[str, torch.Tensor]]]:
     """The model's HF tensors cut by the real sync plan into buckets of ``bucket_mb``."""
     state = model.state_dict()
     plan = sync_plan(arch_from_hf_config(model.config), pipeline_parallel=1)
-    return [[(name, state[name]) for item in bucket for name in item.hf_names]
-            for bucket in plan_buckets(plan, int(bucket_mb * (1 << 20)), element_size=4)]
+    return [
+        [(name, state[name]) for item in bucket for name in item.hf_names]
+        for bucket in plan_buckets(plan, int(bucket_mb * (1 << 20)), element_size=4)
+    ]
 
 
 # --- package and start-up -----------------------------------------------------------------
@@ -76,8 +83,13 @@ def test_our_config_builds_sglangs_server_args(tiny):
     from sglang.srt.server_args import ServerArgs, prepare_server_args
 
     rollout = RolloutConfig(backend="sglang", engine_tp=2, mem_fraction_static=0.4)
-    kwargs = engine_kwargs(str(tiny[0]), engine_tp=rollout.engine_tp, base_gpu_id=2,
-                           mem_fraction_static=rollout.mem_fraction_static, seed=7)
+    kwargs = engine_kwargs(
+        str(tiny[0]),
+        engine_tp=rollout.engine_tp,
+        base_gpu_id=2,
+        mem_fraction_static=rollout.mem_fraction_static,
+        seed=7,
+    )
     direct = ServerArgs(**kwargs)  # what sglang.Engine(**kwargs) builds: unknown names fail
     parsed = prepare_server_args(_cli_argv(kwargs))  # SGLang's CLI checks types and choices
     for key, value in kwargs.items():
@@ -136,9 +148,11 @@ def test_sampling_maps_onto_sglangs_sampling_params():
 
 @pytest.fixture(scope="module")
 def finish():
-    return sglang_definitions("srt/managers/schedule_batch.py",
-                              ["BaseFinishReason", "FINISH_MATCHED_TOKEN", "FINISH_MATCHED_STR",
-                               "FINISH_LENGTH", "FINISH_ABORT"], {})
+    return sglang_definitions(
+        "srt/managers/schedule_batch.py",
+        ["BaseFinishReason", "FINISH_MATCHED_TOKEN", "FINISH_MATCHED_STR", "FINISH_LENGTH", "FINISH_ABORT"],
+        {},
+    )
 
 
 def output(ids, reason, rid="r1"):
@@ -167,18 +181,32 @@ def test_generate_requests_and_regroups_in_prompt_order(tiny, finish):
     eos = tokenizer.eos_token_id
 
     def outputs(input_ids, sampling_params):  # answer k of request j: [first prompt id, j]
-        return [output([ids[0], j, eos], finish["FINISH_MATCHED_TOKEN"](eos), rid=str(j))
-                for j, ids in enumerate(input_ids)]
+        return [
+            output([ids[0], j, eos], finish["FINISH_MATCHED_TOKEN"](eos), rid=str(j))
+            for j, ids in enumerate(input_ids)
+        ]
 
     recorder = RecordingEngine(outputs=outputs)
     engine = SGLangRolloutEngine(str(tiny[0]), engine=recorder)
     prompts = [[11, 12], [21], [31, 32, 33]]
     result = engine.generate(prompts, SamplingParams(temperature=1.0, n=2, max_new_tokens=9, seed=1))
-    assert [[g.token_ids for g in row] for row in result] == \
-        [[[11, 0, eos], [11, 1, eos]], [[21, 2, eos], [21, 3, eos]], [[31, 4, eos], [31, 5, eos]]]
-    (name, arguments), = recorder.calls
-    assert name == "generate" and arguments["input_ids"] == [[11, 12], [11, 12], [21], [21], [31, 32, 33], [31, 32, 33]]
-    assert all(p["max_new_tokens"] == 9 and p["stop_token_ids"] == [eos] for p in arguments["sampling_params"])
+    assert [[g.token_ids for g in row] for row in result] == [
+        [[11, 0, eos], [11, 1, eos]],
+        [[21, 2, eos], [21, 3, eos]],
+        [[31, 4, eos], [31, 5, eos]],
+    ]
+    ((name, arguments),) = recorder.calls
+    assert name == "generate" and arguments["input_ids"] == [
+        [11, 12],
+        [11, 12],
+        [21],
+        [21],
+        [31, 32, 33],
+        [31, 32, 33],
+    ]
+    assert all(
+        p["max_new_tokens"] == 9 and p["stop_token_ids"] == [eos] for p in arguments["sampling_params"]
+    )
     greedy = engine.generate(prompts, SamplingParams(temperature=0.0, n=3, max_new_tokens=4))
     assert len(recorder.calls[-1][1]["input_ids"]) == 3 and all(len(row) == 3 for row in greedy)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -189,9 +217,13 @@ def test_generate_requests_and_regroups_in_prompt_order(tiny, finish):
 def fp8_bucket() -> list[tuple[str, torch.Tensor]]:
     """What the FP8 bucket transform yields: e4m3 weights with float32 per-block scales."""
     weight = (torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) * 100).to(torch.float8_e4m3fn)
-    return [("model.layers.0.mlp.down_proj.weight", weight),
-            ("model.layers.0.mlp.down_proj.weight_scale_inv",
-             torch.rand(2, 1, generator=torch.Generator().manual_seed(1)) + 0.5)]
+    return [
+        ("model.layers.0.mlp.down_proj.weight", weight),
+        (
+            "model.layers.0.mlp.down_proj.weight_scale_inv",
+            torch.rand(2, 1, generator=torch.Generator().manual_seed(1)) + 0.5,
+        ),
+    ]
 
 
 def test_payloads_unpack_bitwise_in_sglangs_receiver_process(tiny):
@@ -229,8 +261,9 @@ class FlattenedTensorMetadata:  # a look-alike of SGLang's class, from another m
 def test_sglangs_allow_list_rejects_look_alike_classes():
     from sglang.srt.utils import MultiprocessingSerializer
 
-    forged = MultiprocessingSerializer.serialize({"flattened_tensor": torch.zeros(4, dtype=torch.uint8),
-                                                  "metadata": [FlattenedTensorMetadata("w")]})
+    forged = MultiprocessingSerializer.serialize(
+        {"flattened_tensor": torch.zeros(4, dtype=torch.uint8), "metadata": [FlattenedTensorMetadata("w")]}
+    )
     with pytest.raises(RuntimeError, match="Blocked unsafe global"):
         MultiprocessingSerializer.deserialize(forged)
 
@@ -239,8 +272,9 @@ def test_sglangs_allow_list_rejects_look_alike_classes():
 def test_round_memory_and_update_order(tiny, finish):
     tokenizer, model = tiny[1], tiny[2]
     eos = tokenizer.eos_token_id
-    recorder = RecordingEngine(outputs=lambda ids, params: [
-        output([eos], finish["FINISH_MATCHED_TOKEN"](eos)) for _ in ids])
+    recorder = RecordingEngine(
+        outputs=lambda ids, params: [output([eos], finish["FINISH_MATCHED_TOKEN"](eos)) for _ in ids]
+    )
     engine = SGLangRolloutEngine(str(tiny[0]), engine=recorder)
     engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))
     engine.release_memory()
@@ -253,9 +287,11 @@ def test_round_memory_and_update_order(tiny, finish):
 
     names = recorder.names
     k = len(buckets)
-    assert names == (["generate", "release_memory_occupation", "resume_memory_occupation",
-                      "begin_weight_update"] + ["update_weights_from_tensor"] * k +
-                     ["end_weight_update", "flush_cache", "resume_memory_occupation", "generate"])
+    assert names == (
+        ["generate", "release_memory_occupation", "resume_memory_occupation", "begin_weight_update"]
+        + ["update_weights_from_tensor"] * k
+        + ["end_weight_update", "flush_cache", "resume_memory_occupation", "generate"]
+    )
     calls = dict((i, args) for i, (_, args) in enumerate(recorder.calls))
     assert calls[1]["tags"] is None  # release everything
     assert calls[2]["tags"] == ["weights"]  # weights back first, then the load
@@ -299,9 +335,15 @@ def test_a_refused_begin_stops_before_any_load_and_leaves_the_session(tiny):
 def test_fp8_engine_dir_goes_to_the_run_dir_and_is_replaced_atomically(tiny, tmp_path):
     from sept_megatron.rollout import backend_kwargs
 
-    kwargs = backend_kwargs(RolloutConfig(backend="sglang", weights="fp8"), tokenizer=tiny[1],
-                            seed=0, device="cpu", dtype=torch.float32, progress=False,
-                            run_dir=str(tmp_path / "run"))
+    kwargs = backend_kwargs(
+        RolloutConfig(backend="sglang", weights="fp8"),
+        tokenizer=tiny[1],
+        seed=0,
+        device="cpu",
+        dtype=torch.float32,
+        progress=False,
+        run_dir=str(tmp_path / "run"),
+    )
     assert kwargs["fp8_dir"] == str(tmp_path / "run" / "sglang_fp8_model")
     out = tmp_path / "run" / "sglang_fp8_model"
     prepare_fp8_model_dir(str(tiny[0]), str(out))
@@ -322,16 +364,22 @@ def test_backend_kwargs_follow_the_rollout_section(tiny):
 
     common = dict(tokenizer=tiny[1], seed=3, device="cpu", dtype=torch.float32, progress=False)
     assert backend_kwargs(RolloutConfig(batch_size=8), **common) == dict(
-        device="cpu", dtype=torch.float32, batch_size=8, progress=False, static_cache=False)
+        device="cpu", dtype=torch.float32, batch_size=8, progress=False, static_cache=False
+    )
     colocated = backend_kwargs(RolloutConfig(backend="sglang", mem_fraction_static=0.4), **common)
     engine = build_engine("sglang", str(tiny[0]), **colocated, engine=RecordingEngine())
     assert isinstance(engine, SGLangRolloutEngine) and colocated["mem_fraction_static"] == 0.4
-    remote = backend_kwargs(RolloutConfig(backend="sglang", placement="disaggregated",
-                                          server_urls=["http://n1:30000"]), **common)
+    remote = backend_kwargs(
+        RolloutConfig(backend="sglang", placement="disaggregated", server_urls=["http://n1:30000"]), **common
+    )
     assert remote["server_urls"] == ["http://n1:30000"] and remote["placement"] == "disaggregated"
     assert remote["weight_backend"] == "gloo"  # the trainer's device is the CPU here
-    assert backend_kwargs(RolloutConfig(backend="sglang", placement="disaggregated"),
-                          **dict(common, device="cuda:0"))["weight_backend"] == "nccl"
+    assert (
+        backend_kwargs(
+            RolloutConfig(backend="sglang", placement="disaggregated"), **dict(common, device="cuda:0")
+        )["weight_backend"]
+        == "nccl"
+    )
 
 
 @pytest.mark.slow

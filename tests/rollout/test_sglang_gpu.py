@@ -17,9 +17,9 @@ from hf_tiny import make_tiny_model, make_tokenizer
 from sglang_source import require_sglang
 
 from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
 from sept_megatron.rollout import SamplingParams
 from sept_megatron.rollout.hf import HFRolloutEngine
+from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
 
 pytestmark = pytest.mark.gpu
 TOKENS = 32
@@ -42,8 +42,10 @@ def sglang_gpu():
 def buckets_of(model, bucket_mb: float = 1.0):
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     plan = sync_plan(arch_from_hf_config(model.config), pipeline_parallel=1)
-    return [[(name, state[name].to(torch.bfloat16)) for item in bucket for name in item.hf_names]
-            for bucket in plan_buckets(plan, int(bucket_mb * (1 << 20)), element_size=2)]
+    return [
+        [(name, state[name].to(torch.bfloat16)) for item in bucket for name in item.hf_names]
+        for bucket in plan_buckets(plan, int(bucket_mb * (1 << 20)), element_size=2)
+    ]
 
 
 def sft_step(model, optimizer, prompts, generations) -> float:
@@ -51,8 +53,8 @@ def sft_step(model, optimizer, prompts, generations) -> float:
     losses = []
     for prompt, (generation,) in zip(prompts, generations):
         ids = torch.tensor([list(prompt) + generation.token_ids], device="cuda")
-        logits = model(ids).logits[0, len(prompt) - 1: -1].float()
-        losses.append(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):]))
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        losses.append(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]))
     loss = torch.stack(losses).mean()
     optimizer.zero_grad()
     loss.backward()
@@ -66,25 +68,41 @@ def test_sept_rounds_with_sglang_match_hf_greedy(sglang_gpu, tmp_path):
 
     tokenizer = make_tokenizer(tmp_path / "tok")
     # head_dim 64: SGLang's attention kernels do not take the 16 of the CPU tests' tiny models.
-    model = make_tiny_model("qwen2", tokenizer, hidden_size=256, intermediate_size=512,
-                            head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    model = make_tiny_model(
+        "qwen2",
+        tokenizer,
+        hidden_size=256,
+        intermediate_size=512,
+        head_dim=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # peaked logits: greedy ties between kernels are unlikely
     model.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     trainer = model.to("cuda", torch.float32).train()
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-3)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             return_dict=False)
-               for q in ("Compute 3 * 4 + 5.", "Compute (12 + 7) * 3 - 45.", "Compute 2 + 2.")]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False
+        )
+        for q in ("Compute 3 * 4 + 5.", "Compute (12 + 7) * 3 - 45.", "Compute 2 + 2.")
+    ]
     sglang = SGLangRolloutEngine(str(tmp_path / "hf"), mem_fraction_static=0.3, seed=0)
-    hf = HFRolloutEngine(model=copy.deepcopy(trainer).eval(), tokenizer=tokenizer, device="cuda",
-                         dtype=torch.bfloat16, progress=False)
+    hf = HFRolloutEngine(
+        model=copy.deepcopy(trainer).eval(),
+        tokenizer=tokenizer,
+        device="cuda",
+        dtype=torch.bfloat16,
+        progress=False,
+    )
     greedy = SamplingParams(temperature=0.0, max_new_tokens=TOKENS)
     try:
         for round_index in range(ROUNDS):
-            answers = sglang.generate(prompts, SamplingParams(temperature=0.6, max_new_tokens=TOKENS,
-                                                              seed=round_index))
+            answers = sglang.generate(
+                prompts, SamplingParams(temperature=0.6, max_new_tokens=TOKENS, seed=round_index)
+            )
             sglang.release_memory()
             sft_step(trainer, optimizer, prompts, answers)
             assert load_buckets(sglang, buckets_of(trainer)) > 1

@@ -38,9 +38,19 @@ def test_two_servers_generate_in_order_and_receive_weights_bitwise(tmp_path):
     try:
         for _ in range(2):
             port = free_port()
-            servers.append(subprocess.Popen(
-                [sys.executable, str(REPO_ROOT / "tests/rollout/_sglang_http_server.py"), str(port),
-                 str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            servers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(REPO_ROOT / "tests/rollout/_sglang_http_server.py"),
+                        str(port),
+                        str(free_port()),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
             urls.append(f"http://127.0.0.1:{port}")
         for url, process in zip(urls, servers):
             _wait_up(url, process)
@@ -51,13 +61,20 @@ def test_two_servers_generate_in_order_and_receive_weights_bitwise(tmp_path):
         for url in urls:
             dump = json.loads(urllib.request.urlopen(f"{url}/dump").read())
             assert dump["loaded"] == result["expected"]  # both servers, every byte
-            assert dump["log"][:5] == ["init_weights_update_group", "begin_weight_update",
-                                       "update_weights_from_distributed", "update_weights_from_distributed",
-                                       "end_weight_update"]
+            assert dump["log"][:5] == [
+                "init_weights_update_group",
+                "begin_weight_update",
+                "update_weights_from_distributed",
+                "update_weights_from_distributed",
+                "end_weight_update",
+            ]
             assert dump["log"][5:7] == ["flush_cache", "generate"]
         # 6 requests (3 prompts x n=2), 3 per server, back in prompt order
-        assert result["generations"] == [[[[4, 3, 2], "length"]] * 2, [[[6, 5], "length"]] * 2,
-                                         [[[9, 8, 7], "length"]] * 2]
+        assert result["generations"] == [
+            [[[4, 3, 2], "length"]] * 2,
+            [[[6, 5], "length"]] * 2,
+            [[[9, 8, 7], "length"]] * 2,
+        ]
     finally:
         for process in servers:
             process.kill()
@@ -107,8 +124,11 @@ def test_disaggregated_fp8_needs_servers_that_serve_fp8(tmp_path):
     tokenizer = make_tokenizer(tmp_path / "tok")
     make_tiny_model("qwen2", tokenizer).save_pretrained(tmp_path / "bf16")
     fp8_dir = prepare_fp8_model_dir(str(tmp_path / "bf16"), str(tmp_path / "fp8"))
-    with pytest.raises(ServerError, match=r"rollout.weights=fp8 .*node7:30000.*bf16.*"
-                                          r"quantization=None.*rollout.weights=native"):
+    with pytest.raises(
+        ServerError,
+        match=r"rollout.weights=fp8 .*node7:30000.*bf16.*"
+        r"quantization=None.*rollout.weights=native",
+    ):
         SGLangRemoteEngine([], clients=[_InfoClient(str(tmp_path / "bf16"))], weights="fp8")
     SGLangRemoteEngine([], clients=[_InfoClient(fp8_dir)], weights="fp8")  # its config says fp8
     SGLangRemoteEngine([], clients=[_InfoClient("/elsewhere", quantization="fp8")], weights="fp8")

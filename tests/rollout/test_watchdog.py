@@ -28,8 +28,13 @@ HANGING_ROLLOUT = textwrap.dedent("""
 
 def run_rollout(minutes: float, limit_s: float = 120) -> tuple[int, str, float]:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", HANGING_ROLLOUT.format(minutes=minutes)],
-                          capture_output=True, text=True, timeout=limit_s, cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", HANGING_ROLLOUT.format(minutes=minutes)],
+        capture_output=True,
+        text=True,
+        timeout=limit_s,
+        cwd=REPO_ROOT,
+    )
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 

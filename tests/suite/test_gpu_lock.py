@@ -13,12 +13,32 @@ PROBE = Path(__file__).with_name("_gpu_lock_probe.py")
 
 
 def start_probe(lock_path: Path, mark: Path) -> subprocess.Popen:
-    env = {**os.environ, "SEPT_GPU_TEST_DEVICE": "cpu", "SEPT_GPU_TEST_LOCK": str(lock_path),
-           "GPU_LOCK_PROBE_MARK": str(mark)}
+    env = {
+        **os.environ,
+        "SEPT_GPU_TEST_DEVICE": "cpu",
+        "SEPT_GPU_TEST_LOCK": str(lock_path),
+        "GPU_LOCK_PROBE_MARK": str(mark),
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-         "-p", "no:randomly", str(PROBE)], cwd=REPO_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            "-p",
+            "no:randomly",
+            str(PROBE),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_gpu_tests_hold_the_lock_and_wait_for_it(tmp_path):

@@ -19,11 +19,23 @@ mutants = importlib.util.module_from_spec(spec)
 sys.modules["mutants"] = mutants  # dataclasses look their module up while the file executes
 spec.loader.exec_module(mutants)
 
-ISSUE_25_KINDS = {"pass@k off by one", "grading normalisation", "grading tolerance",
-                  "loss mask and EOS", "loss normalisation", "tau_s schedule",
-                  "gate/up and QKV split order", "vocab padding on export",
-                  "resume round and sampler position", "FP8 scale rounding", "generation prompt",
-                  "planner terms", "skipped sync", "temperature ignored", "AVG definition"}
+ISSUE_25_KINDS = {
+    "pass@k off by one",
+    "grading normalisation",
+    "grading tolerance",
+    "loss mask and EOS",
+    "loss normalisation",
+    "tau_s schedule",
+    "gate/up and QKV split order",
+    "vocab padding on export",
+    "resume round and sampler position",
+    "FP8 scale rounding",
+    "generation prompt",
+    "planner terms",
+    "skipped sync",
+    "temperature ignored",
+    "AVG definition",
+}
 
 
 def test_every_mutant_applies_to_the_code_and_names_existing_tests():
@@ -42,8 +54,11 @@ def test_ids_are_unique_and_every_kind_of_the_issue_is_covered():
 
 def test_a_moved_text_is_named_with_the_fix():
     moved = mutants.Mutant("moved", "k", "d", "metrics", (("no such line", "x"),), ("tests/eval",))
-    with pytest.raises(mutants.TableError, match=r"moved: the text 'no such line' occurs 0 times "
-                                                 r"in sept_megatron/eval/metrics.py"):
+    with pytest.raises(
+        mutants.TableError,
+        match=r"moved: the text 'no such line' occurs 0 times "
+        r"in sept_megatron/eval/metrics.py",
+    ):
         mutants.check_table([moved], REPO_ROOT)
 
 
@@ -54,9 +69,11 @@ def toy_repo(tmp_path: Path) -> Path:
     (root / "tests").mkdir(parents=True)
     (root / "toy.py").write_text("def double(x):\n    return 2 * x\n")
     (root / "tests" / "test_toy.py").write_text(
-        "from toy import double\n\n\ndef test_double():\n    assert double(3) == 6\n")
+        "from toy import double\n\n\ndef test_double():\n    assert double(3) == 6\n"
+    )
     (root / "tests" / "test_weak.py").write_text(
-        "from toy import double\n\n\ndef test_runs():\n    double(3)\n")
+        "from toy import double\n\n\ndef test_runs():\n    double(3)\n"
+    )
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "toy.py", "tests/test_toy.py"], cwd=root, check=True)
     return root

@@ -28,8 +28,9 @@ def main(hf_dir: str, out: str) -> None:
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1, device="cpu")
     arch = arch_from_hf_config(load_hf_config(hf_dir))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, 1)
-    model = mdl.build_megatron_model(arch, tensor_parallel=1, pipeline_parallel=1,
-                                     padded_vocab=padded, transformer_impl="local")
+    model = mdl.build_megatron_model(
+        arch, tensor_parallel=1, pipeline_parallel=1, padded_vocab=padded, transformer_impl="local"
+    )
     reader = HFTensorReader(hf_dir)
     load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded, tp_rank=0, tp_size=1)
     reader.close()
@@ -38,13 +39,14 @@ def main(hf_dir: str, out: str) -> None:
     half = engine_from(Path(hf_dir))
     half.model.to(torch.bfloat16)
     half.__dict__.pop("_targets", None)
-    record = {"can": can_sync_in_place(model, in_place, "native"),
-              "can_fp8": can_sync_in_place(model, in_place, "fp8"),
-              "written": same_device_sync(model, in_place),
-              "buckets": sync(model, streamed, bucket_bytes=64 << 10, direct=False)}
+    record = {
+        "can": can_sync_in_place(model, in_place, "native"),
+        "can_fp8": can_sync_in_place(model, in_place, "fp8"),
+        "written": same_device_sync(model, in_place),
+        "buckets": sync(model, streamed, bucket_bytes=64 << 10, direct=False),
+    }
     same_device_sync(model, half)
-    record |= {"in_place": state_of(in_place), "streamed": state_of(streamed),
-               "half": state_of(half)}
+    record |= {"in_place": state_of(in_place), "streamed": state_of(streamed), "half": state_of(half)}
     torch.save(record, out)
     distributed.shutdown()
 

@@ -23,18 +23,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sept_megatron.runtime import distributed
-from sept_megatron.trainer import model as mdl
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.convert.hf_config import load_hf_config
 from sept_megatron.convert import HFTensorReader, load_hf_into_model
-from sept_megatron.convert.adapters import (
-    Kind, adapter_for, canonical_name, rule_index, tp_shard)
+from sept_megatron.convert.adapters import Kind, adapter_for, canonical_name, rule_index, tp_shard
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 from sept_megatron.convert.hf_import import layer_offset
 from sept_megatron.convert.workflows import forward_logits
+from sept_megatron.rollout.hf import HFRolloutEngine
+from sept_megatron.runtime import distributed
+from sept_megatron.trainer import model as mdl
 from sept_megatron.weight_sync import sync
 from sept_megatron.weight_sync.gather import stream_hf_buckets, transports_on
-from sept_megatron.rollout.hf import HFRolloutEngine
 
 LAYOUTS = [(2, 1), (1, 2), (1, 1)]  # with 2 processes: TP=2, PP=2, DP=2; with 1: (1, 1) only
 
@@ -71,8 +69,11 @@ def state_of(engine) -> dict[str, torch.Tensor]:
 
 
 def streamed(model, size: int) -> dict[str, torch.Tensor]:
-    return {name: t.cpu().clone() for bucket in stream_hf_buckets(model, size, transport="peer")
-            for name, t in bucket}
+    return {
+        name: t.cpu().clone()
+        for bucket in stream_hf_buckets(model, size, transport="peer")
+        for name, t in bucket
+    }
 
 
 def check_direct(model, hf_dir: Path, small: int) -> dict:
@@ -82,8 +83,11 @@ def check_direct(model, hf_dir: Path, small: int) -> dict:
     of the last sync it took part in). Each state is recorded with the streamed reference."""
     rank = dist.get_rank()
     engine = engine_from(hf_dir)
-    record = {"sent": sync(model, engine, bucket_bytes=small), "state": state_of(engine),
-              "reference": streamed(model, small)}
+    record = {
+        "sent": sync(model, engine, bucket_bytes=small),
+        "state": state_of(engine),
+        "reference": streamed(model, small),
+    }
     perturb_(model, seed=8)  # in place, like an optimizer step
     sync(model, engine, bucket_bytes=small)
     record |= {"state_in_place": state_of(engine), "reference_in_place": streamed(model, small)}
@@ -110,7 +114,9 @@ def engine_from(hf_dir: Path) -> HFRolloutEngine:
     return HFRolloutEngine(
         model=AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True),
         tokenizer=AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True),
-        device=distributed.compute_device(), progress=False)
+        device=distributed.compute_device(),
+        progress=False,
+    )
 
 
 def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tuple[dict, dict]:
@@ -119,11 +125,18 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
     rank = dist.get_rank()
     arch = arch_from_hf_config(load_hf_config(str(hf_dir)))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, tp)
-    model = mdl.build_megatron_model(arch, tensor_parallel=tp, pipeline_parallel=pp,
-                                     padded_vocab=padded, transformer_impl="local")
+    model = mdl.build_megatron_model(
+        arch, tensor_parallel=tp, pipeline_parallel=pp, padded_vocab=padded, transformer_impl="local"
+    )
     reader = HFTensorReader(str(hf_dir))
-    load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
-                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    load_hf_into_model(
+        model.chunks,
+        reader,
+        arch,
+        padded_vocab=padded,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+    )
     reader.close()
     perturb_(model, seed=7)
     for chunk in model.chunks:
@@ -143,23 +156,29 @@ def check_layout(hf_dir: Path, tp: int, pp: int, small: int, large: int) -> tupl
     # point-to-point messages, the large ones through shared memory, the sync above by the
     # automatic choice: shared memory on one CPU host)...
     mine["streams"] = {
-        size: [[(name, t.cpu().clone()) for name, t in bucket]
-               for bucket in stream_hf_buckets(model, size, transport=transport)]
-        for size, transport in ((small, "peer"), (large, second_transport()))}
+        size: [
+            [(name, t.cpu().clone()) for name, t in bucket]
+            for bucket in stream_hf_buckets(model, size, transport=transport)
+        ]
+        for size, transport in ((small, "peer"), (large, second_transport()))
+    }
     # ... or only rank 0 does (as when only rank 0 has an engine): the others only send.
     mine["stream_rank0_only"] = {
-        transport: [[(name, t.cpu().clone()) for name, t in bucket]
-                    for bucket in stream_hf_buckets(model, large, receive=rank == 0,
-                                                    transport=transport)]
-        for transport in ("peer", second_transport())}
+        transport: [
+            [(name, t.cpu().clone()) for name, t in bucket]
+            for bucket in stream_hf_buckets(model, large, receive=rank == 0, transport=transport)
+        ]
+        for transport in ("peer", second_transport())
+    }
     mine["direct"] = check_direct(model, hf_dir, small)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     distributed.shutdown(keep_process_group=True)
     record = {"megatron": megatron_logits, "ranks": everyone}
-    summary = {"buckets_sent": [r["buckets_sent"] for r in everyone],
-               "bucket_counts": [{str(size): len(b) for size, b in r["streams"].items()}
-                                 for r in everyone]}
+    summary = {
+        "buckets_sent": [r["buckets_sent"] for r in everyone],
+        "bucket_counts": [{str(size): len(b) for size, b in r["streams"].items()} for r in everyone],
+    }
     return record, summary
 
 

@@ -3,12 +3,12 @@
 import itertools
 
 import pytest
-
 from hf_tiny import tiny_config
-from sept_megatron.trainer import model as mdl
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.trainer.arch import ModelArch
+
 from sept_megatron.convert import adapter_for, expected_hf_shapes
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.trainer import model as mdl
+from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.weight_sync.plan import plan_buckets, stage_layers, sync_plan
 
 
@@ -20,8 +20,7 @@ class StubVocab:
 
 
 def arch_of(family: str, layers: int = 8, **overrides) -> ModelArch:
-    return arch_from_hf_config(tiny_config(family, StubVocab(), num_hidden_layers=layers,
-                                               **overrides))
+    return arch_from_hf_config(tiny_config(family, StubVocab(), num_hidden_layers=layers, **overrides))
 
 
 ARCHS = {
@@ -43,39 +42,42 @@ def test_every_hf_tensor_is_planned_exactly_once(name, pp, vpp):
     shapes = expected_hf_shapes(arch)
     for item in plan:
         assert item.hf_shapes == tuple(shapes[n] for n in item.hf_names)
-        assert item.numel == sum(shapes[n][0] * (shapes[n][1] if len(shapes[n]) > 1 else 1)
-                                 for n in item.hf_names)
+        assert item.numel == sum(
+            shapes[n][0] * (shapes[n][1] if len(shapes[n]) > 1 else 1) for n in item.hf_names
+        )
 
 
-@pytest.mark.parametrize("layers, pp, vpp, expected", [
-    (8, 1, None, [list(range(8))]),
-    (8, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]]),
-    (8, 4, None, [[0, 1], [2, 3], [4, 5], [6, 7]]),
-    # Megatron's interleaved schedule: model chunk v of stage s holds block v * pp + s.
-    (8, 2, 2, [[0, 1, 4, 5], [2, 3, 6, 7]]),
-    (8, 2, 4, [[0, 2, 4, 6], [1, 3, 5, 7]]),
-    (12, 3, 2, [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]),
-])
+@pytest.mark.parametrize(
+    "layers, pp, vpp, expected",
+    [
+        (8, 1, None, [list(range(8))]),
+        (8, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        (8, 4, None, [[0, 1], [2, 3], [4, 5], [6, 7]]),
+        # Megatron's interleaved schedule: model chunk v of stage s holds block v * pp + s.
+        (8, 2, 2, [[0, 1, 4, 5], [2, 3, 6, 7]]),
+        (8, 2, 4, [[0, 2, 4, 6], [1, 3, 5, 7]]),
+        (12, 3, 2, [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]),
+    ],
+)
 def test_stage_layers(layers, pp, vpp, expected):
     stages = stage_layers(layers, pp, vpp)
     assert stages == expected
     assert sorted(itertools.chain(*stages)) == list(range(layers))
 
 
-@pytest.mark.parametrize("layers, pp, vpp", [(8, 2, None), (8, 4, None), (8, 2, 2), (8, 2, 4),
-                                              (12, 3, 2)])
+@pytest.mark.parametrize("layers, pp, vpp", [(8, 2, None), (8, 4, None), (8, 2, 2), (8, 2, 4), (12, 3, 2)])
 def test_stage_layers_agree_with_megatrons_layer_offsets(layers, pp, vpp):
     """Cross-check against the function Megatron builds each model chunk's layers with."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    config = mdl.transformer_config(arch_of("llama", layers=layers), pipeline_parallel=pp,
-                                    virtual_pipeline=vpp)
+    config = mdl.transformer_config(
+        arch_of("llama", layers=layers), pipeline_parallel=pp, virtual_pipeline=vpp
+    )
     per_chunk = layers // (pp * (vpp or 1))
     for stage, expected in enumerate(stage_layers(layers, pp, vpp)):
         megatron_layers = []
         for chunk in range(vpp or 1):
-            offset = get_transformer_layer_offset(config, vp_stage=chunk if vpp else None,
-                                                  pp_rank=stage)
+            offset = get_transformer_layer_offset(config, vp_stage=chunk if vpp else None, pp_rank=stage)
             megatron_layers += list(range(offset, offset + per_chunk))
         assert megatron_layers == expected
 
@@ -84,8 +86,11 @@ def test_stage_layers_agree_with_megatrons_layer_offsets(layers, pp, vpp):
 @pytest.mark.parametrize("name", ARCHS)
 def test_stage_ownership_follows_stage_layers(name, pp, vpp):
     arch = arch_of(**ARCHS[name])
-    owner = {layer: stage for stage, layers in enumerate(stage_layers(arch.num_layers, pp, vpp))
-             for layer in layers}
+    owner = {
+        layer: stage
+        for stage, layers in enumerate(stage_layers(arch.num_layers, pp, vpp))
+        for layer in layers
+    }
     plan = sync_plan(arch, pp, vpp)
     for item in plan:
         if item.layer is not None:
@@ -168,7 +173,7 @@ def test_tp_pieces_of_every_rank_rebuild_each_hf_tensor_exactly(name, tp):
                 piece_target(writes[piece.hf_index], piece, source.shape).add_(1)
                 if piece.dim == 0 and not piece.replicated:
                     # sent as is: a contiguous row block of the HF tensor
-                    assert assembled[piece.hf_index][piece.start: piece.start + piece.length].is_contiguous()
+                    assert assembled[piece.hf_index][piece.start : piece.start + piece.length].is_contiguous()
         for index, (got, want) in enumerate(zip(assembled, expected)):
             assert torch.equal(got, want), (item.megatron_name, index)
             copies = tp if item.rule.kind is Kind.REPLICATED else 1
@@ -182,4 +187,8 @@ def test_vocab_padding_rows_are_never_sent():
     embedding = sync_plan(arch, 1)[0]
     pieces = [tp_pieces(embedding, 4, rank, 512) for rank in range(4)]
     assert [[(p.start, p.length) for p in rank] for rank in pieces] == [
-        [(0, 128)], [(128, 128)], [(256, 44)], []]
+        [(0, 128)],
+        [(128, 128)],
+        [(256, 44)],
+        [],
+    ]

@@ -3,9 +3,9 @@ result, with no bucket; a bf16 engine gets the same values cast; and the choice 
 
 import pytest
 import torch
-
 from hf_tiny import make_tiny_model, make_tokenizer
 from mp import run_python
+
 from sept_megatron.weight_sync.gather import transports_on
 
 pytestmark = pytest.mark.slow

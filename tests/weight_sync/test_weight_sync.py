@@ -9,11 +9,10 @@ import json
 
 import pytest
 import torch
-
 from hf_tiny import make_tiny_model, make_tokenizer
 from mp import run_torchrun
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.convert.hf_config import load_hf_config
+
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 from sept_megatron.weight_sync.plan import plan_buckets, sync_plan
 
 pytestmark = pytest.mark.slow
@@ -158,10 +157,10 @@ def test_streamed_weights_do_not_depend_on_the_layout(name, synced):
 
 # --- GPU: the same launch on the real CUDA path (engine colocated on the trainer's GPU) ----
 @pytest.mark.gpu
-def test_engine_logits_equal_megatron_logits_after_sync_on_gpu(hf_root, tmp_path, gpu_env,
-                                                                gpu_count):
-    run_torchrun(gpu_count, "tests/weight_sync/_worker.py", hf_root, tmp_path, SMALL_BUCKET,
-                 LARGE_BUCKET, env=gpu_env)
+def test_engine_logits_equal_megatron_logits_after_sync_on_gpu(hf_root, tmp_path, gpu_env, gpu_count):
+    run_torchrun(
+        gpu_count, "tests/weight_sync/_worker.py", hf_root, tmp_path, SMALL_BUCKET, LARGE_BUCKET, env=gpu_env
+    )
     records = sorted(tmp_path.glob("*.pt"))
     assert len(records) == len(MODELS) * (len(LAYOUTS) if gpu_count == 2 else 1)
     for path in records:

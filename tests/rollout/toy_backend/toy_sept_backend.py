@@ -24,8 +24,10 @@ class ToyEngine:
     @classmethod
     def check_config(cls, rollout, *, arch=None):
         if rollout.engine_tp != 1:
-            return [f"rollout.engine_tp={rollout.engine_tp}: the toy backend runs one engine per "
-                    "rank; set rollout.engine_tp=1"]
+            return [
+                f"rollout.engine_tp={rollout.engine_tp}: the toy backend runs one engine per "
+                "rank; set rollout.engine_tp=1"
+            ]
         return []
 
     @classmethod
@@ -33,8 +35,9 @@ class ToyEngine:
         pass
 
     @classmethod
-    def config_kwargs(cls, rollout, *, tokenizer, seed, device, dtype, progress, placement=None,
-                      run_dir=None):
+    def config_kwargs(
+        cls, rollout, *, tokenizer, seed, device, dtype, progress, placement=None, run_dir=None
+    ):
         return {"tokenizer": tokenizer, "answers_end": tokenizer.eos_token_id}
 
     @classmethod
@@ -45,8 +48,13 @@ class ToyEngine:
         from sept_megatron.rollout.base import Generation
 
         self._note("generate", prompts=len(prompts), temperature=sampling.temperature)
-        return [[Generation(token_ids=[int(p[-1]), self.eos], text="", finish_reason="stop")
-                 for _ in range(sampling.n)] for p in prompts]
+        return [
+            [
+                Generation(token_ids=[int(p[-1]), self.eos], text="", finish_reason="stop")
+                for _ in range(sampling.n)
+            ]
+            for p in prompts
+        ]
 
     def update_weights(self, buckets):
         count = sum(len(bucket) for bucket in buckets)

@@ -23,10 +23,9 @@ def refused(call) -> bool:
 
 
 def probes(hf_dir: str) -> dict[str, bool]:
-    from sept_megatron.trainer import model as mdl
-    from sept_megatron.convert.hf_config import arch_from_hf_config
-    from sept_megatron.convert.hf_config import load_hf_config
+    from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
     from sept_megatron.runtime.distributed import compute_device
+    from sept_megatron.trainer import model as mdl
 
     device = compute_device()
     placed = torch.ones(3, device=device)
@@ -41,20 +40,41 @@ def probes(hf_dir: str) -> dict[str, bool]:
         "all_reduce_mixed_math": refused(lambda: dist.all_reduce(placed + torch.ones(3))),
         "all_reduce_on_explicit_gloo_group": refused(lambda: dist.all_reduce(torch.zeros(2), group=gloo)),
         "broadcast_host": refused(lambda: dist.broadcast(torch.zeros(2), src=0)),
-        "all_gather_host": refused(lambda: dist.all_gather([torch.zeros(1) for _ in range(2)],
-                                                           torch.zeros(1))),
-        "batch_isend_irecv_host": refused(lambda: dist.batch_isend_irecv(
-            [dist.P2POp(dist.isend if dist.get_rank() == 0 else dist.irecv, torch.zeros(2), other)])),
-        "batch_isend_irecv_placed": refused(lambda: [w.wait() for w in dist.batch_isend_irecv(
-            [dist.P2POp(dist.isend if dist.get_rank() == 0 else dist.irecv,
-                        torch.zeros(2, device=device), other)])]),
+        "all_gather_host": refused(
+            lambda: dist.all_gather([torch.zeros(1) for _ in range(2)], torch.zeros(1))
+        ),
+        "batch_isend_irecv_host": refused(
+            lambda: dist.batch_isend_irecv(
+                [dist.P2POp(dist.isend if dist.get_rank() == 0 else dist.irecv, torch.zeros(2), other)]
+            )
+        ),
+        "batch_isend_irecv_placed": refused(
+            lambda: [
+                w.wait()
+                for w in dist.batch_isend_irecv(
+                    [
+                        dist.P2POp(
+                            dist.isend if dist.get_rank() == 0 else dist.irecv,
+                            torch.zeros(2, device=device),
+                            other,
+                        )
+                    ]
+                )
+            ]
+        ),
         "all_gather_object_host": refused(lambda: dist.all_gather_object([None, None], torch.zeros(1))),
-        "the_original_is_untouched_by_cuda": (lambda t: (t.cuda(), refused(lambda: dist.broadcast(t, src=0)))[1])(torch.zeros(1)),
+        "the_original_is_untouched_by_cuda": (
+            lambda t: (t.cuda(), refused(lambda: dist.broadcast(t, src=0)))[1]
+        )(torch.zeros(1)),
     }
     arch = arch_from_hf_config(load_hf_config(hf_dir))
-    model = mdl.build_megatron_model(arch, tensor_parallel=2, pipeline_parallel=1,
-                                     padded_vocab=mdl.padded_vocab_size(arch.vocab_size, 128, 2),
-                                     transformer_impl="local")
+    model = mdl.build_megatron_model(
+        arch,
+        tensor_parallel=2,
+        pipeline_parallel=1,
+        padded_vocab=mdl.padded_vocab_size(arch.vocab_size, 128, 2),
+        transformer_impl="local",
+    )
     chunk = model.chunks[0]
     tokens = torch.randint(0, arch.vocab_size, (1, 8))
 
@@ -69,8 +89,7 @@ def probes(hf_dir: str) -> dict[str, bool]:
 
 
 def main(hf_dir: str, out_path: str) -> None:
-    from sept_megatron.runtime import compat
-    from sept_megatron.runtime import distributed
+    from sept_megatron.runtime import compat, distributed
 
     distributed.initialize(tensor_parallel=2, pipeline_parallel=1)
     try:

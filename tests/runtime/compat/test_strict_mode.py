@@ -9,7 +9,6 @@ arithmetic are refused.
 import json
 
 import pytest
-
 from mp import run_torchrun
 
 pytestmark = pytest.mark.slow
@@ -36,8 +35,13 @@ EXPECTED_REFUSED = {
 @pytest.fixture(scope="module")
 def probes(tiny_run_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("strict") / "probes.json"
-    run_torchrun(2, "tests/runtime/compat/_worker.py", str(tiny_run_inputs / "hf"), str(out),
-                 env={"SEPT_COMPAT_STRICT": "1", "SEPT_DEVICE": "cpu"})
+    run_torchrun(
+        2,
+        "tests/runtime/compat/_worker.py",
+        str(tiny_run_inputs / "hf"),
+        str(out),
+        env={"SEPT_COMPAT_STRICT": "1", "SEPT_DEVICE": "cpu"},
+    )
     return json.loads(out.read_text())
 
 
@@ -49,4 +53,5 @@ def test_strict_mode_is_on(probes):
 def test_boundary(probes, probe):
     assert probes[probe] is EXPECTED_REFUSED[probe], (
         f"{probe}: {'refused' if probes[probe] else 'accepted'}, expected "
-        f"{'refused' if EXPECTED_REFUSED[probe] else 'accepted'}")
+        f"{'refused' if EXPECTED_REFUSED[probe] else 'accepted'}"
+    )

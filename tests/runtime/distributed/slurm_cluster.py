@@ -32,12 +32,22 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Every program the cluster and the tests run; apt: slurm-wlm (client, slurmctld, slurmd), munge.
-BINARIES = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "slurmctld", "slurmd",
-            "munged", "mungekey")
+BINARIES = (
+    "sbatch",
+    "srun",
+    "squeue",
+    "scontrol",
+    "scancel",
+    "sinfo",
+    "slurmctld",
+    "slurmd",
+    "munged",
+    "mungekey",
+)
 _SBIN = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin"))
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the NUL
 CRED_EXPIRE_S = 5
@@ -105,8 +115,11 @@ def client_env(conf: Path) -> dict[str, str]:
     """The caller's environment pointed at ``conf``. Slurm variables inherited from an outer
     job (pytest itself run under a real Slurm) are dropped: srun would take them for an
     allocation in our cluster."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))
+    }
     env["SLURM_CONF"] = str(conf)
     return env
 
@@ -116,9 +129,11 @@ class _Cluster:
         self.root = root.resolve()
         self.cpus = cpus
         self.conf = self.root / "slurm.conf"
-        self.logs = {"munged": self.root / "munge" / "munged.log",
-                     "slurmctld": self.root / "log" / "slurmctld.log",
-                     "slurmd": self.root / "log" / "slurmd.log"}
+        self.logs = {
+            "munged": self.root / "munge" / "munged.log",
+            "slurmctld": self.root / "log" / "slurmctld.log",
+            "slurmd": self.root / "log" / "slurmd.log",
+        }
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = client_env(self.conf)
 
@@ -136,19 +151,33 @@ class _Cluster:
         slurmd_port = free_port()
         while slurmd_port == ctld_port:
             slurmd_port = free_port()
-        self.conf.write_text(CONFIG_TEMPLATE.format(
-            root=self.root, cpus=self.cpus, ctld_port=ctld_port, slurmd_port=slurmd_port,
-            cred_expire=CRED_EXPIRE_S))
+        self.conf.write_text(
+            CONFIG_TEMPLATE.format(
+                root=self.root,
+                cpus=self.cpus,
+                ctld_port=ctld_port,
+                slurmd_port=slurmd_port,
+                cred_expire=CRED_EXPIRE_S,
+            )
+        )
 
         key = self.root / "munge" / "munge.key"
         self._check_call([find_binary("mungekey"), "--create", f"--keyfile={key}"])
         # --force: munged refuses a socket whose every parent directory is not world-searchable
         # (pytest's /tmp/pytest-of-root is 0700); only root's jobs talk to this one.
-        self._spawn("munged", [find_binary("munged"), "-F", "--force", f"--key-file={key}",
-                               f"--socket={socket_path}",
-                               f"--pid-file={self.root / 'munge' / 'munged.pid'}",
-                               f"--log-file={self.logs['munged']}",
-                               f"--seed-file={self.root / 'munge' / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                find_binary("munged"),
+                "-F",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={socket_path}",
+                f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+                f"--log-file={self.logs['munged']}",
+                f"--seed-file={self.root / 'munge' / 'munged.seed'}",
+            ],
+        )
         self._wait("munged socket", socket_path.exists, timeout)
         self._spawn("slurmctld", [find_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [find_binary("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
@@ -157,32 +186,41 @@ class _Cluster:
     def _spawn(self, name: str, argv: list[str]) -> None:
         # The daemon's own stdout/stderr (start-up errors before its log file opens) go next to it.
         with open(self.root / "log" / f"{name}.stdout", "wb") as out:
-            self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                                stderr=subprocess.STDOUT, env=self.env,
-                                                start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
 
     def _wait(self, what: str, ready, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not ready():
-            dead = [f"{name} (exit {proc.returncode})" for name, proc in self.procs.items()
-                    if proc.poll() is not None]
+            dead = [
+                f"{name} (exit {proc.returncode})"
+                for name, proc in self.procs.items()
+                if proc.poll() is not None
+            ]
             if dead:
-                raise SlurmClusterError(f"waiting for {what}: {', '.join(dead)} exited\n"
-                                        + self.log_tails())
+                raise SlurmClusterError(f"waiting for {what}: {', '.join(dead)} exited\n" + self.log_tails())
             if time.monotonic() > deadline:
                 raise SlurmClusterError(f"no {what} after {timeout:.0f} s\n" + self.log_tails())
             time.sleep(0.1)
 
     def _node_state(self) -> str:
-        proc = subprocess.run([find_binary("sinfo"), "-h", "-o", "%T"], env=self.env,
-                              capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(
+            [find_binary("sinfo"), "-h", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=10
+        )
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     def _check_call(self, argv: list[str]) -> None:
         proc = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=30)
         if proc.returncode != 0:
-            raise SlurmClusterError(f"{' '.join(argv)} failed (rc={proc.returncode}):\n"
-                                    f"{proc.stdout}{proc.stderr}")
+            raise SlurmClusterError(
+                f"{' '.join(argv)} failed (rc={proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            )
 
     def log_tails(self, lines: int = 25) -> str:
         parts = []
@@ -200,8 +238,9 @@ class _Cluster:
             if ctld is not None and ctld.poll() is None:
                 self._cancel_jobs()
                 # Stops slurmctld and the slurmd it knows of.
-                subprocess.run([find_binary("scontrol"), "shutdown"], env=self.env,
-                               capture_output=True, timeout=30)
+                subprocess.run(
+                    [find_binary("scontrol"), "shutdown"], env=self.env, capture_output=True, timeout=30
+                )
         finally:
             for name, grace in (("slurmd", 10.0), ("slurmctld", 10.0), ("munged", 0.0)):
                 if name in self.procs:
@@ -210,15 +249,17 @@ class _Cluster:
     def _cancel_jobs(self) -> None:
         # Every job in this private cluster is the test's own.
         squeue = [find_binary("squeue"), "-h", "-o", "%i"]
-        jobs = subprocess.run(squeue, env=self.env, capture_output=True, text=True,
-                              timeout=10).stdout.split()
+        jobs = subprocess.run(squeue, env=self.env, capture_output=True, text=True, timeout=10).stdout.split()
         if not jobs:
             return
-        subprocess.run([find_binary("scancel"), *jobs], env=self.env, capture_output=True,
-                       timeout=10)
+        subprocess.run([find_binary("scancel"), *jobs], env=self.env, capture_output=True, timeout=10)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and subprocess.run(
-                squeue, env=self.env, capture_output=True, text=True, timeout=10).stdout.strip():
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(
+                squeue, env=self.env, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        ):
             time.sleep(0.2)
 
 
@@ -237,8 +278,9 @@ def _end(proc: subprocess.Popen, grace: float) -> None:
 
 
 @contextlib.contextmanager
-def slurm_cluster(root: Path | str, *, cpus: int = 2,
-                  start_timeout: float = 30.0) -> Iterator[dict[str, str]]:
+def slurm_cluster(
+    root: Path | str, *, cpus: int = 2, start_timeout: float = 30.0
+) -> Iterator[dict[str, str]]:
     """Start munged, slurmctld and slurmd under ``root``; yield the clients' environment.
 
     Raises :class:`SlurmClusterError` (with the daemons' log tails) if the node is not idle

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from loop.test_train_cli import base_args
 from mp import free_port
 
@@ -37,14 +36,19 @@ ENDS_WITHIN_S = 60  # after the failure, every rank must be gone by then
 def endless_args(inputs: Path, run_dir: Path) -> list[str]:
     """A run that would last far longer than the test: it must be ended by the failure."""
     return base_args(inputs, run_dir, rounds=1000) + [
-        "parallel.tensor_parallel=2", f"parallel.timeout_minutes={TIMEOUT_MINUTES}",
-        "checkpoint.save_every_n_rounds=0", "checkpoint.export_hf=false"]
+        "parallel.tensor_parallel=2",
+        f"parallel.timeout_minutes={TIMEOUT_MINUTES}",
+        "checkpoint.save_every_n_rounds=0",
+        "checkpoint.export_hf=false",
+    ]
 
 
 def rank_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID",
-                        "SLURM_NTASKS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+    }
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -75,11 +79,22 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> float:
 def test_torchrun_ends_every_rank_when_one_dies(tiny_run_inputs, tmp_path):
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-         f"--master-port={free_port()}", "-m", "sept_megatron.cli", "train",
-         *endless_args(tiny_run_inputs, run_dir)],
-        env=rank_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            f"--master-port={free_port()}",
+            "-m",
+            "sept_megatron.cli",
+            "train",
+            *endless_args(tiny_run_inputs, run_dir),
+        ],
+        env=rank_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_round_one(run_dir, [launcher])
         ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(launcher.pid).children()}
@@ -100,18 +115,24 @@ def start_plain_ranks(inputs: Path, run_dir: Path, logs: Path) -> list[subproces
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        env = rank_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = rank_env(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
         with open(logs / f"rank{rank}.log", "wb") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "sept_megatron.cli", "train", *endless_args(inputs, run_dir)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "sept_megatron.cli", "train", *endless_args(inputs, run_dir)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     return procs
 
 
 @pytest.mark.parametrize("failure", ["killed", "hung"])
-def test_without_a_launcher_the_survivor_exits_non_zero_in_time(tiny_run_inputs, tmp_path,
-                                                               failure):
+def test_without_a_launcher_the_survivor_exits_non_zero_in_time(tiny_run_inputs, tmp_path, failure):
     run_dir = tmp_path / "run"
     rank0, rank1 = procs = start_plain_ranks(tiny_run_inputs, run_dir, tmp_path)
     try:

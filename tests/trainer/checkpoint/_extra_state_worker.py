@@ -34,19 +34,20 @@ def with_te_extra_state(model_sd: dict, num_layers: int, payload=None) -> dict:
     key = "decoder.layers.self_attention.core_attention._extra_state"
     for i in range(num_layers):
         data = payload(i) if payload else torch.empty(0, dtype=torch.uint8)
-        model_sd["model0"][f"decoder.layers.{i}.self_attention.core_attention._extra_state"] = \
-            ShardedObject(key, data, (num_layers,), (i,), replica_id=0)
+        model_sd["model0"][f"decoder.layers.{i}.self_attention.core_attention._extra_state"] = ShardedObject(
+            key, data, (num_layers,), (i,), replica_id=0
+        )
     return model_sd
 
 
 def main(work_dir: str) -> None:
     import torch
-
     from hf_tiny import tiny_config
-    from sept_megatron.trainer import checkpoint as ckpt_io
-    from sept_megatron.runtime import distributed
-    from sept_megatron.trainer import model as mdl
+
     from sept_megatron.convert.hf_config import arch_from_hf_config
+    from sept_megatron.runtime import distributed
+    from sept_megatron.trainer import checkpoint as ckpt_io
+    from sept_megatron.trainer import model as mdl
 
     work = Path(work_dir)
     arch = arch_from_hf_config(tiny_config("llama", StubVocab()))
@@ -54,38 +55,49 @@ def main(work_dir: str) -> None:
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1)
     results = {}
     try:
-        model = mdl.build_megatron_model(arch, tensor_parallel=1, pipeline_parallel=1,
-                                         padded_vocab=384, transformer_impl="local")
-        saved = {k: v.detach().clone() for k, v in model.chunks[0].state_dict().items()
-                 if isinstance(v, torch.Tensor)}
+        model = mdl.build_megatron_model(
+            arch, tensor_parallel=1, pipeline_parallel=1, padded_vocab=384, transformer_impl="local"
+        )
+        saved = {
+            k: v.detach().clone()
+            for k, v in model.chunks[0].state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
 
         def payload(i):  # what TE 2.x serialises: a uint8 tensor
             return torch.arange(5, dtype=torch.uint8) + i
 
-        with_state = with_te_extra_state(ckpt_io.model_sharded_state_dict(model.chunks),
-                                         arch.num_layers, payload)
+        with_state = with_te_extra_state(
+            ckpt_io.model_sharded_state_dict(model.chunks), arch.num_layers, payload
+        )
         ckpt_io.save_checkpoint(str(work / "with"), None, with_state, meta, str(work))
-        ckpt_io.save_checkpoint(str(work / "without"), None,
-                                ckpt_io.model_sharded_state_dict(model.chunks), meta, str(work))
+        ckpt_io.save_checkpoint(
+            str(work / "without"), None, ckpt_io.model_sharded_state_dict(model.chunks), meta, str(work)
+        )
 
         # (1) saved extra state comes back
-        loaded = ckpt_io.load_sharded(str(work / "with"), with_te_extra_state(
-            ckpt_io.model_sharded_state_dict(model.chunks), arch.num_layers))["model0"]
+        loaded = ckpt_io.load_sharded(
+            str(work / "with"),
+            with_te_extra_state(ckpt_io.model_sharded_state_dict(model.chunks), arch.num_layers),
+        )["model0"]
         results["extra_state_round_trip"] = all(
-            torch.equal(loaded[f"decoder.layers.{i}.self_attention.core_attention._extra_state"],
-                        payload(i)) for i in range(arch.num_layers))
+            torch.equal(loaded[f"decoder.layers.{i}.self_attention.core_attention._extra_state"], payload(i))
+            for i in range(arch.num_layers)
+        )
 
         # (2) a checkpoint without it loads; the weights are the saved ones
         with torch.no_grad():
             for param in model.chunks[0].parameters():
                 param.add_(1.0)
-        loaded = ckpt_io.load_sharded(str(work / "without"), with_te_extra_state(
-            ckpt_io.model_sharded_state_dict(model.chunks), arch.num_layers))["model0"]
-        results["absent_extra_state_skipped"] = not any(
-            "core_attention._extra_state" in k for k in loaded)
+        loaded = ckpt_io.load_sharded(
+            str(work / "without"),
+            with_te_extra_state(ckpt_io.model_sharded_state_dict(model.chunks), arch.num_layers),
+        )["model0"]
+        results["absent_extra_state_skipped"] = not any("core_attention._extra_state" in k for k in loaded)
         model.chunks[0].load_state_dict(loaded, strict=False)
         results["weights_restored"] = all(
-            torch.equal(model.chunks[0].state_dict()[k], v) for k, v in saved.items())
+            torch.equal(model.chunks[0].state_dict()[k], v) for k, v in saved.items()
+        )
 
         # (3) a missing weight is still an error
         request = ckpt_io.model_sharded_state_dict(model.chunks)

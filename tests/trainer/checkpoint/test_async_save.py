@@ -21,12 +21,23 @@ ROUNDS = 3
 
 def train_args(inputs: Path, run_dir: Path, async_save: bool) -> list[str]:
     return [
-        sys.executable, "-m", "sept_megatron.cli", "train",
-        f"model.hf_path={inputs / 'hf'}", f"data.train_files={inputs / 'train.jsonl'}",
-        f"train.rounds={ROUNDS}", "train.prompts_per_round=8", "train.mini_batch_size=4",
-        "train.micro_batch_size=2", "data.max_response_length=16", "train.lr=3e-3",
-        "train.warmup_steps=0", f"logging.run_dir={run_dir}", "logging.progress=false",
-        "checkpoint.save_every_n_rounds=1", "checkpoint.keep_last=2",
+        sys.executable,
+        "-m",
+        "sept_megatron.cli",
+        "train",
+        f"model.hf_path={inputs / 'hf'}",
+        f"data.train_files={inputs / 'train.jsonl'}",
+        f"train.rounds={ROUNDS}",
+        "train.prompts_per_round=8",
+        "train.mini_batch_size=4",
+        "train.micro_batch_size=2",
+        "data.max_response_length=16",
+        "train.lr=3e-3",
+        "train.warmup_steps=0",
+        f"logging.run_dir={run_dir}",
+        "logging.progress=false",
+        "checkpoint.save_every_n_rounds=1",
+        "checkpoint.keep_last=2",
         "checkpoint.export_hf=false",
         # async: the default (no override), so the default is what is tested
     ] + ([] if async_save else ["checkpoint.async_save=false"])
@@ -54,8 +65,9 @@ def prompts(run_dir: Path, round_number: int) -> list[int]:
 
 def kill_during_a_background_save(args: list[str], root: Path) -> None:
     """Start the run; SIGKILL it (and its writer processes) once round 2's save is in flight."""
-    proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     in_flight = root / ".tmp-round_000002"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not in_flight.exists():
@@ -65,8 +77,7 @@ def kill_during_a_background_save(args: list[str], root: Path) -> None:
     assert in_flight.exists(), "the run ended before round 2's save started"
 
 
-def test_kill_during_async_save_then_resume_matches_an_uninterrupted_run(tiny_run_inputs,
-                                                                          tmp_path):
+def test_kill_during_async_save_then_resume_matches_an_uninterrupted_run(tiny_run_inputs, tmp_path):
     reference = tmp_path / "reference"
     run_to_end(train_args(tiny_run_inputs, reference, async_save=False))
 
@@ -93,5 +104,7 @@ def test_kill_during_async_save_then_resume_matches_an_uninterrupted_run(tiny_ru
     # At exit the last save was awaited and published; pruning kept two.
     assert (root / ckpt.LATEST_FILE).read_text().strip() == f"round_{ROUNDS:06d}"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("round_")) == [
-        f"round_{ROUNDS - 1:06d}", f"round_{ROUNDS:06d}"]
+        f"round_{ROUNDS - 1:06d}",
+        f"round_{ROUNDS:06d}",
+    ]
     assert not list(root.glob(".tmp-*"))

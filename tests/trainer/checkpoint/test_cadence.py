@@ -1,7 +1,7 @@
 """checkpoint.save_every_n_rounds and checkpoint.every_minutes (single process, a fake clock)."""
 
-from sept_megatron.loop.cadence import SaveCadence
 from sept_megatron.config import CheckpointConfig
+from sept_megatron.loop.cadence import SaveCadence
 
 
 class Clock:

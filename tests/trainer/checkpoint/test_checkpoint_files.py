@@ -12,11 +12,23 @@ import pytest
 from sept_megatron.trainer import checkpoint as ckpt
 from sept_megatron.trainer.arch import ModelArch
 
-ARCH = ModelArch(model_type="qwen2", vocab_size=379, hidden_size=64, num_layers=2,
-                 num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=128,
-                 norm_eps=1e-6, rope_theta=10000.0, rope_scaling_factor=None,
-                 max_position_embeddings=256, tie_word_embeddings=True, qkv_bias=True,
-                 qk_layernorm=False)
+ARCH = ModelArch(
+    model_type="qwen2",
+    vocab_size=379,
+    hidden_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_query_groups=2,
+    head_dim=16,
+    ffn_hidden_size=128,
+    norm_eps=1e-6,
+    rope_theta=10000.0,
+    rope_scaling_factor=None,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    qkv_bias=True,
+    qk_layernorm=False,
+)
 
 
 def write_checkpoint_dir(path, meta: ckpt.CheckpointMeta):
@@ -26,8 +38,14 @@ def write_checkpoint_dir(path, meta: ckpt.CheckpointMeta):
 
 
 def meta(**changes) -> ckpt.CheckpointMeta:
-    fields = dict(arch=ARCH, padded_vocab=384, params_dtype="float32", tensor_parallel=2,
-                  pipeline_parallel=1, train_state={"round": 3})
+    fields = dict(
+        arch=ARCH,
+        padded_vocab=384,
+        params_dtype="float32",
+        tensor_parallel=2,
+        pipeline_parallel=1,
+        train_state={"round": 3},
+    )
     fields.update(changes)
     return ckpt.CheckpointMeta(**fields)
 
@@ -81,7 +99,10 @@ def test_hf_side_files_travel_without_weights(tmp_path):
         (src / name).write_text("{}")
     ckpt.copy_hf_side_files(str(src), str(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json", "generation_config.json", "tokenizer.json"]
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+    ]
 
 
 def test_compatibility_names_every_differing_field():

@@ -7,9 +7,8 @@ import os
 import shutil
 
 import pytest
-from safetensors.torch import load_file
-
 from loop.test_train_cli import base_args, read_metrics, run_train
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +30,7 @@ def finished_run(tiny_run_inputs, tmp_path_factory):
     return run_dir
 
 
-def test_truncated_shard_falls_back_and_matches_an_uninterrupted_run(tiny_run_inputs, finished_run,
-                                                                     tmp_path):
+def test_truncated_shard_falls_back_and_matches_an_uninterrupted_run(tiny_run_inputs, finished_run, tmp_path):
     run_dir = tmp_path / "damaged"
     shutil.copytree(finished_run, run_dir)
     shutil.rmtree(run_dir / "hf_final")
@@ -41,8 +39,9 @@ def test_truncated_shard_falls_back_and_matches_an_uninterrupted_run(tiny_run_in
 
     _, output = run_train(base_args(tiny_run_inputs, run_dir, rounds=ROUNDS))
     assert "passed over damaged checkpoint" in output and str(shard) in output
-    assert f"resumed from {run_dir / 'checkpoints' / f'round_{ROUNDS - 1:06d}'} at round {ROUNDS - 1}" \
-        in output
+    assert (
+        f"resumed from {run_dir / 'checkpoints' / f'round_{ROUNDS - 1:06d}'} at round {ROUNDS - 1}" in output
+    )
     assert read_metrics(run_dir)[-1]["checkpoint/fallbacks"] == 1
     # The last round trained again from the previous checkpoint: the same final weights.
     ours, expected = final_weights(run_dir), final_weights(finished_run)
@@ -51,8 +50,9 @@ def test_truncated_shard_falls_back_and_matches_an_uninterrupted_run(tiny_run_in
         assert ours[name].equal(tensor), name
 
 
-def test_flipped_bit_without_an_older_checkpoint_is_an_error_naming_the_file(tiny_run_inputs,
-                                                                             finished_run, tmp_path):
+def test_flipped_bit_without_an_older_checkpoint_is_an_error_naming_the_file(
+    tiny_run_inputs, finished_run, tmp_path
+):
     run_dir = tmp_path / "damaged"
     shutil.copytree(finished_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / f"round_{ROUNDS - 1:06d}")  # as with keep_last=1
@@ -68,6 +68,8 @@ def test_flipped_bit_without_an_older_checkpoint_is_an_error_naming_the_file(tin
     assert len(read_metrics(run_dir)) == ROUNDS  # nothing trained on the damaged checkpoint
 
     verify = __import__("subprocess").run(
-        [__import__("sys").executable, "-m", "sept_megatron.cli", "checkpoint", "verify",
-         str(run_dir)], capture_output=True, text=True)
+        [__import__("sys").executable, "-m", "sept_megatron.cli", "checkpoint", "verify", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 1 and "DAMAGED" in verify.stdout and str(shard) in verify.stdout

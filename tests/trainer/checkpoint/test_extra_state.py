@@ -5,7 +5,6 @@ missing weight still is. One launch of ``_extra_state_worker.py`` (a world of on
 import json
 
 import pytest
-
 from mp import run_python
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from sept_megatron.trainer import integrity
 from sept_megatron.cli import main as cli_main
+from sept_megatron.trainer import integrity
 
 
 def fake_checkpoint(path, shard_bytes: int = 4096, seed: int = 0):
@@ -23,8 +23,9 @@ def fake_checkpoint(path, shard_bytes: int = 4096, seed: int = 0):
     assert integrity.digest_rank_shards(str(path / "model"), 0)
     total = integrity.write_manifest(str(path))
     assert not list((path / "model").glob(".manifest-rank*"))  # parts merged and removed
-    assert total == sum(f.stat().st_size for f in path.rglob("*") if f.is_file()
-                        and f.name != integrity.MANIFEST_FILE)
+    assert total == sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != integrity.MANIFEST_FILE
+    )
     return path
 
 
@@ -45,8 +46,12 @@ def flip_a_bit(path, offset: int = 100):
 def test_a_complete_checkpoint_verifies(tmp_path):
     ckpt = fake_checkpoint(tmp_path / "c")
     manifest = integrity.read_manifest(str(ckpt))
-    assert set(manifest["files"]) == {integrity.META_FILE, "model/.metadata", "model/__0_0.distcp",
-                                      "model/__1_0.distcp"}
+    assert set(manifest["files"]) == {
+        integrity.META_FILE,
+        "model/.metadata",
+        "model/__0_0.distcp",
+        "model/__1_0.distcp",
+    }
     assert integrity.verify_checkpoint(str(ckpt)) == []
 
 

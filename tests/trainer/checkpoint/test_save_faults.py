@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from loop.test_train_cli import base_args, read_metrics, run_train, train_env
 from mp import REPO_ROOT
 
@@ -28,8 +27,9 @@ LAUNCHER = REPO_ROOT / "tests" / "trainer" / "checkpoint" / "_faulty_disk_train.
 
 def faulty_train(args: list[str], **fault: str) -> tuple[int, str]:
     env = train_env({"FAULT_ENOSPC_ROUNDS": "2", **fault})
-    proc = subprocess.run([sys.executable, str(LAUNCHER), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, env=env, timeout=600
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -46,18 +46,21 @@ def assert_round_two_unpublished(run_dir: Path) -> None:
     assert verify_checkpoint(str(root / "round_000001")) == []
 
 
-@pytest.mark.parametrize("target,async_save", [
-    ("__0_0.distcp", "true"),  # a tensor shard, in Megatron's background writer
-    ("__0_0.distcp", "false"),  # the same, written synchronously
-    (".metadata.tmp", "true"),  # torch DCP's global metadata (finalize, rank 0)
-    ("sept_megatron_ckpt.json", "true"),  # ours, at publish
-    (".latest.tmp", "true"),  # the pointer, after the rename
-])
+@pytest.mark.parametrize(
+    "target,async_save",
+    [
+        ("__0_0.distcp", "true"),  # a tensor shard, in Megatron's background writer
+        ("__0_0.distcp", "false"),  # the same, written synchronously
+        (".metadata.tmp", "true"),  # torch DCP's global metadata (finalize, rank 0)
+        ("sept_megatron_ckpt.json", "true"),  # ours, at publish
+        (".latest.tmp", "true"),  # the pointer, after the rename
+    ],
+)
 def test_enospc_stops_the_run_naming_path_and_space(tiny_run_inputs, tmp_path, target, async_save):
     run_dir = tmp_path / "run"
-    rc, output = faulty_train(args_for(tiny_run_inputs, run_dir,
-                                       f"checkpoint.async_save={async_save}"),
-                              FAULT_ENOSPC_FILE=target)
+    rc, output = faulty_train(
+        args_for(tiny_run_inputs, run_dir, f"checkpoint.async_save={async_save}"), FAULT_ENOSPC_FILE=target
+    )
     assert rc == 1, output[-3000:]
     assert "sept-megatron train: error: checkpoint save to" in output
     assert str(run_dir / "checkpoints" / "round_000002") in output
@@ -66,8 +69,7 @@ def test_enospc_stops_the_run_naming_path_and_space(tiny_run_inputs, tmp_path, t
     assert_round_two_unpublished(run_dir)
 
 
-def test_after_a_full_disk_the_rerun_resumes_from_the_last_complete_checkpoint(tiny_run_inputs,
-                                                                               tmp_path):
+def test_after_a_full_disk_the_rerun_resumes_from_the_last_complete_checkpoint(tiny_run_inputs, tmp_path):
     run_dir = tmp_path / "run"
     rc, _ = faulty_train(args_for(tiny_run_inputs, run_dir), FAULT_ENOSPC_FILE="__0_0.distcp")
     assert rc == 1
@@ -78,14 +80,17 @@ def test_after_a_full_disk_the_rerun_resumes_from_the_last_complete_checkpoint(t
 
 def test_warn_keeps_training_and_the_next_save_succeeds(tiny_run_inputs, tmp_path):
     run_dir = tmp_path / "run"
-    rc, output = faulty_train(args_for(tiny_run_inputs, run_dir, "checkpoint.on_save_error=warn"),
-                              FAULT_ENOSPC_FILE="__0_0.distcp")
+    rc, output = faulty_train(
+        args_for(tiny_run_inputs, run_dir, "checkpoint.on_save_error=warn"), FAULT_ENOSPC_FILE="__0_0.distcp"
+    )
     assert rc == 0, output[-3000:]
     assert "no space left on the device" in output and "training goes on" in output
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text().strip() == "round_000003"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("round_")) == [
-        "round_000001", "round_000003"]  # round 2's save was dropped, not published
+        "round_000001",
+        "round_000003",
+    ]  # round 2's save was dropped, not published
     failures = {m["round"]: m["checkpoint/save_failures"] for m in read_metrics(run_dir)}
     assert failures[1] == 0 and failures[3] == 1
 
@@ -100,13 +105,16 @@ def test_too_little_free_space_is_found_before_the_save_starts(tiny_run_inputs, 
 
 def test_real_full_disk_on_a_small_tmpfs(tiny_run_inputs, tmp_path):
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root); the injected-ENOSPC tests "
-                    "above cover the same paths")
+        pytest.skip(
+            "mounting a tmpfs needs root (CI runs as root); the injected-ENOSPC tests "
+            "above cover the same paths"
+        )
     mount = Path(f"/tmp/sept-full-disk-{uuid.uuid4().hex[:8]}")
     mount.mkdir()
     # 1 MiB: the run's logs fit, one checkpoint (~1.6 MiB for the tiny model) does not.
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         mount.rmdir()
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")

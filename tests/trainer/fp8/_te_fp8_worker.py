@@ -29,33 +29,39 @@ def samples(vocab_size: int, seed: int):
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (MINI_BATCH, PROMPT_LEN + RESPONSE_LEN), generator=gen)
-    return [Sample(prompt_ids=row[:PROMPT_LEN].tolist(), response_ids=row[PROMPT_LEN:].tolist())
-            for row in ids]
+    return [
+        Sample(prompt_ids=row[:PROMPT_LEN].tolist(), response_ids=row[PROMPT_LEN:].tolist()) for row in ids
+    ]
 
 
 def build(hf_dir: str, recipe: str):
     import torch
 
-    from sept_megatron.trainer import model as mdl
-    from sept_megatron.convert.hf_config import arch_from_hf_config
-    from sept_megatron.convert.hf_config import load_hf_config
     from sept_megatron.config import TrainConfig
     from sept_megatron.convert import HFTensorReader, load_hf_into_model
+    from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+    from sept_megatron.trainer import model as mdl
     from sept_megatron.trainer.sft import SFTTrainer
 
     arch = arch_from_hf_config(load_hf_config(hf_dir))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, 1)
     model = mdl.build_megatron_model(
-        arch, tensor_parallel=1, pipeline_parallel=1, params_dtype=torch.bfloat16,
-        transformer_impl="transformer_engine", fp8=None if recipe == "bf16" else recipe,
-        fp8_format="hybrid", padded_vocab=padded)
+        arch,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        params_dtype=torch.bfloat16,
+        transformer_impl="transformer_engine",
+        fp8=None if recipe == "bf16" else recipe,
+        fp8_format="hybrid",
+        padded_vocab=padded,
+    )
     reader = HFTensorReader(hf_dir)
     load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded, tp_rank=0, tp_size=1)
     reader.close()
-    train_cfg = TrainConfig(lr=2e-4, warmup_steps=0, micro_batch_size=MICRO_BATCH,
-                            mini_batch_size=MINI_BATCH, weight_decay=0.0)
-    trainer = SFTTrainer(model, train_cfg, total_steps=STEPS, use_distributed_optimizer=False,
-                         pad_id=0)
+    train_cfg = TrainConfig(
+        lr=2e-4, warmup_steps=0, micro_batch_size=MICRO_BATCH, mini_batch_size=MINI_BATCH, weight_decay=0.0
+    )
+    trainer = SFTTrainer(model, train_cfg, total_steps=STEPS, use_distributed_optimizer=False, pad_id=0)
     return model, trainer
 
 
@@ -64,8 +70,9 @@ def logits_of(model, vocab_size: int):
 
     from sept_megatron.convert.workflows import forward_logits
 
-    tokens = torch.randint(0, vocab_size, (2, 64), device="cuda",
-                           generator=torch.Generator(device="cuda").manual_seed(0))
+    tokens = torch.randint(
+        0, vocab_size, (2, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)
+    )
     for chunk in model.chunks:
         chunk.eval()
     with torch.no_grad():
@@ -91,8 +98,8 @@ def te_extra_states(model) -> dict:
 def run_recipe(hf_dir: str, recipe: str, out: Path) -> dict:
     import torch
 
-    from sept_megatron.trainer import checkpoint as ckpt_io
     from sept_megatron.runtime import distributed
+    from sept_megatron.trainer import checkpoint as ckpt_io
     from sept_megatron.trainer.sft import load_trainer_state, trainer_sharded_state_dict
 
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1, device="cuda")
@@ -105,17 +112,25 @@ def run_recipe(hf_dir: str, recipe: str, out: Path) -> dict:
         for step, batch in enumerate(batches):
             if recipe != "bf16" and step == SAVE_AFTER:
                 ckpt = out / f"ckpt-{recipe}"
-                meta = ckpt_io.CheckpointMeta(model.arch, model.padded_vocab, "bfloat16", 1, 1,
-                                              {"scheduler": trainer.scheduler.state_dict()})
-                ckpt_io.save_checkpoint(str(ckpt), None, trainer_sharded_state_dict(trainer),
-                                        meta, hf_dir)
+                meta = ckpt_io.CheckpointMeta(
+                    model.arch,
+                    model.padded_vocab,
+                    "bfloat16",
+                    1,
+                    1,
+                    {"scheduler": trainer.scheduler.state_dict()},
+                )
+                ckpt_io.save_checkpoint(str(ckpt), None, trainer_sharded_state_dict(trainer), meta, hf_dir)
                 result["extra_state_at_save"] = te_extra_states(model)
             losses.append(trainer.step(batch)["train/loss"])
         result["losses"] = losses
         if recipe != "bf16":
             resumed_model, resumed = build(hf_dir, recipe)
-            load_trainer_state(resumed, str(out / f"ckpt-{recipe}"),
-                               ckpt_io.read_meta(str(out / f"ckpt-{recipe}")).train_state["scheduler"])
+            load_trainer_state(
+                resumed,
+                str(out / f"ckpt-{recipe}"),
+                ckpt_io.read_meta(str(out / f"ckpt-{recipe}")).train_state["scheduler"],
+            )
             result["extra_state_after_load"] = te_extra_states(resumed_model)
             result["resumed_loss"] = resumed.step(batches[SAVE_AFTER])["train/loss"]
         return result

@@ -18,11 +18,23 @@ from sept_megatron.trainer.sft import Sample, padded_length
 
 
 def arch_with(**fields) -> ModelArch:
-    base = dict(model_type="llama", vocab_size=300, hidden_size=64, num_layers=2,
-                num_attention_heads=4, num_query_groups=2, head_dim=16, ffn_hidden_size=160,
-                norm_eps=1e-6, rope_theta=1e4, rope_scaling_factor=None,
-                max_position_embeddings=256, tie_word_embeddings=False, qkv_bias=False,
-                qk_layernorm=False)
+    base = dict(
+        model_type="llama",
+        vocab_size=300,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=16,
+        ffn_hidden_size=160,
+        norm_eps=1e-6,
+        rope_theta=1e4,
+        rope_scaling_factor=None,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        qk_layernorm=False,
+    )
     return ModelArch(**(base | fields))
 
 
@@ -39,14 +51,16 @@ def fake_transformer_engine(monkeypatch, version: str, verdict=(True, "")):
     import megatron.core.utils  # first: importing it with a fake TE would ask TE's version
 
     monkeypatch.setattr(megatron.core.utils, "get_te_version", lambda: Version(version))
-    manager = SimpleNamespace(is_fp8_available=lambda: verdict,
-                              is_fp8_block_scaling_available=lambda: verdict)
+    manager = SimpleNamespace(
+        is_fp8_available=lambda: verdict, is_fp8_block_scaling_available=lambda: verdict
+    )
     fp8_module = types.ModuleType("transformer_engine.pytorch.fp8")
     fp8_module.FP8GlobalStateManager = manager
-    for name, module in (("transformer_engine", types.ModuleType("transformer_engine")),
-                         ("transformer_engine.pytorch",
-                          types.ModuleType("transformer_engine.pytorch")),
-                         ("transformer_engine.pytorch.fp8", fp8_module)):
+    for name, module in (
+        ("transformer_engine", types.ModuleType("transformer_engine")),
+        ("transformer_engine.pytorch", types.ModuleType("transformer_engine.pytorch")),
+        ("transformer_engine.pytorch.fp8", fp8_module),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
 
 
@@ -69,9 +83,17 @@ def test_missing_transformer_engine_is_named_with_the_install(monkeypatch, hoppe
     assert "Transformer Engine is not installed" in reason and "sept_megatron[gpu]" in reason
 
 
-@pytest.mark.parametrize("recipe, version, too_old", [
-    ("blockwise", "2.2.1", True), ("blockwise", "2.3.0", False), ("tensorwise", "2.1.0", True),
-    ("tensorwise", "2.2.0", False), ("delayed", "2.0.0", True), ("delayed", "2.1.0", False)])
+@pytest.mark.parametrize(
+    "recipe, version, too_old",
+    [
+        ("blockwise", "2.2.1", True),
+        ("blockwise", "2.3.0", False),
+        ("tensorwise", "2.1.0", True),
+        ("tensorwise", "2.2.0", False),
+        ("delayed", "2.0.0", True),
+        ("delayed", "2.1.0", False),
+    ],
+)
 def test_transformer_engine_version_per_recipe(monkeypatch, hopper, recipe, version, too_old):
     fake_transformer_engine(monkeypatch, version)
     reason = fp8_training.fp8_unsupported_reason(recipe)
@@ -83,15 +105,17 @@ def test_transformer_engine_version_per_recipe(monkeypatch, hopper, recipe, vers
 
 
 def test_transformer_engines_own_refusal_is_passed_on(monkeypatch, hopper):
-    fake_transformer_engine(monkeypatch, "2.8.0", verdict=(
-        False, "FP8 block scaled GEMM requires compute capability 9.0 or higher and CUDA >= 12.9."))
+    fake_transformer_engine(
+        monkeypatch,
+        "2.8.0",
+        verdict=(False, "FP8 block scaled GEMM requires compute capability 9.0 or higher and CUDA >= 12.9."),
+    )
     reason = fp8_training.fp8_unsupported_reason("blockwise")
     assert "refuses the blockwise recipe" in reason and "CUDA >= 12.9" in reason
 
 
 def test_unknown_recipe():
-    assert "choose one of delayed, tensorwise, blockwise" in \
-        fp8_training.fp8_unsupported_reason("mxfp8")
+    assert "choose one of delayed, tensorwise, blockwise" in fp8_training.fp8_unsupported_reason("mxfp8")
 
 
 def test_shape_problems_depend_on_the_tensor_parallel_size():
@@ -105,8 +129,9 @@ def test_shape_problems_depend_on_the_tensor_parallel_size():
 def test_every_reason_is_given_at_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError) as info:
-        fp8_training.require_fp8_training("delayed", arch_with(hidden_size=72, head_dim=18),
-                                          tensor_parallel=1, transformer_engine=False)
+        fp8_training.require_fp8_training(
+            "delayed", arch_with(hidden_size=72, head_dim=18), tensor_parallel=1, transformer_engine=False
+        )
     message = str(info.value)
     assert message.startswith("model.fp8='delayed' cannot run:")
     assert "model.transformer_impl=auto" in message and "no CUDA device" in message
@@ -117,8 +142,14 @@ def test_build_refuses_before_any_model_exists(monkeypatch):
     """No process group exists here: reaching Megatron's model code would fail differently."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="model.fp8='blockwise' cannot run: .*no CUDA device"):
-        mdl.build_megatron_model(arch_with(), tensor_parallel=1, pipeline_parallel=1,
-                                 transformer_impl="auto", fp8="blockwise", padded_vocab=384)
+        mdl.build_megatron_model(
+            arch_with(),
+            tensor_parallel=1,
+            pipeline_parallel=1,
+            transformer_impl="auto",
+            fp8="blockwise",
+            padded_vocab=384,
+        )
 
 
 def test_token_multiple_pads_micro_batches_for_fp8_gemms():

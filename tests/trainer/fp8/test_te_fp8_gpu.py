@@ -12,9 +12,9 @@ import json
 
 import pytest
 import torch
-
 from hf_tiny import make_tiny_model
 from mp import run_torchrun
+
 from sept_megatron.trainer.fp8 import fp8_unsupported_reason
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -44,12 +44,21 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("te_fp8")
     # Every GEMM dimension a multiple of 128, so that all three recipes (blockwise included)
     # take the shapes: hidden 256, 4 heads x 64 (2 KV heads), ffn 512.
-    model = make_tiny_model("llama", Vocab512(), seed=0, hidden_size=256, intermediate_size=512,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                            initializer_range=0.05)
+    model = make_tiny_model(
+        "llama",
+        Vocab512(),
+        seed=0,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        initializer_range=0.05,
+    )
     model.save_pretrained(root / "hf")
-    run_torchrun(1, "tests/trainer/fp8/_te_fp8_worker.py", root / "hf", root, timeout=900,
-                 env={"SEPT_DEVICE": "cuda"})
+    run_torchrun(
+        1, "tests/trainer/fp8/_te_fp8_worker.py", root / "hf", root, timeout=900, env={"SEPT_DEVICE": "cuda"}
+    )
     return root, json.loads((root / "results.json").read_text())
 
 
@@ -83,5 +92,4 @@ def test_fp8_checkpoint_resumes_with_its_scaling_state(recipe, results):
     assert run["extra_state_at_save"], "no Transformer Engine module found"
     assert run["extra_state_after_load"] == run["extra_state_at_save"]
     continued = run["losses"][3]  # the worker saved after 3 steps (SAVE_AFTER)
-    assert abs(run["resumed_loss"] - continued) <= 1e-5 * abs(continued), (run["resumed_loss"],
-                                                                          continued)
+    assert abs(run["resumed_loss"] - continued) <= 1e-5 * abs(continued), (run["resumed_loss"], continued)

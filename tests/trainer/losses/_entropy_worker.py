@@ -25,21 +25,28 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     full = (torch.randn(2, 3, PADDED, dtype=torch.float64) * 3).to(distributed.compute_device())
     rank, width = ps.get_tensor_model_parallel_rank(), PADDED // 2
-    shard = full[..., rank * width: (rank + 1) * width].clone().requires_grad_(True)
+    shard = full[..., rank * width : (rank + 1) * width].clone().requires_grad_(True)
     entropy = vocab_parallel_entropy(shard, VOCAB, TAU)
     entropy.sum().backward()
     pieces = [torch.zeros_like(shard.grad) for _ in range(2)]
     dist.all_gather(pieces, shard.grad.contiguous(), group=ps.get_tensor_model_parallel_group())
     if dist.get_rank() == 0:
-        reference = full[..., :VOCAB].clone().requires_grad_(True)  # noqa: the unsharded one
+        reference = full[..., :VOCAB].clone().requires_grad_(True)  # the unsharded one
         probs = torch.softmax(reference / TAU, dim=-1)
         ref_entropy = -(probs * torch.log_softmax(reference / TAU, dim=-1)).sum(-1)
         ref_entropy.sum().backward()
         grad = torch.cat(pieces, dim=-1)
         with open(out, "w") as f:
-            json.dump({"entropy": entropy.tolist(), "reference": ref_entropy.tolist(),
-                       "grad": grad[..., :VOCAB].tolist(), "ref_grad": reference.grad.tolist(),
-                       "pad_grad": grad[..., VOCAB:].abs().max().item()}, f)
+            json.dump(
+                {
+                    "entropy": entropy.tolist(),
+                    "reference": ref_entropy.tolist(),
+                    "grad": grad[..., :VOCAB].tolist(),
+                    "ref_grad": reference.grad.tolist(),
+                    "pad_grad": grad[..., VOCAB:].abs().max().item(),
+                },
+                f,
+            )
     distributed.shutdown()
 
 

@@ -8,10 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from mp import free_port, run_torchrun
+
 from sept_megatron.trainer.losses import (
-    EntropyLoss, GRPOLoss, NLLLoss, clipped_policy_loss, grpo_advantages, vocab_parallel_entropy)
+    EntropyLoss,
+    GRPOLoss,
+    NLLLoss,
+    clipped_policy_loss,
+    grpo_advantages,
+    vocab_parallel_entropy,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,8 +26,7 @@ def world_of_one():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
     yield
     ps.destroy_model_parallel()
@@ -55,10 +60,8 @@ def test_vocab_parallel_entropy_at_tp2_equals_the_unsharded_one(tmp_path):
     out = tmp_path / "entropy.json"
     run_torchrun(2, "tests/trainer/losses/_entropy_worker.py", str(out), timeout=180)
     result = json.loads(out.read_text())
-    assert torch.allclose(torch.tensor(result["entropy"]), torch.tensor(result["reference"]),
-                          atol=1e-10)
-    assert torch.allclose(torch.tensor(result["grad"]), torch.tensor(result["ref_grad"]),
-                          atol=1e-10)
+    assert torch.allclose(torch.tensor(result["entropy"]), torch.tensor(result["reference"]), atol=1e-10)
+    assert torch.allclose(torch.tensor(result["grad"]), torch.tensor(result["ref_grad"]), atol=1e-10)
     assert result["pad_grad"] == 0.0
 
 
@@ -92,8 +95,9 @@ def test_clipped_policy_loss_ratio_clip_and_dual_clip_by_hand():
 
 
 def _micro_batch(labels, mask, advantages=None, old=None):
-    return SimpleNamespace(labels=torch.tensor(labels), loss_mask=torch.tensor(mask),
-                           advantages=advantages, old_log_probs=old)
+    return SimpleNamespace(
+        labels=torch.tensor(labels), loss_mask=torch.tensor(mask), advantages=advantages, old_log_probs=old
+    )
 
 
 def test_losses_mask_the_prompt_and_sum_for_a_token_mean():

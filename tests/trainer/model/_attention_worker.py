@@ -20,11 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sept_megatron.runtime import compat
-from sept_megatron.runtime import distributed
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+from sept_megatron.runtime import compat, distributed
 from sept_megatron.trainer import model as mdl
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.convert.hf_config import load_hf_config
 from sept_megatron.trainer.attention import core_attention_class
 
 HEAD_DIM = 16
@@ -36,10 +34,17 @@ def attention_config(heads: int, groups: int, tp: int):
 
     # With fewer K/V heads than TP ranks, Megatron's Attention hands its core attention a
     # config with one group per rank (attention.py, "num_query_groups < world_size").
-    return TransformerConfig(num_layers=1, hidden_size=heads * HEAD_DIM, kv_channels=HEAD_DIM,
-                             num_attention_heads=heads, num_query_groups=max(groups, tp),
-                             tensor_model_parallel_size=tp, attention_dropout=0.0,
-                             masked_softmax_fusion=False, use_cpu_initialization=True)
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * HEAD_DIM,
+        kv_channels=HEAD_DIM,
+        num_attention_heads=heads,
+        num_query_groups=max(groups, tp),
+        tensor_model_parallel_size=tp,
+        attention_dropout=0.0,
+        masked_softmax_fusion=False,
+        use_cpu_initialization=True,
+    )
 
 
 def padding_mask(batch: int, seq: int, generator) -> torch.Tensor:
@@ -58,20 +63,30 @@ def module_case(heads: int, groups: int, pg_collection, tp: int, mask_type) -> d
     heads_here, groups_here = heads // tp, max(groups, tp) // tp
     device = distributed.compute_device()
     generator = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
-    inputs = [torch.randn(seq, batch, n, HEAD_DIM, generator=generator, device=device)
-              for n in (heads_here, groups_here, groups_here)]
+    inputs = [
+        torch.randn(seq, batch, n, HEAD_DIM, generator=generator, device=device)
+        for n in (heads_here, groups_here, groups_here)
+    ]
     weight = torch.randn(seq, batch, heads_here * HEAD_DIM, generator=generator, device=device)
-    mask = mdl.causal_mask(seq, device=device) if mask_type == AttnMaskType.causal else \
-        padding_mask(batch, seq, generator)
+    mask = (
+        mdl.causal_mask(seq, device=device)
+        if mask_type == AttnMaskType.causal
+        else padding_mask(batch, seq, generator)
+    )
     results = {}
     for name in ("sdpa", "unfused"):
         module = core_attention_class(name)(
-            config=config, layer_number=1, attn_mask_type=mask_type, attention_type="self",
-            attention_dropout=None, softmax_scale=None, cp_comm_type=None,
-            pg_collection=pg_collection)
+            config=config,
+            layer_number=1,
+            attn_mask_type=mask_type,
+            attention_type="self",
+            attention_dropout=None,
+            softmax_scale=None,
+            cp_comm_type=None,
+            pg_collection=pg_collection,
+        )
         q, k, v = (t.clone().requires_grad_() for t in inputs)
-        out = module(q, k, v, mask, attn_mask_type=mask_type, attention_bias=None,
-                     packed_seq_params=None)
+        out = module(q, k, v, mask, attn_mask_type=mask_type, attention_bias=None, packed_seq_params=None)
         (out * weight).sum().backward()
         results[name] = [out.detach(), q.grad, k.grad, v.grad]
     assert results["sdpa"][0].shape == (seq, batch, heads_here * HEAD_DIM)
@@ -85,8 +100,7 @@ def module_parity() -> dict:
 
     # Every rank creates every one-rank group (new_group is collective) and keeps its own.
     singles = [dist.new_group([rank]) for rank in range(dist.get_world_size())]
-    layouts = {"tp1": (ProcessGroupCollection(tp=singles[dist.get_rank()]), 1),
-               "tp2": (None, 2)}
+    layouts = {"tp1": (ProcessGroupCollection(tp=singles[dist.get_rank()]), 1), "tp2": (None, 2)}
     results = {}
     for layout, (pg_collection, tp) in layouts.items():
         for case, (heads, groups) in HEAD_CASES.items():
@@ -104,11 +118,18 @@ def model_logits(hf_dir: Path, attention: str, tokens: torch.Tensor) -> torch.Te
 
     arch = arch_from_hf_config(load_hf_config(str(hf_dir)))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, 2)
-    model = mdl.build_megatron_model(arch, tensor_parallel=2, pipeline_parallel=1,
-                                     padded_vocab=padded, attention=attention)
+    model = mdl.build_megatron_model(
+        arch, tensor_parallel=2, pipeline_parallel=1, padded_vocab=padded, attention=attention
+    )
     reader = HFTensorReader(str(hf_dir))
-    load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
-                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=2)
+    load_hf_into_model(
+        model.chunks,
+        reader,
+        arch,
+        padded_vocab=padded,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=2,
+    )
     reader.close()
     model.chunks[0].eval()
     with torch.no_grad():
@@ -122,8 +143,9 @@ def model_parity(hf_root: Path) -> dict:
     for hf_dir in sorted(d for d in hf_root.iterdir() if (d / "config.json").is_file()):
         vocab = load_hf_config(str(hf_dir)).vocab_size
         device = distributed.compute_device()
-        tokens = torch.randint(0, vocab, (2, 48), device=device,
-                               generator=torch.Generator(device=device).manual_seed(0))
+        tokens = torch.randint(
+            0, vocab, (2, 48), device=device, generator=torch.Generator(device=device).manual_seed(0)
+        )
         logits = {name: model_logits(hf_dir, name, tokens) for name in ("sdpa", "unfused")}
         with compat.suspended(), torch.no_grad():
             hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True)
@@ -131,7 +153,8 @@ def model_parity(hf_root: Path) -> dict:
         results[hf_dir.name] = {
             "sdpa_vs_transformers": float((logits["sdpa"] - reference).abs().max()),
             "unfused_vs_transformers": float((logits["unfused"] - reference).abs().max()),
-            "sdpa_vs_unfused": float((logits["sdpa"] - logits["unfused"]).abs().max())}
+            "sdpa_vs_unfused": float((logits["sdpa"] - logits["unfused"]).abs().max()),
+        }
     return results
 
 
@@ -142,8 +165,9 @@ def peak_allocated_bytes(step) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, delta in events:
         live += delta
@@ -151,8 +175,13 @@ def peak_allocated_bytes(step) -> int:
     return peak
 
 
-MEMORY_RUNS = [("unfused", "none"), ("unfused", "selective"), ("sdpa", "none"),
-               ("sdpa", "selective"), ("sdpa", "full")]
+MEMORY_RUNS = [
+    ("unfused", "none"),
+    ("unfused", "selective"),
+    ("sdpa", "none"),
+    ("sdpa", "selective"),
+    ("sdpa", "full"),
+]
 
 
 def memory(batch: int = 1, seq: int = 1024) -> dict:
@@ -169,20 +198,31 @@ def memory(batch: int = 1, seq: int = 1024) -> dict:
 
     arch = arch_from_hf_config(tiny_config("qwen2", Vocab(), max_position_embeddings=seq))
     device = distributed.compute_device()
-    tokens = torch.randint(0, 512, (batch, seq), device=device,
-                           generator=torch.Generator(device=device).manual_seed(0))
+    tokens = torch.randint(
+        0, 512, (batch, seq), device=device, generator=torch.Generator(device=device).manual_seed(0)
+    )
     positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
     mask = mdl.causal_mask(seq, device=device)
-    results = {"batch": batch, "seq": seq, "layers": arch.num_layers,
-               "heads": arch.num_attention_heads, "hidden": arch.hidden_size}
+    results = {
+        "batch": batch,
+        "seq": seq,
+        "layers": arch.num_layers,
+        "heads": arch.num_attention_heads,
+        "hidden": arch.hidden_size,
+    }
     for attention, recompute in MEMORY_RUNS:
         distributed.set_seed(0)
-        model = mdl.build_megatron_model(arch, tensor_parallel=1, pipeline_parallel=1,
-                                         padded_vocab=512, attention=attention,
-                                         recompute=recompute)
+        model = mdl.build_megatron_model(
+            arch,
+            tensor_parallel=1,
+            pipeline_parallel=1,
+            padded_vocab=512,
+            attention=attention,
+            recompute=recompute,
+        )
         chunk = model.chunks[0].train()
 
-        def step():
+        def step(chunk=chunk):
             chunk(tokens, positions, mask).float().square().mean().backward()
             chunk.zero_grad(set_to_none=True)
 
@@ -192,8 +232,10 @@ def memory(batch: int = 1, seq: int = 1024) -> dict:
             start = time.perf_counter()
             step()
             seconds.append(time.perf_counter() - start)
-        results[f"{attention}/{recompute}"] = {"peak_bytes": peak_allocated_bytes(step),
-                                               "seconds_median": sorted(seconds)[1]}
+        results[f"{attention}/{recompute}"] = {
+            "peak_bytes": peak_allocated_bytes(step),
+            "seconds_median": sorted(seconds)[1],
+        }
     return results
 
 

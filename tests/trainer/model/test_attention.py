@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
-
 from hf_tiny import make_tiny_model
 from mp import run_python, run_torchrun
-from sept_megatron.trainer import model as mdl
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.trainer.arch import ModelArch
+
 from sept_megatron.config import ConfigError, load_config, validate
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.trainer import model as mdl
+from sept_megatron.trainer.arch import ModelArch
 
 WORKER = "tests/trainer/model/_attention_worker.py"
 MODULE_TOLERANCE = 1e-5  # fp32, SDPA vs DotProductAttention
@@ -35,8 +35,9 @@ def parity(tmp_path_factory):
     root = tmp_path_factory.mktemp("attention")
     # GQA with q/k/v biases (qwen2) and q/k norms with head_dim != hidden / heads (qwen3).
     for family, extra in (("qwen2", {}), ("qwen3", {"head_dim": 32})):
-        make_tiny_model(family, StubVocab(), initializer_range=0.1, **extra) \
-            .save_pretrained(root / "hf" / family)
+        make_tiny_model(family, StubVocab(), initializer_range=0.1, **extra).save_pretrained(
+            root / "hf" / family
+        )
     out = root / "parity.json"
     run_torchrun(2, WORKER, "parity", root / "hf", out)
     return json.loads(out.read_text())
@@ -127,12 +128,13 @@ def test_sdpa_keeps_no_seq_squared_scores(memory):
     """Unfused keeps at least the fp32 probabilities of every layer ([b, heads, s, s]) for
     backward; SDPA keeps none of them, so its peak is lower by at least that much."""
     scores_per_layer = memory["batch"] * memory["heads"] * memory["seq"] ** 2 * 4
-    print(f"\npeak allocation of one forward+backward at seq {memory['seq']} (hidden "
-          f"{memory['hidden']}, {memory['layers']} layers, {memory['heads']} heads):")
+    print(
+        f"\npeak allocation of one forward+backward at seq {memory['seq']} (hidden "
+        f"{memory['hidden']}, {memory['layers']} layers, {memory['heads']} heads):"
+    )
     for run, result in memory.items():
         if isinstance(result, dict):
-            print(f"  {run:18s} {result['peak_bytes'] / 2**20:7.1f} MiB  "
-                  f"{result['seconds_median']:.2f} s")
+            print(f"  {run:18s} {result['peak_bytes'] / 2**20:7.1f} MiB  {result['seconds_median']:.2f} s")
     unfused, sdpa = memory["unfused/none"]["peak_bytes"], memory["sdpa/none"]["peak_bytes"]
     assert unfused - sdpa >= memory["layers"] * scores_per_layer
     assert sdpa < unfused / 3

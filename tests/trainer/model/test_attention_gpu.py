@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-
 from hf_tiny import make_tiny_model
 from mp import run_torchrun
 
@@ -31,11 +30,11 @@ def module_gpu_env() -> dict[str, str]:
 def gpu_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("attention_gpu")
     for family in ("llama", "qwen2", "qwen3"):
-        make_tiny_model(family, StubVocab(), initializer_range=0.1) \
-            .save_pretrained(root / "hf" / family)
+        make_tiny_model(family, StubVocab(), initializer_range=0.1).save_pretrained(root / "hf" / family)
     out = root / "result.json"
-    result = run_torchrun(1, "tests/trainer/model/_attention_gpu_worker.py", root / "hf", out,
-                          timeout=900, env=module_gpu_env())
+    result = run_torchrun(
+        1, "tests/trainer/model/_attention_gpu_worker.py", root / "hf", out, timeout=900, env=module_gpu_env()
+    )
     print(result.output[-2000:])
     return json.loads(out.read_text())
 
@@ -54,8 +53,10 @@ def test_gqa_in_bf16_runs_a_fused_kernel(gpu_results):
 
 def test_issue8_shape_trains_at_micro_batch_16x1024(gpu_results):
     result = gpu_results["issue8"]
-    print(f"\nmicro-batch step: peak {result['peak_gib']} GiB of {result['total_gib']}, "
-          f"{result['tokens_per_s']:.0f} tokens/s, kernel {gpu_results['kernel']}")
+    print(
+        f"\nmicro-batch step: peak {result['peak_gib']} GiB of {result['total_gib']}, "
+        f"{result['tokens_per_s']:.0f} tokens/s, kernel {gpu_results['kernel']}"
+    )
     assert result["loss"] == pytest.approx(6.93, abs=0.5)  # ~ln(1024): a random-init model
     if result["total_gib"] is not None:  # on CUDA (the step itself ran: no OOM)
         assert result["peak_gib"] < result["total_gib"]

@@ -6,18 +6,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-
 from hf_tiny import make_tiny_model, tiny_config
 from mp import run_torchrun
-from sept_megatron.trainer import model as mdl
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.trainer.arch import ModelArch
+
 from sept_megatron.convert.adapters import ADAPTERS
+from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.trainer import model as mdl
+from sept_megatron.trainer.arch import ModelArch
 from sept_megatron.trainer.fp8 import FP8_RECIPES
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 class StubVocab:
@@ -46,9 +51,10 @@ def test_arch_reads_the_shared_fields(family):
     assert ModelArch.from_dict(arch.to_dict()) == arch
 
 
-@pytest.mark.parametrize("family, qkv_bias, qk_layernorm", [
-    ("llama", False, False), ("mistral", False, False), ("qwen2", True, False),
-    ("qwen3", False, True)])
+@pytest.mark.parametrize(
+    "family, qkv_bias, qk_layernorm",
+    [("llama", False, False), ("mistral", False, False), ("qwen2", True, False), ("qwen3", False, True)],
+)
 def test_family_quirks(family, qkv_bias, qk_layernorm):
     arch = arch_of(family)
     assert arch.qkv_bias is qkv_bias
@@ -82,18 +88,35 @@ def test_llama3_rope_scaling_factor_is_read_from_rope_parameters():
 def test_legacy_rope_fields_are_read():
     """Configs written before transformers 5 keep ``rope_theta`` and ``rope_scaling`` apart."""
     legacy = SimpleNamespace(
-        model_type="llama", vocab_size=300, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-        rms_norm_eps=1e-5, max_position_embeddings=256, hidden_act="silu",
-        tie_word_embeddings=False, rope_parameters=None, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+        model_type="llama",
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        rope_parameters=None,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     arch = arch_from_hf_config(legacy)
     assert arch.rope_theta == 500000.0 and arch.rope_scaling_factor == 32.0
 
 
-@pytest.mark.parametrize("config", [transformers.GPT2Config(), transformers.MixtralConfig()],
-                         ids=["gpt2", "mixtral"])
+@pytest.mark.parametrize(
+    "config", [transformers.GPT2Config(), transformers.MixtralConfig()], ids=["gpt2", "mixtral"]
+)
 def test_unsupported_model_type_lists_supported_ones(config):
     with pytest.raises(ValueError) as info:
         arch_from_hf_config(config)
@@ -103,9 +126,10 @@ def test_unsupported_model_type_lists_supported_ones(config):
         assert supported in message
 
 
-@pytest.mark.parametrize("key, value", [
-    ("low_freq_factor", 2.0), ("high_freq_factor", 8.0),
-    ("original_max_position_embeddings", 4096)])
+@pytest.mark.parametrize(
+    "key, value",
+    [("low_freq_factor", 2.0), ("high_freq_factor", 8.0), ("original_max_position_embeddings", 4096)],
+)
 def test_llama3_rope_parameters_megatron_cannot_represent(key, value):
     rope = dict(LLAMA3_ROPE, **{key: value})
     with pytest.raises(ValueError) as info:
@@ -124,9 +148,19 @@ def test_non_silu_activation_is_rejected():
 
 
 # --- sizes, dtypes, FP8, layer choice ----------------------------------------------------
-@pytest.mark.parametrize("vocab, divisible_by, tp, padded", [
-    (379, 128, 1, 384), (379, 128, 2, 512), (384, 128, 1, 384), (512, 128, 4, 512),
-    (513, 128, 4, 1024), (151936, 128, 1, 151936), (151936, 128, 8, 152576), (1000, 1, 1, 1000)])
+@pytest.mark.parametrize(
+    "vocab, divisible_by, tp, padded",
+    [
+        (379, 128, 1, 384),
+        (379, 128, 2, 512),
+        (384, 128, 1, 384),
+        (512, 128, 4, 512),
+        (513, 128, 4, 1024),
+        (151936, 128, 1, 151936),
+        (151936, 128, 8, 152576),
+        (1000, 1, 1, 1000),
+    ],
+)
 def test_padded_vocab_size(vocab, divisible_by, tp, padded):
     result = mdl.padded_vocab_size(vocab, divisible_by, tp)
     assert result == padded
@@ -135,8 +169,7 @@ def test_padded_vocab_size(vocab, divisible_by, tp, padded):
 
 def test_resolve_dtype():
     assert mdl.resolve_dtype("bfloat16") is torch.bfloat16
-    assert mdl.resolve_dtype("auto") is (torch.bfloat16 if torch.cuda.is_available()
-                                         else torch.float32)
+    assert mdl.resolve_dtype("auto") is (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     with pytest.raises(ValueError, match="model.params_dtype='fp8'"):
         mdl.resolve_dtype("fp8")
 
@@ -187,8 +220,7 @@ def test_local_layer_spec_has_qk_norm_only_for_qwen3():
     from megatron.core.transformer.identity_op import IdentityOp
 
     def attention(family):
-        return mdl.layer_spec(arch_of(family), transformer_engine=False).submodules \
-            .self_attention.submodules
+        return mdl.layer_spec(arch_of(family), transformer_engine=False).submodules.self_attention.submodules
 
     assert attention("qwen3").q_layernorm is not IdentityOp
     assert attention("qwen3").k_layernorm is not IdentityOp
@@ -214,8 +246,7 @@ def test_transformer_engine_bf16_logits_match_hf(tmp_path, gpu_env):
     for family, result in json.loads(out.read_text()).items():
         # bf16 rounding is the only difference allowed: Megatron-TE's error against the fp32
         # reference must be of the order of transformers' own bf16 error.
-        assert result["megatron_bf16_vs_fp32"] <= 3 * result["hf_bf16_vs_fp32"] + 2e-2, (
-            family, result)
+        assert result["megatron_bf16_vs_fp32"] <= 3 * result["hf_bf16_vs_fp32"] + 2e-2, (family, result)
 
 
 def test_swiglu_fusion_on_cuda_only(monkeypatch):

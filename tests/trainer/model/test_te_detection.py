@@ -53,8 +53,9 @@ def install_fake_te(monkeypatch, *, pytorch_imports: bool = True, layer_runs: bo
     monkeypatch.setattr(torch, "ones", lambda *a, device=None, **k: real_ones(*a, **k))
 
 
-@pytest.mark.parametrize("pytorch_imports,layer_runs,expected", [
-    (False, False, False), (True, False, False), (True, True, True)])
+@pytest.mark.parametrize(
+    "pytorch_imports,layer_runs,expected", [(False, False, False), (True, False, False), (True, True, True)]
+)
 def test_auto_picks_te_only_when_a_te_layer_runs(monkeypatch, pytorch_imports, layer_runs, expected):
     install_fake_te(monkeypatch, pytorch_imports=pytorch_imports, layer_runs=layer_runs)
     if not pytorch_imports:
@@ -92,8 +93,11 @@ def _gpu_extra() -> list[str]:
 
 
 def test_gpu_extra_pins_te_to_what_megatron_core_declares():
-    declared = [Requirement(r) for r in importlib.metadata.requires("megatron-core") or []
-                if r.startswith("transformer-engine")]
+    declared = [
+        Requirement(r)
+        for r in importlib.metadata.requires("megatron-core") or []
+        if r.startswith("transformer-engine")
+    ]
     assert declared, "megatron-core declares no transformer-engine requirement"
     ours = [Requirement(r) for r in _gpu_extra() if r.startswith("transformer-engine")]
     assert len(ours) == 1 and "pytorch" in ours[0].extras

@@ -13,10 +13,10 @@ import json
 import sys
 
 import torch.distributed as dist
-
 from _worker import LAYOUTS, build
-from sept_megatron.runtime import distributed
+
 from sept_megatron.config import TrainConfig
+from sept_megatron.runtime import distributed
 from sept_megatron.trainer.sft import Sample, SFTTrainer
 
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
@@ -24,17 +24,26 @@ LR = 2e-2
 
 
 def make_trainer(model, pad_id: int, mode: str) -> SFTTrainer:
-    cfg = TrainConfig(mode=mode, lr=LR, warmup_steps=0, micro_batch_size=1, mini_batch_size=4,
-                      grad_clip=1.0, weight_decay=0.0)
+    cfg = TrainConfig(
+        mode=mode,
+        lr=LR,
+        warmup_steps=0,
+        micro_batch_size=1,
+        mini_batch_size=4,
+        grad_clip=1.0,
+        weight_decay=0.0,
+    )
     return SFTTrainer(model, cfg, total_steps=4, use_distributed_optimizer=True, pad_id=pad_id)
 
 
 def em_run(hf_dir, samples, pad_id, tp, pp) -> dict:
     em = make_trainer(build(hf_dir, tp, pp), pad_id, "em")
     logs = [em.step(samples) for _ in range(3)]
-    return {"loss": [log["train/loss"] for log in logs],
-            "entropy": [log["train/entropy"] for log in logs],
-            "eval_after": em.evaluate_loss(samples)}
+    return {
+        "loss": [log["train/loss"] for log in logs],
+        "entropy": [log["train/entropy"] for log in logs],
+        "eval_after": em.evaluate_loss(samples),
+    }
 
 
 def grpo_run(hf_dir, samples, pad_id, tp, pp) -> dict:
@@ -43,8 +52,10 @@ def grpo_run(hf_dir, samples, pad_id, tp, pp) -> dict:
     mini_batches = [scored, scored[::-1]]
     old = [grpo.log_probs(mb) for mb in mini_batches]
     logs = [grpo.step(mb, o) for mb, o in zip(mini_batches, old)]
-    return {key: [log[f"train/{key}"] for log in logs]
-            for key in ("loss", "clip_fraction", "entropy", "response_tokens")}
+    return {
+        key: [log[f"train/{key}"] for log in logs]
+        for key in ("loss", "clip_fraction", "entropy", "response_tokens")
+    }
 
 
 def main(hf_dir: str, samples_path: str, out_path: str) -> None:
@@ -58,8 +69,10 @@ def main(hf_dir: str, samples_path: str, out_path: str) -> None:
     results = {}
     for name, (tp, pp) in layouts.items():
         distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
-        results[name] = {"em": em_run(hf_dir, samples, pad_id, tp, pp),
-                         "grpo": grpo_run(hf_dir, samples, pad_id, tp, pp)}
+        results[name] = {
+            "em": em_run(hf_dir, samples, pad_id, tp, pp),
+            "grpo": grpo_run(hf_dir, samples, pad_id, tp, pp),
+        }
         distributed.shutdown(keep_process_group=True)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

@@ -20,10 +20,13 @@ from sept_megatron.trainer.sft import Sample  # noqa: E402
 
 def main(hf_dir: str, out: str) -> None:
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1, device="cpu")
-    samples = [Sample([1, 2, 3, 4], [5, 6, 7]), Sample([2, 3], [4, 5, 6, 7]),
-               Sample([3, 4, 5], [6, 7]), Sample([4], [5, 6, 7, 8])]
-    plain, parked = (trainer(build(hf_dir, 1, 1), 0, lr=1e-3, warmup_steps=0, steps=4)
-                     for _ in range(2))
+    samples = [
+        Sample([1, 2, 3, 4], [5, 6, 7]),
+        Sample([2, 3], [4, 5, 6, 7]),
+        Sample([3, 4, 5], [6, 7]),
+        Sample([4], [5, 6, 7, 8]),
+    ]
+    plain, parked = (trainer(build(hf_dir, 1, 1), 0, lr=1e-3, warmup_steps=0, steps=4) for _ in range(2))
     record = {"plain": [], "parked": []}
     for step in range(3):
         record["plain"].append(plain.step(samples)["train/loss"])
@@ -37,8 +40,7 @@ def main(hf_dir: str, out: str) -> None:
             with offloaded(parked, enabled=True):
                 pass
         after = trainer_tensors(parked)
-        record.setdefault("restored", []).append(
-            all(torch.equal(a, b) for a, b in zip(before, after)))
+        record.setdefault("restored", []).append(all(torch.equal(a, b) for a, b in zip(before, after)))
         record["parked"].append(parked.step(samples)["train/loss"])
     weights = [p.detach() for c in plain.chunks for p in c.parameters()]
     others = [p.detach() for c in parked.chunks for p in c.parameters()]

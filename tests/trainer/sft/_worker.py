@@ -17,12 +17,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from sept_megatron.runtime import distributed
-from sept_megatron.trainer import model as mdl
-from sept_megatron.convert.hf_config import arch_from_hf_config
-from sept_megatron.convert.hf_config import load_hf_config
 from sept_megatron.config import TrainConfig
 from sept_megatron.convert import HFTensorReader, load_hf_into_model
+from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
+from sept_megatron.runtime import distributed
+from sept_megatron.trainer import model as mdl
 from sept_megatron.trainer.sft import Sample, SFTTrainer
 
 PAD_ROW_VALUE = 1.0
@@ -40,11 +39,18 @@ def build(hf_dir: str, tp: int, pp: int):
     """This rank's stage of the checkpoint, padded vocab rows of the output layer set."""
     arch = arch_from_hf_config(load_hf_config(hf_dir))
     padded = mdl.padded_vocab_size(arch.vocab_size, 128, tp)
-    model = mdl.build_megatron_model(arch, tensor_parallel=tp, pipeline_parallel=pp,
-                                     padded_vocab=padded, transformer_impl="local")
+    model = mdl.build_megatron_model(
+        arch, tensor_parallel=tp, pipeline_parallel=pp, padded_vocab=padded, transformer_impl="local"
+    )
     reader = HFTensorReader(hf_dir)
-    load_hf_into_model(model.chunks, reader, arch, padded_vocab=padded,
-                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+    load_hf_into_model(
+        model.chunks,
+        reader,
+        arch,
+        padded_vocab=padded,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+    )
     reader.close()
     rows_per_rank = padded // tp
     first_row = ps.get_tensor_model_parallel_rank() * rows_per_rank
@@ -57,12 +63,35 @@ def build(hf_dir: str, tp: int, pp: int):
     return model
 
 
-def trainer(model, pad_id: int, *, lr: float, warmup_steps: int, steps: int, tau_train=1.0,
-            steps_per_round: int = 1, **train_fields):
-    cfg = TrainConfig(lr=lr, warmup_steps=warmup_steps, micro_batch_size=1, mini_batch_size=4,
-                      grad_clip=1.0, weight_decay=0.01, tau_train=tau_train, **train_fields)
-    return SFTTrainer(model, cfg, total_steps=steps, use_distributed_optimizer=True,
-                      pad_id=pad_id, total_rounds=steps // steps_per_round)
+def trainer(
+    model,
+    pad_id: int,
+    *,
+    lr: float,
+    warmup_steps: int,
+    steps: int,
+    tau_train=1.0,
+    steps_per_round: int = 1,
+    **train_fields,
+):
+    cfg = TrainConfig(
+        lr=lr,
+        warmup_steps=warmup_steps,
+        micro_batch_size=1,
+        mini_batch_size=4,
+        grad_clip=1.0,
+        weight_decay=0.01,
+        tau_train=tau_train,
+        **train_fields,
+    )
+    return SFTTrainer(
+        model,
+        cfg,
+        total_steps=steps,
+        use_distributed_optimizer=True,
+        pad_id=pad_id,
+        total_rounds=steps // steps_per_round,
+    )
 
 
 def train_run(hf_dir, samples, pad_id, tp, pp, settings) -> dict:
@@ -74,18 +103,22 @@ def train_run(hf_dir, samples, pad_id, tp, pp, settings) -> dict:
         logs.append(sft.step(samples))
         if (step + 1) % settings.get("steps_per_round", 1) == 0:
             sft.end_round()
-    return {"lr_used": lr_used,"loss": [log["train/loss"] for log in logs],
-            "grad_norm": [log["train/grad_norm"] for log in logs],
-            "lr": [log["train/lr"] for log in logs],
-            "tokens": [log["train/response_tokens"] for log in logs],
-            "skipped": [log["train/update_skipped"] for log in logs],
-            "eval_after": sft.evaluate_loss(samples)}
+    return {
+        "lr_used": lr_used,
+        "loss": [log["train/loss"] for log in logs],
+        "grad_norm": [log["train/grad_norm"] for log in logs],
+        "lr": [log["train/lr"] for log in logs],
+        "tokens": [log["train/response_tokens"] for log in logs],
+        "skipped": [log["train/update_skipped"] for log in logs],
+        "eval_after": sft.evaluate_loss(samples),
+    }
 
 
 def eval_loss(hf_dir, samples, pad_id, tp, pp, tau_train) -> float:
     model = build(hf_dir, tp, pp)
-    return trainer(model, pad_id, lr=1e-3, warmup_steps=0, steps=1,
-                   tau_train=tau_train).evaluate_loss(samples)
+    return trainer(model, pad_id, lr=1e-3, warmup_steps=0, steps=1, tau_train=tau_train).evaluate_loss(
+        samples
+    )
 
 
 def main(hf_dir: str, samples_path: str, out_path: str) -> None:
@@ -100,15 +133,16 @@ def main(hf_dir: str, samples_path: str, out_path: str) -> None:
     results = {}
     for name, (tp, pp) in layouts.items():
         distributed.initialize(tensor_parallel=tp, pipeline_parallel=pp)
-        result = {"eval_tau1": eval_loss(hf_dir, samples, pad_id, tp, pp, 1.0),
-                  "reference": train_run(hf_dir, samples, pad_id, tp, pp, REFERENCE)}
+        result = {
+            "eval_tau1": eval_loss(hf_dir, samples, pad_id, tp, pp, 1.0),
+            "reference": train_run(hf_dir, samples, pad_id, tp, pp, REFERENCE),
+        }
         if world == 1:
             result["eval_tau2"] = eval_loss(hf_dir, samples, pad_id, tp, pp, 2.0)
             result["large_lr"] = train_run(hf_dir, samples, pad_id, tp, pp, LARGE_LR)
             result["warmup"] = train_run(hf_dir, samples, pad_id, tp, pp, WARMUP)
             result["rounds"] = train_run(hf_dir, samples, pad_id, tp, pp, ROUNDS)
-            result["microbatch_mean"] = train_run(hf_dir, samples, pad_id, tp, pp,
-                                                  MICROBATCH_MEAN)
+            result["microbatch_mean"] = train_run(hf_dir, samples, pad_id, tp, pp, MICROBATCH_MEAN)
         distributed.shutdown(keep_process_group=True)
         results[name] = result
     if dist.get_rank() == 0:

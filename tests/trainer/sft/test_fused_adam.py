@@ -26,8 +26,7 @@ def train(model, optimizer, steps: int, seed: int = 1) -> None:
 def test_fused_groups_take_the_foreach_steps_to_rounding():
     plain_model, plain_opt = model_and_optimizer()
     fused_model, fused_opt = copy.deepcopy(plain_model), None
-    fused_opt = torch.optim.AdamW(fused_model.parameters(), lr=1e-2, weight_decay=0.01,
-                                  betas=(0.9, 0.95))
+    fused_opt = torch.optim.AdamW(fused_model.parameters(), lr=1e-2, weight_decay=0.01, betas=(0.9, 0.95))
     assert fuse_torch_adam_groups(fused_opt) == 1
     assert fused_opt.param_groups[0]["fused"] and not fused_opt.param_groups[0]["foreach"]
     train(plain_model, plain_opt, 5)

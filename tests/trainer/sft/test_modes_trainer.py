@@ -6,7 +6,6 @@ collected on the last stage and matched to the same micro-batches)."""
 import json
 
 import pytest
-
 from mp import run_python, run_torchrun
 from test_sft_trainer import train_inputs  # noqa: F401  (the fixture: tiny HF model + samples)
 

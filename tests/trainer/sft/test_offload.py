@@ -4,7 +4,6 @@ a run that offloads between steps takes exactly the steps of one that does not."
 import json
 
 import pytest
-
 from hf_tiny import make_tiny_model, make_tokenizer
 from mp import run_python
 

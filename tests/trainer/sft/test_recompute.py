@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-
 from hf_tiny import make_tiny_model, make_tokenizer
 from mp import run_python
-from sept_megatron.trainer import model as mdl
+
 from sept_megatron.convert.hf_config import arch_from_hf_config
+from sept_megatron.trainer import model as mdl
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,7 @@ def results(tmp_path_factory):
         prompt = torch.randint(4, len(tokenizer), (5 + i,), generator=generator).tolist()
         response = torch.randint(4, len(tokenizer), (6 + 2 * i,), generator=generator).tolist()
         samples.append({"prompt_ids": prompt, "response_ids": response + [tokenizer.eos_token_id]})
-    (root / "samples.json").write_text(json.dumps(
-        {"samples": samples, "pad_id": tokenizer.pad_token_id}))
+    (root / "samples.json").write_text(json.dumps({"samples": samples, "pad_id": tokenizer.pad_token_id}))
     out = root / "results.json"
     run_python(WORKER, root / "hf", root / "samples.json", out)
     return json.loads(out.read_text())
@@ -41,11 +40,15 @@ def results(tmp_path_factory):
 
 def test_recompute_modes_map_to_megatron_settings():
     assert mdl.recompute_kwargs("none") == {}
-    assert mdl.recompute_kwargs("selective") == {"recompute_granularity": "selective",
-                                                 "recompute_modules": ["core_attn"]}
-    assert mdl.recompute_kwargs("full") == {"recompute_granularity": "full",
-                                            "recompute_method": "uniform",
-                                            "recompute_num_layers": 1}
+    assert mdl.recompute_kwargs("selective") == {
+        "recompute_granularity": "selective",
+        "recompute_modules": ["core_attn"],
+    }
+    assert mdl.recompute_kwargs("full") == {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 1,
+    }
     with pytest.raises(ValueError, match="train.recompute='some'"):
         mdl.recompute_kwargs("some")
 
@@ -74,9 +77,17 @@ def test_every_mode_ran_with_its_granularity(results):
         assert result["grad_max"] > 0, name
 
 
-@pytest.mark.parametrize("name", [
-    "sdpa/selective/dropout0.0", "sdpa/full/dropout0.0", "unfused/selective/dropout0.0",
-    "sdpa/selective/dropout0.1", "sdpa/full/dropout0.1", "unfused/selective/dropout0.1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sdpa/selective/dropout0.0",
+        "sdpa/full/dropout0.0",
+        "unfused/selective/dropout0.0",
+        "sdpa/selective/dropout0.1",
+        "sdpa/full/dropout0.1",
+        "unfused/selective/dropout0.1",
+    ],
+)
 def test_recompute_gives_the_same_step(results, name):
     attention, _, dropout = name.split("/")
     reference = results[f"{attention}/none/{dropout}"]

@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-
 from hf_tiny import make_tiny_model, make_tokenizer
 from mp import run_python, run_torchrun
+from transformers import AutoModelForCausalLM
+
 from sept_megatron.trainer.model import padded_vocab_size
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,7 @@ def train_inputs(tmp_path_factory):
         prompt = torch.randint(4, len(tokenizer), (3 + i,), generator=generator).tolist()
         response = torch.randint(4, len(tokenizer), (4 + i % 3,), generator=generator).tolist()
         samples.append({"prompt_ids": prompt, "response_ids": response + [tokenizer.eos_token_id]})
-    (root / "samples.json").write_text(json.dumps(
-        {"samples": samples, "pad_id": tokenizer.pad_token_id}))
+    (root / "samples.json").write_text(json.dumps({"samples": samples, "pad_id": tokenizer.pad_token_id}))
     return root
 
 
@@ -105,8 +104,12 @@ def test_the_checks_tell_tau_and_vocab_padding_apart(train_inputs, hf_model):
     assert padding_rows > 0, "the test needs a vocab that Megatron pads"
     base = hand_loss(hf_model, samples, 1.0)
     assert abs(hand_loss(hf_model, samples, 2.0) - base) > 100 * LOSS_TOLERANCE
-    with_padding = hand_loss(hf_model, samples, 1.0, extra_logit=lambda hidden: (
-        PAD_ROW_VALUE * hidden.sum(-1, keepdim=True)).expand(-1, padding_rows))
+    with_padding = hand_loss(
+        hf_model,
+        samples,
+        1.0,
+        extra_logit=lambda hidden: (PAD_ROW_VALUE * hidden.sum(-1, keepdim=True)).expand(-1, padding_rows),
+    )
     assert abs(with_padding - base) > 100 * LOSS_TOLERANCE
 
 
@@ -149,15 +152,14 @@ def hand_grad_norm(hf, samples: list[dict], per_sample_mean: bool) -> float:
         log_probs = F.log_softmax(hf(ids).logits[0].double(), dim=-1)
         start = len(sample["prompt_ids"])
         targets = ids[0, start:]
-        losses.append(-log_probs[start - 1: ids.shape[1] - 1].gather(1, targets[:, None]).sum())
+        losses.append(-log_probs[start - 1 : ids.shape[1] - 1].gather(1, targets[:, None]).sum())
         counts.append(len(targets))
     if per_sample_mean:
         loss = sum(l / c for l, c in zip(losses, counts)) / len(samples)
     else:
         loss = sum(losses) / sum(counts)
     loss.backward()
-    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hf.parameters()
-                          if p.grad is not None))
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hf.parameters() if p.grad is not None))
     hf.zero_grad()
     return float(norm)
 
@@ -178,8 +180,8 @@ def test_parallel_layouts_match_one_process(layout, single, parallel):
     run, reference = parallel[layout], single
     assert run["eval_tau1"] == pytest.approx(reference["eval_tau1"], abs=LOSS_TOLERANCE)
     for key in ("loss", "grad_norm"):
-        assert run["reference"][key] == pytest.approx(reference["reference"][key],
-                                                      abs=LOSS_TOLERANCE), key
+        assert run["reference"][key] == pytest.approx(reference["reference"][key], abs=LOSS_TOLERANCE), key
     assert run["reference"]["tokens"] == reference["reference"]["tokens"]
-    assert run["reference"]["eval_after"] == pytest.approx(reference["reference"]["eval_after"],
-                                                           abs=LOSS_TOLERANCE)
+    assert run["reference"]["eval_after"] == pytest.approx(
+        reference["reference"]["eval_after"], abs=LOSS_TOLERANCE
+    )
