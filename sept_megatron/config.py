@@ -210,6 +210,11 @@ class TrainConfig:
     (two extra forward passes per round): does SFT fit what the model just wrote?"""
     seed: int = 1234
     """Seed of model-parallel RNGs and of the rollout's sampling streams."""
+    kl_coef: float = 0.0
+    """train.mode=grpo only: weight of a KL penalty to the initial model (verl's use_kl_loss
+    with kl_loss_coef, k3 ``low_var_kl`` estimator), which keeps a frozen copy of the initial
+    weights on every rank and costs one more forward pass per mini-batch. 0: off (the
+    reference's use_kl_loss=False); verl's coefficient when on is 0.001."""
     max_skipped_updates: int = 3
     """Consecutive optimizer steps whose loss or gradient norm is not finite (the update is
     skipped, counted in ``train/update_skipped``) before the run stops with the round, the step
@@ -589,7 +594,14 @@ def _validate_faults(cfg: Config, err) -> None:
 def _validate_grpo(cfg: Config, err) -> None:
     """GRPO compares the answers of one question with each other: it needs a group of them,
     all of them (a truncated answer is graded wrong, not dropped, as in verl)."""
+    if cfg.train.kl_coef < 0:
+        err(f"train.kl_coef={cfg.train.kl_coef}: must be >= 0 (0: no KL penalty)")
     if cfg.train.mode != "grpo":
+        if cfg.train.kl_coef:
+            err(
+                f"train.kl_coef={cfg.train.kl_coef}: the KL to the initial model is GRPO's "
+                f"(train.mode=grpo), not train.mode={cfg.train.mode}; set train.kl_coef=0"
+            )
         return
     if cfg.rollout.n < 2:
         err(

@@ -93,14 +93,20 @@ def prepare_round(mode: str, batch, n: int):
 
 
 # --- the optimizer steps of one round --------------------------------------------------------
-def train_round(trainer, mini_batches: list, mode: str) -> tuple[list[dict], dict[str, float]]:
+def train_round(
+    trainer, mini_batches: list, mode: str, reference=None
+) -> tuple[list[dict], dict[str, float]]:
     """One optimizer step per mini-batch; GRPO first takes every mini-batch's log-probs under
-    the weights that generated the round (one forward pass), unless there is a single step.
+    the weights that generated the round (one forward pass), unless there is a single step,
+    and, with a ``reference`` model (``train.kl_coef`` > 0), under the initial weights.
     Returns the step logs and the round means of the loss's extra reports."""
     old = [None] * len(mini_batches)
     if mode == "grpo" and len(mini_batches) > 1:
         old = [trainer.log_probs(mb) for mb in mini_batches]
-    logs = [trainer.step(mb, o) for mb, o in zip(mini_batches, old)]
+    ref = [None] * len(mini_batches)
+    if reference is not None:
+        ref = [trainer.log_probs(mb, chunks=reference.chunks) for mb in mini_batches]
+    logs = [trainer.step(mb, o, r) for mb, o, r in zip(mini_batches, old, ref)]
     extra_keys = sorted(set(logs[0]) - _STEP_KEYS)
     return logs, {key: fmean(log[key] for log in logs) for key in extra_keys}
 

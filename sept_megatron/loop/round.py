@@ -115,14 +115,14 @@ def mini_batches(samples: list[Sample], train_cfg) -> list[list[Sample]]:
     return [samples[i : i + size] for i in range(0, len(samples) - size + 1, size)]
 
 
-def fit(trainer, batch: RoundBatch, train_cfg, round_number: int) -> list[dict]:
+def fit(trainer, batch: RoundBatch, train_cfg, round_number: int, reference=None) -> list[dict]:
     """One optimizer step per mini-batch on the round's answers (plain SFT; EM-FT's and GRPO's
     own losses in those modes, :mod:`~sept_megatron.loop.modes`); with
     ``train.measure_round_fit``, the loss on the round's own samples before and after."""
     before = trainer.evaluate_loss(batch.samples) if train_cfg.measure_round_fit else None
     try:
         step_logs, mode_stats = modes.train_round(
-            trainer, mini_batches(batch.samples, train_cfg), train_cfg.mode
+            trainer, mini_batches(batch.samples, train_cfg), train_cfg.mode, reference
         )
     except NonFiniteTraining as exc:
         raise NonFiniteTraining(f"round {round_number}, {exc}") from None

@@ -199,6 +199,19 @@ def build_model(cfg: Config, arch: ModelArch, resume_from: str | None) -> mdl.Me
     return model
 
 
+def build_reference(cfg: Config, arch: ModelArch) -> mdl.MegatronModel | None:
+    """GRPO's frozen initial model (``train.kl_coef`` > 0), built as the run's model is from
+    ``model.hf_path`` / ``model.megatron_ckpt`` (never from a resumed checkpoint: the KL is to
+    the initial policy); None when the KL is off."""
+    if cfg.train.mode != "grpo" or not cfg.train.kl_coef:
+        return None
+    reference = build_model(cfg, arch, resume_from=None)
+    for chunk in reference.chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    return reference
+
+
 def build_fleet(cfg: Config, rank: int, tokenizer=None, *, releases_memory: bool = True) -> EngineFleet:
     """Every rank's engine (collective: the engine groups' process groups are created here).
 

@@ -234,6 +234,9 @@ def estimate(
             mem.training.append(Line(label, act / GIB, counted=used))
         mem.training += _working_set(cfg, arch, kernels, layout, padded, stage)
         mem.training += mode_lines(cfg, layout, padded, stage)
+        if cfg.train.mode == "grpo" and cfg.train.kl_coef:  # a frozen copy of this stage
+            weights = next(line.gib for line in mem.training if line.label == "weights")
+            mem.training.append(Line("grpo: the initial model's weights (KL, train.kl_coef)", weights))
         stages.append(mem)
     problems: list[str] = []
     notes: list[str] = []
@@ -322,9 +325,14 @@ def mode_notes(cfg: Config) -> list[str]:
         if sequences > t.mini_batch_size
         else "no extra forward (one update per rollout: the ratio is 1)"
     )
+    kl = (
+        "; train.kl_coef: one more forward pass per mini-batch, through the initial model"
+        if t.kl_coef
+        else ""
+    )
     return [
         f"grpo: {t.prompts_per_round} questions x rollout.n={n} = {sequences} sequences "
-        f"generated and trained per round; {extra}"
+        f"generated and trained per round; {extra}{kl}"
     ]
 
 

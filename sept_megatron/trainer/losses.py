@@ -102,6 +102,14 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((groups - mean) / (std + GRPO_ADVANTAGE_EPS)).view(-1).to(rewards.dtype)
 
 
+def low_var_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(current || reference) by the k3 estimator, verl's ``low_var_kl``
+    (``kl_penalty`` in core_algos): ``exp(ref - logp) - (ref - logp) - 1``, non-negative and
+    unbiased for samples drawn from the current policy, clamped to [-10, 10] as verl does."""
+    log_ratio = ref_log_probs - log_probs
+    return (log_ratio.exp() - log_ratio - 1).clamp(-10.0, 10.0)
+
+
 def clipped_policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -167,9 +175,15 @@ class EntropyLoss(TokenLoss):
 
 class GRPOLoss(TokenLoss):
     """GRPO's clipped policy gradient. ``mb.old_log_probs`` None means one update per rollout,
-    where the old policy is the current one: the ratio is exactly 1 (verl's on-policy case)."""
+    where the old policy is the current one: the ratio is exactly 1 (verl's on-policy case).
+    ``kl_coef`` > 0 (``train.kl_coef``; off by default, as the reference's use_kl_loss=False)
+    adds ``kl_coef`` x the per-token :func:`low_var_kl` to the initial model, whose log-probs
+    come as ``mb.ref_log_probs`` (verl's use_kl_loss with kl_loss_type=low_var_kl)."""
 
-    report_keys = ("lm loss", "clip_fraction", "entropy")
+    def __init__(self, vocab_size: int, tau_train: float, kl_coef: float = 0.0):
+        super().__init__(vocab_size, tau_train)
+        self.kl_coef = kl_coef
+        self.report_keys = ("lm loss", "clip_fraction", "entropy") + (("kl",) if kl_coef else ())
 
     def per_token(self, mb, logits):
         log_probs = -token_nll(logits, mb.labels, self.vocab_size, self.tau_train)
@@ -177,7 +191,13 @@ class GRPOLoss(TokenLoss):
         loss, clipped = clipped_policy_loss(log_probs, old, mb.advantages)
         with torch.no_grad():
             entropy = vocab_parallel_entropy(logits.detach(), self.vocab_size, self.tau_train)
-        return {"lm loss": loss, "clip_fraction": clipped, "entropy": entropy}
+        values = {"lm loss": loss, "clip_fraction": clipped, "entropy": entropy}
+        if self.kl_coef:
+            if mb.ref_log_probs is None:
+                raise RuntimeError("train.kl_coef > 0 needs the initial model's log-probs")
+            kl = low_var_kl(log_probs, mb.ref_log_probs)
+            values |= {"lm loss": loss + self.kl_coef * kl, "kl": kl.detach()}
+        return values
 
 
 class LogProbCollector(TokenLoss):
@@ -193,6 +213,8 @@ class LogProbCollector(TokenLoss):
 LOSSES = {"em": EntropyLoss, "grpo": GRPOLoss}
 
 
-def loss_for_mode(mode: str, vocab_size: int, tau_train: float) -> TokenLoss:
+def loss_for_mode(mode: str, vocab_size: int, tau_train: float, kl_coef: float = 0.0) -> TokenLoss:
     """The training loss of ``train.mode``: NLL for the SFT modes, else that mode's own."""
+    if mode == "grpo":
+        return GRPOLoss(vocab_size, tau_train, kl_coef)
     return LOSSES.get(mode, NLLLoss)(vocab_size, tau_train)

@@ -55,6 +55,7 @@ class MicroBatch:
     attention_mask: torch.Tensor
     advantages: torch.Tensor | None = None  # [b, 1] per-sequence advantage (GRPO)
     old_log_probs: torch.Tensor | None = None  # [b, s] log-probs before the round's updates
+    ref_log_probs: torch.Tensor | None = None  # [b, s] the initial model's (GRPO's KL)
 
 
 def make_micro_batch(samples: Sequence[Sample], seq_len: int, pad_id: int) -> MicroBatch:
@@ -96,6 +97,7 @@ def _to_device(mb: MicroBatch, device) -> MicroBatch:
                 mb.attention_mask,
                 mb.advantages,
                 mb.old_log_probs,
+                mb.ref_log_probs,
             )
         )
     )
@@ -146,13 +148,15 @@ class SFTTrainer:
             self.optimizer, train_cfg, scheduler_steps(train_cfg, total_steps, total_rounds)
         )
         _install_schedule_hooks(model.config, self.chunks, self.optimizer)
-        self.loss = loss_for_mode(train_cfg.mode, model.arch.vocab_size, train_cfg.tau_train)
+        self.loss = loss_for_mode(
+            train_cfg.mode, model.arch.vocab_size, train_cfg.tau_train, train_cfg.kl_coef
+        )
         self.steps = 0
         self.skips = SkippedUpdates(train_cfg.max_skipped_updates)
 
     # -- data layout -------------------------------------------------------------------------
     def _micro_batches(
-        self, mini_batch: Sequence[Sample], old_log_probs=None
+        self, mini_batch: Sequence[Sample], old_log_probs=None, ref_log_probs=None
     ) -> tuple[list[MicroBatch], int]:
         """This DP rank's share of a mini-batch, cut into micro-batches of one length (with
         their old log-probs from :meth:`log_probs`, which cut the mini-batch the same way)."""
@@ -165,6 +169,8 @@ class SFTTrainer:
         ]
         for mb, old in zip(mbs, old_log_probs or ()):
             mb.old_log_probs = old
+        for mb, ref in zip(mbs, ref_log_probs or ()):
+            mb.ref_log_probs = ref
         return mbs, seq_len
 
     def _run_schedule(
@@ -173,15 +179,18 @@ class SFTTrainer:
         forward_only: bool,
         loss: TokenLoss | None = None,
         old_log_probs=None,
+        ref_log_probs=None,
+        chunks=None,
     ) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        mbs, seq_len = self._micro_batches(mini_batch, old_log_probs)
-        iterators = [iter(mbs) for _ in self.chunks]
+        chunks = chunks or self.chunks
+        mbs, seq_len = self._micro_batches(mini_batch, old_log_probs, ref_log_probs)
+        iterators = [iter(mbs) for _ in chunks]
         return get_forward_backward_func()(
             forward_step_func=partial(_forward_step, loss or self.loss),
-            data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=len(mbs),
             seq_length=seq_len,
             micro_batch_size=self.cfg.micro_batch_size,
@@ -189,14 +198,16 @@ class SFTTrainer:
         )
 
     # -- steps ---------------------------------------------------------------------------------
-    def step(self, mini_batch: Sequence[Sample], old_log_probs=None) -> dict[str, float]:
+    def step(self, mini_batch: Sequence[Sample], old_log_probs=None, ref_log_probs=None) -> dict[str, float]:
         """One optimizer step on one mini-batch; returns loss, grad norm, lr, token count (and
         the loss's extra reports, e.g. GRPO's ``train/clip_fraction``, ``train/entropy``)."""
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run_schedule(mini_batch, forward_only=False, old_log_probs=old_log_probs)
+        losses = self._run_schedule(
+            mini_batch, forward_only=False, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs
+        )
         loss, tokens = _reduce_losses(losses)
         ok, grad_norm = step_if_finite(self.optimizer, loss)
         # As Megatron-LM, a skipped update does not advance the LR schedule; a schedule counted
@@ -219,14 +230,15 @@ class SFTTrainer:
         }
 
     @torch.no_grad()
-    def log_probs(self, mini_batch: Sequence[Sample]) -> list:
+    def log_probs(self, mini_batch: Sequence[Sample], chunks=None) -> list:
         """Per-token log-probs of this rank's micro-batches of ``mini_batch`` under the current
-        weights (GRPO's old policy, one forward pass); ``None`` each on stages without a head.
-        Pass the result to :meth:`step` with the same ``mini_batch``."""
-        for chunk in self.chunks:
+        weights (GRPO's old policy, one forward pass), or under ``chunks`` (another model of the
+        same layout: the frozen initial model of GRPO's KL); ``None`` each on stages without a
+        head. Pass the result to :meth:`step` with the same ``mini_batch``."""
+        for chunk in chunks or self.chunks:
             chunk.eval()
         collector = LogProbCollector(self.model.arch.vocab_size, self.cfg.tau_train)
-        reports = self._run_schedule(mini_batch, forward_only=True, loss=collector)
+        reports = self._run_schedule(mini_batch, forward_only=True, loss=collector, chunks=chunks)
         return [r["log_probs"] for r in reports] or None
 
     def end_round(self) -> None:

@@ -314,3 +314,11 @@ def test_rollout_timeout_must_be_positive():
 
     with pytest.raises(ConfigError, match=r"rollout.timeout_minutes=0.0: must be > 0"):
         validate(load_config(None, ["model.hf_path=/m", "rollout.timeout_minutes=0"]), world_size=1)
+
+
+def test_kl_coef_is_grpos_and_non_negative():
+    message = validation_errors(good_config("train.kl_coef=0.1"))
+    assert "train.kl_coef=0.1" in message and "train.mode=grpo" in message
+    message = validation_errors(good_config("train.mode=grpo", "rollout.n=2", "train.kl_coef=-1"))
+    assert "train.kl_coef=-1.0: must be >= 0" in message
+    validate(good_config("train.mode=grpo", "rollout.n=2", "train.kl_coef=0.001"), world_size=1)

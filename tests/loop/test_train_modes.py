@@ -101,6 +101,25 @@ def test_grpo_at_pp2_logs_rewards_and_resumes(tiny_run_inputs, tmp_path):
     assert metrics[-1]["rollout/groups_all_equal"] == len(equal) / 8
 
 
+def test_grpo_with_a_kl_penalty_to_the_initial_model(tiny_run_inputs, tmp_path):
+    """train.kl_coef > 0: the frozen initial model's log-probs reach the loss; the penalty is
+    zero while the policy still equals it (round 1's first step) and positive once it moved."""
+    run_dir = tmp_path / "kl"
+    args = base_args(tiny_run_inputs, run_dir, rounds=ROUNDS) + [
+        "train.mode=grpo",
+        "rollout.n=2",
+        "train.mini_batch_size=8",
+        "train.kl_coef=0.5",
+        "checkpoint.export_hf=false",
+        "train.lr=3e-2",
+    ]
+    run_train(args)
+    metrics = read_metrics(run_dir)
+    assert [m["round"] for m in metrics] == [1, 2]
+    kl = [m["train/kl"] for m in metrics]
+    assert all(value >= 0 for value in kl) and kl[-1] > 0, kl
+
+
 def test_grpo_refuses_questions_without_ground_truth(tiny_run_inputs, tmp_path):
     bank = tmp_path / "no_truth.jsonl"
     rows = [json.loads(line) for line in (tiny_run_inputs / "train.jsonl").read_text().splitlines()[:8]]

@@ -16,6 +16,7 @@ from sept_megatron.trainer.losses import (
     NLLLoss,
     clipped_policy_loss,
     grpo_advantages,
+    low_var_kl,
     vocab_parallel_entropy,
 )
 
@@ -94,9 +95,13 @@ def test_clipped_policy_loss_ratio_clip_and_dual_clip_by_hand():
     assert lp.grad.tolist() == pytest.approx([-2.0, 1.0, -0.5])
 
 
-def _micro_batch(labels, mask, advantages=None, old=None):
+def _micro_batch(labels, mask, advantages=None, old=None, ref=None):
     return SimpleNamespace(
-        labels=torch.tensor(labels), loss_mask=torch.tensor(mask), advantages=advantages, old_log_probs=old
+        labels=torch.tensor(labels),
+        loss_mask=torch.tensor(mask),
+        advantages=advantages,
+        old_log_probs=old,
+        ref_log_probs=ref,
     )
 
 
@@ -128,6 +133,30 @@ def test_grpo_loss_uses_old_log_probs_and_reports_clip_and_entropy():
     loss_sum, _, report = GRPOLoss(3, 1.0)(mb, logits)
     assert loss_sum.item() == pytest.approx(-1.0)
     assert report["clip_fraction"][0].item() == 0.0
+
+
+def test_low_var_kl_is_verls_k3_estimator_by_hand():
+    log_probs = torch.log(torch.tensor([0.5, 0.2, 0.9]))
+    ref = torch.log(torch.tensor([0.25, 0.2, 0.3]))
+    by_hand = [(r / p) - math.log(r / p) - 1 for p, r in ((0.5, 0.25), (0.2, 0.2), (0.9, 0.3))]
+    assert low_var_kl(log_probs, ref).tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert low_var_kl(log_probs, log_probs).abs().max().item() == 0.0  # no drift, no penalty
+    assert (low_var_kl(log_probs, ref) >= 0).all()
+
+
+def test_grpo_kl_penalty_adds_coef_times_kl_to_the_initial_model():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
+    labels, mask = [[0, 1, 2]], [[0.0, 1.0, 1.0]]
+    ref = torch.log(torch.tensor([[0.5, 0.4, 0.3]]))  # the initial model's p of the labels
+    mb = _micro_batch(labels, mask, torch.tensor([[1.0]]), ref=ref)
+    plain, _, plain_report = GRPOLoss(3, 1.0)(mb, logits)
+    assert "kl" not in plain_report  # off by default: no reference needed, nothing logged
+    with_kl, _, report = GRPOLoss(3, 1.0, kl_coef=0.1)(mb, logits)
+    kl_by_hand = sum(r / p - math.log(r / p) - 1 for p, r in ((0.8, 0.4), (0.6, 0.3)))
+    assert report["kl"].tolist() == pytest.approx([kl_by_hand, 2.0], rel=1e-6)
+    assert with_kl.item() == pytest.approx(plain.item() + 0.1 * kl_by_hand, rel=1e-6)
+    with pytest.raises(RuntimeError, match="initial model's log-probs"):
+        GRPOLoss(3, 1.0, kl_coef=0.1)(_micro_batch(labels, mask, torch.tensor([[1.0]])), logits)
 
 
 # --- GRPO's reward: the project's grader on the shared benchmarks ---------------------------
