@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from sept_megatron.runtime.distributed import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT_S = 300
@@ -37,13 +38,6 @@ class LaunchError(AssertionError):
 class LaunchResult:
     returncode: int
     output: str  # stdout and stderr interleaved
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks; the race window is tiny)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _target(script_or_module: str) -> list[str]:
