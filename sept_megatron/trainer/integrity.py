@@ -270,8 +270,13 @@ class CheckpointSaveFailed(OSError):
 
 
 def free_bytes(path: str) -> int:
+    """Free bytes on the file system that holds ``path`` (or would: a directory not made yet
+    is measured at its nearest existing parent)."""
     import shutil
 
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
     return shutil.disk_usage(path).free
 
 

@@ -130,3 +130,9 @@ def test_space_check_compares_free_space_with_the_last_save(tmp_path, monkeypatc
     problem = integrity.space_problem(str(tmp_path), 5 << 20)
     assert "3.0 MiB free" in problem and "5.0 MiB" in problem
     assert integrity.space_problem(str(tmp_path), None) is None  # first save: nothing to compare
+
+
+def test_free_space_of_a_directory_not_made_yet_is_its_parents(tmp_path):
+    # A run's first save (or the bench's, which removes its root between saves) asks before
+    # the checkpoint root exists.
+    assert integrity.free_bytes(str(tmp_path / "not" / "yet")) == integrity.free_bytes(str(tmp_path))
