@@ -31,7 +31,7 @@ from loop.test_train_cli import base_args, read_metrics, round_prompts
 
 INSTALL_VAR = "SEPT_TEST_INSTALL_SLURM"
 APT_PACKAGES = ("slurm-wlm", "munge")
-SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "sept.sbatch"
+SBATCH_SCRIPT = Path(__file__).resolve().parents[3] / "examples" / "sept.sbatch"
 JOB_TIMEOUT_S = 300
 CHILD_SPAWNER = Path(__file__).resolve().parent / "usr1_child"  # a sitecustomize for the ranks
 ROUNDS = 4  # a stop after round 1 or 2 leaves rounds for the requeued job; rounds are cheap

@@ -256,5 +256,5 @@ def main(mode: str, *args: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for hf_tiny
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ for hf_tiny
     main(*sys.argv[1:])
