@@ -295,15 +295,21 @@ def test_up_front_draws_sample_the_tokens_of_per_step_draws(top_k, top_p, tokeni
     assert len({tuple(g.token_ids) for row in up_front for g in row}) > 1  # really sampled
 
 
+def tokens_of(generations):
+    """What "the same tokens" means: ids, text and finish reason (the per-token log-probs
+    and entropies come from other kernels and may differ in the last bits)."""
+    return [[(g.token_ids, g.text, g.finish_reason) for g in row] for row in generations]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_static_cache_gives_the_tokens_of_the_dynamic_cache(family, tokenizer, prompts):
     model = make_tiny_model(family, tokenizer)
     dynamic = engine_for(model, tokenizer, batch_size=3)
     static = engine_for(model, tokenizer, batch_size=3, static_cache=True)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=20)
-    assert static.generate(prompts, greedy) == dynamic.generate(prompts, greedy)
+    assert tokens_of(static.generate(prompts, greedy)) == tokens_of(dynamic.generate(prompts, greedy))
     sampled = SamplingParams(temperature=0.9, max_new_tokens=12, n=2, seed=5)
-    assert static.generate(prompts, sampled) == dynamic.generate(prompts, sampled)
+    assert tokens_of(static.generate(prompts, sampled)) == tokens_of(dynamic.generate(prompts, sampled))
     config = static._call_config(greedy, prompt_width=300)
     assert config.cache_implementation == "static" and config.max_cache_len == 512
 

@@ -20,6 +20,10 @@ from sept_megatron.trainer.losses import (
     vocab_parallel_entropy,
 )
 
+# Every tensor names its device: the suite runs the CPU layer in strict mode, where a device-less
+# tensor in a collective (the entropy's all-reduce) is refused, as it would be on CUDA.
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
@@ -40,7 +44,7 @@ def _entropy_by_hand(row: list[float]) -> float:
 
 
 def test_entropy_matches_a_hand_computation_with_temperature_and_vocab_padding():
-    logits = torch.tensor([[[1.0, 2.0, 3.0, 50.0], [0.0, 0.0, 0.0, 50.0]]])
+    logits = torch.tensor([[[1.0, 2.0, 3.0, 50.0], [0.0, 0.0, 0.0, 50.0]]], device=CPU)
     # The last column is vocab padding: out of the softmax despite its huge logit.
     entropy = vocab_parallel_entropy(logits, vocab_size=3, tau_train=0.5)
     assert entropy[0, 0].item() == pytest.approx(_entropy_by_hand([2.0, 4.0, 6.0]), rel=1e-6)
@@ -49,7 +53,7 @@ def test_entropy_matches_a_hand_computation_with_temperature_and_vocab_padding()
 
 def test_entropy_gradient_matches_autograd_of_the_plain_formula():
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, device=CPU, requires_grad=True)
     vocab_parallel_entropy(logits, 5, 1.0).sum().backward()
     reference = logits.detach().clone().requires_grad_(True)
     probs = torch.softmax(reference, -1)
@@ -61,44 +65,50 @@ def test_vocab_parallel_entropy_at_tp2_equals_the_unsharded_one(tmp_path):
     out = tmp_path / "entropy.json"
     run_torchrun(2, "tests/trainer/losses/_entropy_worker.py", str(out), timeout=180)
     result = json.loads(out.read_text())
-    assert torch.allclose(torch.tensor(result["entropy"]), torch.tensor(result["reference"]), atol=1e-10)
-    assert torch.allclose(torch.tensor(result["grad"]), torch.tensor(result["ref_grad"]), atol=1e-10)
+    assert torch.allclose(
+        torch.tensor(result["entropy"], device=CPU), torch.tensor(result["reference"], device=CPU), atol=1e-10
+    )
+    assert torch.allclose(
+        torch.tensor(result["grad"], device=CPU), torch.tensor(result["ref_grad"], device=CPU), atol=1e-10
+    )
     assert result["pad_grad"] == 0.0
 
 
 def test_grpo_advantages_are_group_normalised_with_unbiased_std():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], device=CPU)
     adv = grpo_advantages(rewards, group_size=4)
     # Group 1: mean 0.25, unbiased std sqrt(0.25) = 0.5 -> (1 - .25) / .5 = 1.5, -0.5 x 3.
     assert adv[:4].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-5)
     # Group 2: all equal -> zero advantage (no signal from that question).
     assert adv[4:].tolist() == [0.0] * 4
     # A group of one (verl): mean 0, std 1, the advantage is the reward.
-    assert grpo_advantages(torch.tensor([1.0, 0.0]), 1).tolist() == pytest.approx([1.0, 0.0], abs=1e-5)
+    assert grpo_advantages(torch.tensor([1.0, 0.0], device=CPU), 1).tolist() == pytest.approx(
+        [1.0, 0.0], abs=1e-5
+    )
     with pytest.raises(ValueError, match="groups of 3"):
         grpo_advantages(rewards, 3)
 
 
 def test_clipped_policy_loss_ratio_clip_and_dual_clip_by_hand():
-    old = torch.zeros(6)
-    log_probs = torch.log(torch.tensor([1.1, 1.5, 0.5, 1.5, 0.5, 5.0]))
-    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    old = torch.zeros(6, device=CPU)
+    log_probs = torch.log(torch.tensor([1.1, 1.5, 0.5, 1.5, 0.5, 5.0], device=CPU))
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0], device=CPU)
     loss, clipped = clipped_policy_loss(log_probs, old, adv)
     # A > 0: -A x min(r, clip(r)) ; A < 0: -A x max(r, clip(r)), at most -A x 3 (dual clip).
     expected = [-1.1, -1.2, -0.5, 1.5, 0.8, 3.0]
     assert loss.tolist() == pytest.approx(expected, rel=1e-6)
     assert clipped.tolist() == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
     # Ratio 1 (one update per rollout): the loss is -A, its gradient -A per token.
-    lp = torch.zeros(3, requires_grad=True)
-    loss, _ = clipped_policy_loss(lp, lp.detach(), torch.tensor([2.0, -1.0, 0.5]))
+    lp = torch.zeros(3, device=CPU, requires_grad=True)
+    loss, _ = clipped_policy_loss(lp, lp.detach(), torch.tensor([2.0, -1.0, 0.5], device=CPU))
     loss.sum().backward()
     assert lp.grad.tolist() == pytest.approx([-2.0, 1.0, -0.5])
 
 
 def _micro_batch(labels, mask, advantages=None, old=None, ref=None):
     return SimpleNamespace(
-        labels=torch.tensor(labels),
-        loss_mask=torch.tensor(mask),
+        labels=torch.tensor(labels, device=CPU),
+        loss_mask=torch.tensor(mask, device=CPU),
         advantages=advantages,
         old_log_probs=old,
         ref_log_probs=ref,
@@ -106,7 +116,7 @@ def _micro_batch(labels, mask, advantages=None, old=None, ref=None):
 
 
 def test_losses_mask_the_prompt_and_sum_for_a_token_mean():
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]], device=CPU))
     mb = _micro_batch([[0, 1, 2]], [[0.0, 1.0, 1.0]])
     loss_sum, count, report = NLLLoss(3, 1.0)(mb, logits)
     assert int(count) == 2  # the prompt position is masked
@@ -119,25 +129,25 @@ def test_losses_mask_the_prompt_and_sum_for_a_token_mean():
 
 
 def test_grpo_loss_uses_old_log_probs_and_reports_clip_and_entropy():
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]], device=CPU))
     labels, mask = [[0, 1, 2]], [[0.0, 1.0, 1.0]]
     # Old probabilities 0.4 and 0.6: ratios 2 (clipped to 1.2) and 1; advantage +1.
-    old = torch.log(torch.tensor([[0.9, 0.4, 0.6]]))
-    mb = _micro_batch(labels, mask, torch.tensor([[1.0]]), old)
+    old = torch.log(torch.tensor([[0.9, 0.4, 0.6]], device=CPU))
+    mb = _micro_batch(labels, mask, torch.tensor([[1.0]], device=CPU), old)
     loss_sum, count, report = GRPOLoss(3, 1.0)(mb, logits)
     assert loss_sum.item() == pytest.approx(-1.2 - 1.0, rel=1e-6)
     assert report["clip_fraction"].tolist() == pytest.approx([1.0, 2.0])
     assert report["entropy"][0].item() > 0
     # No old log-probs: ratio 1, the loss is -A per response token.
-    mb = _micro_batch(labels, mask, torch.tensor([[0.5]]))
+    mb = _micro_batch(labels, mask, torch.tensor([[0.5]], device=CPU))
     loss_sum, _, report = GRPOLoss(3, 1.0)(mb, logits)
     assert loss_sum.item() == pytest.approx(-1.0)
     assert report["clip_fraction"][0].item() == 0.0
 
 
 def test_low_var_kl_is_verls_k3_estimator_by_hand():
-    log_probs = torch.log(torch.tensor([0.5, 0.2, 0.9]))
-    ref = torch.log(torch.tensor([0.25, 0.2, 0.3]))
+    log_probs = torch.log(torch.tensor([0.5, 0.2, 0.9], device=CPU))
+    ref = torch.log(torch.tensor([0.25, 0.2, 0.3], device=CPU))
     by_hand = [(r / p) - math.log(r / p) - 1 for p, r in ((0.5, 0.25), (0.2, 0.2), (0.9, 0.3))]
     assert low_var_kl(log_probs, ref).tolist() == pytest.approx(by_hand, rel=1e-6)
     assert low_var_kl(log_probs, log_probs).abs().max().item() == 0.0  # no drift, no penalty
@@ -145,10 +155,10 @@ def test_low_var_kl_is_verls_k3_estimator_by_hand():
 
 
 def test_grpo_kl_penalty_adds_coef_times_kl_to_the_initial_model():
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]], device=CPU))
     labels, mask = [[0, 1, 2]], [[0.0, 1.0, 1.0]]
-    ref = torch.log(torch.tensor([[0.5, 0.4, 0.3]]))  # the initial model's p of the labels
-    mb = _micro_batch(labels, mask, torch.tensor([[1.0]]), ref=ref)
+    ref = torch.log(torch.tensor([[0.5, 0.4, 0.3]], device=CPU))  # the initial model's p of the labels
+    mb = _micro_batch(labels, mask, torch.tensor([[1.0]], device=CPU), ref=ref)
     plain, _, plain_report = GRPOLoss(3, 1.0)(mb, logits)
     assert "kl" not in plain_report  # off by default: no reference needed, nothing logged
     with_kl, _, report = GRPOLoss(3, 1.0, kl_coef=0.1)(mb, logits)
@@ -156,7 +166,7 @@ def test_grpo_kl_penalty_adds_coef_times_kl_to_the_initial_model():
     assert report["kl"].tolist() == pytest.approx([kl_by_hand, 2.0], rel=1e-6)
     assert with_kl.item() == pytest.approx(plain.item() + 0.1 * kl_by_hand, rel=1e-6)
     with pytest.raises(RuntimeError, match="initial model's log-probs"):
-        GRPOLoss(3, 1.0, kl_coef=0.1)(_micro_batch(labels, mask, torch.tensor([[1.0]])), logits)
+        GRPOLoss(3, 1.0, kl_coef=0.1)(_micro_batch(labels, mask, torch.tensor([[1.0]], device=CPU)), logits)
 
 
 # --- GRPO's reward: the project's grader on the shared benchmarks ---------------------------
