@@ -90,6 +90,18 @@ class RunLogger:
         if self._wandb is not None:
             self._sender.submit(self._wandb.log, dict(metrics), step=step)
 
+    def rewind(self, rounds_done: int) -> None:
+        """A resumed run repeats the rounds after its checkpoint: drop their records from
+        ``metrics.jsonl`` (a run killed after logging a round whose checkpoint was never
+        published, e.g. an async save still in flight), so every round is logged once."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("round", 0) <= rounds_done]
+        with open(self.metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.metrics_path + ".tmp", self.metrics_path)
+
     def save_samples(self, round_index: int, rows: Iterable[dict[str, Any]]) -> None:
         """The round's samples: ``samples/round_N.jsonl`` (``logging.save_samples``) and, every
         ``logging.samples_every`` rounds, a W&B table ``rollout/samples`` at that round."""
@@ -217,6 +229,9 @@ class NullRunLogger:
     """What every rank but 0 gets: same methods, no output."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def rewind(self, rounds_done: int) -> None:
         pass
 
     def save_samples(self, round_index: int, rows) -> None:

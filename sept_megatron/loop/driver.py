@@ -89,6 +89,7 @@ def _run(cfg: Config, arch, questions, rank: int, logger) -> dict[str, float]:
     start = checkpoints.resume(trainer, sampler, resume_from) if resume_from else 0
     if resume_from:
         logger.info("resumed from %s at round %d", resume_from, start)
+        logger.rewind(start)  # the rounds after the checkpoint are run (and logged) again
     # The engines start from model.hf_path; sync first when the trainer's weights differ
     # (resumed, Megatron checkpoint) or the engine holds none yet (FP8: started with dummy
     # weights from an FP8 config, see rollout.sglang_engine.prepare_fp8_model_dir).

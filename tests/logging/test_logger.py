@@ -155,3 +155,17 @@ def test_bad_logging_fields_are_named(field, value, message):
     setattr(cfg.logging, field, value)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         validate(cfg, world_size=1)
+
+
+def test_a_resumed_run_logs_each_round_once(tmp_path):
+    """A run killed after logging round 2 but before its checkpoint was published resumes at
+    round 1 and logs round 2 again: the rewind drops the first record of it."""
+    from sept_megatron.logging import RunLogger
+
+    logger = RunLogger(LoggingConfig(run_dir=str(tmp_path), wandb_mode="disabled"), {})
+    for step in (1, 2):
+        logger.log({"train/loss": float(step)}, step=step)
+    logger.rewind(1)
+    logger.log({"train/loss": 2.5}, step=2)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["train/loss"]) for r in lines] == [(1, 1.0), (2, 2.5)]

@@ -1,4 +1,4 @@
-"""Put on PYTHONPATH of a test job (tests/distributed/test_slurm.py): every training rank
+"""Put on PYTHONPATH of a test job (tests/runtime/distributed/test_slurm.py): every training rank
 (``SLURM_PROCID`` set) spawns a child process that, like SGLang's scheduler processes, has no
 USR1 handler and so dies on USR1. When the rank exits it writes the child's state to
 ``$SEPT_TEST_CHILD_DIR/rank<R>-restart<N>.txt``: ``alive``, or the signal that ended it.
