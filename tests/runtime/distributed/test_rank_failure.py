@@ -38,6 +38,9 @@ def endless_args(inputs: Path, run_dir: Path) -> list[str]:
     return base_args(inputs, run_dir, rounds=1000) + [
         "parallel.tensor_parallel=2",
         f"parallel.timeout_minutes={TIMEOUT_MINUTES}",
+        # a peer can hang while the survivor waits on the rollout's exchange, which
+        # rollout.timeout_minutes bounds (a gloo group of its own)
+        f"rollout.timeout_minutes={TIMEOUT_MINUTES}",
         "checkpoint.save_every_n_rounds=0",
         "checkpoint.export_hf=false",
     ]
