@@ -17,14 +17,15 @@ allocated. Exit status: 0 fits, 1 does not fit, 2 config error.
 - **Optimizer**: Megatron's mixed-precision Adam keeps fp32 master weights and both moments
   (12 bytes/param; 8 for fp32 params, which are their own master); the distributed optimizer
   shards them over data-parallel ranks.
-- **Rollout engine**: weights plus the KV cache of its share of the round's sequences at full
-  length. Colocated, the engine's memory is released while Megatron trains, so the peak is the
-  larger of the two phases; the trainer's weights, gradient buffer and optimizer state stay
-  resident in both. SGLang 0.5.21 sizes its static pool from the memory free when it starts
-  (:mod:`sept_megatron.rollout.sglang_memory`: ``pool = fraction x free_at_start - weights``);
-  the engines start before Megatron allocates anything, so the trainer's resident state and
-  SGLang's workspace must fit in ``(1 - fraction) x free_at_start``. The hf backend holds a
-  full bf16 copy per engine GPU. Disaggregated engines are checked per engine GPU on their own.
+- **Rollout engine**: the backend's own memory model says what its engine holds
+  (:mod:`sept_megatron.rollout.memory_model`; SGLang's static pool in
+  :mod:`~sept_megatron.rollout.sglang_memory`, the hf engine's full copy in
+  :mod:`~sept_megatron.rollout.hf_memory`), given the engine's share of the round's sequences
+  at full length and the trainer state kept beside it. Colocated, the engine's memory is
+  released while Megatron trains, so the peak is the larger of the two phases; the trainer's
+  weights, gradient buffer and optimizer state stay resident in both (unless
+  ``train.offload_during_rollout``). Disaggregated engines are checked per engine GPU on their
+  own.
 
 A fixed reserve (CUDA contexts, NCCL buffers, allocator slack) is added to every phase.
 """
@@ -49,20 +50,13 @@ from sept_megatron.plan.memory import (
     stage_activations,
     stage_params,
 )
-from sept_megatron.rollout.sglang_memory import engine_pool_gib, fraction_for_pool, largest_fraction
+from sept_megatron.rollout.base import RolloutBackend
+from sept_megatron.rollout.memory_model import GIB, EngineGPU, EngineMemoryModel, MemoryLine, divisors
+from sept_megatron.rollout.registry import backend_class, backend_names
 
-GIB = float(1 << 30)
 DEFAULT_RESERVE_GIB = 4.0
 """CUDA context of the trainer (~0.6 GiB), NCCL communicators and buffers (1-2 GiB), caching
 allocator slack. The same figure is used on CPU when ``parallel.gpu_mem_gb`` asks for a check."""
-SGLANG_RELEASED_GIB = 1.5
-"""What a colocated SGLang engine keeps while released for training (its own CUDA context and
-graph buffers; torch_memory_saver frees weights and KV cache)."""
-SGLANG_WORKSPACE_GIB = 3.0
-"""SGLang's memory outside its static pool while generating (CUDA graphs, the activations of
-one chunked-prefill step, sampling buffers): the reason mem_fraction_static stays below 1."""
-SGLANG_MAX_FRACTION = 0.9
-"""The highest mem_fraction_static the planner proposes."""
 PROPOSAL_HEADROOM = 0.95
 """Proposed layouts keep 5% of the GPU spare on top of the reserve: estimates run a few
 percent off (tests/plan/test_memory_estimate.py), and a proposal should not sit on the edge."""
@@ -93,14 +87,14 @@ class Layout:
     recompute: str
     engine_tp: int
     backend: str
-    mem_fraction_static: float
+    engine_settings: tuple[tuple[str, float], ...] = ()
+    """The backend's memory settings (:meth:`EngineMemoryModel.settings`), as name/value pairs."""
 
     def describe(self) -> str:
         vpp = f" VPP={self.virtual_pipeline}" if self.virtual_pipeline else ""
         sp = " SP" if self.sequence_parallel else ""
-        engine = f"engine TP={self.engine_tp}" + (
-            f" (mem_fraction_static {self.mem_fraction_static:g})" if self.backend == "sglang" else ""
-        )
+        settings = ", ".join(f"{name} {value:g}" for name, value in self.engine_settings)
+        engine = f"engine TP={self.engine_tp}" + (f" ({settings})" if settings else "")
         return (
             f"TP={self.tensor_parallel} PP={self.pipeline_parallel}{vpp} DP={self.data_parallel}"
             f"{sp} recompute={self.recompute} | {self.backend} {engine}"
@@ -120,16 +114,31 @@ def layout_from_config(cfg: Config, world: int) -> Layout:
         cfg.train.recompute,
         r.engine_tp,
         r.backend,
-        r.mem_fraction_static,
+        tuple(memory_model(r.backend).settings(r).items()),
+    )
+
+
+def memory_model(backend: str) -> EngineMemoryModel:
+    """The memory model of ``rollout.backend=backend`` (:mod:`sept_megatron.rollout.registry`)."""
+    cls = backend_class(backend)
+    if not isinstance(cls, RolloutBackend):
+        raise ConfigError(
+            f"rollout.backend={backend}: {cls.__name__} does not implement "
+            "sept_megatron.rollout.base.RolloutBackend (memory_model() among others), so the "
+            "planner cannot count its engine's memory; add the missing class methods"
+        )
+    return cls.memory_model()
+
+
+def engine_rollout(cfg: Config, layout: Layout):
+    """The ``rollout`` section as ``layout`` runs it: its backend, engine TP and settings."""
+    return dataclasses.replace(
+        cfg.rollout, backend=layout.backend, engine_tp=layout.engine_tp, **dict(layout.engine_settings)
     )
 
 
 # --- the estimate -----------------------------------------------------------------------------
-@dataclass
-class Line:
-    label: str
-    gib: float
-    counted: bool = True  # part of the phase total (alternatives are shown, not counted)
+Line = MemoryLine  # label, GiB, counted (part of the phase total; alternatives are shown only)
 
 
 @dataclass
@@ -337,39 +346,47 @@ def mode_notes(cfg: Config) -> list[str]:
 
 
 # --- rollout --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EngineNeeds:
-    """One engine GPU's share: weights, the KV cache of its sequences, one sequence's KV."""
-
-    weights: float
-    kv: float
-    one_sequence: float
-    sequences: int
-    engines: int
-
-
-def engine_needs(cfg: Config, arch, hardware: Hardware, layout: Layout) -> EngineNeeds:
-    """Weights / engine TP (bf16, or FP8 linear layers with ``rollout.weights=fp8``) and a
-    bf16 KV cache for the engine's share of the round at prompt + response length (capped at
-    ``rollout.batch_size`` for hf, which generates that many at a time)."""
-    r, d = cfg.rollout, cfg.data
+def engine_weights_gib(cfg: Config, arch) -> float:
+    """The whole model as an engine loads it: bf16, or FP8 linear layers with
+    ``rollout.weights=fp8`` (the backend shards it over its engine TP)."""
     counts = param_counts(arch, arch.vocab_size)
-    seq_len = d.max_prompt_length + d.max_response_length
-    engines = len(r.server_urls) if r.placement == "disaggregated" else hardware.world // layout.engine_tp
-    engines = max(1, engines)
-    share = math.ceil(cfg.train.prompts_per_round * r.n / engines)
-    sequences = min(share, r.batch_size) if layout.backend == "hf" else share
-    kv_heads = math.ceil(arch.num_query_groups / layout.engine_tp)  # replicated when fewer than TP
-    kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * 2
     linear = counts.num_layers * counts.layer_linear
-    weight_bytes = (counts.total - linear) * 2 + linear * (1 if r.weights == "fp8" else 2)
-    return EngineNeeds(
-        weight_bytes / layout.engine_tp / GIB,
-        sequences * seq_len * kv_per_token / GIB,
-        seq_len * kv_per_token / GIB,
-        sequences,
-        engines,
+    linear_bytes = 1 if cfg.rollout.weights == "fp8" else 2
+    return ((counts.total - linear) * 2 + linear * linear_bytes) / GIB
+
+
+def engine_count(cfg: Config, hardware: Hardware, layout: Layout) -> int:
+    r = cfg.rollout
+    engines = len(r.server_urls) if r.placement == "disaggregated" else hardware.world // layout.engine_tp
+    return max(1, engines)
+
+
+def engine_gpu(
+    cfg: Config, arch, hardware: Hardware, layout: Layout, name: str, resident: float
+) -> EngineGPU:
+    """What the backend's memory model is asked about: one GPU hosting an engine with its share
+    of the round, ``resident`` GiB of trainer state beside it."""
+    share = math.ceil(cfg.train.prompts_per_round * cfg.rollout.n / engine_count(cfg, hardware, layout))
+    return EngineGPU(
+        rollout=engine_rollout(cfg, layout),
+        arch=arch,
+        weights_gib=engine_weights_gib(cfg, arch),
+        share=share,
+        prompt_tokens=cfg.data.max_prompt_length,
+        response_tokens=cfg.data.max_response_length,
+        gpu_mem_gib=hardware.gpu_mem_gib,
+        reserve_gib=hardware.reserve_gib,
+        resident_gib=resident,
+        colocated=cfg.rollout.placement != "disaggregated",
+        name=name,
     )
+
+
+def resident_beside_engine(cfg: Config, mem: StageMemory) -> float:
+    """Trainer state left on a GPU while its engine generates: none disaggregated or offloaded."""
+    if cfg.rollout.placement == "disaggregated" or cfg.train.offload_during_rollout:
+        return 0.0
+    return mem.resident_gib
 
 
 def _rollout(
@@ -381,152 +398,36 @@ def _rollout(
     problems: list[str],
     notes: list[str],
 ) -> tuple[StageMemory | None, int]:
-    """Fill the rollout lines of each GPU that hosts an engine; return the engine GPU
-    (disaggregated placement) and the number of engines."""
-    needs = engine_needs(cfg, arch, hardware, layout)
+    """Fill the rollout lines of each GPU that hosts an engine from the backend's memory model;
+    return the engine GPU (disaggregated placement) and the number of engines."""
+    model = memory_model(layout.backend)
     disaggregated = cfg.rollout.placement == "disaggregated"
-    weights_label = (
-        "engine weights (bf16, a full copy)"
-        if layout.backend == "hf"
-        else f"engine weights ({'fp8' if cfg.rollout.weights == 'fp8' else 'bf16'}, "
-        f"/engine TP={layout.engine_tp})"
-    )
-    kv_label = (
-        f"KV cache: {needs.sequences} sequences x "
-        f"{cfg.data.max_prompt_length + cfg.data.max_response_length} tokens"
-    )
-    if layout.backend == "hf" and needs.weights + hardware.reserve_gib > hardware.gpu_mem_gib:
-        problems.append(
-            f"rollout engine: the hf backend holds one full bf16 copy of the model "
-            f"({needs.weights:.1f} GiB) on one GPU of {hardware.gpu_mem_gib:g} GiB; use "
-            "rollout.backend=sglang with rollout.engine_tp > 1"
-        )
     hosts = [StageMemory("engine GPU")] if disaggregated else stages
-    offloaded = cfg.train.offload_during_rollout
     for mem in hosts:
-        resident = 0.0 if disaggregated or offloaded else mem.resident_gib
+        resident = resident_beside_engine(cfg, mem)
         if not disaggregated:
             label = (
                 "trainer state offloaded to host memory (train.offload_during_rollout)"
-                if offloaded
+                if cfg.train.offload_during_rollout
                 else "trainer state kept resident (weights, grads, optimizer)"
             )
             mem.rollout.append(Line(label, resident))
-        mem.rollout.append(Line(weights_label, needs.weights))
-        if layout.backend == "hf":
-            mem.rollout += [
-                Line(kv_label, needs.kv),
-                Line(
-                    "prefill working set (hf: whole batch at once)",
-                    _hf_prefill_gib(cfg, arch, needs.sequences),
-                ),
-            ]
-        else:
-            _sglang_pool(mem, resident, needs, kv_label, hardware, layout, problems, notes)
-        if not disaggregated and layout.backend == "sglang":
-            mem.training.append(Line("SGLang engine while released (context, graphs)", SGLANG_RELEASED_GIB))
-    return (hosts[0] if disaggregated else None), needs.engines
-
-
-def _hf_prefill_gib(cfg: Config, arch, sequences: int) -> float:
-    """transformers prefills the whole batch at once: one layer's hidden states, QKV and the
-    three MLP tensors of every prompt token are alive together (bf16)."""
-    per_token = 3 * arch.hidden_size + arch.num_attention_heads * arch.head_dim + 4 * arch.ffn_hidden_size
-    return sequences * cfg.data.max_prompt_length * per_token * 2 / GIB
-
-
-def sglang_fraction_needed(
-    resident: float, needs: EngineNeeds, gpu_mem: float, reserve: float = DEFAULT_RESERVE_GIB
-) -> float:
-    """The ``mem_fraction_static`` to ask for: the smallest whose pool holds every sequence
-    (:func:`~sept_megatron.rollout.sglang_memory.fraction_for_pool`), capped by the largest
-    that leaves room for ``resident`` trainer state and SGLang's workspace."""
-    free = free_at_engine_start(gpu_mem, reserve)
-    needed = fraction_for_pool(free_at_start_gib=free, engine_weights_gib=needs.weights, pool_gib=needs.kv)
-    return min(
-        needed, largest_fraction(free_at_start_gib=free, beside_engine_gib=resident + SGLANG_WORKSPACE_GIB)
-    )
-
-
-def free_at_engine_start(gpu_mem: float, reserve: float) -> float:
-    """What SGLang measures as free when its scheduler starts: the engines start before
-    Megatron allocates anything, so the GPU less the reserve (CUDA contexts, NCCL)."""
-    return gpu_mem - reserve
-
-
-def _sglang_pool(
-    mem: StageMemory,
-    resident: float,
-    needs: EngineNeeds,
-    kv_label: str,
-    hardware: Hardware,
-    layout: Layout,
-    problems: list[str],
-    notes: list[str],
-) -> None:
-    """SGLang 0.5.21's pool (:mod:`sept_megatron.rollout.sglang_memory`): ``fraction`` of the
-    memory free at its start, less its weights; the trainer's resident state and SGLang's
-    workspace must fit in the rest."""
-    fraction = layout.mem_fraction_static
-    free = free_at_engine_start(hardware.gpu_mem_gib, hardware.reserve_gib)
-    pool = engine_pool_gib(
-        free_at_start_gib=free, engine_weights_gib=needs.weights, mem_fraction_static=fraction
-    )
-    mem.rollout += [
-        Line(f"  ({kv_label})", needs.kv, counted=False),
-        Line(
-            f"KV pool: mem_fraction_static {fraction:g} x {free:g} free at engine start, less its weights",
-            max(pool, 0.0),
-        ),
-        Line("SGLang workspace outside its pool (CUDA graphs, prefill)", SGLANG_WORKSPACE_GIB),
-    ]
-    highest = largest_fraction(free_at_start_gib=free, beside_engine_gib=resident + SGLANG_WORKSPACE_GIB)
-    wanted = sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib, hardware.reserve_gib)
-    where = "" if mem.name == "GPU" else f" ({mem.name})"
-    fits_one = (
-        engine_pool_gib(free_at_start_gib=free, engine_weights_gib=needs.weights, mem_fraction_static=highest)
-        >= needs.one_sequence
-    )
-    fix = (
-        f"set rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g}"
-        if fits_one
-        else "offload the trainer during rollout, or shard the engine wider "
-        "(rollout.engine_tp) or the trainer (more TP/PP)"
-    )
-    if fraction > highest:
-        problems.append(
-            f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's "
-            f"static pool takes {fraction * free:.1f} of the {free:.1f} GiB free at its "
-            f"start, leaving {(1 - fraction) * free:.1f} GiB for {resident:.1f} GiB of "
-            f"trainer state and {SGLANG_WORKSPACE_GIB:g} GiB of SGLang workspace: {fix}"
-        )
-    elif pool < needs.one_sequence:
-        problems.append(
-            f"rollout engine{where}: at mem_fraction_static={fraction:g} SGLang's KV "
-            f"pool is {pool:.1f} GiB after {needs.weights:.1f} GiB of engine weights, "
-            f"less than one full-length sequence ({needs.one_sequence:.2f} GiB): {fix}"
-        )
-    elif pool < needs.kv:
-        notes.append(
-            f"SGLang's KV pool{where} ({pool:.1f} GiB) holds {int(pool / needs.one_sequence)} "
-            f"of the engine's {needs.sequences} full-length sequences at once; the rest "
-            f"queue (rollout.mem_fraction_static={min(wanted, SGLANG_MAX_FRACTION):g} "
-            "holds the most that fits beside the trainer)"
-        )
+        engine = model.estimate(engine_gpu(cfg, arch, hardware, layout, mem.name, resident))
+        mem.rollout += engine.generating
+        mem.training += engine.released
+        problems += [p for p in engine.problems if p not in problems]
+        notes += engine.notes
+    return (hosts[0] if disaggregated else None), engine_count(cfg, hardware, layout)
 
 
 # --- proposals ------------------------------------------------------------------------------
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def candidate_layouts(cfg: Config, arch, hardware: Hardware):
     """Every layout the config validation would accept on ``hardware``, trainer and engine."""
     t, world = cfg.train, hardware.world
-    for tp in _divisors(hardware.gpus_per_node):
+    for tp in divisors(hardware.gpus_per_node):
         if arch.num_attention_heads % tp or arch.num_query_groups % tp or arch.ffn_hidden_size % tp:
             continue
-        for pp in _divisors(arch.num_layers):
+        for pp in divisors(arch.num_layers):
             if world % (tp * pp) or tp * pp > world:
                 continue
             dp = world // (tp * pp)
@@ -537,15 +438,18 @@ def candidate_layouts(cfg: Config, arch, hardware: Hardware):
 
 
 def engine_choices(cfg: Config, arch, hardware: Hardware) -> list[tuple[str, int]]:
-    """(backend, engine TP) pairs to try: the config's backend first, SGLang when hf cannot."""
-    sglang = [
-        ("sglang", etp)
-        for etp in _divisors(hardware.gpus_per_node)
-        if arch.num_attention_heads % etp == 0 and hardware.world % etp == 0
-    ]
-    if cfg.rollout.backend == "hf":
-        return [("hf", 1)] + sglang
-    return sglang
+    """(backend, engine TP) pairs to try: the config's backend first, then every other backend
+    that can shard its engine over several GPUs (for a model one GPU cannot hold)."""
+    shape = dict(gpus_per_node=hardware.gpus_per_node, world=hardware.world)
+    configured = cfg.rollout.backend
+    choices = [(configured, tp) for tp in memory_model(configured).engine_tps(arch, **shape)]
+    for name in backend_names():
+        if name == configured or not isinstance(backend_class(name), RolloutBackend):
+            continue
+        tps = memory_model(name).engine_tps(arch, **shape)
+        if max(tps, default=1) > 1:
+            choices += [(name, tp) for tp in tps]
+    return choices
 
 
 def propose(cfg: Config, arch, hardware: Hardware, kernels: Kernels, limit: int = 4) -> list[Estimate]:
@@ -555,6 +459,7 @@ def propose(cfg: Config, arch, hardware: Hardware, kernels: Kernels, limit: int 
     for tp, pp, dp, recompute in candidate_layouts(cfg, arch, hardware):
         fitting = []
         for backend, etp in engine_choices(cfg, arch, hardware):
+            settings = memory_model(backend).settings(dataclasses.replace(cfg.rollout, backend=backend))
             layout = Layout(
                 tp,
                 pp,
@@ -565,9 +470,9 @@ def propose(cfg: Config, arch, hardware: Hardware, kernels: Kernels, limit: int 
                 recompute,
                 etp,
                 backend,
-                cfg.rollout.mem_fraction_static,
+                tuple(settings.items()),
             )
-            result = _with_fraction_raised(cfg, arch, hardware, kernels, layout)
+            result = _with_engine_tuned(cfg, arch, hardware, kernels, layout)
             if result.fits and result.peak_gib <= PROPOSAL_HEADROOM * hardware.gpu_mem_gib:
                 fitting.append(result)
                 if not result.notes:
@@ -593,25 +498,19 @@ def propose(cfg: Config, arch, hardware: Hardware, kernels: Kernels, limit: int 
     return found[:limit]
 
 
-def _with_fraction_raised(cfg, arch, hardware, kernels, layout: Layout) -> Estimate:
-    """Retry with the SGLang fraction whose pool holds the engine's sequences (at most
-    SGLANG_MAX_FRACTION)."""
+def _with_engine_tuned(cfg, arch, hardware, kernels, layout: Layout) -> Estimate:
+    """Retry a colocated layout with the settings the backend's memory model proposes for the
+    GPU with the most trainer state beside its engine (e.g. SGLang's ``mem_fraction_static``
+    whose pool holds the engine's sequences)."""
     first = estimate(cfg, arch, hardware, kernels, layout)
-    if (
-        (first.fits and not first.notes)
-        or layout.backend != "sglang"
-        or cfg.rollout.placement == "disaggregated"
-    ):
+    if (first.fits and not first.notes) or cfg.rollout.placement == "disaggregated":
         return first
-    needs = engine_needs(cfg, arch, hardware, layout)
-    resident = max(s.resident_gib for s in first.stages)
-    fraction = min(
-        SGLANG_MAX_FRACTION,
-        sglang_fraction_needed(resident, needs, hardware.gpu_mem_gib, hardware.reserve_gib),
-    )
-    if fraction == layout.mem_fraction_static or fraction <= 0:
+    busiest = max(first.stages, key=lambda mem: resident_beside_engine(cfg, mem))
+    gpu = engine_gpu(cfg, arch, hardware, layout, busiest.name, resident_beside_engine(cfg, busiest))
+    settings = tuple((memory_model(layout.backend).tuned(gpu)).items())
+    if not settings or settings == layout.engine_settings:
         return first
-    return estimate(cfg, arch, hardware, kernels, dataclasses.replace(layout, mem_fraction_static=fraction))
+    return estimate(cfg, arch, hardware, kernels, dataclasses.replace(layout, engine_settings=settings))
 
 
 # --- rendering ------------------------------------------------------------------------------

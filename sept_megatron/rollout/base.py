@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from sept_megatron.rollout.memory_model import EngineMemoryModel
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -145,7 +147,8 @@ class RolloutEngine(Protocol):
 @runtime_checkable
 class RolloutBackend(Protocol):
     """What ``rollout.backend`` names (:mod:`sept_megatron.rollout.registry`): an engine class
-    that owns its configuration. All three are class methods."""
+        that owns its configuration: it checks it, builds itself from it and says how much memory
+    it will take. All are class methods."""
 
     @classmethod
     def check_config(cls, rollout: Any, *, arch: Any = None) -> list[str]:
@@ -179,6 +182,11 @@ class RolloutBackend(Protocol):
     @classmethod
     def build(cls, model_path: str | None = None, **kwargs: Any) -> RolloutEngine:
         """This rank's engine (every rank of an engine group builds one)."""
+
+    @classmethod
+    def memory_model(cls) -> EngineMemoryModel:
+        """How the engine spends a GPU's memory, for ``sept-megatron plan`` and train's
+        fit check (:mod:`sept_megatron.rollout.memory_model`)."""
 
 
 # --- how an engine takes new weights: one capability per engine ----------------------------

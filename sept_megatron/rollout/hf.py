@@ -43,6 +43,7 @@ from sept_megatron.rollout.base import (
     sequence_seeds,
     stop_ids,
 )
+from sept_megatron.rollout.hf_memory import HFMemory
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,11 @@ class HFRolloutEngine:
     @classmethod
     def build(cls, model_path: str | None = None, **kwargs) -> HFRolloutEngine:
         return cls(model_path, **kwargs)
+
+    @classmethod
+    def memory_model(cls) -> HFMemory:
+        """A full bf16 copy per GPU, its batch's KV cache and prefill (:mod:`.hf_memory`)."""
+        return HFMemory()
 
     # --- generation --------------------------------------------------------------------
 

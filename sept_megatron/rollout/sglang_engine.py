@@ -50,6 +50,7 @@ from sept_megatron.rollout.base import (
     SamplingParams,
     check_prompts,
 )
+from sept_megatron.rollout.sglang_memory import SGLangMemory
 from sept_megatron.rollout.sglang_requests import (
     check_sglang_version,
     group_generations,
@@ -318,6 +319,11 @@ class SGLangRolloutEngine:
                 ranks=placement.mine.ranks, process_group=placement.cpu_group or placement.process_group
             )
         return kwargs
+
+    @classmethod
+    def memory_model(cls) -> SGLangMemory:
+        """SGLang 0.5.21's static pool and workspace (:mod:`.sglang_memory`)."""
+        return SGLangMemory()
 
     @classmethod
     def build(cls, model_path: str | None = None, **kwargs):

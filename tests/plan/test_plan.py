@@ -300,3 +300,60 @@ def test_fused_swiglu_keeps_two_ffn_wide_tensors_fewer_per_layer(archs):
         for kernels in (gpu, unfused)
     }
     assert kept[False] - kept[True] == 2 * gpu.param_bytes * arch.ffn_hidden_size / 2
+
+
+# --- the backend reports its engine's memory --------------------------------------------------
+def test_the_planner_asks_the_backend_for_its_engine_memory(archs, monkeypatch):
+    """A backend the package does not know (tests/rollout/toy_backend) gets its own lines in
+    the table, its own layout line, and the built-in backends that can shard wider as
+    alternatives: the planner names no backend."""
+    import importlib.util
+
+    from sept_megatron.rollout import registry
+
+    spec = importlib.util.spec_from_file_location(
+        "toy_sept_backend", Path(__file__).parents[1] / "rollout" / "toy_backend" / "toy_sept_backend.py"
+    )
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    monkeypatch.setattr(registry, "_REGISTERED", {"toy": toy.ToyEngine})
+    cfg, arch, kernels = qwen7b(archs, "rollout.backend=toy", "rollout.engine_tp=1")
+    result = plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels)
+    engine_lines = [l for l in result.stages[0].rollout if not l.label.startswith("trainer state")]
+    assert [l.label for l in engine_lines] == ["toy engine: one bf16 copy"]
+    assert engine_lines[0].gib == pytest.approx(
+        memory.param_counts(arch, arch.vocab_size).total * 2 / plan.GIB
+    )
+    assert result.layout.describe().endswith("| toy engine TP=1")
+    choices = plan.engine_choices(cfg, arch, plan.Hardware(1, 8, H100))
+    assert choices[0] == ("toy", 1) and ("sglang", 4) in choices and ("hf", 1) not in choices
+
+
+def test_a_backend_without_a_memory_model_is_named_in_the_error(archs, monkeypatch):
+    from sept_megatron.rollout import registry
+
+    class Old:  # written before RolloutBackend.memory_model existed
+        @classmethod
+        def check_config(cls, rollout, *, arch=None):
+            return []
+
+    monkeypatch.setattr(registry, "_REGISTERED", {"old": Old})
+    cfg, arch, kernels = qwen7b(archs)
+    assert ("old", 1) not in plan.engine_choices(cfg, arch, plan.Hardware(1, 8, H100))
+    cfg.rollout.backend = "old"
+    with pytest.raises(ConfigError, match=r"rollout.backend=old: Old does not implement .*memory_model"):
+        plan.estimate(cfg, arch, plan.Hardware(1, 8, H100), kernels)
+
+
+def test_proposals_with_the_trainer_offloaded_tune_the_engine_without_it(archs):
+    """With train.offload_during_rollout no trainer state sits beside the engine, so the tuned
+    mem_fraction_static may take what the trainer would have held: the one-GPU engine's pool
+    (0.57 of the free memory) holds its whole share, where counting the parked trainer would
+    have capped the fraction and sent the proposal to a two-GPU engine."""
+    cfg = load_config(str(EXAMPLES / "deepseek-math-7b.yaml"), ["train.offload_during_rollout=true"])
+    arch = arch_of(archs["deepseek-math-7b"])
+    kernels = plan.resolve_kernels(cfg, arch, on_gpu=True, te_available=True)
+    proposals = plan.propose(cfg, arch, plan.Hardware(1, 8, H100), kernels)
+    layouts = {(p.layout.tensor_parallel, p.layout.pipeline_parallel): p.layout for p in proposals}
+    assert all(layout.engine_tp == 1 for layout in layouts.values()), layouts
+    assert layouts[(1, 1)].engine_settings == (("mem_fraction_static", 0.57),)

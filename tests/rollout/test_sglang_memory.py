@@ -20,6 +20,7 @@ from sglang_source import require_sglang, sglang_definitions
 from sept_megatron.config import load_config
 from sept_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 from sept_megatron.plan import planner as plan
+from sept_megatron.rollout import sglang_memory
 from sept_megatron.rollout.sglang_memory import (
     engine_pool_gib,
     fraction_for_pool,
@@ -123,5 +124,5 @@ def test_the_planners_pool_for_each_recipe_is_sglangs(recipe, tmp_path):
         assert pool == pytest.approx(theirs, abs=1e-6) and pool > 0
         # The generate phase: SGLang's whole static footprint beside the resident trainer.
         assert stage.rollout_gib == pytest.approx(
-            cfg.rollout.mem_fraction_static * free + stage.resident_gib + plan.SGLANG_WORKSPACE_GIB
+            cfg.rollout.mem_fraction_static * free + stage.resident_gib + sglang_memory.WORKSPACE_GIB
         )

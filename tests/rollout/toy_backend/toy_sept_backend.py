@@ -10,6 +10,25 @@ import json
 import os
 
 
+class ToyMemory:
+    """Implements EngineMemoryModel: the toy engine keeps one bf16 copy of the model per GPU
+    and nothing else, and refuses nothing."""
+
+    def engine_tps(self, arch, *, gpus_per_node, world):
+        return [1]
+
+    def settings(self, rollout):
+        return {}
+
+    def estimate(self, gpu):
+        from sept_megatron.rollout.memory_model import EngineMemory, MemoryLine
+
+        return EngineMemory(generating=[MemoryLine("toy engine: one bf16 copy", gpu.weights_gib)])
+
+    def tuned(self, gpu):
+        return {}
+
+
 class ToyEngine:
     """Implements RolloutBackend (the class methods) and BucketWeightEngine."""
 
@@ -43,6 +62,10 @@ class ToyEngine:
     @classmethod
     def build(cls, model_path=None, **kwargs):
         return cls(model_path, **kwargs)
+
+    @classmethod
+    def memory_model(cls):
+        return ToyMemory()
 
     def generate(self, prompts, sampling):
         from sept_megatron.rollout.base import Generation
