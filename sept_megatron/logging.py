@@ -4,21 +4,24 @@ Non-zero ranks get :class:`NullRunLogger` (nanoGPT's trick): code calls ``logger
 everywhere without ``if rank == 0``. Nothing secret is ever logged: the config holds no
 credentials, and W&B reads its key from its own environment/netrc.
 
-W&B is imported only when ``logging.wandb_mode`` is not ``disabled``, so callers hand the
-logger plain data (rows, series, a PNG path) and it builds W&B's objects (``wandb.Table``,
-``wandb.plot.line_series``, ``wandb.Image``) itself. Every run of one experiment (the base
-sweep, the training run, the final evaluation, the demo's ablations) shares one W&B group,
-``logging.wandb_group`` (default: the run directory's name), and says what it is by its
-``job_type``.
+W&B runs in a process of its own (:class:`_WandbProcess`), started only when
+``logging.wandb_mode`` is not ``disabled``: the training process never imports wandb. Callers
+hand the logger plain data (metrics, rows, series, a PNG path); the W&B process builds W&B's
+objects (``wandb.Table``, ``wandb.plot.line_series``, ``wandb.Image``) and sends them.
+
+Every run of one experiment (the base sweep, the training run, the final evaluation, the
+demo's ablations) shares one W&B group, ``logging.wandb_group`` (default: the run directory's
+name), and says what it is by its ``job_type``.
 """
 
 from __future__ import annotations
 
 import json
 import logging as std_logging
+import multiprocessing
 import os
 import queue
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -64,21 +67,20 @@ class RunLogger:
         os.makedirs(cfg.run_dir, exist_ok=True)
         self.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
         self.samples_dir = os.path.join(cfg.run_dir, "samples")
-        self._wandb = None
+        self._wandb: _WandbProcess | None = None
         if cfg.wandb_mode != "disabled":
-            import wandb
-
-            self._wandb = wandb.init(
-                project=cfg.wandb_project,
-                name=cfg.run_name,
-                mode=cfg.wandb_mode,
-                dir=cfg.run_dir,
-                config=run_config,
-                group=wandb_group(cfg),
-                job_type=cfg.wandb_job_type,
-                resume="allow",
+            self._wandb = _WandbProcess(
+                dict(
+                    project=cfg.wandb_project,
+                    name=cfg.run_name,
+                    mode=cfg.wandb_mode,
+                    dir=cfg.run_dir,
+                    config=run_config,
+                    group=wandb_group(cfg),
+                    job_type=cfg.wandb_job_type,
+                    resume="allow",
+                )
             )
-            self._sender = _BackgroundSender()
         if config_file:
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
                 json.dump(run_config, f, indent=1)
@@ -88,7 +90,7 @@ class RunLogger:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._sender.submit(self._wandb.log, dict(metrics), step=step)
+            self._wandb.submit("log", dict(metrics), step)
 
     def rewind(self, rounds_done: int) -> None:
         """A resumed run repeats the rounds after its checkpoint: drop their records from
@@ -126,11 +128,7 @@ class RunLogger:
     # --- W&B-only panels (no-ops without W&B: their data is in the run's files) ---------------
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
         if self._wandb is not None:
-            import wandb
-
-            self._sender.submit(
-                lambda: self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
-            )
+            self._wandb.submit("table", key, list(columns), rows, step)
 
     def log_line_plot(
         self,
@@ -146,29 +144,21 @@ class RunLogger:
         leaves that point out: pass@32 does not exist for a greedy cell)."""
         if self._wandb is None or not series:
             return
-        import wandb
-
         keys, xs, ys = list(series), [], []
         for values in series.values():
             points = [(t, v) for t, v in zip(x, values) if v is not None]
             xs.append([t for t, _ in points])
             ys.append([v for _, v in points])
-        self._sender.submit(
-            lambda: self._wandb.log(
-                {key: wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname=x_label)}, step=step
-            )
-        )
+        self._wandb.submit("line", key, xs, ys, keys, title, x_label, step)
 
     def log_image(self, key: str, path: str, caption: str | None = None, step: int | None = None) -> None:
         if self._wandb is not None:
-            import wandb
-
-            self._sender.submit(lambda: self._wandb.log({key: wandb.Image(path, caption=caption)}, step=step))
+            self._wandb.submit("image", key, os.path.abspath(path), caption, step)
 
     def set_summary(self, values: dict[str, Any]) -> None:
         """Run-level figures (best temperature, its AVG): one value each, not a curve."""
         if self._wandb is not None:
-            self._sender.submit(self._wandb.summary.update, dict(values))
+            self._wandb.submit("summary", dict(values))
 
     def progress(self, total: int, initial: int, desc: str):
         return tqdm(
@@ -189,40 +179,107 @@ class RunLogger:
 
     def finish(self) -> None:
         if self._wandb is not None:
-            self._sender.close()  # everything submitted reaches W&B before the run ends
-            self._wandb.finish()
+            self._wandb.close()  # everything submitted reaches W&B before the run ends
+            self._wandb = None
 
 
-class _BackgroundSender:
-    """Runs the W&B calls on one worker thread, in submission order.
+class _WandbProcess:
+    """W&B's SDK in a spawned process of its own, fed plain data through a queue, in order.
 
-    ``wandb.log`` hands each record to wandb's core process over a socket; on a busy machine
-    that call waited tens to hundreds of milliseconds for the core process to be scheduled
-    (measured on the 2-core dev machine at load 40-50), and building a table or an image
-    serialises it to a media file. The loop hands over plain Python data and goes on; the
-    worker builds the W&B objects. A failed call is logged and skipped: a dashboard hiccup
-    must not end a training run (metrics.jsonl and the samples files have everything).
+    Why not in the training process: measured on the tiny bench round (2 cores), W&B's Python
+    side there cost 3% of a round even with its calls on a thread. Its lazy imports (telemetry
+    on the first ``log``, pandas with the first ``Table``: ~250 ms of CPU) held the GIL while an
+    engine generated, and the 65 MB they map made every fork of Megatron's checkpoint writers
+    slower (+10 ms per save). Here the training process only pickles plain data onto a pipe.
+    The price: W&B's "Logs" tab does not capture the trainer's console (the console and
+    ``run_dir`` keep it). A failed call is printed and skipped: a dashboard hiccup must not end
+    a training run (metrics.jsonl and the samples files have everything).
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="wandb-sender", daemon=True)
-        self._thread.start()
+    def __init__(self, init_kwargs: dict[str, Any]) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self._requests = context.Queue()
+        replies = context.Queue()
+        self._process = context.Process(
+            target=_wandb_main, args=(init_kwargs, self._requests, replies), name="sept-wandb", daemon=True
+        )
+        self._process.start()
+        started, detail = self._wait_for_start(replies)
+        if not started:
+            self._process.join(timeout=30)
+            raise RuntimeError(
+                f"W&B did not start ({detail}); logging.wandb_mode=offline logs without a "
+                "network or an API key, logging.wandb_mode=disabled turns W&B off"
+            )
 
-    def submit(self, call: Callable[..., Any], *args, **kwargs) -> None:
-        self._queue.put((call, args, kwargs))
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            call, args, kwargs = item
+    def _wait_for_start(self, replies) -> tuple[bool, str]:
+        """``wandb.init``'s outcome (it may take a while online)."""
+        while True:
             try:
-                call(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - see the class docstring
-                log.warning("W&B logging failed (%s: %s); the run goes on", type(exc).__name__, exc)
+                return replies.get(timeout=1.0)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    return False, f"its process exited with code {self._process.exitcode}"
+
+    def submit(self, kind: str, *args: Any) -> None:
+        self._requests.put((kind, args))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self._requests.put(None)
+        self._requests.close()
+        self._process.join()
+
+
+def _wandb_main(init_kwargs: dict[str, Any], requests, replies) -> None:
+    """The W&B process: ``wandb.init``, then each request in order, then ``finish``."""
+    import wandb
+
+    try:
+        run = wandb.init(**init_kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported to the training process
+        replies.put((False, f"{type(exc).__name__}: {exc}"))
+        return
+    replies.put((True, ""))
+    while (request := requests.get()) is not None:
+        kind, args = request
+        try:
+            _WANDB_CALLS[kind](wandb, run, *args)
+        except Exception as exc:  # noqa: BLE001 - see _WandbProcess
+            print(
+                f"sept-megatron: W&B {kind} failed ({type(exc).__name__}: {exc}); the run goes on",
+                file=sys.stderr,
+                flush=True,
+            )
+    run.finish()
+
+
+def _log(wandb, run, metrics, step) -> None:
+    run.log(metrics, step=step)
+
+
+def _table(wandb, run, key, columns, rows, step) -> None:
+    run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+
+def _line(wandb, run, key, xs, ys, keys, title, x_label, step) -> None:
+    run.log({key: wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname=x_label)}, step=step)
+
+
+def _image(wandb, run, key, path, caption, step) -> None:
+    run.log({key: wandb.Image(path, caption=caption)}, step=step)
+
+
+def _summary(wandb, run, values) -> None:
+    run.summary.update(values)
+
+
+_WANDB_CALLS: dict[str, Callable[..., None]] = {
+    "log": _log,
+    "table": _table,
+    "line": _line,
+    "image": _image,
+    "summary": _summary,
+}
 
 
 class NullRunLogger:

@@ -53,6 +53,9 @@ FILES = {
     "prompts": "sept_megatron/data.py",
     "sampler": "sept_megatron/data.py",
     "planner": "sept_megatron/plan/planner.py",
+    "sglang_memory": "sept_megatron/rollout/sglang_memory.py",
+    "same_device": "sept_megatron/weight_sync/same_device.py",
+    "offload": "sept_megatron/trainer/offload.py",
 }
 
 # Test files (and node ids) the mutants name; same reason.
@@ -77,6 +80,10 @@ TESTS = {
     "state_bytes": "tests/plan/test_state_bytes.py",
     "plan": "tests/plan/test_plan.py",
     "memory_estimate": "tests/plan/test_memory_estimate.py",
+    "sglang_memory": "tests/rollout/test_sglang_memory.py",
+    "same_device": "tests/weight_sync/test_same_device.py",
+    "offload": "tests/trainer/sft/test_offload.py",
+    "losses": "tests/trainer/losses/test_losses.py",
 }
 
 
@@ -338,6 +345,56 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         tests("state_bytes"),
         tests("plan"),
+    ),
+    Mutant(
+        "planner-no-sharded-alternative",
+        "planner terms",
+        "the planner proposes only the configured backend: a model one hf engine cannot hold gets no SGLang layout",
+        "planner",
+        (("        if max(tps, default=1) > 1:", "        if False:"),),
+        tests("plan::test_70b_with_the_single_gpu_hf_engine_does_not_fit"),
+    ),
+    Mutant(
+        "sglang-pool-keeps-its-weights",
+        "planner terms",
+        "the SGLang KV pool is counted without taking the engine's weights out of its fraction",
+        "sglang_memory",
+        (
+            (
+                "free_after_load_gib=free_at_start_gib - engine_weights_gib,",
+                "free_after_load_gib=free_at_start_gib,",
+            ),
+        ),
+        tests("sglang_memory"),
+    ),
+    Mutant(
+        "same-device-sync-drops-a-tensor",
+        "skipped sync",
+        "the in-place sync leaves the last tensor of the plan (the output layer) stale",
+        "same_device",
+        (("torch._foreach_copy_(targets, sources)", "torch._foreach_copy_(targets[:-1], sources[:-1])"),),
+        tests("same_device"),
+    ),
+    Mutant(
+        "offload-loses-the-state",
+        "offload",
+        "the trainer's state comes back from host memory as fresh, unwritten storage",
+        "offload",
+        (
+            (
+                "torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host)",
+                "torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)",
+            ),
+        ),
+        tests("offload"),
+    ),
+    Mutant(
+        "kl-reversed",
+        "loss",
+        "the KL penalty estimates KL(reference || current) instead of verl's k3 of KL(current || reference)",
+        "losses",
+        (("log_ratio = ref_log_probs - log_probs", "log_ratio = log_probs - ref_log_probs"),),
+        tests("losses::test_low_var_kl_is_verls_k3_estimator_by_hand"),
     ),
     Mutant(
         "skip-sync",

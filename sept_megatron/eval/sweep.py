@@ -269,7 +269,7 @@ def run_sweep(
     }
     for cell in todo:
         cell.prompts = prompts[cell.benchmark]
-    unit = getattr(engines.local, "shard_sequences", 1)
+    unit = engines.local.shard_sequences if engines.local is not None else 1
     bar = tqdm(total=len(todo), desc="sweep", unit="cell", disable=not (progress and writer))
     with GradingPool(grading_workers if writer else 0) as grader:
         grading: _WaveGrading | None = None

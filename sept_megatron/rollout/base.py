@@ -126,7 +126,7 @@ class RolloutEngine(Protocol):
     tokenizer: object  # a transformers tokenizer
 
     shard_sequences: int
-    """Optional (default 1). Rollout shards are cut in whole multiples of this many sequences:
+    """Rollout shards are cut in whole multiples of this many sequences:
     an engine whose samples depend on which sequences share a batch (hf: a fixed
     ``batch_size``, batched float kernels) sets its batch size, so that one engine and many
     form the same batches; an engine with per-request seeds and batch-invariant sampling

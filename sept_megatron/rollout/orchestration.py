@@ -74,6 +74,10 @@ class DataParallelEngines:
         """Answer several requests at once (their shards in one exchange). ``pack`` shrinks
         each generation on its owner before the exchange (e.g. to what grading needs); with
         ``dst`` only that rank receives the answers (others get None). Collective."""
+        # One deadline for the whole rollout: the watchdog, armed before this rank's own
+        # generation, so it fires first. The gloo wait group carries the same timeout to bound
+        # the waits outside a rollout (the weight sync's exchanges); in here it can only fire
+        # later than the watchdog, as a backstop, and engine_wait names the engines if it does.
         with rollout_deadline(self.timeout_minutes, self._waiting_on()):
             mine = self._answer_own_shards(requests, pack) if self.placement.is_owner else []
             with engine_wait(self.placement, _doing(requests)):
@@ -100,7 +104,7 @@ class DataParallelEngines:
         return text + (f", or the answers of {', '.join(others)}" if others else "")
 
     def _answer_own_shards(self, requests: Sequence[Request], pack) -> list[tuple]:
-        unit = getattr(self.local, "shard_sequences", 1)
+        unit = self.local.shard_sequences
         engine_index = self.placement.mine.index
         answered = []
         for request_index, request in enumerate(requests):

@@ -167,6 +167,8 @@ class SGLangRolloutEngine:
     random weights until the first :meth:`update_weights`.
     """
 
+    shard_sequences = 1  # per-request seeds: any split of a rollout draws the same samples
+
     def __init__(
         self,
         model_path: str | None = None,

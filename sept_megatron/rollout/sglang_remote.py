@@ -126,6 +126,8 @@ class SGLangRemoteEngine:
     broadcast there).
     """
 
+    shard_sequences = 1  # per-request seeds: any split of a rollout draws the same samples
+
     def __init__(
         self,
         server_urls: Sequence[str],

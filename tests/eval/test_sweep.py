@@ -39,6 +39,8 @@ class FakeEngine:
     call and the number of correct answers it meant to produce, to check the grading.
     """
 
+    shard_sequences = 1
+
     def __init__(self, answers: dict[str, str], fail_on_call: int | None = None) -> None:
         self.tokenizer = CharTokenizer()
         self.answers = answers

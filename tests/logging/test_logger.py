@@ -169,3 +169,47 @@ def test_a_resumed_run_logs_each_round_once(tmp_path):
     logger.log({"train/loss": 2.5}, step=2)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["train/loss"]) for r in lines] == [(1, 1.0), (2, 2.5)]
+
+
+OFFLINE_SCRIPT = """
+import json, sys
+from sept_megatron.config import LoggingConfig
+from sept_megatron.logging import RunLogger
+
+if __name__ == "__main__":  # the W&B process is spawned: it imports this file too
+    cfg = LoggingConfig(run_dir=sys.argv[1], wandb_mode="offline", samples_every=1, progress=False)
+    logger = RunLogger(cfg, {"a": 1})
+    logger.log({"train/loss": 0.25}, step=1)
+    logger.save_samples(1, json.loads(sys.argv[2]))
+    logger.finish()
+    print(json.dumps({"wandb_imported": "wandb" in sys.modules}))
+"""
+
+
+def test_rank_0_logs_to_wandb_without_importing_it(tmp_path):
+    """W&B runs in a process of its own: the training process (Megatron's forks of checkpoint
+    writers, the engine's GIL) carries none of its imports, and the run still holds the data."""
+    script = tmp_path / "offline.py"
+    script.write_text(OFFLINE_SCRIPT)
+    run_dir = tmp_path / "exp"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run_dir), json.dumps(ROWS)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"wandb_imported": False}
+    run = read_offline_run(run_dir)
+    assert run.history[1]["train/loss"] == 0.25
+    assert run.table(run.history[1]["rollout/samples"])[0][0] == "question"
+
+
+def test_a_wandb_run_that_cannot_start_is_a_clear_error(tmp_path):
+    from sept_megatron.logging import RunLogger
+
+    cfg = LoggingConfig(
+        run_dir=str(tmp_path / "r"), wandb_mode="offline", wandb_project="a/b", progress=False
+    )
+    with pytest.raises(RuntimeError, match=r"W&B did not start \(.*\); logging.wandb_mode=offline"):
+        RunLogger(cfg, {})

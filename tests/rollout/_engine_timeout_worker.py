@@ -18,6 +18,8 @@ from sept_megatron.rollout.placement import build_placement
 
 
 class SlowEngine:
+    shard_sequences = 1
+
     def __init__(self, delay_s: float):
         self.delay_s = delay_s
 

@@ -16,6 +16,8 @@ HANGING_ROLLOUT = textwrap.dedent("""
     from sept_megatron.rollout.placement import EngineGroup, Placement
 
     class HangingEngine:
+        shard_sequences = 1
+
         def generate(self, prompts, sampling):
             threading.Event().wait()  # a dead peer: never answers
 
