@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="grading processes on rank 0; 0 grades in-process (default: one per core, at most 8)",
     )
     parser.add_argument(
-        "--engine-tp", type=int, default=1, help="ranks per engine under torchrun (sglang; hf needs 1)"
+        "--engine-tp",
+        type=int,
+        default=1,
+        help="ranks per engine under torchrun (the backend's own check says which sizes it runs)",
     )
     wandb = parser.add_argument_group("W&B (rank 0 logs the finished sweep: table, charts, PNG)")
     wandb.add_argument("--wandb-mode", default="disabled", choices=("online", "offline", "disabled"))
