@@ -183,6 +183,10 @@ class RunLogger:
             self._wandb = None
 
 
+ORPHAN_CHECK_S = 5.0
+"""How often an idle W&B process checks that the training process is still there."""
+
+
 class _WandbProcess:
     """W&B's SDK in a spawned process of its own, fed plain data through a queue, in order.
 
@@ -193,7 +197,9 @@ class _WandbProcess:
     slower (+10 ms per save). Here the training process only pickles plain data onto a pipe.
     The price: W&B's "Logs" tab does not capture the trainer's console (the console and
     ``run_dir`` keep it). A failed call is printed and skipped: a dashboard hiccup must not end
-    a training run (metrics.jsonl and the samples files have everything).
+    a training run (metrics.jsonl and the samples files have everything). A trainer killed
+    without ``finish`` (SIGKILL, the OOM killer) leaves no W&B process behind: it notices
+    within :data:`ORPHAN_CHECK_S`, keeps what arrived and ends the run with exit code 1.
     """
 
     def __init__(self, init_kwargs: dict[str, Any]) -> None:
@@ -240,7 +246,18 @@ def _wandb_main(init_kwargs: dict[str, Any], requests, replies) -> None:
         replies.put((False, f"{type(exc).__name__}: {exc}"))
         return
     replies.put((True, ""))
-    while (request := requests.get()) is not None:
+    parent = os.getppid()
+    orphaned = False
+    while True:
+        try:
+            request = requests.get(timeout=ORPHAN_CHECK_S)
+        except queue.Empty:
+            # A killed trainer (SIGKILL, OOM killer) never sends the end: keep what arrived.
+            if orphaned := os.getppid() != parent:
+                break
+            continue
+        if request is None:
+            break
         kind, args = request
         try:
             _WANDB_CALLS[kind](wandb, run, *args)
@@ -250,7 +267,7 @@ def _wandb_main(init_kwargs: dict[str, Any], requests, replies) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    run.finish()
+    run.finish(exit_code=1 if orphaned else 0)
 
 
 def _log(wandb, run, metrics, step) -> None:

@@ -213,3 +213,46 @@ def test_a_wandb_run_that_cannot_start_is_a_clear_error(tmp_path):
     )
     with pytest.raises(RuntimeError, match=r"W&B did not start \(.*\); logging.wandb_mode=offline"):
         RunLogger(cfg, {})
+
+
+KILLED_SCRIPT = """
+import os, signal, sys, time
+from sept_megatron.config import LoggingConfig
+from sept_megatron.logging import RunLogger
+
+if __name__ == "__main__":
+    cfg = LoggingConfig(run_dir=sys.argv[1], wandb_mode="offline", progress=False)
+    logger = RunLogger(cfg, {})
+    logger.log({"train/loss": 0.5}, step=1)
+    print(logger._wandb._process.pid, flush=True)
+    time.sleep(2)  # the queue's feeder thread hands the record over
+    os.kill(os.getpid(), signal.SIGKILL)  # no finish(), no atexit: the OOM killer's way
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\\tZ" not in next(line for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_trainer_leaves_no_wandb_process_and_keeps_what_arrived(tmp_path):
+    import time
+
+    from sept_megatron.logging import ORPHAN_CHECK_S
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_SCRIPT)
+    run_dir = tmp_path / "exp"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run_dir)], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 4 * ORPHAN_CHECK_S + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _running(pid), "the W&B process of a killed trainer is still running"
+    assert read_offline_run(run_dir).history[1]["train/loss"] == 0.5
