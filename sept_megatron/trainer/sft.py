@@ -432,12 +432,52 @@ def _install_schedule_hooks(config, chunks, optimizer) -> None:
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
 
 
+OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""How the distributed optimizer's state is laid out in a checkpoint: Megatron's
+``dp_reshardable`` (each rank saves its own buffers; the checkpoint reloads at another DP size,
+the same TP x PP). Megatron's default when none is named, ``fully_sharded_model_space``, is
+deprecated and, in megatron-core 0.16, fails to save at DP > 1 ("ShardedTensor.flattened_range
+is not supported"); ``fully_reshardable`` cannot load into torch's Adam (its per-parameter
+``step`` is not in the saved state). The model weights stay loadable at any layout."""
+
+
 def trainer_sharded_state_dict(trainer: SFTTrainer) -> dict:
     """Model and optimizer shards for dist_checkpointing (loadable at another layout)."""
     from sept_megatron.trainer.checkpoint import model_sharded_state_dict
 
     model_sd = model_sharded_state_dict(trainer.model.chunks)
-    return {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd)}
+    optimizer_sd = trainer.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_CHECKPOINT_FORMAT)
+    return {"model": model_sd, "optimizer": optimizer_sd}
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state yet, and without Apex or TE (CPU) its
+    ``state_dict()``, which ``sharded_state_dict(is_loading=True)`` calls, reads the step count
+    from that state. Allocate it by Megatron's own dummy step (zero gradients), as Megatron
+    does before loading its FSDP format; the load then overwrites every value it wrote."""
+    for part in _distributed_parts(optimizer):
+        if not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
+def _distributed_parts(optimizer) -> list:
+    from megatron.core.optimizer import ChainedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    return [part for part in parts if isinstance(part, DistributedOptimizer)]
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Without Apex or TE, the distributed optimizer's ``load_state_dict`` gives every
+    parameter's torch Adam state one shared ``step`` tensor, which each parameter's update
+    then increments in place: the bias correction of every later step would be wrong (a
+    resumed DP = 2 run drifted from the uninterrupted one on its first step). One per
+    parameter again, as torch keeps them."""
+    for part in _distributed_parts(optimizer):
+        for state in part.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
 
 
 def load_trainer_state(trainer: SFTTrainer, ckpt_dir: str, scheduler_state: dict) -> None:
@@ -445,14 +485,19 @@ def load_trainer_state(trainer: SFTTrainer, ckpt_dir: str, scheduler_state: dict
     from sept_megatron.trainer.checkpoint import load_sharded, model_sharded_state_dict
 
     model_sd = model_sharded_state_dict(trainer.model.chunks)
+    _allocate_optimizer_state(trainer.optimizer)
     request = {
         "model": model_sd,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=True),
+        "optimizer": trainer.optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_CHECKPOINT_FORMAT
+        ),
     }
     loaded = load_sharded(ckpt_dir, request)
     for i, chunk in enumerate(trainer.model.chunks):
         chunk.load_state_dict(loaded["model"][f"model{i}"], strict=False)
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the distributed optimizer copies into views of the parameters
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(trainer.optimizer)
     use_fused_adam(trainer.optimizer, trainer.device)  # loading restored the saved groups' flags
     trainer.scheduler.load_state_dict(scheduler_state)
     trainer.steps = scheduler_state.get("num_steps", trainer.steps)

@@ -165,15 +165,16 @@ def kill_and_resume(
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
     rounds: int = 5,
+    nproc: int = 1,
 ) -> tuple[Path, Path, int]:
     """An uninterrupted run, and a run killed (SIGKILL) after its round-2 checkpoint and then
     rerun with the same command; returns (reference dir, resumed dir, round resumed from)."""
     extra_args = extra_args or []
     reference = tmp_path / "reference"
-    run_train(base_args(inputs, reference, rounds) + extra_args, env=env)
+    run_train(base_args(inputs, reference, rounds) + extra_args, env=env, nproc=nproc)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        cli_command(base_args(inputs, killed, rounds) + extra_args),
+        cli_command(base_args(inputs, killed, rounds) + extra_args, nproc),
         env=train_env(env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -184,11 +185,16 @@ def kill_and_resume(
         if pointer.exists() and pointer.read_text().strip() >= "round_000002":
             break
         time.sleep(0.05)
+    if nproc > 1:  # the node dies: every rank (torchrun starts them in sessions of their own)
+        import psutil
+
+        for rank in psutil.Process(proc.pid).children(recursive=True):
+            rank.kill()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed_from = int(pointer.read_text().strip().split("_")[1])
     assert resumed_from < rounds, "the job finished before it could be killed"
-    _, output = run_train(base_args(inputs, killed, rounds) + extra_args, env=env)
+    _, output = run_train(base_args(inputs, killed, rounds) + extra_args, env=env, nproc=nproc)
     assert f"at round {resumed_from}" in output
     for r in range(resumed_from + 1, rounds + 1):
         assert round_prompts(killed, r) == round_prompts(reference, r)
@@ -200,6 +206,24 @@ def test_kill_and_resume_continues_with_the_same_prompts(tiny_run_inputs, tmp_pa
     reference, killed, _ = kill_and_resume(tiny_run_inputs, tmp_path, rounds=rounds)
     final = {m["round"]: m["train/loss"] for m in read_metrics(killed)}
     assert final[rounds] == pytest.approx(read_metrics(reference)[-1]["train/loss"], abs=1e-5)
+
+
+def test_data_parallel_run_checkpoints_and_resumes_its_distributed_optimizer(tiny_run_inputs, tmp_path):
+    """DP = 2 with the distributed optimizer (the default): the optimizer state is saved in
+    Megatron's dp_reshardable format (trainer/sft.OPTIMIZER_CHECKPOINT_FORMAT; Megatron's
+    default format fails to save at DP > 1 in megatron-core 0.16), and a killed run resumes:
+    the same prompts, and the weights bitwise (the resumed round's first loss is the
+    uninterrupted one). Known gap, on CPU without Apex/TE: the first optimizer step after the
+    resume is not bitwise the uninterrupted one (the final loss differs by ~0.2%)."""
+    rounds = 4
+    reference, killed, resumed_from = kill_and_resume(tiny_run_inputs, tmp_path, rounds=rounds, nproc=2)
+    ours = {m["round"]: m for m in read_metrics(killed)}
+    theirs = {m["round"]: m for m in read_metrics(reference)}
+    first = resumed_from + 1
+    assert ours[first]["train/loss_first_step"] == pytest.approx(
+        theirs[first]["train/loss_first_step"], abs=1e-6
+    )
+    assert ours[rounds]["train/loss"] == pytest.approx(theirs[rounds]["train/loss"], rel=1e-2)
 
 
 @pytest.mark.parametrize("mode", ["offline", "coupled"])
