@@ -147,7 +147,7 @@ class RolloutEngine(Protocol):
 @runtime_checkable
 class RolloutBackend(Protocol):
     """What ``rollout.backend`` names (:mod:`sept_megatron.rollout.registry`): an engine class
-        that owns its configuration: it checks it, builds itself from it and says how much memory
+    that owns its configuration: it checks it, builds itself from it and says how much memory
     it will take. All are class methods."""
 
     @classmethod

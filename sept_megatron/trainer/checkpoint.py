@@ -292,8 +292,8 @@ class CheckpointSaver:
         model_dir = os.path.join(tmp, "model")
         request = dist_checkpointing.save(sharded_state_dict, model_dir, async_sharded_save=True)
         # The writer process digests this rank's shards after writing them (manifest parts).
-        # A rank with nothing to write (DP rank > 0 of a fully reshardable optimizer state
-        # whose model shards another rank holds) gets no writer from Megatron: none to wrap.
+        # A rank with nothing to write (every shard it holds is a replica another rank saves)
+        # gets no writer from Megatron: none to wrap.
         if request.async_fn is not None:
             request = request._replace(
                 async_fn=partial(integrity.write_after, request.async_fn, model_dir, _rank())
